@@ -1,0 +1,118 @@
+//! The JSON shapes the API answers with.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use schema::{JobRow, ServerRow, ServerState, UserRow};
+use serde::Serialize;
+use uuid::Uuid;
+
+#[derive(Debug, Serialize)]
+pub struct ServerView {
+    pub name: String,
+    pub state: ServerState,
+    pub ready: bool,
+    /// `spawn` or `stop` while a job is pending, as JupyterHub reports it.
+    pub pending: Option<&'static str>,
+    pub url: Option<String>,
+    pub image: Option<String>,
+    pub started: Option<DateTime<Utc>>,
+    pub last_activity: Option<DateTime<Utc>>,
+    pub error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<Uuid>,
+}
+
+impl ServerView {
+    pub fn from_row(row: &ServerRow) -> Self {
+        let state = row.state();
+        Self {
+            name: row.name.clone(),
+            state,
+            ready: state == ServerState::Running,
+            pending: match state {
+                ServerState::PendingSpawn => Some("spawn"),
+                ServerState::PendingStop => Some("stop"),
+                _ => None,
+            },
+            url: row.url.clone(),
+            image: row.image.clone(),
+            started: row.started_at,
+            last_activity: row.last_activity,
+            error: row.error.clone(),
+            job_id: None,
+        }
+    }
+
+    /// The view with the job that is working on the server.
+    pub fn with_job(row: &ServerRow) -> Self {
+        let mut view = Self::from_row(row);
+        view.job_id = match row.state() {
+            ServerState::PendingStop => row.stop_job_id,
+            _ => row.spawn_job_id,
+        };
+        view
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct UserView {
+    pub name: String,
+    pub admin: bool,
+    /// `active`, or `deleting` while the cleanup job runs.
+    pub state: String,
+    pub created: DateTime<Utc>,
+    pub last_activity: Option<DateTime<Utc>>,
+    /// The user's servers by name; `""` is the default server.
+    pub servers: BTreeMap<String, ServerView>,
+}
+
+impl UserView {
+    pub fn new(user: &UserRow, servers: &[ServerRow]) -> Self {
+        Self {
+            name: user.name.clone(),
+            admin: user.role == "admin",
+            state: user.state.clone(),
+            created: user.created_at,
+            last_activity: user.last_activity,
+            servers: servers
+                .iter()
+                .filter(|s| s.user_id == user.id)
+                .map(|s| (s.name.clone(), ServerView::from_row(s)))
+                .collect(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct JobView {
+    pub id: Uuid,
+    pub kind: String,
+    pub state: String,
+    pub user: String,
+    pub server: Option<String>,
+    pub attempts: i32,
+    pub created: DateTime<Utc>,
+    pub started: Option<DateTime<Utc>>,
+    pub finished: Option<DateTime<Utc>>,
+    pub last_error: Option<String>,
+    pub worker: Option<String>,
+}
+
+impl From<JobRow> for JobView {
+    fn from(j: JobRow) -> Self {
+        Self {
+            id: j.id,
+            kind: j.kind,
+            state: j.state,
+            user: j.user_name,
+            server: j.server_name,
+            attempts: j.attempts,
+            created: j.created_at,
+            started: j.started_at,
+            finished: j.finished_at,
+            last_error: j.last_error,
+            worker: j.worker,
+        }
+    }
+}

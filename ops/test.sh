@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Runs Berth's whole test suite on a Debian machine, installing and starting what
+# the tests need when it is missing: PostgreSQL, Debian's static busybox (for the
+# locally built test image) and cargo-nextest. Needs a running Docker engine.
+#
+# BERTH_TEST_DATABASE_URL points the tests at another Postgres (a superuser URL:
+# each test creates and drops its own database); then no local one is started.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\n== %s\n' "$*"; }
+
+missing=()
+compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null || missing+=(postgresql)
+if ! [[ -x /bin/busybox ]] || ldd /bin/busybox >/dev/null 2>&1; then missing+=(busybox-static); fi
+if ((${#missing[@]})); then
+  log "installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+if [[ -z "${BERTH_TEST_DATABASE_URL:-}" ]]; then
+  log "starting PostgreSQL"
+  version="$(ls /usr/lib/postgresql | sort -V | tail -1)"
+  if ! pg_lsclusters -h | awk '{print $1" "$2}' | grep -qx "$version main"; then
+    pg_createcluster "$version" main >/dev/null
+  fi
+  pg_ctlcluster "$version" main start 2>/dev/null || true
+  for _ in $(seq 1 30); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 1; done
+  pg_isready -h 127.0.0.1 -p 5432
+  # A password for TCP logins of the local superuser; this cluster is for tests only.
+  runuser -u postgres -- psql -q -c "alter user postgres password 'postgres'"
+  export BERTH_TEST_DATABASE_URL="postgres://postgres:postgres@127.0.0.1:5432/postgres"
+fi
+
+log "checking the Docker engine"
+docker info --format 'engine {{.ServerVersion}}, {{.Containers}} containers' \
+  || { echo "the tests need a running Docker engine" >&2; exit 1; }
+
+log "building the test image"
+bash ops/images/test-server/build.sh
+
+if ! cargo nextest --version >/dev/null 2>&1; then
+  log "installing cargo-nextest"
+  cargo install cargo-nextest --locked
+fi
+
+log "format and lints"
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+
+log "tests"
+cargo nextest run --workspace --no-fail-fast "$@"

@@ -1,0 +1,34 @@
+//! The contract shared by every Berth process: migrations, names, rows, job types,
+//! and the store and queue interfaces.
+
+pub mod jobs;
+pub mod names;
+pub mod pg;
+pub mod queue;
+pub mod rows;
+pub mod store;
+
+pub use jobs::{JobEnvelope, JobKind, JobOutcome, JobRow, JobState};
+pub use names::{InvalidName, ServerName, UserName, container_name};
+pub use pg::PgStore;
+pub use queue::{ApalisQueue, Queue, QueueError};
+pub use rows::{ServerRow, ServerState, UserRow};
+pub use store::{Running, ServerLock, SpawnOutcome, SpawnRequest, StopOutcome, Store, StoreError};
+
+/// Berth's own migrations (tables `users`, `servers`, `jobs`).
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Brings a database up to date: Berth's tables and the queue backend's.
+pub async fn migrate(pool: &sqlx::PgPool) -> Result<(), MigrateError> {
+    queue::setup_apalis(pool).await?;
+    MIGRATOR.run(pool).await?;
+    Ok(())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error("queue tables: {0}")]
+    Queue(#[from] QueueError),
+    #[error("berth tables: {0}")]
+    Berth(#[from] sqlx::migrate::MigrateError),
+}

@@ -1,0 +1,157 @@
+//! Validated names. Every user and server name is checked once, at the edge, so
+//! nothing that is not DNS-safe can reach SQL, Docker or a container name.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// Why a name was refused; the text is shown to the client as is.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidName(pub String);
+
+const USER_MAX: usize = 32;
+const SERVER_MAX: usize = 63;
+
+/// Checks a DNS label: lowercase letters, digits and single hyphens, starting and
+/// ending with a letter or digit. `--` is refused because it separates user and
+/// server in container names, which keeps that mapping one-to-one.
+fn check_label(kind: &str, value: &str, max: usize) -> Result<(), InvalidName> {
+    if value.is_empty() {
+        return Err(InvalidName(format!("{kind} name must not be empty")));
+    }
+    if value.len() > max {
+        return Err(InvalidName(format!(
+            "{kind} name must be at most {max} characters, got {}",
+            value.len()
+        )));
+    }
+    let ok_chars = value
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    let ok_ends = !value.starts_with('-') && !value.ends_with('-');
+    if !ok_chars || !ok_ends || value.contains("--") {
+        return Err(InvalidName(format!(
+            "{kind} name {value:?} is not DNS-safe: use lowercase letters, digits and single \
+             hyphens, starting and ending with a letter or digit"
+        )));
+    }
+    Ok(())
+}
+
+/// A user's name, DNS-safe and at most 32 characters.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct UserName(String);
+
+impl UserName {
+    pub fn parse(value: &str) -> Result<Self, InvalidName> {
+        check_label("user", value, USER_MAX)?;
+        Ok(Self(value.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The per-user named volume, kept across stops and removed with the user.
+    pub fn volume_name(&self) -> String {
+        format!("berth-user-{}", self.0)
+    }
+}
+
+/// A server's name; the empty name is the user's default server.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct ServerName(String);
+
+impl ServerName {
+    pub fn default_server() -> Self {
+        Self(String::new())
+    }
+
+    pub fn parse(value: &str) -> Result<Self, InvalidName> {
+        check_label("server", value, SERVER_MAX)?;
+        Ok(Self(value.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn is_default(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// `berth-{user}` for the default server, `berth-{user}--{server}` for a named one.
+pub fn container_name(user: &UserName, server: &ServerName) -> String {
+    if server.is_default() {
+        format!("berth-{}", user.0)
+    } else {
+        format!("berth-{}--{}", user.0, server.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for UserName {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = String::deserialize(d)?;
+        UserName::parse(&raw).map_err(serde::de::Error::custom)
+    }
+}
+
+impl<'de> Deserialize<'de> for ServerName {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = String::deserialize(d)?;
+        if raw.is_empty() {
+            return Ok(ServerName::default_server());
+        }
+        ServerName::parse(&raw).map_err(serde::de::Error::custom)
+    }
+}
+
+impl fmt::Display for UserName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Display for ServerName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_dns_labels() {
+        for ok in ["a", "alice", "user-42", "0x", &"a".repeat(32)] {
+            assert!(UserName::parse(ok).is_ok(), "{ok}");
+        }
+    }
+
+    #[test]
+    fn refuses_what_is_not_dns_safe() {
+        let long = "a".repeat(33);
+        for bad in [
+            "", "Alice", "a_b", "a.b", "-a", "a-", "a--b", "ä", "a b", "../x", &long,
+        ] {
+            assert!(UserName::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn container_names_separate_user_and_server() {
+        let user = UserName::parse("ann").unwrap();
+        assert_eq!(
+            container_name(&user, &ServerName::default_server()),
+            "berth-ann"
+        );
+        let lab = ServerName::parse("lab-1").unwrap();
+        assert_eq!(container_name(&user, &lab), "berth-ann--lab-1");
+        assert_eq!(user.volume_name(), "berth-user-ann");
+    }
+}

@@ -1,0 +1,458 @@
+//! The Postgres store.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use sqlx::{PgConnection, PgPool, Postgres, pool::PoolConnection};
+use uuid::Uuid;
+
+use crate::{
+    jobs::{CleanupJob, JobEnvelope, JobKind, JobOutcome, JobRow, ServerJob},
+    names::{ServerName, UserName},
+    queue::Queue,
+    rows::{ServerRow, ServerState, UserRow},
+    store::{Running, ServerLock, SpawnOutcome, SpawnRequest, StopOutcome, Store, StoreError},
+};
+
+/// A static query over servers joined with their owner; `$tail` filters and orders.
+macro_rules! select_servers {
+    ($tail:literal) => {
+        concat!(
+            "select s.id, s.user_id, u.name as user_name, s.name, s.state, s.image, ",
+            "s.spawn_job_id, s.stop_job_id, s.container_id, s.url, s.error, s.requested_at, ",
+            "s.started_at, s.stopped_at, s.last_activity ",
+            "from servers s join users u on u.id = s.user_id ",
+            $tail
+        )
+    };
+}
+
+/// Lock keys of servers live in their own advisory-lock space.
+const SERVER_LOCK_SPACE: i32 = 0x4245_5254; // "BERT"
+
+#[derive(Clone)]
+pub struct PgStore {
+    pool: PgPool,
+    queue: Arc<dyn Queue>,
+}
+
+impl PgStore {
+    pub fn new(pool: PgPool, queue: Arc<dyn Queue>) -> Self {
+        Self { pool, queue }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    async fn insert_job(
+        &self,
+        tx: &mut PgConnection,
+        kind: JobKind,
+        user: &str,
+        server: Option<&str>,
+        payload: serde_json::Value,
+    ) -> Result<JobRow, StoreError> {
+        let id = Uuid::now_v7();
+        let job = sqlx::query_as::<_, JobRow>(
+            "insert into jobs (id, kind, user_name, server_name, payload) \
+             values ($1, $2, $3, $4, $5) returning *",
+        )
+        .bind(id)
+        .bind(kind.as_str())
+        .bind(user)
+        .bind(server)
+        .bind(payload)
+        .fetch_one(&mut *tx)
+        .await?;
+        self.queue
+            .enqueue(tx, &JobEnvelope { job_id: id, kind })
+            .await?;
+        Ok(job)
+    }
+}
+
+async fn server_for_update(
+    tx: &mut PgConnection,
+    user: &UserName,
+    server: &ServerName,
+) -> Result<Option<ServerRow>, sqlx::Error> {
+    sqlx::query_as::<_, ServerRow>(select_servers!(
+        "where u.name = $1 and s.name = $2 for update of s"
+    ))
+    .bind(user.as_str())
+    .bind(server.as_str())
+    .fetch_optional(tx)
+    .await
+}
+
+async fn server_in(tx: &mut PgConnection, id: i64) -> Result<ServerRow, sqlx::Error> {
+    sqlx::query_as::<_, ServerRow>(select_servers!("where s.id = $1"))
+        .bind(id)
+        .fetch_one(tx)
+        .await
+}
+
+fn user_not_found(user: &UserName) -> StoreError {
+    StoreError::NotFound(format!("no user named {user:?}"))
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("select 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn create_user(&self, name: &UserName, admin: bool) -> Result<UserRow, StoreError> {
+        let row = sqlx::query_as::<_, UserRow>(
+            "insert into users (name, role) values ($1, $2) on conflict (name) do nothing returning *",
+        )
+        .bind(name.as_str())
+        .bind(if admin { "admin" } else { "user" })
+        .fetch_optional(&self.pool)
+        .await?;
+        row.ok_or_else(|| StoreError::Conflict(format!("user {name:?} already exists")))
+    }
+
+    async fn get_user(&self, name: &UserName) -> Result<Option<UserRow>, StoreError> {
+        Ok(
+            sqlx::query_as::<_, UserRow>("select * from users where name = $1")
+                .bind(name.as_str())
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn list_users(&self) -> Result<Vec<UserRow>, StoreError> {
+        Ok(
+            sqlx::query_as::<_, UserRow>("select * from users order by name")
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn servers_of(&self, user_ids: &[i64]) -> Result<Vec<ServerRow>, StoreError> {
+        Ok(sqlx::query_as::<_, ServerRow>(select_servers!(
+            "where s.user_id = any($1) order by s.user_id, s.name"
+        ))
+        .bind(user_ids)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn get_server(
+        &self,
+        user: &UserName,
+        server: &ServerName,
+    ) -> Result<Option<ServerRow>, StoreError> {
+        Ok(
+            sqlx::query_as::<_, ServerRow>(select_servers!("where u.name = $1 and s.name = $2"))
+                .bind(user.as_str())
+                .bind(server.as_str())
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn request_spawn(&self, req: SpawnRequest) -> Result<SpawnOutcome, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // A shared lock on the user keeps a concurrent delete from slipping in between.
+        let user = sqlx::query_as::<_, UserRow>("select * from users where name = $1 for share")
+            .bind(req.user.as_str())
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or_else(|| user_not_found(&req.user))?;
+        if user.state == "deleting" {
+            return Err(StoreError::Conflict(format!(
+                "user {:?} is being deleted",
+                req.user.as_str()
+            )));
+        }
+        sqlx::query(
+            "insert into servers (user_id, name, state) values ($1, $2, 'stopped') \
+             on conflict (user_id, name) do nothing",
+        )
+        .bind(user.id)
+        .bind(req.server.as_str())
+        .execute(&mut *tx)
+        .await?;
+        let server = server_for_update(&mut tx, &req.user, &req.server)
+            .await?
+            .ok_or_else(|| StoreError::NotFound("server vanished".into()))?;
+        match server.state() {
+            ServerState::PendingSpawn => return Ok(SpawnOutcome::AlreadyPending(server)),
+            ServerState::Running => return Ok(SpawnOutcome::AlreadyRunning(server)),
+            ServerState::PendingStop => {
+                return Err(StoreError::Conflict(
+                    "the server is stopping; start it again once it has stopped".into(),
+                ));
+            }
+            ServerState::Stopped | ServerState::Failed => {}
+        }
+        let payload = serde_json::to_value(ServerJob {
+            server_id: server.id,
+        })
+        .expect("payload serialises");
+        let job = self
+            .insert_job(
+                &mut tx,
+                JobKind::Spawn,
+                req.user.as_str(),
+                Some(req.server.as_str()),
+                payload,
+            )
+            .await?;
+        sqlx::query(
+            "update servers set state = 'pending_spawn', spawn_job_id = $2, stop_job_id = null, \
+             image = $3, error = null, url = null, container_id = null, started_at = null, \
+             stopped_at = null, requested_at = now(), updated_at = now() where id = $1",
+        )
+        .bind(server.id)
+        .bind(job.id)
+        .bind(&req.image)
+        .execute(&mut *tx)
+        .await?;
+        let server = server_in(&mut tx, server.id).await?;
+        tx.commit().await?;
+        Ok(SpawnOutcome::Enqueued(server))
+    }
+
+    async fn request_stop(
+        &self,
+        user: &UserName,
+        server: &ServerName,
+    ) -> Result<StopOutcome, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let row = server_for_update(&mut tx, user, server)
+            .await?
+            .ok_or_else(|| {
+                StoreError::NotFound(format!("user {user:?} has no server {server:?}"))
+            })?;
+        match row.state() {
+            ServerState::Stopped | ServerState::Failed => return Ok(StopOutcome::NotRunning(row)),
+            ServerState::PendingStop => return Ok(StopOutcome::AlreadyStopping(row)),
+            ServerState::PendingSpawn | ServerState::Running => {}
+        }
+        let payload = serde_json::to_value(ServerJob { server_id: row.id }).expect("serialises");
+        let job = self
+            .insert_job(
+                &mut tx,
+                JobKind::Stop,
+                user.as_str(),
+                Some(server.as_str()),
+                payload,
+            )
+            .await?;
+        sqlx::query(
+            "update servers set state = 'pending_stop', stop_job_id = $2, updated_at = now() \
+             where id = $1",
+        )
+        .bind(row.id)
+        .bind(job.id)
+        .execute(&mut *tx)
+        .await?;
+        let row = server_in(&mut tx, row.id).await?;
+        tx.commit().await?;
+        Ok(StopOutcome::Enqueued(row))
+    }
+
+    async fn request_user_removal(&self, user: &UserName) -> Result<JobRow, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query_as::<_, UserRow>("select * from users where name = $1 for update")
+            .bind(user.as_str())
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or_else(|| user_not_found(user))?;
+        if let (Some(id), "deleting") = (row.cleanup_job_id, row.state.as_str()) {
+            let job = sqlx::query_as::<_, JobRow>("select * from jobs where id = $1")
+                .bind(id)
+                .fetch_one(&mut *tx)
+                .await?;
+            return Ok(job);
+        }
+        let payload = serde_json::to_value(CleanupJob { user_id: row.id }).expect("serialises");
+        let job = self
+            .insert_job(&mut tx, JobKind::Cleanup, user.as_str(), None, payload)
+            .await?;
+        sqlx::query("update users set state = 'deleting', cleanup_job_id = $2 where id = $1")
+            .bind(row.id)
+            .bind(job.id)
+            .execute(&mut *tx)
+            .await?;
+        // Stop wins over any spawn in flight: it sees the state change and gives up.
+        sqlx::query(
+            "update servers set state = 'pending_stop', updated_at = now() \
+             where user_id = $1 and state in ('pending_spawn', 'running')",
+        )
+        .bind(row.id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(job)
+    }
+
+    async fn get_job(&self, id: Uuid) -> Result<Option<JobRow>, StoreError> {
+        Ok(
+            sqlx::query_as::<_, JobRow>("select * from jobs where id = $1")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn begin_job(&self, id: Uuid, worker: &str) -> Result<Option<JobRow>, StoreError> {
+        Ok(sqlx::query_as::<_, JobRow>(
+            "update jobs set state = 'running', attempts = attempts + 1, worker = $2, \
+             started_at = coalesce(started_at, now()) \
+             where id = $1 and state in ('queued', 'running') returning *",
+        )
+        .bind(id)
+        .bind(worker)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    async fn finish_job(&self, id: Uuid, outcome: &JobOutcome) -> Result<(), StoreError> {
+        let (state, error) = match outcome {
+            JobOutcome::Succeeded => ("succeeded", None),
+            JobOutcome::Cancelled(why) => ("cancelled", Some(why.as_str())),
+            JobOutcome::Failed(why) => ("failed", Some(why.as_str())),
+        };
+        sqlx::query(
+            "update jobs set state = $2, last_error = coalesce($3, last_error), \
+             finished_at = now() where id = $1",
+        )
+        .bind(id)
+        .bind(state)
+        .bind(error)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn lock_server(&self, server_id: i64) -> Result<Box<dyn ServerLock>, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        sqlx::query("select pg_advisory_lock($1, $2)")
+            .bind(SERVER_LOCK_SPACE)
+            .bind(lock_key(server_id))
+            .execute(&mut *conn)
+            .await?;
+        Ok(Box::new(PgServerLock {
+            conn: Some(conn),
+            key: lock_key(server_id),
+        }))
+    }
+
+    async fn server_by_id(&self, server_id: i64) -> Result<Option<ServerRow>, StoreError> {
+        Ok(
+            sqlx::query_as::<_, ServerRow>(select_servers!("where s.id = $1"))
+                .bind(server_id)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn servers_of_user(&self, user_id: i64) -> Result<Vec<ServerRow>, StoreError> {
+        self.servers_of(&[user_id]).await
+    }
+
+    async fn mark_running(&self, r: &Running) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "update servers set state = 'running', container_id = $3, url = $4, token_hash = $5, \
+             started_at = now(), last_activity = now(), error = null, updated_at = now() \
+             where id = $1 and spawn_job_id = $2 and state = 'pending_spawn'",
+        )
+        .bind(r.server_id)
+        .bind(r.job_id)
+        .bind(&r.container_id)
+        .bind(&r.url)
+        .bind(&r.token_hash)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn mark_spawn_failed(
+        &self,
+        server_id: i64,
+        job_id: Uuid,
+        error: &str,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "update servers set state = 'failed', error = $3, url = null, container_id = null, \
+             stopped_at = now(), updated_at = now() \
+             where id = $1 and spawn_job_id = $2 and state = 'pending_spawn'",
+        )
+        .bind(server_id)
+        .bind(job_id)
+        .bind(error)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn mark_stopped(
+        &self,
+        server_id: i64,
+        stop_job: Option<Uuid>,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "update servers set state = 'stopped', url = null, container_id = null, \
+             token_hash = null, stopped_at = now(), updated_at = now() \
+             where id = $1 and state = 'pending_stop' and ($2::uuid is null or stop_job_id = $2)",
+        )
+        .bind(server_id)
+        .bind(stop_job)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn delete_user(&self, user_id: i64, job_id: Uuid) -> Result<bool, StoreError> {
+        let done = sqlx::query("delete from users where id = $1 and cleanup_job_id = $2")
+            .bind(user_id)
+            .bind(job_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+}
+
+/// Folds a server id into the 32-bit key of a two-key advisory lock. Two servers
+/// that share a key only serialise with each other, which is harmless.
+fn lock_key(server_id: i64) -> i32 {
+    (server_id ^ (server_id >> 32)) as i32
+}
+
+struct PgServerLock {
+    conn: Option<PoolConnection<Postgres>>,
+    key: i32,
+}
+
+#[async_trait]
+impl ServerLock for PgServerLock {
+    async fn release(mut self: Box<Self>) {
+        if let Some(mut conn) = self.conn.take() {
+            let unlocked = sqlx::query("select pg_advisory_unlock($1, $2)")
+                .bind(SERVER_LOCK_SPACE)
+                .bind(self.key)
+                .execute(&mut *conn)
+                .await;
+            if unlocked.is_err() {
+                // The session ends with the connection, and the lock with it.
+                conn.close_on_drop();
+            }
+        }
+    }
+}
+
+impl Drop for PgServerLock {
+    fn drop(&mut self) {
+        // Not released (a panic or a cancelled task): close the session so that
+        // Postgres frees the lock, rather than handing a locked connection back.
+        if let Some(conn) = self.conn.as_mut() {
+            conn.close_on_drop();
+        }
+    }
+}

@@ -1,0 +1,52 @@
+//! The queue interface. The API enqueues inside the same database transaction
+//! that records the request, so a 202 always means the job is durable.
+
+use async_trait::async_trait;
+use sqlx::PgConnection;
+
+use crate::jobs::JobEnvelope;
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("could not encode job: {0}")]
+    Encode(#[from] serde_json::Error),
+    #[error("queue backend: {0}")]
+    Backend(String),
+}
+
+/// Where jobs go. Implementations write through the caller's transaction: either
+/// straight into the broker's tables (Postgres) or into an outbox that a relay
+/// publishes from (brokers outside the database).
+#[async_trait]
+pub trait Queue: Send + Sync + 'static {
+    async fn enqueue(&self, tx: &mut PgConnection, job: &JobEnvelope) -> Result<(), QueueError>;
+}
+
+/// How often the backend hands a job out when its handler errs before giving up.
+pub const MAX_DELIVERIES: usize = 5;
+
+/// apalis-postgres as the queue: tasks go into `apalis.jobs` in the caller's
+/// transaction, keyed by the job id so a retried enqueue cannot double a job.
+#[derive(Debug, Default, Clone)]
+pub struct ApalisQueue;
+
+#[async_trait]
+impl Queue for ApalisQueue {
+    async fn enqueue(&self, tx: &mut PgConnection, job: &JobEnvelope) -> Result<(), QueueError> {
+        let bytes = serde_json::to_vec(job)?;
+        let task = apalis::prelude::TaskBuilder::new(bytes)
+            .idempotency_key(job.job_id.to_string())
+            .max_attempts(MAX_DELIVERIES)
+            .build();
+        apalis_postgres::queries::push_tasks(tx, job.kind.queue(), vec![task])
+            .await
+            .map_err(|e| QueueError::Backend(e.to_string()))
+    }
+}
+
+/// Creates apalis-postgres's own tables (schema `apalis`) when missing.
+pub async fn setup_apalis(pool: &sqlx::PgPool) -> Result<(), QueueError> {
+    apalis_postgres::PostgresStorage::setup(pool)
+        .await
+        .map_err(|e| QueueError::Backend(e.to_string()))
+}

@@ -1,0 +1,78 @@
+//! Rows of users and servers, and the server state machine.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use uuid::Uuid;
+
+/// `pending_spawn → running → pending_stop → stopped`, and `failed` from a spawn
+/// that did not become ready. A server in `stopped` or `failed` can be spawned again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServerState {
+    PendingSpawn,
+    Running,
+    PendingStop,
+    Stopped,
+    Failed,
+}
+
+impl ServerState {
+    pub fn parse(value: &str) -> Option<Self> {
+        Some(match value {
+            "pending_spawn" => Self::PendingSpawn,
+            "running" => Self::Running,
+            "pending_stop" => Self::PendingStop,
+            "stopped" => Self::Stopped,
+            "failed" => Self::Failed,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::PendingSpawn => "pending_spawn",
+            Self::Running => "running",
+            Self::PendingStop => "pending_stop",
+            Self::Stopped => "stopped",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct UserRow {
+    pub id: i64,
+    pub name: String,
+    pub role: String,
+    pub state: String,
+    pub cleanup_job_id: Option<Uuid>,
+    pub created_at: DateTime<Utc>,
+    pub last_activity: Option<DateTime<Utc>>,
+}
+
+/// A server joined with its owner's name.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ServerRow {
+    pub id: i64,
+    pub user_id: i64,
+    pub user_name: String,
+    pub name: String,
+    pub state: String,
+    pub image: Option<String>,
+    pub spawn_job_id: Option<Uuid>,
+    pub stop_job_id: Option<Uuid>,
+    pub container_id: Option<String>,
+    pub url: Option<String>,
+    pub error: Option<String>,
+    pub requested_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub stopped_at: Option<DateTime<Utc>>,
+    pub last_activity: Option<DateTime<Utc>>,
+}
+
+impl ServerRow {
+    pub fn state(&self) -> ServerState {
+        // The column has a check constraint, so anything else is a schema bug.
+        ServerState::parse(&self.state).unwrap_or(ServerState::Failed)
+    }
+}

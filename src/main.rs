@@ -1,0 +1,193 @@
+//! `berth`: the one binary of every Berth process.
+
+use std::{sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use schema::{ApalisQueue, PgStore};
+use sqlx::{PgPool, postgres::PgPoolOptions};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "berth",
+    version,
+    about = "Per-user container workspaces, driven by a job queue"
+)]
+struct Cli {
+    #[command(flatten)]
+    common: Common,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, clap::Args)]
+struct Common {
+    /// Postgres URL (`postgres://user:password@host/db`).
+    #[arg(
+        long,
+        env = "BERTH_DATABASE_URL",
+        hide_env_values = true,
+        global = true
+    )]
+    database_url: Option<String>,
+
+    /// Queue backend.
+    #[arg(
+        long,
+        env = "BERTH_QUEUE",
+        value_enum,
+        default_value = "postgres",
+        global = true
+    )]
+    queue: QueueBackend,
+
+    /// Most database connections this process opens.
+    #[arg(
+        long,
+        env = "BERTH_DB_MAX_CONNECTIONS",
+        default_value_t = 24,
+        global = true
+    )]
+    db_max_connections: u32,
+
+    /// Log format.
+    #[arg(
+        long,
+        env = "BERTH_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        global = true
+    )]
+    log_format: LogFormat,
+
+    /// Log filter, in `tracing` syntax (e.g. `info,berth=debug`).
+    #[arg(
+        long,
+        env = "BERTH_LOG",
+        default_value = "info,sqlx=warn",
+        global = true
+    )]
+    log: String,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum QueueBackend {
+    /// apalis-postgres: jobs in the same database as everything else.
+    Postgres,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create or update the database tables, then exit.
+    Migrate,
+    /// Serve the HTTP API.
+    Api(api::ApiConfig),
+    /// Pull jobs from the queue and drive the container engine.
+    Worker(workers::WorkerConfig),
+    /// Migrate, then run the API and a worker in one process.
+    Up {
+        #[command(flatten)]
+        api: api::ApiConfig,
+        #[command(flatten)]
+        worker: workers::WorkerConfig,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logs(&cli.common);
+    let QueueBackend::Postgres = cli.common.queue;
+    let pool = connect(&cli.common).await?;
+    let shutdown = shutdown_on_signal();
+    match cli.command {
+        Command::Migrate => {
+            schema::migrate(&pool).await?;
+            tracing::info!("database is up to date");
+        }
+        Command::Api(config) => serve_api(config, pool, shutdown).await?,
+        Command::Worker(config) => workers::run(config, pool, shutdown).await?,
+        Command::Up { api, worker } => {
+            schema::migrate(&pool).await?;
+            let (a, w) = tokio::join!(
+                serve_api(api, pool.clone(), shutdown.clone()),
+                workers::run(worker, pool, shutdown.clone())
+            );
+            // Whichever role fails first takes the other down with it.
+            shutdown.cancel();
+            a?;
+            w?;
+        }
+    }
+    Ok(())
+}
+
+async fn serve_api(
+    config: api::ApiConfig,
+    pool: PgPool,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    let store = Arc::new(PgStore::new(pool, Arc::new(ApalisQueue)));
+    api::run(config, store, listener, shutdown).await?;
+    Ok(())
+}
+
+async fn connect(common: &Common) -> anyhow::Result<PgPool> {
+    let url = common
+        .database_url
+        .as_deref()
+        .context("BERTH_DATABASE_URL (or --database-url) is required")?;
+    PgPoolOptions::new()
+        .max_connections(common.db_max_connections)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect(url)
+        .await
+        .context("connecting to the database")
+}
+
+fn init_logs(common: &Common) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&common.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match common.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Cancelled on SIGINT or SIGTERM: every role stops taking work and drains.
+fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let trigger = token.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM handler");
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("shutting down");
+        trigger.cancel();
+    });
+    token
+}

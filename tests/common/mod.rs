@@ -1,0 +1,372 @@
+//! The end-to-end harness: a fresh database per test, the real API on port 0, real
+//! workers (in-process or as `berth worker` processes) against the real Docker
+//! engine. Everything a test creates carries its own id and is removed on drop,
+//! also when the test fails.
+
+#![allow(dead_code)]
+
+use std::{
+    process::{Child, Command, Stdio},
+    sync::Arc,
+    time::Duration,
+};
+
+use clap::Parser;
+use reqwest::{Method, StatusCode};
+use schema::{ApalisQueue, PgStore};
+use serde_json::Value;
+use sqlx::{PgPool, postgres::PgPoolOptions};
+use tokio::{net::TcpListener, task::JoinHandle, time::Instant};
+use tokio_util::sync::CancellationToken;
+
+pub const TEST_IMAGE: &str = "berth-test-server:latest";
+pub const MISSING_IMAGE: &str = "berth-no-such-image:latest";
+pub const TOKEN: &str = "test-admin-token-0123456789";
+
+fn admin_database_url() -> String {
+    std::env::var("BERTH_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432/postgres".into())
+}
+
+fn database_url(admin_url: &str, db: &str) -> String {
+    let base = admin_url
+        .rsplit_once('/')
+        .map_or(admin_url, |(base, _)| base);
+    format!("{base}/{db}")
+}
+
+/// Parses worker flags exactly as `berth worker` does, defaults included.
+#[derive(Parser)]
+struct WorkerFlags {
+    #[command(flatten)]
+    config: workers::WorkerConfig,
+}
+
+pub struct TestEnv {
+    /// Unique per test: names, labels, the network and the database derive from it.
+    pub id: String,
+    pub pool: PgPool,
+    pub base: String,
+    pub db_url: String,
+    http: reqwest::Client,
+    db_name: String,
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+    children: Vec<Child>,
+}
+
+impl TestEnv {
+    /// A migrated database and the API, with no worker yet.
+    pub async fn start() -> Self {
+        let id = format!("t{:08x}", rand::random::<u32>());
+        let admin_url = admin_database_url();
+        let admin = PgPool::connect(&admin_url)
+            .await
+            .expect("test Postgres is reachable");
+        let db_name = format!("berth_{id}");
+        sqlx::query(sqlx::AssertSqlSafe(format!("create database {db_name}")))
+            .execute(&admin)
+            .await
+            .expect("create test database");
+        admin.close().await;
+        let db_url = database_url(&admin_url, &db_name);
+        let pool = PgPoolOptions::new()
+            .max_connections(40)
+            .connect(&db_url)
+            .await
+            .expect("connect to test database");
+        schema::migrate(&pool).await.expect("migrations run");
+
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let config = api::ApiConfig {
+            listen: listener.local_addr().unwrap(),
+            admin_token: TOKEN.into(),
+            allowed_images: vec![TEST_IMAGE.into(), MISSING_IMAGE.into()],
+            max_body_bytes: 64 * 1024,
+        };
+        let shutdown = CancellationToken::new();
+        let store = Arc::new(PgStore::new(pool.clone(), Arc::new(ApalisQueue)));
+        let api_task = tokio::spawn({
+            let shutdown = shutdown.clone();
+            async move {
+                api::run(config, store, listener, shutdown)
+                    .await
+                    .expect("api runs");
+            }
+        });
+        Self {
+            id,
+            pool,
+            base,
+            db_url,
+            http: reqwest::Client::new(),
+            db_name,
+            shutdown,
+            tasks: vec![api_task],
+            children: vec![],
+        }
+    }
+
+    /// A user name unique to this test.
+    pub fn user(&self, base: &str) -> String {
+        format!("{base}-{}", self.id)
+    }
+
+    pub fn network(&self) -> String {
+        format!("berth-{}", self.id)
+    }
+
+    /// The flags of a worker bound to this test's instance label and network.
+    pub fn worker_args(&self, extra: &[&str]) -> Vec<String> {
+        let mut args: Vec<String> = [
+            "--image",
+            TEST_IMAGE,
+            "--pull-policy",
+            "if-not-present",
+            "--mem-limit",
+            "256M",
+            "--cpu-limit",
+            "0.5",
+            "--pids-limit",
+            "64",
+            "--volume-path",
+            "/data",
+            "--start-timeout",
+            "20",
+            "--stop-timeout",
+            "2",
+            "--concurrency",
+            "8",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend([
+            "--instance".into(),
+            self.id.clone(),
+            "--network".into(),
+            self.network(),
+        ]);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    }
+
+    /// Starts a worker inside the test process.
+    pub fn start_worker(&mut self, extra: &[&str]) {
+        let mut argv = vec!["worker".to_string()];
+        argv.extend(self.worker_args(extra));
+        let config = WorkerFlags::try_parse_from(argv)
+            .expect("worker flags parse")
+            .config;
+        let pool = self.pool.clone();
+        let shutdown = self.shutdown.clone();
+        self.tasks.push(tokio::spawn(async move {
+            workers::run(config, pool, shutdown)
+                .await
+                .expect("worker runs");
+        }));
+    }
+
+    /// Starts `berth worker` as a real process; returns its index for `kill_worker`.
+    pub fn start_worker_process(&mut self, extra: &[&str]) -> usize {
+        let child = Command::new(env!("CARGO_BIN_EXE_berth"))
+            .arg("worker")
+            .args(self.worker_args(extra))
+            .env("BERTH_DATABASE_URL", &self.db_url)
+            .env("BERTH_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start berth worker");
+        self.children.push(child);
+        self.children.len() - 1
+    }
+
+    /// `kill -9` of a worker process.
+    pub fn kill_worker(&mut self, index: usize) {
+        let child = &mut self.children[index];
+        child.kill().expect("kill worker");
+        child.wait().expect("reap worker");
+    }
+
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&str>,
+    ) -> (StatusCode, Value) {
+        self.call_with(method, path, body, Some(TOKEN)).await
+    }
+
+    pub async fn call_with(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&str>,
+        token: Option<&str>,
+    ) -> (StatusCode, Value) {
+        let mut request = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            request = request
+                .header("content-type", "application/json")
+                .body(body.to_owned());
+        }
+        let response = request.send().await.expect("api answers");
+        let status = response.status();
+        let text = response.text().await.unwrap();
+        let value = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        (status, value)
+    }
+
+    pub async fn create_user(&self, name: &str) {
+        let (status, body) = self
+            .call(Method::POST, &format!("/api/v1/users/{name}"), None)
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+
+    /// Polls a server until `done` holds, or fails the test at the deadline.
+    pub async fn wait_server(
+        &self,
+        path: &str,
+        within: Duration,
+        done: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + within;
+        loop {
+            let (status, body) = self.call(Method::GET, path, None).await;
+            if status == StatusCode::OK && done(&body) {
+                return body;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{path} never got there; last answer {status}: {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn wait_job(&self, id: &str, within: Duration) -> Value {
+        let deadline = Instant::now() + within;
+        loop {
+            let (_, job) = self
+                .call(Method::GET, &format!("/api/v1/jobs/{id}"), None)
+                .await;
+            let state = job["state"].as_str().unwrap_or_default();
+            if ["succeeded", "failed", "cancelled"].contains(&state) {
+                return job;
+            }
+            assert!(Instant::now() < deadline, "job {id} did not finish: {job}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Containers of this test (running or not), by name.
+    pub fn containers(&self) -> Vec<String> {
+        docker_lines(&[
+            "ps",
+            "-a",
+            "--filter",
+            &format!("label=berth.instance={}", self.id),
+            "--format",
+            "{{.Names}}",
+        ])
+    }
+
+    pub fn volumes(&self) -> Vec<String> {
+        docker_lines(&[
+            "volume",
+            "ls",
+            "--filter",
+            &format!("label=berth.instance={}", self.id),
+            "--format",
+            "{{.Name}}",
+        ])
+    }
+
+    pub fn inspect(&self, container: &str) -> Value {
+        let out = Command::new("docker")
+            .args(["inspect", container])
+            .output()
+            .expect("docker inspect");
+        assert!(out.status.success(), "no container {container}");
+        let all: Value = serde_json::from_slice(&out.stdout).unwrap();
+        all[0].clone()
+    }
+
+    pub async fn count(&self, sql: &'static str) -> i64 {
+        sqlx::query_scalar::<_, i64>(sql)
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
+}
+
+fn docker_lines(args: &[&str]) -> Vec<String> {
+    let out = Command::new("docker")
+        .args(args)
+        .output()
+        .expect("docker cli");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        for task in &self.tasks {
+            task.abort();
+        }
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let containers = self.containers();
+        if !containers.is_empty() {
+            let _ = Command::new("docker")
+                .args(["rm", "-f"])
+                .args(&containers)
+                .output();
+        }
+        let volumes = self.volumes();
+        if !volumes.is_empty() {
+            let _ = Command::new("docker")
+                .args(["volume", "rm", "-f"])
+                .args(&volumes)
+                .output();
+        }
+        let _ = Command::new("docker")
+            .args(["network", "rm", &self.network()])
+            .output();
+        // The runtime may be gone by now: drop the database from a thread of its own.
+        let admin_url = admin_database_url();
+        let db = self.db_name.clone();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                if let Ok(admin) = PgPool::connect(&admin_url).await {
+                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "drop database if exists {db} with (force)"
+                    )))
+                    .execute(&admin)
+                    .await;
+                }
+            });
+        })
+        .join();
+    }
+}

@@ -1,0 +1,327 @@
+//! Spawning and stopping real containers through the Postgres queue.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{MISSING_IMAGE, TestEnv};
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
+
+const READY_WITHIN: Duration = Duration::from_secs(30);
+
+fn is_running(s: &Value) -> bool {
+    s["state"] == "running"
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn spawn_stop_and_cleanup_follow_the_container_contract() {
+    let mut env = TestEnv::start().await;
+    env.start_worker(&["--server-env", "COURSE=berth-101"]);
+    let user = env.user("ann");
+    env.create_user(&user).await;
+
+    let (status, body) = env
+        .call(Method::POST, &format!("/api/v1/users/{user}/server"), None)
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(body["state"], "pending_spawn");
+    assert_eq!(body["ready"], false);
+    let job_id = body["job_id"].as_str().expect("a job id").to_owned();
+
+    let server = env
+        .wait_server(
+            &format!("/api/v1/users/{user}/server"),
+            READY_WITHIN,
+            is_running,
+        )
+        .await;
+    assert_eq!(server["ready"], true);
+    let url = server["url"].as_str().expect("a url");
+    assert!(
+        server["started"].is_string() && server["last_activity"].is_string(),
+        "{server}"
+    );
+    assert!(server["error"].is_null());
+
+    // The URL answers HTTP: the server really is up.
+    let page = reqwest::get(url)
+        .await
+        .expect("server answers")
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("ready"), "{page}");
+
+    let job = env.wait_job(&job_id, READY_WITHIN).await;
+    assert_eq!(job["kind"], "spawn");
+    assert_eq!(job["state"], "succeeded");
+    assert_eq!(job["attempts"], 1);
+    assert!(
+        job["started"].is_string() && job["finished"].is_string(),
+        "{job}"
+    );
+
+    let container = format!("berth-{user}");
+    assert_eq!(env.containers(), vec![container.clone()]);
+    let inspect = env.inspect(&container);
+    let host = &inspect["HostConfig"];
+    assert_eq!(host["Memory"], 256 * 1024 * 1024);
+    assert_eq!(host["NanoCpus"], 500_000_000);
+    assert_eq!(host["PidsLimit"], 64);
+    assert_eq!(
+        host["SecurityOpt"],
+        serde_json::json!(["no-new-privileges:true"])
+    );
+    assert_eq!(host["CapDrop"], serde_json::json!(["ALL"]));
+    let mount = &inspect["Mounts"][0];
+    assert_eq!(mount["Type"], "volume");
+    assert_eq!(mount["Name"], format!("berth-user-{user}"));
+    assert_eq!(mount["Destination"], "/data");
+    let labels = &inspect["Config"]["Labels"];
+    assert_eq!(labels["berth.user"], user.as_str());
+    assert_eq!(labels["berth.server"], "");
+    assert_eq!(labels["berth.instance"], env.id.as_str());
+    let env_vars: Vec<&str> = inspect["Config"]["Env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(
+        env_vars.contains(&format!("BERTH_USER={user}").as_str()),
+        "{env_vars:?}"
+    );
+    assert!(env_vars.contains(&"COURSE=berth-101"), "{env_vars:?}");
+    assert!(
+        env_vars
+            .iter()
+            .any(|v| v.starts_with("BERTH_API_TOKEN=") && v.len() > 60),
+        "{env_vars:?}"
+    );
+    assert_eq!(
+        inspect["Config"]["User"], "1000:1000",
+        "the image's non-root user is kept"
+    );
+
+    // A second start of a running server is not a second spawn.
+    let (status, again) = env
+        .call(Method::POST, &format!("/api/v1/users/{user}/server"), None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{again}");
+    assert_eq!(
+        env.count("select count(*) from jobs where kind = 'spawn'")
+            .await,
+        1
+    );
+
+    // Stop: the container goes, the volume stays.
+    let (status, stopping) = env
+        .call(
+            Method::DELETE,
+            &format!("/api/v1/users/{user}/server"),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{stopping}");
+    assert_eq!(stopping["state"], "pending_stop");
+    let stop_job = stopping["job_id"].as_str().unwrap().to_owned();
+    env.wait_server(&format!("/api/v1/users/{user}/server"), READY_WITHIN, |s| {
+        s["state"] == "stopped"
+    })
+    .await;
+    assert_eq!(
+        env.wait_job(&stop_job, READY_WITHIN).await["state"],
+        "succeeded"
+    );
+    assert!(env.containers().is_empty(), "{:?}", env.containers());
+    assert_eq!(env.volumes(), vec![format!("berth-user-{user}")]);
+
+    // A stop of a stopped server is a no-op.
+    let (status, _) = env
+        .call(
+            Method::DELETE,
+            &format!("/api/v1/users/{user}/server"),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+
+    // A named server next to the default one.
+    let (status, body) = env
+        .call(
+            Method::POST,
+            &format!("/api/v1/users/{user}/servers/lab"),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    env.wait_server(
+        &format!("/api/v1/users/{user}/servers/lab"),
+        READY_WITHIN,
+        is_running,
+    )
+    .await;
+    assert_eq!(env.containers(), vec![format!("berth-{user}--lab")]);
+    let (_, shown) = env
+        .call(Method::GET, &format!("/api/v1/users/{user}"), None)
+        .await;
+    assert_eq!(shown["servers"][""]["state"], "stopped", "{shown}");
+    assert_eq!(shown["servers"]["lab"]["state"], "running", "{shown}");
+
+    // Cleanup: every server stopped, the volume removed, the user gone.
+    let (status, removal) = env
+        .call(Method::DELETE, &format!("/api/v1/users/{user}"), None)
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{removal}");
+    let cleanup = env
+        .wait_job(removal["job_id"].as_str().unwrap(), READY_WITHIN)
+        .await;
+    assert_eq!(cleanup["state"], "succeeded", "{cleanup}");
+    let (status, _) = env
+        .call(Method::GET, &format!("/api/v1/users/{user}"), None)
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(env.containers().is_empty(), "{:?}", env.containers());
+    assert!(env.volumes().is_empty(), "{:?}", env.volumes());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn twenty_concurrent_spawns_of_one_server_make_one_container() {
+    let mut env = TestEnv::start().await;
+    env.start_worker(&[]);
+    let user = env.user("bo");
+    env.create_user(&user).await;
+
+    let path = format!("/api/v1/users/{user}/servers/nb");
+    let answers =
+        futures::future::join_all((0..20).map(|_| env.call(Method::POST, &path, None))).await;
+    let mut job_ids = std::collections::HashSet::new();
+    for (status, body) in &answers {
+        assert!(
+            *status == StatusCode::ACCEPTED || *status == StatusCode::OK,
+            "{status}: {body}"
+        );
+        if let Some(id) = body["job_id"].as_str() {
+            job_ids.insert(id.to_owned());
+        }
+    }
+    assert_eq!(
+        job_ids.len(),
+        1,
+        "every pending answer names the same job: {job_ids:?}"
+    );
+    env.wait_server(&path, READY_WITHIN, is_running).await;
+    assert_eq!(
+        env.count("select count(*) from jobs where kind = 'spawn'")
+            .await,
+        1
+    );
+    assert_eq!(env.containers(), vec![format!("berth-{user}--nb")]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_missing_image_fails_the_server_and_leaves_no_container() {
+    let mut env = TestEnv::start().await;
+    env.start_worker(&[]);
+    let user = env.user("cy");
+    env.create_user(&user).await;
+
+    let body = format!(r#"{{"image": "{MISSING_IMAGE}"}}"#);
+    let path = format!("/api/v1/users/{user}/server");
+    let (status, pending) = env.call(Method::POST, &path, Some(&body)).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{pending}");
+    let failed = env
+        .wait_server(&path, READY_WITHIN, |s| s["state"] == "failed")
+        .await;
+    let error = failed["error"].as_str().expect("an error");
+    assert!(
+        error.contains(MISSING_IMAGE) && error.contains("could not be pulled"),
+        "{error}"
+    );
+    assert_eq!(failed["ready"], false);
+
+    let job = env
+        .wait_job(pending["job_id"].as_str().unwrap(), READY_WITHIN)
+        .await;
+    assert_eq!(job["state"], "failed");
+    assert_eq!(job["last_error"], error);
+    assert!(env.containers().is_empty(), "{:?}", env.containers());
+
+    // A failed server can be started again.
+    let (status, retry) = env.call(Method::POST, &path, None).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{retry}");
+    env.wait_server(&path, READY_WITHIN, is_running).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stop_during_a_spawn_wins() {
+    let mut env = TestEnv::start().await;
+    // The server takes 3 s to answer, so the stop lands while the spawn waits.
+    env.start_worker(&["--server-env", "BERTH_TEST_START_DELAY=3"]);
+    let user = env.user("di");
+    env.create_user(&user).await;
+    let path = format!("/api/v1/users/{user}/server");
+
+    let (status, spawn) = env.call(Method::POST, &path, None).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    // Wait until the container exists, then ask for the stop.
+    let deadline = tokio::time::Instant::now() + READY_WITHIN;
+    while env.containers().is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the spawn never created its container"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, stop) = env.call(Method::DELETE, &path, None).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{stop}");
+
+    env.wait_server(&path, READY_WITHIN, |s| s["state"] == "stopped")
+        .await;
+    let spawn_job = env
+        .wait_job(spawn["job_id"].as_str().unwrap(), READY_WITHIN)
+        .await;
+    assert_eq!(spawn_job["state"], "cancelled", "{spawn_job}");
+    assert_eq!(
+        env.wait_job(stop["job_id"].as_str().unwrap(), READY_WITHIN)
+            .await["state"],
+        "succeeded"
+    );
+    assert!(
+        env.containers().is_empty(),
+        "no container survives: {:?}",
+        env.containers()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_enqueued_while_the_worker_was_down_still_runs() {
+    let mut env = TestEnv::start().await;
+    let user = env.user("ed");
+    env.create_user(&user).await;
+
+    // A worker process comes up and is killed hard before any job exists.
+    let first = env.start_worker_process(&[]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    env.kill_worker(first);
+
+    let path = format!("/api/v1/users/{user}/server");
+    let (status, pending) = env.call(Method::POST, &path, None).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{pending}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_, still) = env.call(Method::GET, &path, None).await;
+    assert_eq!(
+        still["state"], "pending_spawn",
+        "nobody should have picked it up yet"
+    );
+
+    env.start_worker_process(&[]);
+    env.wait_server(&path, READY_WITHIN, is_running).await;
+    let job = env
+        .wait_job(pending["job_id"].as_str().unwrap(), READY_WITHIN)
+        .await;
+    assert_eq!(job["state"], "succeeded");
+    assert_eq!(job["attempts"], 1);
+    assert_eq!(env.containers(), vec![format!("berth-{user}")]);
+}

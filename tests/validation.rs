@@ -1,0 +1,211 @@
+//! Bad input gets a clear 4xx with `{error, message}` and writes nothing.
+
+mod common;
+
+use common::{TOKEN, TestEnv};
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
+
+fn assert_error(status: StatusCode, body: &Value, expected: StatusCode, code: &str) {
+    assert_eq!(status, expected, "{body}");
+    assert_eq!(body["error"], code, "{body}");
+    let message = body["message"].as_str().unwrap_or_default();
+    assert!(!message.is_empty(), "a message explains the error: {body}");
+}
+
+async fn rows(env: &TestEnv) -> (i64, i64, i64, i64) {
+    (
+        env.count("select count(*) from users").await,
+        env.count("select count(*) from servers").await,
+        env.count("select count(*) from jobs").await,
+        env.count("select count(*) from apalis.jobs").await,
+    )
+}
+
+#[tokio::test]
+async fn bad_names_bodies_and_tokens_get_clear_errors_and_write_nothing() {
+    let env = TestEnv::start().await;
+    let user = env.user("fay");
+    env.create_user(&user).await;
+    let before = rows(&env).await;
+
+    for bad in [
+        "Fay",
+        "fay_1",
+        "-fay",
+        "fay-",
+        "fa--y",
+        "f%C3%A4y",
+        "a.b",
+        &"x".repeat(64),
+    ] {
+        let (status, body) = env
+            .call(Method::POST, &format!("/api/v1/users/{bad}"), None)
+            .await;
+        assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_name");
+        let (status, body) = env
+            .call(Method::POST, &format!("/api/v1/users/{bad}/server"), None)
+            .await;
+        assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_name");
+        let (status, body) = env
+            .call(
+                Method::POST,
+                &format!("/api/v1/users/{user}/servers/{bad}"),
+                None,
+            )
+            .await;
+        assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_name");
+    }
+
+    let spawn = format!("/api/v1/users/{user}/server");
+    let (status, body) = env.call(Method::POST, &spawn, Some("{\"image\": ")).await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "bad_request");
+    assert!(
+        body["message"].as_str().unwrap().contains("malformed JSON"),
+        "{body}"
+    );
+    let (status, body) = env
+        .call(Method::POST, &spawn, Some("{\"image\": 42}"))
+        .await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "bad_request");
+    let (status, body) = env
+        .call(Method::POST, &spawn, Some("{\"imag\": \"x\"}"))
+        .await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "bad_request");
+    let (status, body) = env
+        .call(
+            Method::POST,
+            &spawn,
+            Some("{\"image\": \"evil/miner:latest\"}"),
+        )
+        .await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "bad_request");
+    assert!(
+        body["message"].as_str().unwrap().contains("not allowed"),
+        "{body}"
+    );
+    let (status, body) = env
+        .call(Method::POST, &format!("/api/v1/users/{user}"), Some("[1,2"))
+        .await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "bad_request");
+    let big = format!("{{\"image\": \"{}\"}}", "a".repeat(100 * 1024));
+    let (status, body) = env.call(Method::POST, &spawn, Some(&big)).await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+    );
+
+    // Unknown users and servers.
+    let ghost = env.user("ghost");
+    let (status, body) = env
+        .call(Method::POST, &format!("/api/v1/users/{ghost}/server"), None)
+        .await;
+    assert_error(status, &body, StatusCode::NOT_FOUND, "not_found");
+    let (status, body) = env
+        .call(Method::GET, &format!("/api/v1/users/{ghost}"), None)
+        .await;
+    assert_error(status, &body, StatusCode::NOT_FOUND, "not_found");
+    let (status, body) = env
+        .call(Method::DELETE, &format!("/api/v1/users/{ghost}"), None)
+        .await;
+    assert_error(status, &body, StatusCode::NOT_FOUND, "not_found");
+    let (status, body) = env
+        .call(
+            Method::DELETE,
+            &format!("/api/v1/users/{user}/servers/nope"),
+            None,
+        )
+        .await;
+    assert_error(status, &body, StatusCode::NOT_FOUND, "not_found");
+    let (status, body) = env
+        .call(Method::GET, &format!("/api/v1/users/{user}/server"), None)
+        .await;
+    assert_error(status, &body, StatusCode::NOT_FOUND, "not_found");
+    let (status, body) = env.call(Method::GET, "/api/v1/jobs/not-a-uuid", None).await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "bad_request");
+    let (status, body) = env
+        .call(
+            Method::GET,
+            &format!("/api/v1/jobs/{}", uuid::Uuid::new_v4()),
+            None,
+        )
+        .await;
+    assert_error(status, &body, StatusCode::NOT_FOUND, "not_found");
+
+    // Missing or wrong tokens.
+    for token in [None, Some("wrong-token-wrong-token"), Some("")] {
+        let (status, body) = env.call_with(Method::POST, &spawn, None, token).await;
+        assert_error(status, &body, StatusCode::UNAUTHORIZED, "unauthorized");
+        let (status, body) = env
+            .call_with(Method::GET, "/api/v1/users", None, token)
+            .await;
+        assert_error(status, &body, StatusCode::UNAUTHORIZED, "unauthorized");
+    }
+    let almost = format!("{TOKEN}x");
+    let (status, body) = env
+        .call_with(
+            Method::DELETE,
+            &format!("/api/v1/users/{user}"),
+            None,
+            Some(&almost),
+        )
+        .await;
+    assert_error(status, &body, StatusCode::UNAUTHORIZED, "unauthorized");
+
+    // A taken name is a conflict.
+    let (status, body) = env
+        .call(Method::POST, &format!("/api/v1/users/{user}"), None)
+        .await;
+    assert_error(status, &body, StatusCode::CONFLICT, "conflict");
+
+    assert_eq!(
+        rows(&env).await,
+        before,
+        "nothing was written by any bad request"
+    );
+    let (status, users) = env.call(Method::GET, "/api/v1/users", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(users.as_array().unwrap().len(), 1, "{users}");
+}
+
+#[tokio::test]
+async fn health_ready_and_unknown_routes() {
+    let env = TestEnv::start().await;
+    let (status, health) = env.call_with(Method::GET, "/health", None, None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(health["status"], "ok");
+    assert!(
+        health["version"].is_string()
+            && health["uptime"].is_u64()
+            && health["timestamp"].is_string(),
+        "{health}"
+    );
+
+    let (status, ready) = env.call_with(Method::GET, "/ready", None, None).await;
+    assert_eq!(status, StatusCode::OK, "{ready}");
+
+    let (status, body) = env.call(Method::GET, "/api/v1/nothing-here", None).await;
+    assert_error(status, &body, StatusCode::NOT_FOUND, "not_found");
+}
+
+#[tokio::test]
+async fn ready_answers_503_while_the_database_is_unreachable() {
+    let env = TestEnv::start().await;
+    // Close every connection of the API's pool: the database is gone for it.
+    env.pool.close().await;
+    let (status, body) = env.call_with(Method::GET, "/ready", None, None).await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+    );
+    let (status, health) = env.call_with(Method::GET, "/health", None, None).await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "liveness does not depend on the database: {health}"
+    );
+}

@@ -1,0 +1,55 @@
+//! The cleanup job: stop every server of a user, remove the volume, delete the user.
+
+use schema::{JobOutcome, JobRow, UserName, jobs::CleanupJob};
+
+use crate::context::{Context, HandlerResult, names};
+
+pub async fn run(ctx: &Context, job: &JobRow) -> HandlerResult {
+    let payload: CleanupJob = match serde_json::from_value(job.payload.clone()) {
+        Ok(p) => p,
+        Err(e) => {
+            return Ok(JobOutcome::Failed(format!(
+                "malformed cleanup payload: {e}"
+            )));
+        }
+    };
+    let user = match UserName::parse(&job.user_name) {
+        Ok(u) => u,
+        Err(e) => return Ok(JobOutcome::Failed(format!("stored user name: {e}"))),
+    };
+    for server in ctx.store.servers_of_user(payload.user_id).await? {
+        let lock = ctx.store.lock_server(server.id).await?;
+        let stopped = match names(&server.user_name, &server.name) {
+            Ok((user, name)) => ctx
+                .spawner
+                .stop(&user, &name)
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        };
+        let marked = match stopped {
+            Ok(()) => ctx.store.mark_stopped(server.id, None).await.map(|_| ()),
+            Err(e) => {
+                lock.release().await;
+                return Ok(JobOutcome::Failed(format!(
+                    "stopping server {:?}: {e}",
+                    server.name
+                )));
+            }
+        };
+        lock.release().await;
+        marked?;
+    }
+    if let Err(e) = ctx.spawner.remove_user(&user).await {
+        return Ok(JobOutcome::Failed(format!(
+            "removing the containers and volume of {user}: {e}"
+        )));
+    }
+    if !ctx.store.delete_user(payload.user_id, job.id).await? {
+        return Ok(JobOutcome::Cancelled(
+            "the user is no longer being deleted by this job".into(),
+        ));
+    }
+    tracing::info!(user = %user, "user removed");
+    Ok(JobOutcome::Succeeded)
+}

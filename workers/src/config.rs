@@ -1,0 +1,169 @@
+//! Worker settings: every one a flag and an environment variable.
+
+use std::time::Duration;
+
+/// When a worker pulls the server image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PullPolicy {
+    /// Pull only when the engine does not have the image.
+    IfNotPresent,
+    /// Pull before every spawn.
+    Always,
+    /// Never pull; a missing image fails the spawn.
+    Never,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct WorkerConfig {
+    /// Jobs one worker process runs at once, per queue (spawn, control).
+    #[arg(long, env = "BERTH_WORKER_CONCURRENCY", default_value_t = 16)]
+    pub concurrency: usize,
+
+    /// This worker's name in job records; default `{hostname}-{pid}`.
+    #[arg(long, env = "BERTH_WORKER_NAME")]
+    pub worker_name: Option<String>,
+
+    #[command(flatten)]
+    pub docker: DockerConfig,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct DockerConfig {
+    /// Image of user servers when a spawn names none.
+    #[arg(
+        long,
+        env = "BERTH_IMAGE",
+        default_value = "quay.io/jupyter/base-notebook:latest"
+    )]
+    pub image: String,
+
+    /// When to pull the image.
+    #[arg(
+        long,
+        env = "BERTH_PULL_POLICY",
+        value_enum,
+        default_value = "if-not-present"
+    )]
+    pub pull_policy: PullPolicy,
+
+    /// Port the server listens on inside its container.
+    #[arg(long, env = "BERTH_SERVER_PORT", default_value_t = 8888)]
+    pub server_port: u16,
+
+    /// Memory limit per server (bytes, or with a K, M, G or T suffix, powers of 1024).
+    #[arg(long, env = "BERTH_MEM_LIMIT", default_value = "2G", value_parser = parse_bytes)]
+    pub mem_limit: i64,
+
+    /// CPU limit per server, in cores.
+    #[arg(long, env = "BERTH_CPU_LIMIT", default_value_t = 1.0, value_parser = parse_cpus)]
+    pub cpu_limit: f64,
+
+    /// Most processes one server may run.
+    #[arg(long, env = "BERTH_PIDS_LIMIT", default_value_t = 1024)]
+    pub pids_limit: i64,
+
+    /// Docker network of the servers; created when missing.
+    #[arg(long, env = "BERTH_NETWORK", default_value = "berth")]
+    pub network: String,
+
+    /// Where the user's volume `berth-user-{user}` is mounted in the container.
+    #[arg(long, env = "BERTH_VOLUME_PATH", default_value = "/home/jovyan/work")]
+    pub volume_path: String,
+
+    /// User the server runs as (`uid[:gid]` or a name); default the image's own.
+    #[arg(long, env = "BERTH_CONTAINER_USER")]
+    pub container_user: Option<String>,
+
+    /// Seconds until a spawn that is not answering HTTP fails.
+    #[arg(long, env = "BERTH_START_TIMEOUT", default_value_t = 120)]
+    pub start_timeout: u64,
+
+    /// Seconds a stopping server gets between SIGTERM and SIGKILL.
+    #[arg(long, env = "BERTH_STOP_TIMEOUT", default_value_t = 10)]
+    pub stop_timeout: u64,
+
+    /// Value of the `berth.instance` label: separates deployments sharing one engine.
+    #[arg(long, env = "BERTH_INSTANCE", default_value = "berth")]
+    pub instance: String,
+
+    /// Extra environment for every server, as `KEY=VALUE` pairs separated by commas.
+    #[arg(long, env = "BERTH_SERVER_ENV", value_delimiter = ',', value_parser = parse_env_pair)]
+    pub server_env: Vec<String>,
+
+    /// API address given to servers as `BERTH_API_URL`, for activity reports.
+    #[arg(
+        long,
+        env = "BERTH_PUBLIC_API_URL",
+        default_value = "http://127.0.0.1:8080/api/v1"
+    )]
+    pub public_api_url: String,
+}
+
+impl DockerConfig {
+    pub fn start_timeout(&self) -> Duration {
+        Duration::from_secs(self.start_timeout)
+    }
+
+    pub fn nano_cpus(&self) -> i64 {
+        (self.cpu_limit * 1e9).round() as i64
+    }
+}
+
+/// `2G`, `512M`, `1024k` or plain bytes.
+pub fn parse_bytes(value: &str) -> Result<i64, String> {
+    let value = value.trim();
+    let (digits, unit) = match value.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => value.split_at(i),
+        None => (value, ""),
+    };
+    let number: i64 = digits
+        .parse()
+        .map_err(|_| format!("{value:?} is not a size such as 2G or 512M"))?;
+    let shift = match unit.to_ascii_lowercase().trim_end_matches('b') {
+        "" => 0,
+        "k" => 10,
+        "m" => 20,
+        "g" => 30,
+        "t" => 40,
+        _ => return Err(format!("{value:?} has an unknown unit; use K, M, G or T")),
+    };
+    let bytes = number
+        .checked_mul(1 << shift)
+        .ok_or_else(|| format!("{value:?} is too large"))?;
+    if bytes < 6 << 20 {
+        return Err(format!("{value:?} is below Docker's minimum of 6M"));
+    }
+    Ok(bytes)
+}
+
+fn parse_cpus(value: &str) -> Result<f64, String> {
+    let cpus: f64 = value
+        .parse()
+        .map_err(|_| format!("{value:?} is not a number of cores"))?;
+    if !(0.01..=1024.0).contains(&cpus) {
+        return Err(format!("{value:?} must be between 0.01 and 1024 cores"));
+    }
+    Ok(cpus)
+}
+
+fn parse_env_pair(value: &str) -> Result<String, String> {
+    match value.split_once('=') {
+        Some((key, _)) if !key.is_empty() => Ok(value.to_owned()),
+        _ => Err(format!("{value:?} is not KEY=VALUE")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_use_powers_of_1024() {
+        assert_eq!(parse_bytes("2G"), Ok(2 << 30));
+        assert_eq!(parse_bytes("512m"), Ok(512 << 20));
+        assert_eq!(parse_bytes("64MB"), Ok(64 << 20));
+        assert!(parse_bytes("1k").is_err());
+        assert!(parse_bytes("2X").is_err());
+        assert!(parse_bytes("G").is_err());
+    }
+}

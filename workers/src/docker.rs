@@ -1,0 +1,375 @@
+//! The Docker spawner, over bollard.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use async_trait::async_trait;
+use bollard::{
+    Docker,
+    errors::Error as DockerError,
+    models::{
+        ContainerCreateBody, HostConfig, Mount, MountType, NetworkCreateRequest,
+        VolumeCreateRequest,
+    },
+    query_parameters::{
+        CreateContainerOptions, CreateImageOptions, ListContainersOptions, LogsOptions,
+        RemoveContainerOptions, RemoveVolumeOptions, StopContainerOptions,
+    },
+};
+use futures::StreamExt;
+use schema::{ServerName, UserName, container_name};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    sync::OnceCell,
+    time::{Instant, sleep, timeout},
+};
+
+use crate::{
+    config::{DockerConfig, PullPolicy},
+    spawner::{SpawnError, SpawnSpec, Spawned, Spawner, StillWanted},
+};
+
+pub const LABEL_MANAGED: &str = "berth.managed";
+pub const LABEL_INSTANCE: &str = "berth.instance";
+pub const LABEL_USER: &str = "berth.user";
+pub const LABEL_SERVER: &str = "berth.server";
+pub const LABEL_SERVER_ID: &str = "berth.server-id";
+
+/// How often a spawn probes readiness, and how often it asks whether it is still wanted.
+const PROBE_EVERY: Duration = Duration::from_millis(100);
+const RECHECK_EVERY: Duration = Duration::from_millis(500);
+
+pub struct DockerSpawner {
+    docker: Docker,
+    config: Arc<DockerConfig>,
+    network: OnceCell<()>,
+}
+
+impl From<DockerError> for SpawnError {
+    fn from(e: DockerError) -> Self {
+        SpawnError::Engine(e.to_string())
+    }
+}
+
+fn is_status(e: &DockerError, code: u16) -> bool {
+    matches!(e, DockerError::DockerResponseServerError { status_code, .. } if *status_code == code)
+}
+
+impl DockerSpawner {
+    /// Connects as the Docker CLI does (`DOCKER_HOST`, else the local socket).
+    pub fn connect(config: Arc<DockerConfig>) -> Result<Self, SpawnError> {
+        let docker = Docker::connect_with_defaults()?;
+        Ok(Self {
+            docker,
+            config,
+            network: OnceCell::new(),
+        })
+    }
+
+    /// Fails when the engine does not answer, so a worker refuses to start blind.
+    pub async fn ping(&self) -> Result<(), SpawnError> {
+        self.docker.ping().await?;
+        Ok(())
+    }
+
+    async fn ensure_network(&self) -> Result<(), SpawnError> {
+        self.network
+            .get_or_try_init(|| async {
+                let name = &self.config.network;
+                match self.docker.inspect_network(name, None).await {
+                    Ok(_) => return Ok(()),
+                    Err(e) if is_status(&e, 404) => {}
+                    Err(e) => return Err(e.into()),
+                }
+                let request = NetworkCreateRequest {
+                    name: name.clone(),
+                    driver: Some("bridge".into()),
+                    labels: Some(HashMap::from([(LABEL_MANAGED.into(), "true".into())])),
+                    ..Default::default()
+                };
+                match self.docker.create_network(request).await {
+                    Ok(_) => Ok(()),
+                    // Another worker created it in between.
+                    Err(e) if is_status(&e, 409) => Ok(()),
+                    Err(e) => Err(e.into()),
+                }
+            })
+            .await
+            .map(|_| ())
+    }
+
+    async fn ensure_image(&self, image: &str) -> Result<(), SpawnError> {
+        let policy = self.config.pull_policy;
+        if policy != PullPolicy::Always {
+            match self.docker.inspect_image(image).await {
+                Ok(_) => return Ok(()),
+                Err(e) if is_status(&e, 404) => {}
+                Err(e) => return Err(e.into()),
+            }
+            if policy == PullPolicy::Never {
+                return Err(SpawnError::Image {
+                    image: image.into(),
+                    reason: "not present on the engine, and the pull policy is never".into(),
+                });
+            }
+        }
+        let options = CreateImageOptions {
+            from_image: Some(image.into()),
+            ..Default::default()
+        };
+        let mut pull = self.docker.create_image(Some(options), None, None);
+        while let Some(step) = pull.next().await {
+            if let Err(e) = step {
+                return Err(SpawnError::Image {
+                    image: image.into(),
+                    reason: format!("could not be pulled: {e}"),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    async fn remove_container(&self, name: &str) -> Result<(), SpawnError> {
+        let options = RemoveContainerOptions {
+            force: true,
+            ..Default::default()
+        };
+        match self.docker.remove_container(name, Some(options)).await {
+            Ok(()) => Ok(()),
+            // Gone already, or another remove is under way.
+            Err(e) if is_status(&e, 404) || is_status(&e, 409) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn container_body(&self, spec: &SpawnSpec, image: &str) -> ContainerCreateBody {
+        let c = &self.config;
+        let labels = HashMap::from([
+            (LABEL_MANAGED.to_owned(), "true".to_owned()),
+            (LABEL_INSTANCE.to_owned(), c.instance.clone()),
+            (LABEL_USER.to_owned(), spec.user.to_string()),
+            (LABEL_SERVER.to_owned(), spec.server.to_string()),
+            (LABEL_SERVER_ID.to_owned(), spec.server_id.to_string()),
+        ]);
+        let mut env = vec![
+            format!("BERTH_USER={}", spec.user),
+            format!("BERTH_SERVER_NAME={}", spec.server),
+            format!("BERTH_SERVER_PORT={}", c.server_port),
+            format!("BERTH_API_URL={}", c.public_api_url),
+            format!("BERTH_API_TOKEN={}", spec.token),
+        ];
+        env.extend(c.server_env.iter().cloned());
+        let host_config = HostConfig {
+            memory: Some(c.mem_limit),
+            memory_swap: Some(c.mem_limit),
+            nano_cpus: Some(c.nano_cpus()),
+            pids_limit: Some(c.pids_limit),
+            security_opt: Some(vec!["no-new-privileges:true".into()]),
+            cap_drop: Some(vec!["ALL".into()]),
+            network_mode: Some(c.network.clone()),
+            mounts: Some(vec![Mount {
+                target: Some(c.volume_path.clone()),
+                source: Some(spec.user.volume_name()),
+                typ: Some(MountType::VOLUME),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        };
+        ContainerCreateBody {
+            image: Some(image.into()),
+            env: Some(env),
+            labels: Some(labels),
+            user: c.container_user.clone(),
+            exposed_ports: Some(vec![format!("{}/tcp", c.server_port)]),
+            host_config: Some(host_config),
+            ..Default::default()
+        }
+    }
+
+    /// Waits until the server answers HTTP, the container exits, the spawn is no
+    /// longer wanted, or the start timeout passes.
+    async fn wait_ready(
+        &self,
+        name: &str,
+        ip: &str,
+        still_wanted: &StillWanted<'_>,
+    ) -> Result<(), SpawnError> {
+        let port = self.config.server_port;
+        let deadline = Instant::now() + self.config.start_timeout();
+        let mut next_check = Instant::now() + RECHECK_EVERY;
+        loop {
+            if probe_http(ip, port).await {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(SpawnError::Timeout {
+                    port,
+                    secs: self.config.start_timeout,
+                });
+            }
+            if Instant::now() >= next_check {
+                next_check = Instant::now() + RECHECK_EVERY;
+                if !still_wanted().await {
+                    return Err(SpawnError::Abandoned);
+                }
+                let state = self.docker.inspect_container(name, None).await?.state;
+                if let Some(state) = state.filter(|s| s.running != Some(true)) {
+                    let code = state.exit_code.unwrap_or_default();
+                    let logs = self.tail_logs(name).await;
+                    return Err(SpawnError::Exited(format!(
+                        "exit code {code}; last output: {logs}"
+                    )));
+                }
+            }
+            sleep(PROBE_EVERY).await;
+        }
+    }
+
+    async fn tail_logs(&self, name: &str) -> String {
+        let options = LogsOptions {
+            stdout: true,
+            stderr: true,
+            tail: "10".into(),
+            ..Default::default()
+        };
+        let mut lines = self.docker.logs(name, Some(options));
+        let mut out = String::new();
+        while let Some(Ok(chunk)) = lines.next().await {
+            out.push_str(&chunk.to_string());
+        }
+        let out = out.trim();
+        if out.is_empty() {
+            "none".into()
+        } else {
+            out.chars().take(2000).collect()
+        }
+    }
+
+    async fn start(
+        &self,
+        spec: &SpawnSpec,
+        name: &str,
+        still_wanted: &StillWanted<'_>,
+    ) -> Result<Spawned, SpawnError> {
+        let image = spec.image.as_deref().unwrap_or(&self.config.image);
+        self.ensure_image(image).await?;
+        self.ensure_network().await?;
+        let volume = VolumeCreateRequest {
+            name: Some(spec.user.volume_name()),
+            labels: Some(HashMap::from([
+                (LABEL_MANAGED.to_owned(), "true".to_owned()),
+                (LABEL_INSTANCE.to_owned(), self.config.instance.clone()),
+                (LABEL_USER.to_owned(), spec.user.to_string()),
+            ])),
+            ..Default::default()
+        };
+        // Creating a volume that exists returns it unchanged.
+        self.docker.create_volume(volume).await?;
+        // Whatever an earlier attempt of this job left is replaced, never doubled.
+        self.remove_container(name).await?;
+        let options = CreateContainerOptions {
+            name: Some(name.into()),
+            ..Default::default()
+        };
+        let created = self
+            .docker
+            .create_container(Some(options), self.container_body(spec, image))
+            .await?;
+        self.docker.start_container(&created.id, None).await?;
+        let inspect = self.docker.inspect_container(&created.id, None).await?;
+        let ip = inspect
+            .network_settings
+            .and_then(|n| n.networks)
+            .and_then(|mut n| n.remove(&self.config.network))
+            .and_then(|n| n.ip_address)
+            .filter(|ip| !ip.is_empty())
+            .ok_or_else(|| {
+                SpawnError::Exited("the container has no address on the network".into())
+            })?;
+        self.wait_ready(&created.id, &ip, still_wanted).await?;
+        Ok(Spawned {
+            container_id: created.id,
+            url: format!("http://{ip}:{}/", self.config.server_port),
+        })
+    }
+}
+
+/// One HTTP request; any HTTP answer, whatever its status, means the server is up.
+async fn probe_http(ip: &str, port: u16) -> bool {
+    let attempt = async {
+        let mut stream = TcpStream::connect((ip, port)).await.ok()?;
+        let request =
+            format!("GET / HTTP/1.0\r\nHost: {ip}:{port}\r\nUser-Agent: berth-probe\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut head = [0u8; 5];
+        stream.read_exact(&mut head).await.ok()?;
+        Some(&head == b"HTTP/")
+    };
+    matches!(
+        timeout(Duration::from_secs(1), attempt).await,
+        Ok(Some(true))
+    )
+}
+
+#[async_trait]
+impl Spawner for DockerSpawner {
+    async fn spawn(
+        &self,
+        spec: &SpawnSpec,
+        still_wanted: StillWanted<'_>,
+    ) -> Result<Spawned, SpawnError> {
+        let name = container_name(&spec.user, &spec.server);
+        let started = self.start(spec, &name, &still_wanted).await;
+        if started.is_err() {
+            // No half-started container outlives a failed spawn.
+            if let Err(e) = self.remove_container(&name).await {
+                tracing::warn!(container = %name, error = %e, "could not remove the container of a failed spawn");
+            }
+        }
+        started
+    }
+
+    async fn stop(&self, user: &UserName, server: &ServerName) -> Result<(), SpawnError> {
+        let name = container_name(user, server);
+        let options = StopContainerOptions {
+            t: Some(self.config.stop_timeout as i32),
+            ..Default::default()
+        };
+        match self.docker.stop_container(&name, Some(options)).await {
+            Ok(()) => {}
+            // 304: not running; 404: no such container.
+            Err(e) if is_status(&e, 304) || is_status(&e, 404) => {}
+            Err(e) => return Err(e.into()),
+        }
+        self.remove_container(&name).await
+    }
+
+    async fn remove_user(&self, user: &UserName) -> Result<(), SpawnError> {
+        let filters = HashMap::from([(
+            "label".to_owned(),
+            vec![
+                format!("{LABEL_USER}={user}"),
+                format!("{LABEL_INSTANCE}={}", self.config.instance),
+            ],
+        )]);
+        let options = ListContainersOptions {
+            all: true,
+            filters: Some(filters),
+            ..Default::default()
+        };
+        for container in self.docker.list_containers(Some(options)).await? {
+            if let Some(id) = container.id {
+                self.remove_container(&id).await?;
+            }
+        }
+        match self
+            .docker
+            .remove_volume(&user.volume_name(), None::<RemoveVolumeOptions>)
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) if is_status(&e, 404) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+}

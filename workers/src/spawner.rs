@@ -1,0 +1,63 @@
+//! What a worker needs from a container engine.
+
+use std::{future::Future, pin::Pin};
+
+use async_trait::async_trait;
+
+/// Everything a spawner needs to start one server.
+#[derive(Debug, Clone)]
+pub struct SpawnSpec {
+    pub server_id: i64,
+    pub job_id: uuid::Uuid,
+    pub user: schema::UserName,
+    pub server: schema::ServerName,
+    /// `None` uses the configured default image.
+    pub image: Option<String>,
+    /// The server's own API token, handed to it in its environment.
+    pub token: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Spawned {
+    pub container_id: String,
+    pub url: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error("image {image}: {reason}")]
+    Image { image: String, reason: String },
+    #[error("the server exited before it was ready ({0})")]
+    Exited(String),
+    #[error("the server did not answer HTTP on port {port} within {secs} s")]
+    Timeout { port: u16, secs: u64 },
+    #[error("the spawn was abandoned: a stop was requested")]
+    Abandoned,
+    #[error("container engine: {0}")]
+    Engine(String),
+}
+
+/// Asked while a spawn waits for readiness: is the server still wanted?
+pub type StillWanted<'a> =
+    Box<dyn Fn() -> Pin<Box<dyn Future<Output = bool> + Send + 'a>> + Send + Sync + 'a>;
+
+#[async_trait]
+pub trait Spawner: Send + Sync + 'static {
+    /// Starts the server and waits until it answers HTTP. Idempotent: whatever a
+    /// previous attempt left under the same name is replaced, never doubled.
+    async fn spawn(
+        &self,
+        spec: &SpawnSpec,
+        still_wanted: StillWanted<'_>,
+    ) -> Result<Spawned, SpawnError>;
+
+    /// Stops and removes the server's container; a missing one is not an error.
+    async fn stop(
+        &self,
+        user: &schema::UserName,
+        server: &schema::ServerName,
+    ) -> Result<(), SpawnError>;
+
+    /// Removes every container of the user, and the user's volume.
+    async fn remove_user(&self, user: &schema::UserName) -> Result<(), SpawnError>;
+}

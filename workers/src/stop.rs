@@ -1,0 +1,27 @@
+//! The stop job: stop and remove a server's container; the user's volume stays.
+
+use schema::{JobOutcome, JobRow, ServerState};
+
+use crate::context::{Claimed, Context, HandlerError, HandlerResult, with_claimed_server};
+
+pub async fn run(ctx: &Context, job: &JobRow) -> HandlerResult {
+    with_claimed_server(ctx, job, ServerState::PendingStop, |claimed| {
+        stop(ctx, job, claimed)
+    })
+    .await
+}
+
+async fn stop(ctx: &Context, job: &JobRow, claimed: Claimed) -> HandlerResult {
+    let Claimed { server, user, name } = claimed;
+    if let Err(e) = ctx.spawner.stop(&user, &name).await {
+        // Left in pending_stop: the engine error is transient more often than not,
+        // and the job is handed out again.
+        return Err(HandlerError::Transient(format!(
+            "stopping {}: {e}",
+            schema::container_name(&user, &name)
+        )));
+    }
+    ctx.store.mark_stopped(server.id, Some(job.id)).await?;
+    tracing::info!(user = %user, server = %name, "server stopped");
+    Ok(JobOutcome::Succeeded)
+}
