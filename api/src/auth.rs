@@ -1,42 +1,172 @@
-//! Bearer-token authentication. Until accounts exist, one admin token guards the API.
+//! Who is calling: a logged-in user (JWT), a service token with scopes, a server's
+//! own token, or the break-glass admin token. And what each may do.
+
+use std::net::SocketAddr;
 
 use axum::{
-    extract::{Request, State},
-    http::header::AUTHORIZATION,
-    middleware::Next,
-    response::Response,
+    extract::{ConnectInfo, FromRequestParts},
+    http::{header::AUTHORIZATION, request::Parts},
 };
+use schema::{ServerRow, UserName, UserRow};
 use sha2::{Digest, Sha256};
+use uuid::Uuid;
 
-use crate::{AppState, error::ApiError};
+use crate::{
+    AppState,
+    error::ApiError,
+    tokens::{TokenError, hash_opaque},
+};
 
-/// Rejects any request to `/api/v1` without the admin token.
-pub async fn require_admin(
-    State(state): State<AppState>,
-    request: Request,
-    next: Next,
-) -> Result<Response, ApiError> {
-    let presented = request
-        .headers()
-        .get(AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim)
-        .ok_or_else(|| ApiError::Unauthorized("send Authorization: Bearer <token>".into()))?;
-    if !same_secret(presented, &state.config.admin_token) {
-        return Err(ApiError::Unauthorized("the token is not valid".into()));
+pub const SERVICE_TOKEN_PREFIX: &str = "bt_";
+pub const SERVER_TOKEN_PREFIX: &str = "bs_";
+
+/// Scopes a service token may carry; `admin` implies every other.
+pub const SCOPES: [&str; 5] = ["servers:read", "servers:write", "users:read", "users:write", "admin"];
+
+#[derive(Debug, Clone)]
+pub enum Principal {
+    User { user: UserRow, jti: Uuid },
+    Service { name: String, scopes: Vec<String> },
+    /// A user server authenticating with its own token.
+    Server { server: ServerRow },
+}
+
+impl Principal {
+    pub fn is_admin(&self) -> bool {
+        self.has_scope("admin")
     }
-    Ok(next.run(request).await)
+
+    pub fn has_scope(&self, scope: &str) -> bool {
+        match self {
+            Principal::User { user, .. } => user.is_admin(),
+            Principal::Service { scopes, .. } => scopes.iter().any(|s| s == scope || s == "admin"),
+            Principal::Server { .. } => false,
+        }
+    }
+
+    fn is_user(&self, name: &UserName) -> bool {
+        matches!(self, Principal::User { user, .. } if user.name == name.as_str())
+    }
+
+    /// Users act on themselves; others need `scope`.
+    pub fn may(&self, scope: &str, on: &UserName) -> Result<(), ApiError> {
+        if self.is_user(on) || self.has_scope(scope) {
+            return Ok(());
+        }
+        Err(ApiError::Forbidden(match self {
+            Principal::User { .. } => format!("you may only act on your own account and servers, not {on:?}'s"),
+            _ => format!("this token lacks the {scope} scope"),
+        }))
+    }
+
+    pub fn require(&self, scope: &str) -> Result<(), ApiError> {
+        if self.has_scope(scope) {
+            return Ok(());
+        }
+        Err(ApiError::Forbidden(match self {
+            Principal::User { .. } if scope == "admin" => "this needs an admin".into(),
+            Principal::User { .. } => format!("this needs an admin or a token with the {scope} scope"),
+            _ => format!("this token lacks the {scope} scope"),
+        }))
+    }
+
+    /// How the audit log names the caller.
+    pub fn actor(&self) -> String {
+        match self {
+            Principal::User { user, .. } => format!("user:{}", user.name),
+            Principal::Service { name, .. } => format!("token:{name}"),
+            Principal::Server { server } => format!("server:{}/{}", server.user_name, server.name),
+        }
+    }
+}
+
+fn bearer(parts: &Parts) -> Result<&str, ApiError> {
+    let header = parts
+        .headers
+        .get(AUTHORIZATION)
+        .ok_or_else(|| ApiError::Unauthorized("send Authorization: Bearer <token>".into()))?;
+    let value = header
+        .to_str()
+        .map_err(|_| ApiError::Unauthorized("the Authorization header is not text".into()))?;
+    let (scheme, token) = value
+        .split_once(' ')
+        .ok_or_else(|| ApiError::Unauthorized("send Authorization: Bearer <token>".into()))?;
+    if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
+        return Err(ApiError::Unauthorized("send Authorization: Bearer <token>".into()));
+    }
+    Ok(token.trim())
+}
+
+impl FromRequestParts<AppState> for Principal {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let token = bearer(parts)?;
+        if let Some(admin) = &state.config.admin_token
+            && same_secret(token, admin)
+        {
+            return Ok(Principal::Service {
+                name: "bootstrap".into(),
+                scopes: vec!["admin".into()],
+            });
+        }
+        if token.starts_with(SERVICE_TOKEN_PREFIX) {
+            let row = state.accounts.use_api_token(&hash_opaque(token)).await?;
+            return row
+                .map(|t| Principal::Service {
+                    name: t.name,
+                    scopes: t.scopes,
+                })
+                .ok_or_else(|| ApiError::Unauthorized("the token is not valid, has expired or was revoked".into()));
+        }
+        if token.starts_with(SERVER_TOKEN_PREFIX) {
+            let server = state.accounts.server_by_token(&hash_opaque(token)).await?;
+            return server
+                .map(|server| Principal::Server { server })
+                .ok_or_else(|| ApiError::Unauthorized("the server token is not valid".into()));
+        }
+        let claims = state.keys.verify(token).map_err(|e| match e {
+            TokenError::Expired => ApiError::Unauthorized("the token has expired; log in again".into()),
+            TokenError::Invalid => ApiError::Unauthorized("the token is not valid".into()),
+        })?;
+        let user = state
+            .accounts
+            .session_user(claims.jti)
+            .await?
+            .filter(|u| u.name == claims.sub)
+            .ok_or_else(|| ApiError::Unauthorized("the token has been revoked; log in again".into()))?;
+        Ok(Principal::User { user, jti: claims.jti })
+    }
+}
+
+/// The caller's address: the peer, or the first `X-Forwarded-For` hop when the
+/// API is configured to trust its proxy.
+#[derive(Debug, Clone)]
+pub struct ClientAddr(pub Option<String>);
+
+impl FromRequestParts<AppState> for ClientAddr {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        if state.config.trust_forwarded_for
+            && let Some(first) = parts
+                .headers
+                .get("x-forwarded-for")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.split(',').next())
+        {
+            return Ok(ClientAddr(Some(first.trim().to_owned())));
+        }
+        let peer = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|ConnectInfo(addr)| addr.ip().to_string());
+        Ok(ClientAddr(peer))
+    }
 }
 
 /// Compares digests, so the time taken says nothing about where the strings differ.
-fn same_secret(a: &str, b: &str) -> bool {
+pub fn same_secret(a: &str, b: &str) -> bool {
     let (a, b) = (Sha256::digest(a.as_bytes()), Sha256::digest(b.as_bytes()));
-    a.iter()
-        .zip(b.iter())
-        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-        == 0
+    a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

@@ -1,4 +1,4 @@
-//! Request bodies that may be empty: an empty body means "all defaults".
+//! JSON request bodies whose every rejection is a clear `ApiError`.
 
 use axum::{
     body::Bytes,
@@ -9,8 +9,32 @@ use serde::de::DeserializeOwned;
 
 use crate::error::ApiError;
 
-/// A JSON body that may be left out; every rejection is an `ApiError`.
+/// A JSON body that may be left out: an empty body means "all defaults".
 pub struct OptionalJson<T>(pub T);
+
+/// A JSON body that must be there.
+pub struct JsonBody<T>(pub T);
+
+async fn read(request: Request) -> Result<Bytes, ApiError> {
+    Bytes::from_request(request, &()).await.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge("the request body is too large".into())
+        } else {
+            ApiError::BadRequest(e.body_text())
+        }
+    })
+}
+
+fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => ApiError::BadRequest(format!("unexpected JSON: {e}")),
+        _ => ApiError::BadRequest(format!("malformed JSON: {e}")),
+    })
+}
+
+fn is_blank(body: &Bytes) -> bool {
+    body.iter().all(u8::is_ascii_whitespace)
+}
 
 impl<S, T> FromRequest<S> for OptionalJson<T>
 where
@@ -19,24 +43,27 @@ where
 {
     type Rejection = ApiError;
 
-    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
-        let body = Bytes::from_request(request, state).await.map_err(|e| {
-            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::PayloadTooLarge("the request body is too large".into())
-            } else {
-                ApiError::BadRequest(e.body_text())
-            }
-        })?;
-        if body.iter().all(u8::is_ascii_whitespace) {
+    async fn from_request(request: Request, _: &S) -> Result<Self, ApiError> {
+        let body = read(request).await?;
+        if is_blank(&body) {
             return Ok(Self(T::default()));
         }
-        serde_json::from_slice(&body)
-            .map(Self)
-            .map_err(|e| match e.classify() {
-                serde_json::error::Category::Data => {
-                    ApiError::BadRequest(format!("unexpected JSON: {e}"))
-                }
-                _ => ApiError::BadRequest(format!("malformed JSON: {e}")),
-            })
+        parse(&body).map(Self)
+    }
+}
+
+impl<S, T> FromRequest<S> for JsonBody<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, _: &S) -> Result<Self, ApiError> {
+        let body = read(request).await?;
+        if is_blank(&body) {
+            return Err(ApiError::BadRequest("a JSON body is required".into()));
+        }
+        parse(&body).map(Self)
     }
 }

@@ -2,15 +2,74 @@
 
 use std::net::SocketAddr;
 
+use clap::ArgAction;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Environment {
+    /// Ephemeral signing keys are generated when none is configured, with a warning.
+    Development,
+    /// Refuses to start with a missing signing key or a weak secret.
+    Production,
+}
+
 #[derive(Debug, Clone, clap::Args)]
 pub struct ApiConfig {
     /// Address the API listens on.
     #[arg(long, env = "BERTH_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 
-    /// Bootstrap admin API token (`Authorization: Bearer …`), at least 16 characters.
-    #[arg(long, env = "BERTH_ADMIN_TOKEN", hide_env_values = true, value_parser = parse_token)]
-    pub admin_token: String,
+    /// `production` refuses weak or missing secrets.
+    #[arg(long = "env", env = "BERTH_ENV", value_enum, default_value = "development")]
+    pub environment: Environment,
+
+    /// Break-glass admin API token (`Authorization: Bearer …`); none by default.
+    #[arg(long, env = "BERTH_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+
+    /// Ed25519 private key (PKCS#8 PEM) that signs access tokens; all API processes
+    /// must share it. Development mode generates one per process when unset.
+    #[arg(long, env = "BERTH_JWT_PRIVATE_KEY", hide_env_values = true)]
+    pub jwt_private_key: Option<String>,
+
+    /// Lifetime of an access token, in seconds.
+    #[arg(long, env = "BERTH_TOKEN_TTL", default_value_t = 24 * 3600)]
+    pub token_ttl: u64,
+
+    /// Whether anyone may register; when off, only admins create accounts.
+    #[arg(long, env = "BERTH_ALLOW_REGISTRATION", default_value_t = true, action = ArgAction::Set)]
+    pub allow_registration: bool,
+
+    /// Name of the admin account created (or promoted) at start-up.
+    #[arg(long, env = "BERTH_ADMIN_USER")]
+    pub admin_user: Option<String>,
+
+    /// Password of that account when it is created; never reset afterwards.
+    #[arg(long, env = "BERTH_ADMIN_PASSWORD", hide_env_values = true)]
+    pub admin_password: Option<String>,
+
+    /// Most servers one user may have pending or running at once (0: no limit).
+    #[arg(long, env = "BERTH_MAX_SERVERS_PER_USER", default_value_t = 3)]
+    pub max_servers_per_user: u32,
+
+    /// Failed logins of one account before it is locked for the rest of the window.
+    #[arg(long, env = "BERTH_LOGIN_MAX_FAILURES", default_value_t = 5)]
+    pub login_max_failures: i32,
+
+    /// Failed logins from one client address before it is locked for the rest of the window.
+    #[arg(long, env = "BERTH_LOGIN_MAX_FAILURES_PER_ADDRESS", default_value_t = 50)]
+    pub login_max_failures_per_address: i32,
+
+    /// Length of the login throttling window, in seconds.
+    #[arg(long, env = "BERTH_LOGIN_THROTTLE_WINDOW", default_value_t = 900)]
+    pub login_throttle_window: i64,
+
+    /// Browser origins allowed by CORS (comma-separated); none by default.
+    #[arg(long, env = "BERTH_CORS_ORIGINS", value_delimiter = ',')]
+    pub cors_origins: Vec<String>,
+
+    /// Take the client address from `X-Forwarded-For` (only behind a trusted proxy).
+    #[arg(long, env = "BERTH_TRUST_FORWARDED_FOR", default_value_t = false, action = ArgAction::Set)]
+    pub trust_forwarded_for: bool,
 
     /// Images a spawn request may ask for besides the default (comma-separated).
     #[arg(long, env = "BERTH_ALLOWED_IMAGES", value_delimiter = ',')]
@@ -21,9 +80,29 @@ pub struct ApiConfig {
     pub max_body_bytes: usize,
 }
 
-fn parse_token(value: &str) -> Result<String, String> {
-    if value.len() < 16 {
-        return Err("the admin token must be at least 16 characters".into());
+impl ApiConfig {
+    /// Checks secrets; in production a missing or weak one stops the start.
+    pub fn validate(&self) -> Result<(), String> {
+        let production = self.environment == Environment::Production;
+        if let Some(token) = &self.admin_token {
+            let min = if production { 32 } else { 16 };
+            if token.len() < min {
+                return Err(format!("BERTH_ADMIN_TOKEN must be at least {min} characters"));
+            }
+        }
+        if production && self.jwt_private_key.is_none() {
+            return Err("BERTH_JWT_PRIVATE_KEY is required in production".into());
+        }
+        match (&self.admin_user, &self.admin_password) {
+            (Some(_), None) => return Err("BERTH_ADMIN_USER needs BERTH_ADMIN_PASSWORD".into()),
+            (None, Some(_)) => return Err("BERTH_ADMIN_PASSWORD needs BERTH_ADMIN_USER".into()),
+            (Some(_), Some(password)) => crate::passwords::check_strength(password)
+                .map_err(|e| format!("BERTH_ADMIN_PASSWORD: {e}"))?,
+            (None, None) => {}
+        }
+        if self.token_ttl == 0 || self.login_throttle_window <= 0 {
+            return Err("BERTH_TOKEN_TTL and BERTH_LOGIN_THROTTLE_WINDOW must be positive".into());
+        }
+        Ok(())
     }
-    Ok(value.to_owned())
 }

@@ -7,8 +7,11 @@ use axum::{
 };
 use uuid::Uuid;
 
+use schema::UserName;
+
 use crate::{
     AppState,
+    auth::Principal,
     error::{ApiError, ApiResult},
     views::JobView,
 };
@@ -17,8 +20,10 @@ pub fn router() -> Router<AppState> {
     Router::new().route("/jobs/{id}", get(show))
 }
 
+/// A user sees the jobs about their own servers; services need `servers:read`.
 async fn show(
     State(state): State<AppState>,
+    principal: Principal,
     path: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Json<JobView>> {
     let Path(raw) = path?;
@@ -29,5 +34,7 @@ async fn show(
         .get_job(id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no job {id}")))?;
+    let owner = UserName::parse(&job.user_name)?;
+    principal.may("servers:read", &owner)?;
     Ok(Json(job.into()))
 }

@@ -1,17 +1,22 @@
 //! Berth's HTTP API. It authenticates, validates, records and enqueues; it never
 //! talks to the container engine.
 
+pub mod accounts;
+pub mod admin;
 pub mod auth;
 pub mod body;
 pub mod config;
 pub mod error;
 pub mod health;
 pub mod jobs;
+pub mod passwords;
 pub mod servers;
+pub mod tokens;
 pub mod users;
 pub mod views;
 
 use std::{
+    net::SocketAddr,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -19,75 +24,151 @@ use std::{
 use axum::{
     Router,
     extract::DefaultBodyLimit,
-    http::{HeaderValue, header},
-    middleware,
+    http::{HeaderValue, Method, StatusCode, header},
 };
-use schema::Store;
+use schema::{Accounts, Store, StoreError, UserName, accounts::AuditEvent};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tower_http::{set_header::SetResponseHeaderLayer, timeout::TimeoutLayer, trace::TraceLayer};
+use tower_http::{
+    cors::{AllowOrigin, CorsLayer},
+    set_header::SetResponseHeaderLayer,
+    timeout::TimeoutLayer,
+    trace::TraceLayer,
+};
 
-pub use config::ApiConfig;
+use auth::ClientAddr;
+pub use config::{ApiConfig, Environment};
 use error::ApiError;
+use tokens::JwtKeys;
 
 #[derive(Clone)]
 pub struct AppState {
     pub store: Arc<dyn Store>,
+    pub accounts: Arc<dyn Accounts>,
+    pub keys: Arc<JwtKeys>,
     pub config: Arc<ApiConfig>,
     pub started: Instant,
 }
 
+impl AppState {
+    /// Records a security event. A failure to write it is logged, not fatal: the
+    /// action it describes has already happened.
+    pub async fn audit(
+        &self,
+        actor: Option<&str>,
+        action: &str,
+        target: Option<&str>,
+        addr: &ClientAddr,
+        detail: serde_json::Value,
+    ) {
+        let event = AuditEvent {
+            actor,
+            action,
+            target,
+            client_addr: addr.0.as_deref(),
+            detail,
+        };
+        if let Err(e) = self.accounts.audit(event).await {
+            tracing::error!(action, error = %e, "could not write the audit log");
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("bootstrapping the admin account: {0}")]
+    Bootstrap(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
 pub fn router(state: AppState) -> Router {
     let api = Router::new()
+        .merge(accounts::router())
+        .merge(admin::router())
         .merge(users::router())
         .merge(servers::router())
-        .merge(jobs::router())
-        .route_layer(middleware::from_fn_with_state(
-            state.clone(),
-            auth::require_admin,
-        ));
+        .merge(jobs::router());
     let security_headers = [
         (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
         (header::X_FRAME_OPTIONS, "DENY"),
         (header::REFERRER_POLICY, "no-referrer"),
         (header::CACHE_CONTROL, "no-store"),
+        (header::CONTENT_SECURITY_POLICY, "default-src 'none'; frame-ancestors 'none'"),
     ];
     let mut app = Router::new()
         .nest("/api/v1", api)
         .merge(health::router())
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
-        .method_not_allowed_fallback(|| async {
-            ApiError::BadRequest("method not allowed on this route".into())
-        })
+        .method_not_allowed_fallback(|| async { ApiError::BadRequest("method not allowed on this route".into()) })
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
-        .layer(TimeoutLayer::with_status_code(
-            axum::http::StatusCode::REQUEST_TIMEOUT,
-            Duration::from_secs(30),
-        ))
+        .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, Duration::from_secs(30)))
         .layer(TraceLayer::new_for_http());
+    if !state.config.cors_origins.is_empty() {
+        let origins: Vec<HeaderValue> = state
+            .config
+            .cors_origins
+            .iter()
+            .filter_map(|o| HeaderValue::from_str(o).ok())
+            .collect();
+        app = app.layer(
+            CorsLayer::new()
+                .allow_origin(AllowOrigin::list(origins))
+                .allow_methods([Method::GET, Method::POST, Method::PATCH, Method::DELETE])
+                .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+                .max_age(Duration::from_secs(3600)),
+        );
+    }
     for (name, value) in security_headers {
-        app = app.layer(SetResponseHeaderLayer::if_not_present(
-            name,
-            HeaderValue::from_static(value),
-        ));
+        app = app.layer(SetResponseHeaderLayer::if_not_present(name, HeaderValue::from_static(value)));
     }
     app.with_state(state)
 }
 
-/// Serves the API on `listener` until `shutdown` fires, then drains open requests.
-pub async fn run(
+/// Checks the configuration, bootstraps the admin account, then serves the API on
+/// `listener` until `shutdown` fires and open requests have drained.
+pub async fn run<S>(
     config: ApiConfig,
-    store: Arc<dyn Store>,
+    store: Arc<S>,
     listener: TcpListener,
     shutdown: CancellationToken,
-) -> std::io::Result<()> {
+) -> Result<(), StartError>
+where
+    S: Store + Accounts,
+{
+    config.validate().map_err(StartError::Config)?;
+    let keys = match &config.jwt_private_key {
+        Some(pem) => JwtKeys::from_pem(pem).map_err(StartError::Config)?,
+        None => {
+            tracing::warn!(
+                "BERTH_JWT_PRIVATE_KEY is not set: signing with a key generated for this process; \
+                 tokens stop working when it restarts and are not accepted by other API processes"
+            );
+            JwtKeys::generate().map_err(StartError::Config)?
+        }
+    };
+    if let (Some(name), Some(password)) = (&config.admin_user, &config.admin_password) {
+        let name = UserName::parse(name).map_err(|e| StartError::Config(format!("BERTH_ADMIN_USER: {e}")))?;
+        let hash = passwords::hash(password.clone())
+            .await
+            .map_err(|e| StartError::Bootstrap(e.to_string()))?;
+        store.bootstrap_admin(&name, &hash).await?;
+        tracing::info!(admin = %name, "admin account ready");
+    }
     let state = AppState {
-        store,
+        store: store.clone(),
+        accounts: store,
+        keys: Arc::new(keys),
         config: Arc::new(config),
         started: Instant::now(),
     };
     tracing::info!(address = %listener.local_addr()?, "api listening");
-    axum::serve(listener, router(state))
+    axum::serve(listener, router(state).into_make_service_with_connect_info::<SocketAddr>())
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+        .await?;
+    Ok(())
 }

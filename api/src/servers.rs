@@ -1,34 +1,59 @@
 //! `/api/v1/users/{user}/server` and `/api/v1/users/{user}/servers/{name}`:
-//! request, show and stop servers. Only jobs are enqueued here; workers do the rest.
+//! request, show and stop servers, and hand a browser over to one (SSO). Only jobs
+//! are enqueued here; workers do the rest.
+
+use std::collections::HashMap;
 
 use axum::{
     Json, Router,
-    extract::{Path, State, rejection::PathRejection},
-    http::StatusCode,
+    extract::{FromRequestParts, Path, State},
+    http::{StatusCode, request::Parts},
     response::{IntoResponse, Response},
     routing::post,
 };
-use schema::{ServerName, SpawnOutcome, SpawnRequest, StopOutcome, UserName};
+use schema::{ServerName, ServerState, SpawnOutcome, SpawnRequest, StopOutcome, UserName};
 use serde::Deserialize;
+use serde_json::{Value, json};
 
 use crate::{
     AppState,
-    body::OptionalJson,
+    auth::Principal,
+    body::{JsonBody, OptionalJson},
     error::{ApiError, ApiResult},
-    users::user_name,
+    tokens::{hash_opaque, new_opaque},
     views::ServerView,
 };
 
+/// How long an SSO hand-off token lives.
+const SSO_TTL_SECS: i64 = 300;
+
 pub fn router() -> Router<AppState> {
     Router::new()
-        .route(
-            "/users/{user}/server",
-            post(spawn_default).get(show_default).delete(stop_default),
-        )
-        .route(
-            "/users/{user}/servers/{name}",
-            post(spawn_named).get(show_named).delete(stop_named),
-        )
+        .route("/users/{user}/server", post(spawn).get(show).delete(stop))
+        .route("/users/{user}/servers/{name}", post(spawn).get(show).delete(stop))
+        .route("/users/{user}/server/sso", post(sso))
+        .route("/users/{user}/servers/{name}/sso", post(sso))
+        .route("/sso/verify", post(verify_sso))
+}
+
+/// The user and server a route names; the default server when it names none.
+pub struct ServerPath {
+    pub user: UserName,
+    pub server: ServerName,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for ServerPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let Path(params) = Path::<HashMap<String, String>>::from_request_parts(parts, state).await?;
+        let user = UserName::parse(params.get("user").map_or("", String::as_str))?;
+        let server = match params.get("name") {
+            Some(name) => ServerName::parse(name)?,
+            None => ServerName::default_server(),
+        };
+        Ok(Self { user, server })
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -38,62 +63,15 @@ struct SpawnBody {
     image: Option<String>,
 }
 
-type NamedPath = Result<Path<(String, String)>, PathRejection>;
-
-fn named(path: NamedPath) -> ApiResult<(UserName, ServerName)> {
-    let Path((user, server)) = path?;
-    Ok((UserName::parse(&user)?, ServerName::parse(&server)?))
-}
-
-async fn spawn_default(
-    state: State<AppState>,
-    path: Result<Path<String>, PathRejection>,
-    body: OptionalJson<SpawnBody>,
-) -> ApiResult<Response> {
-    spawn(state, user_name(path)?, ServerName::default_server(), body).await
-}
-
-async fn spawn_named(
-    state: State<AppState>,
-    path: NamedPath,
-    body: OptionalJson<SpawnBody>,
-) -> ApiResult<Response> {
-    let (user, server) = named(path)?;
-    spawn(state, user, server, body).await
-}
-
-async fn show_default(
-    state: State<AppState>,
-    path: Result<Path<String>, PathRejection>,
-) -> ApiResult<Json<ServerView>> {
-    show(state, user_name(path)?, ServerName::default_server()).await
-}
-
-async fn show_named(state: State<AppState>, path: NamedPath) -> ApiResult<Json<ServerView>> {
-    let (user, server) = named(path)?;
-    show(state, user, server).await
-}
-
-async fn stop_default(
-    state: State<AppState>,
-    path: Result<Path<String>, PathRejection>,
-) -> ApiResult<Response> {
-    stop(state, user_name(path)?, ServerName::default_server()).await
-}
-
-async fn stop_named(state: State<AppState>, path: NamedPath) -> ApiResult<Response> {
-    let (user, server) = named(path)?;
-    stop(state, user, server).await
-}
-
 /// 202 with the job while a spawn is pending (a second request is not a second
 /// spawn), 200 when the server is already running.
 async fn spawn(
     State(state): State<AppState>,
-    user: UserName,
-    server: ServerName,
+    principal: Principal,
+    ServerPath { user, server }: ServerPath,
     OptionalJson(body): OptionalJson<SpawnBody>,
 ) -> ApiResult<Response> {
+    principal.may("servers:write", &user)?;
     if let Some(image) = &body.image
         && !state.config.allowed_images.contains(image)
     {
@@ -102,51 +80,109 @@ async fn spawn(
             state.config.allowed_images
         )));
     }
+    let limit = state.config.max_servers_per_user;
     let outcome = state
         .store
         .request_spawn(SpawnRequest {
             user,
             server,
             image: body.image,
+            max_servers_per_user: (limit > 0).then_some(limit),
         })
         .await?;
     Ok(match outcome {
         SpawnOutcome::Enqueued(row) | SpawnOutcome::AlreadyPending(row) => {
             (StatusCode::ACCEPTED, Json(ServerView::with_job(&row))).into_response()
         }
-        SpawnOutcome::AlreadyRunning(row) => {
-            (StatusCode::OK, Json(ServerView::from_row(&row))).into_response()
-        }
+        SpawnOutcome::AlreadyRunning(row) => (StatusCode::OK, Json(ServerView::from_row(&row))).into_response(),
     })
 }
 
 async fn show(
     State(state): State<AppState>,
-    user: UserName,
-    server: ServerName,
+    principal: Principal,
+    ServerPath { user, server }: ServerPath,
 ) -> ApiResult<Json<ServerView>> {
+    principal.may("servers:read", &user)?;
     let row = state.store.get_server(&user, &server).await?;
     match row {
         Some(row) => Ok(Json(ServerView::with_job(&row))),
         None if state.store.get_user(&user).await?.is_none() => {
             Err(ApiError::NotFound(format!("no user named {user:?}")))
         }
-        None => Err(ApiError::NotFound(format!(
-            "user {user:?} has no server {server:?}"
-        ))),
+        None => Err(ApiError::NotFound(format!("user {user:?} has no server {server:?}"))),
     }
 }
 
 /// 202 with the stop job, or 204 when there is nothing to stop.
 async fn stop(
     State(state): State<AppState>,
-    user: UserName,
-    server: ServerName,
+    principal: Principal,
+    ServerPath { user, server }: ServerPath,
 ) -> ApiResult<Response> {
+    principal.may("servers:write", &user)?;
     Ok(match state.store.request_stop(&user, &server).await? {
         StopOutcome::Enqueued(row) | StopOutcome::AlreadyStopping(row) => {
             (StatusCode::ACCEPTED, Json(ServerView::with_job(&row))).into_response()
         }
         StopOutcome::NotRunning(_) => StatusCode::NO_CONTENT.into_response(),
     })
+}
+
+/// A URL that carries a 5-minute, single-use token for this user and server only,
+/// so the user's browser reaches the server without logging in again.
+async fn sso(
+    State(state): State<AppState>,
+    principal: Principal,
+    ServerPath { user, server }: ServerPath,
+) -> ApiResult<Json<Value>> {
+    principal.may("servers:write", &user)?;
+    let row = state
+        .store
+        .get_server(&user, &server)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("user {user:?} has no server {server:?}")))?;
+    let url = match (row.state(), &row.url) {
+        (ServerState::Running, Some(url)) => url.clone(),
+        _ => return Err(ApiError::Conflict(format!("the server is {}, not running", row.state))),
+    };
+    let token = new_opaque("bsso_");
+    let expires_at = chrono::Utc::now() + chrono::Duration::seconds(SSO_TTL_SECS);
+    state
+        .accounts
+        .create_sso(&hash_opaque(&token), row.user_id, server.as_str(), expires_at)
+        .await?;
+    let separator = if url.contains('?') { '&' } else { '?' };
+    Ok(Json(json!({
+        "url": format!("{url}{separator}berth_sso={token}"),
+        "token": token,
+        "expires_at": expires_at,
+        "expires_in": SSO_TTL_SECS,
+    })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SsoCheck {
+    token: String,
+}
+
+/// Used by the server (with its own token) or a proxy (with `servers:read`): says
+/// whose the token is, and spends it.
+async fn verify_sso(
+    State(state): State<AppState>,
+    principal: Principal,
+    JsonBody(check): JsonBody<SsoCheck>,
+) -> ApiResult<Json<Value>> {
+    if !matches!(principal, Principal::Server { .. }) {
+        principal.require("servers:read")?;
+    }
+    let invalid = || ApiError::Unauthorized("the SSO token is unknown, expired or already used".into());
+    let grant = state.accounts.consume_sso(&hash_opaque(&check.token)).await?.ok_or_else(invalid)?;
+    if let Principal::Server { server } = &principal
+        && (server.user_name != grant.user_name || server.name != grant.server_name)
+    {
+        return Err(ApiError::Forbidden("this SSO token is for another server".into()));
+    }
+    Ok(Json(json!({ "user": grant.user_name, "server": grant.server_name })))
 }

@@ -6,12 +6,13 @@ use axum::{
     http::StatusCode,
     routing::get,
 };
-use schema::UserName;
+use schema::{Role, UserName};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::{
     AppState,
+    auth::{ClientAddr, Principal},
     body::OptionalJson,
     error::{ApiError, ApiResult},
     views::{JobView, UserView},
@@ -20,7 +21,7 @@ use crate::{
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/users", get(list))
-        .route("/users/{user}", get(show).post(create).delete(remove))
+        .route("/users/{user}", get(show).post(create).delete(delete_user))
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -35,20 +36,21 @@ pub fn user_name(path: Result<Path<String>, PathRejection>) -> ApiResult<UserNam
     Ok(UserName::parse(&raw)?)
 }
 
-async fn list(State(state): State<AppState>) -> ApiResult<Json<Vec<UserView>>> {
+async fn list(State(state): State<AppState>, principal: Principal) -> ApiResult<Json<Vec<UserView>>> {
+    principal.require("users:read")?;
     let users = state.store.list_users().await?;
     let ids: Vec<i64> = users.iter().map(|u| u.id).collect();
     let servers = state.store.servers_of(&ids).await?;
-    Ok(Json(
-        users.iter().map(|u| UserView::new(u, &servers)).collect(),
-    ))
+    Ok(Json(users.iter().map(|u| UserView::new(u, &servers)).collect()))
 }
 
 async fn show(
     State(state): State<AppState>,
+    principal: Principal,
     path: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Json<UserView>> {
     let name = user_name(path)?;
+    principal.may("users:read", &name)?;
     let user = state
         .store
         .get_user(&name)
@@ -58,24 +60,51 @@ async fn show(
     Ok(Json(UserView::new(&user, &servers)))
 }
 
+/// An account without a password, for portals that authenticate users themselves.
 async fn create(
     State(state): State<AppState>,
+    principal: Principal,
+    addr: ClientAddr,
     path: Result<Path<String>, PathRejection>,
     OptionalJson(new): OptionalJson<NewUser>,
 ) -> ApiResult<(StatusCode, Json<UserView>)> {
     let name = user_name(path)?;
-    let user = state.store.create_user(&name, new.admin).await?;
+    principal.require(if new.admin { "admin" } else { "users:write" })?;
+    let account = schema::NewAccount {
+        name,
+        email: None,
+        password_hash: None,
+        role: if new.admin { Role::Admin } else { Role::User },
+    };
+    let user = state.accounts.register(&account).await?;
+    state
+        .audit(Some(&principal.actor()), "user_created", Some(&user.name), &addr, json!({ "role": user.role }))
+        .await;
     Ok((StatusCode::CREATED, Json(UserView::new(&user, &[]))))
 }
 
+async fn delete_user(
+    state: State<AppState>,
+    principal: Principal,
+    addr: ClientAddr,
+    path: Result<Path<String>, PathRejection>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    principal.require("users:write")?;
+    remove_user(state, principal, addr, path).await
+}
+
 /// Deleting a user is a cleanup job: every server stopped, the volume removed, then the user.
-async fn remove(
+pub async fn remove_user(
     State(state): State<AppState>,
+    principal: Principal,
+    addr: ClientAddr,
     path: Result<Path<String>, PathRejection>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let name = user_name(path)?;
-    let job = state.store.request_user_removal(&name).await?;
-    let job = JobView::from(job);
+    let job = JobView::from(state.store.request_user_removal(&name).await?);
+    state
+        .audit(Some(&principal.actor()), "user_deleted", Some(name.as_str()), &addr, json!({ "job_id": job.id }))
+        .await;
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({ "name": name, "state": "deleting", "job_id": job.id, "job": job })),

@@ -58,7 +58,12 @@ impl ServerView {
 #[derive(Debug, Serialize)]
 pub struct UserView {
     pub name: String,
+    pub email: Option<String>,
+    /// `user` or `admin`.
+    pub role: String,
     pub admin: bool,
+    /// False once an admin deactivated the account.
+    pub active: bool,
     /// `active`, or `deleting` while the cleanup job runs.
     pub state: String,
     pub created: DateTime<Utc>,
@@ -71,7 +76,10 @@ impl UserView {
     pub fn new(user: &UserRow, servers: &[ServerRow]) -> Self {
         Self {
             name: user.name.clone(),
-            admin: user.role == "admin",
+            email: user.email.clone(),
+            role: user.role.clone(),
+            admin: user.is_admin(),
+            active: user.active,
             state: user.state.clone(),
             created: user.created_at,
             last_activity: user.last_activity,

@@ -1,13 +1,16 @@
 //! The contract shared by every Berth process: migrations, names, rows, job types,
 //! and the store and queue interfaces.
 
+pub mod accounts;
 pub mod jobs;
 pub mod names;
 pub mod pg;
+pub mod pg_accounts;
 pub mod queue;
 pub mod rows;
 pub mod store;
 
+pub use accounts::{Accounts, NewAccount, Role};
 pub use jobs::{JobEnvelope, JobKind, JobOutcome, JobRow, JobState};
 pub use names::{InvalidName, ServerName, UserName, container_name};
 pub use pg::PgStore;
@@ -15,7 +18,7 @@ pub use queue::{ApalisQueue, Queue, QueueError};
 pub use rows::{ServerRow, ServerState, UserRow};
 pub use store::{Running, ServerLock, SpawnOutcome, SpawnRequest, StopOutcome, Store, StoreError};
 
-/// Berth's own migrations (tables `users`, `servers`, `jobs`).
+/// Berth's own migrations.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// Brings a database up to date: Berth's tables and the queue backend's.

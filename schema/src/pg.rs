@@ -157,8 +157,9 @@ impl Store for PgStore {
 
     async fn request_spawn(&self, req: SpawnRequest) -> Result<SpawnOutcome, StoreError> {
         let mut tx = self.pool.begin().await?;
-        // A shared lock on the user keeps a concurrent delete from slipping in between.
-        let user = sqlx::query_as::<_, UserRow>("select * from users where name = $1 for share")
+        // Locking the user serialises one user's spawn requests, so the per-user
+        // count below is exact, and keeps a concurrent delete from slipping in.
+        let user = sqlx::query_as::<_, UserRow>("select * from users where name = $1 for update")
             .bind(req.user.as_str())
             .fetch_optional(&mut *tx)
             .await?
@@ -189,6 +190,22 @@ impl Store for PgStore {
                 ));
             }
             ServerState::Stopped | ServerState::Failed => {}
+        }
+        if let Some(limit) = req.max_servers_per_user {
+            let live: i64 = sqlx::query_scalar(
+                "select count(*) from servers where user_id = $1 \
+                 and state in ('pending_spawn', 'running', 'pending_stop')",
+            )
+            .bind(user.id)
+            .fetch_one(&mut *tx)
+            .await?;
+            if live >= i64::from(limit) {
+                return Err(StoreError::Limit(format!(
+                    "user {:?} already has {live} servers, the most allowed per user is {limit}; \
+                     stop one first",
+                    req.user.as_str()
+                )));
+            }
         }
         let payload = serde_json::to_value(ServerJob {
             server_id: server.id,

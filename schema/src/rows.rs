@@ -48,6 +48,15 @@ pub struct UserRow {
     pub cleanup_job_id: Option<Uuid>,
     pub created_at: DateTime<Utc>,
     pub last_activity: Option<DateTime<Utc>>,
+    pub email: Option<String>,
+    pub password_hash: Option<String>,
+    pub active: bool,
+}
+
+impl UserRow {
+    pub fn is_admin(&self) -> bool {
+        self.role == "admin"
+    }
 }
 
 /// A server joined with its owner's name.

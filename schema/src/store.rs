@@ -16,6 +16,9 @@ pub enum StoreError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+    /// A limit is reached (the API answers 429).
+    #[error("{0}")]
+    Limit(String),
     #[error(transparent)]
     Queue(#[from] QueueError),
     #[error("database: {0}")]
@@ -48,6 +51,8 @@ pub struct SpawnRequest {
     pub server: ServerName,
     /// An image the API has checked against the allowed list; `None` uses the default.
     pub image: Option<String>,
+    /// Most servers the user may have pending or running at once; `None`: no limit.
+    pub max_servers_per_user: Option<u32>,
 }
 
 /// A per-server lock held while a worker acts on the server. It is a session lock

@@ -42,12 +42,107 @@ struct WorkerFlags {
     config: workers::WorkerConfig,
 }
 
+/// Parses API flags exactly as `berth api` does, defaults included.
+#[derive(Parser)]
+struct ApiFlags {
+    #[command(flatten)]
+    config: api::ApiConfig,
+}
+
+pub const ADMIN_USER: &str = "root";
+pub const ADMIN_PASSWORD: &str = "correct horse battery staple";
+
+/// Serves the API over `pool` on a free port; returns its base URL.
+pub async fn serve_api(pool: PgPool, jwt_pem: &str, api_flags: &[&str]) -> (String, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let allowed = format!("{TEST_IMAGE},{MISSING_IMAGE}");
+    // `=` keeps clap from reading the PEM's leading dashes as a flag.
+    let key_flag = format!("--jwt-private-key={jwt_pem}");
+    let mut argv = vec![
+        "api", "--admin-token", TOKEN, "--allowed-images", &allowed, &key_flag,
+        "--admin-user", ADMIN_USER, "--admin-password", ADMIN_PASSWORD,
+    ];
+    argv.extend_from_slice(api_flags);
+    let config = ApiFlags::try_parse_from(argv).expect("api flags parse").config;
+    let store = Arc::new(PgStore::new(pool, Arc::new(ApalisQueue)));
+    let task = tokio::spawn(async move {
+        api::run(config, store, listener, CancellationToken::new()).await.expect("api runs");
+    });
+    // Ready once the admin account is bootstrapped and the port answers.
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while client.get(format!("{base}/health")).send().await.is_err() {
+        assert!(Instant::now() < deadline, "the API did not come up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (base, task)
+}
+
+/// A TCP relay in front of Postgres that a test can cut, as a network failure would.
+pub struct DbProxy {
+    pub addr: String,
+    cut: CancellationToken,
+}
+
+impl DbProxy {
+    pub async fn start(target: String) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let cut = CancellationToken::new();
+        let stop = cut.clone();
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    accepted = listener.accept() => accepted,
+                };
+                let Ok((mut inbound, _)) = accepted else { return };
+                let target = target.clone();
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else { return };
+                    tokio::select! {
+                        _ = stop.cancelled() => {}
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                    }
+                });
+            }
+        });
+        Self { addr, cut }
+    }
+
+    /// Drops every relayed connection and refuses new ones.
+    pub fn cut(&self) {
+        self.cut.cancel();
+    }
+}
+
+/// The host:port of the test Postgres.
+pub fn database_address() -> String {
+    let url = admin_database_url();
+    let after_at = url.rsplit_once('@').map_or(url.as_str(), |(_, rest)| rest);
+    after_at.split('/').next().unwrap_or("127.0.0.1:5432").to_owned()
+}
+
+/// A fresh Ed25519 signing key as PKCS#8 PEM.
+pub fn new_signing_key() -> String {
+    use ed25519_dalek::pkcs8::{EncodePrivateKey, spki::der::pem::LineEnding};
+    let seed: [u8; 32] = rand::random();
+    ed25519_dalek::SigningKey::from_bytes(&seed)
+        .to_pkcs8_pem(LineEnding::LF)
+        .expect("pem")
+        .to_string()
+}
+
 pub struct TestEnv {
     /// Unique per test: names, labels, the network and the database derive from it.
     pub id: String,
     pub pool: PgPool,
     pub base: String,
     pub db_url: String,
+    /// The key the API signs access tokens with, for tests that forge their own.
+    pub jwt_pem: String,
     http: reqwest::Client,
     db_name: String,
     shutdown: CancellationToken,
@@ -56,8 +151,14 @@ pub struct TestEnv {
 }
 
 impl TestEnv {
-    /// A migrated database and the API, with no worker yet.
+    /// A migrated database and the API, with no worker yet. The database is ready
+    /// once this returns: the admin account is bootstrapped.
     pub async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    /// The same, with extra `berth api` flags.
+    pub async fn start_with(api_flags: &[&str]) -> Self {
         let id = format!("t{:08x}", rand::random::<u32>());
         let admin_url = admin_database_url();
         let admin = PgPool::connect(&admin_url)
@@ -77,29 +178,15 @@ impl TestEnv {
             .expect("connect to test database");
         schema::migrate(&pool).await.expect("migrations run");
 
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let config = api::ApiConfig {
-            listen: listener.local_addr().unwrap(),
-            admin_token: TOKEN.into(),
-            allowed_images: vec![TEST_IMAGE.into(), MISSING_IMAGE.into()],
-            max_body_bytes: 64 * 1024,
-        };
+        let jwt_pem = new_signing_key();
+        let (base, api_task) = serve_api(pool.clone(), &jwt_pem, api_flags).await;
         let shutdown = CancellationToken::new();
-        let store = Arc::new(PgStore::new(pool.clone(), Arc::new(ApalisQueue)));
-        let api_task = tokio::spawn({
-            let shutdown = shutdown.clone();
-            async move {
-                api::run(config, store, listener, shutdown)
-                    .await
-                    .expect("api runs");
-            }
-        });
         Self {
             id,
             pool,
             base,
             db_url,
+            jwt_pem,
             http: reqwest::Client::new(),
             db_name,
             shutdown,
@@ -224,6 +311,27 @@ impl TestEnv {
             serde_json::from_str(&text).unwrap_or(Value::String(text))
         };
         (status, value)
+    }
+
+    /// Logs in and returns the access token.
+    pub async fn login(&self, user: &str, password: &str) -> String {
+        let body = serde_json::json!({ "username": user, "password": password }).to_string();
+        let (status, answer) = self.call_with(Method::POST, "/api/v1/auth/login", Some(&body), None).await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+        answer["access_token"].as_str().expect("an access token").to_owned()
+    }
+
+    /// Registers an account and logs it in.
+    pub async fn register(&self, user: &str, password: &str) -> String {
+        let body = serde_json::json!({ "username": user, "password": password }).to_string();
+        let (status, answer) = self.call_with(Method::POST, "/api/v1/auth/register", Some(&body), None).await;
+        assert_eq!(status, StatusCode::CREATED, "{answer}");
+        self.login(user, password).await
+    }
+
+    /// Full responses, for tests that look at headers.
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
     }
 
     pub async fn create_user(&self, name: &str) {

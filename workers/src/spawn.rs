@@ -81,11 +81,12 @@ async fn spawn(ctx: &Context, job: &JobRow, claimed: Claimed) -> HandlerResult {
     }
 }
 
-/// A fresh 256-bit token for the server; only its hash is stored.
+/// A fresh 256-bit token for the server (`bs_` marks server tokens to the API);
+/// only its hash is stored.
 fn new_token() -> String {
     let mut bytes = [0u8; 32];
     rand::rng().fill_bytes(&mut bytes);
-    hex::encode(bytes)
+    format!("bs_{}", hex::encode(bytes))
 }
 
 pub fn hash_token(token: &str) -> String {

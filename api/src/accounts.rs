@@ -1,0 +1,209 @@
+//! `/api/v1/auth`: register, log in, log out, who am I, change password; and the
+//! public key set that verifies access tokens.
+
+use axum::{
+    Json, Router,
+    extract::State,
+    http::StatusCode,
+    routing::{get, post},
+};
+use schema::{NewAccount, Role, UserName, accounts::ThrottleRule};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::{
+    AppState,
+    auth::{ClientAddr, Principal},
+    body::JsonBody,
+    error::{ApiError, ApiResult},
+    passwords,
+    tokens::expiry,
+    views::UserView,
+};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/auth/register", post(register))
+        .route("/auth/login", post(login))
+        .route("/auth/logout", post(logout))
+        .route("/auth/me", get(me))
+        .route("/auth/password", post(change_password))
+        .route("/auth/jwks", get(jwks))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Registration {
+    username: String,
+    #[serde(default)]
+    email: Option<String>,
+    password: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Login {
+    /// A user name or an email address.
+    #[serde(alias = "email", alias = "login")]
+    username: String,
+    password: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PasswordChange {
+    current_password: String,
+    new_password: String,
+}
+
+/// A plausible email address: one `@`, a dotted domain, no spaces, at most 254 characters.
+pub fn check_email(email: &str) -> Result<(), ApiError> {
+    let ok = email.len() <= 254
+        && !email.chars().any(char::is_whitespace)
+        && matches!(email.split_once('@'), Some((local, domain))
+            if !local.is_empty() && domain.contains('.') && !domain.starts_with('.')
+            && !domain.ends_with('.') && !domain.contains('@'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::BadRequest(format!("{email:?} is not an email address")))
+    }
+}
+
+pub async fn new_account(name: &str, email: Option<String>, password: Option<String>, role: Role) -> ApiResult<NewAccount> {
+    let name = UserName::parse(name)?;
+    if let Some(email) = &email {
+        check_email(email)?;
+    }
+    let password_hash = match password {
+        Some(password) => {
+            passwords::check_strength(&password).map_err(ApiError::BadRequest)?;
+            Some(passwords::hash(password).await?)
+        }
+        None => None,
+    };
+    Ok(NewAccount {
+        name,
+        email,
+        password_hash,
+        role,
+    })
+}
+
+async fn register(
+    State(state): State<AppState>,
+    addr: ClientAddr,
+    JsonBody(body): JsonBody<Registration>,
+) -> ApiResult<(StatusCode, Json<UserView>)> {
+    if !state.config.allow_registration {
+        return Err(ApiError::Forbidden("self-registration is switched off; ask an admin for an account".into()));
+    }
+    let account = new_account(&body.username, body.email, Some(body.password), Role::User).await?;
+    let user = state.accounts.register(&account).await?;
+    state.audit(None, "user_registered", Some(&user.name), &addr, json!({})).await;
+    Ok((StatusCode::CREATED, Json(UserView::new(&user, &[]))))
+}
+
+/// The same answer for an unknown account and a wrong password, in the same time.
+async fn login(State(state): State<AppState>, addr: ClientAddr, JsonBody(body): JsonBody<Login>) -> ApiResult<Json<Value>> {
+    let account_key = format!("login:{}", body.username.to_lowercase());
+    let addr_key = format!("addr:{}", addr.0.as_deref().unwrap_or("unknown"));
+    if let Some(wait) = state.accounts.throttled(&[account_key.clone(), addr_key.clone()]).await? {
+        return Err(ApiError::TooManyRequests {
+            message: format!("too many failed logins; try again in {wait} s"),
+            retry_after: Some(wait),
+        });
+    }
+    let user = state.accounts.find_login(&body.username).await?;
+    let valid = passwords::verify(body.password, user.as_ref().and_then(|u| u.password_hash.clone())).await;
+    let user = match user {
+        Some(user) if valid => user,
+        _ => {
+            let window = state.config.login_throttle_window;
+            let per_account = ThrottleRule {
+                max_failures: state.config.login_max_failures,
+                window_secs: window,
+            };
+            let per_addr = ThrottleRule {
+                max_failures: state.config.login_max_failures_per_address,
+                window_secs: window,
+            };
+            state.accounts.record_failure(&account_key, per_account).await?;
+            state.accounts.record_failure(&addr_key, per_addr).await?;
+            state
+                .audit(None, "login_failed", Some(&body.username), &addr, json!({}))
+                .await;
+            return Err(ApiError::InvalidCredentials("wrong user name or password".into()));
+        }
+    };
+    if !user.active {
+        return Err(ApiError::Forbidden("this account is deactivated".into()));
+    }
+    state.accounts.clear_failures(&account_key).await?;
+    let (token, claims) = state
+        .keys
+        .issue(&user.name, &user.role, state.config.token_ttl)
+        .map_err(ApiError::Internal)?;
+    state
+        .accounts
+        .create_session(claims.jti, user.id, expiry(&claims), addr.0.as_deref())
+        .await?;
+    state
+        .audit(Some(&format!("user:{}", user.name)), "login_succeeded", Some(&user.name), &addr, json!({}))
+        .await;
+    Ok(Json(json!({
+        "access_token": token,
+        "token_type": "bearer",
+        "expires_in": state.config.token_ttl,
+        "user": UserView::new(&user, &[]),
+    })))
+}
+
+/// Revokes the session behind this token on every API process at once.
+async fn logout(State(state): State<AppState>, principal: Principal, addr: ClientAddr) -> ApiResult<StatusCode> {
+    let Principal::User { user, jti } = &principal else {
+        return Err(ApiError::BadRequest("only login sessions log out; revoke service tokens instead".into()));
+    };
+    state.accounts.revoke_session(*jti).await?;
+    state.audit(Some(&principal.actor()), "logout", Some(&user.name), &addr, json!({})).await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn me(State(state): State<AppState>, principal: Principal) -> ApiResult<Json<Value>> {
+    Ok(Json(match principal {
+        Principal::User { user, .. } => {
+            let servers = state.store.servers_of(&[user.id]).await?;
+            json!({ "kind": "user", "user": UserView::new(&user, &servers) })
+        }
+        Principal::Service { name, scopes } => json!({ "kind": "service", "name": name, "scopes": scopes }),
+        Principal::Server { server } => {
+            json!({ "kind": "server", "user": server.user_name, "server": server.name })
+        }
+    }))
+}
+
+/// Changes the password and ends every other session of the account.
+async fn change_password(
+    State(state): State<AppState>,
+    principal: Principal,
+    addr: ClientAddr,
+    JsonBody(body): JsonBody<PasswordChange>,
+) -> ApiResult<StatusCode> {
+    let Principal::User { user, jti } = &principal else {
+        return Err(ApiError::BadRequest("only a logged-in user changes a password".into()));
+    };
+    if !passwords::verify(body.current_password, user.password_hash.clone()).await {
+        return Err(ApiError::InvalidCredentials("the current password is wrong".into()));
+    }
+    passwords::check_strength(&body.new_password).map_err(ApiError::BadRequest)?;
+    let hash = passwords::hash(body.new_password).await?;
+    state.accounts.set_password(user.id, &hash, Some(*jti)).await?;
+    state
+        .audit(Some(&principal.actor()), "password_changed", Some(&user.name), &addr, json!({}))
+        .await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn jwks(State(state): State<AppState>) -> Json<Value> {
+    Json(state.keys.jwks())
+}
