@@ -85,6 +85,7 @@ enum LogFormat {
 }
 
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once at start-up
 enum Command {
     /// Create or update the database tables, then exit.
     Migrate,

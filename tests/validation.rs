@@ -5,9 +5,9 @@ mod common;
 use std::time::Duration;
 
 use common::{DbProxy, TOKEN, TestEnv};
-use sqlx::postgres::PgPoolOptions;
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
+use sqlx::postgres::PgPoolOptions;
 
 fn assert_error(status: StatusCode, body: &Value, expected: StatusCode, code: &str) {
     assert_eq!(status, expected, "{body}");
@@ -170,7 +170,12 @@ async fn bad_names_bodies_and_tokens_get_clear_errors_and_write_nothing() {
     );
     let (status, users) = env.call(Method::GET, "/api/v1/users", None).await;
     assert_eq!(status, StatusCode::OK);
-    let names: Vec<&str> = users.as_array().unwrap().iter().filter_map(|u| u["name"].as_str()).collect();
+    let names: Vec<&str> = users
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|u| u["name"].as_str())
+        .collect();
     let mut expected = vec![common::ADMIN_USER, user.as_str()];
     expected.sort();
     assert_eq!(names, expected, "{users}");
@@ -216,7 +221,16 @@ async fn ready_answers_503_while_the_database_is_unreachable() {
     let answer = client.get(format!("{base}/ready")).send().await.unwrap();
     let status = answer.status();
     let body: Value = answer.json().await.unwrap();
-    assert_error(status, &body, StatusCode::SERVICE_UNAVAILABLE, "unavailable");
+    assert_error(
+        status,
+        &body,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+    );
     let health = client.get(format!("{base}/health")).send().await.unwrap();
-    assert_eq!(health.status(), StatusCode::OK, "liveness does not depend on the database");
+    assert_eq!(
+        health.status(),
+        StatusCode::OK,
+        "liveness does not depend on the database"
+    );
 }

@@ -66,11 +66,18 @@ pub fn check_email(email: &str) -> Result<(), ApiError> {
     if ok {
         Ok(())
     } else {
-        Err(ApiError::BadRequest(format!("{email:?} is not an email address")))
+        Err(ApiError::BadRequest(format!(
+            "{email:?} is not an email address"
+        )))
     }
 }
 
-pub async fn new_account(name: &str, email: Option<String>, password: Option<String>, role: Role) -> ApiResult<NewAccount> {
+pub async fn new_account(
+    name: &str,
+    email: Option<String>,
+    password: Option<String>,
+    role: Role,
+) -> ApiResult<NewAccount> {
     let name = UserName::parse(name)?;
     if let Some(email) = &email {
         check_email(email)?;
@@ -96,26 +103,42 @@ async fn register(
     JsonBody(body): JsonBody<Registration>,
 ) -> ApiResult<(StatusCode, Json<UserView>)> {
     if !state.config.allow_registration {
-        return Err(ApiError::Forbidden("self-registration is switched off; ask an admin for an account".into()));
+        return Err(ApiError::Forbidden(
+            "self-registration is switched off; ask an admin for an account".into(),
+        ));
     }
     let account = new_account(&body.username, body.email, Some(body.password), Role::User).await?;
     let user = state.accounts.register(&account).await?;
-    state.audit(None, "user_registered", Some(&user.name), &addr, json!({})).await;
+    state
+        .audit(None, "user_registered", Some(&user.name), &addr, json!({}))
+        .await;
     Ok((StatusCode::CREATED, Json(UserView::new(&user, &[]))))
 }
 
 /// The same answer for an unknown account and a wrong password, in the same time.
-async fn login(State(state): State<AppState>, addr: ClientAddr, JsonBody(body): JsonBody<Login>) -> ApiResult<Json<Value>> {
+async fn login(
+    State(state): State<AppState>,
+    addr: ClientAddr,
+    JsonBody(body): JsonBody<Login>,
+) -> ApiResult<Json<Value>> {
     let account_key = format!("login:{}", body.username.to_lowercase());
     let addr_key = format!("addr:{}", addr.0.as_deref().unwrap_or("unknown"));
-    if let Some(wait) = state.accounts.throttled(&[account_key.clone(), addr_key.clone()]).await? {
+    if let Some(wait) = state
+        .accounts
+        .throttled(&[account_key.clone(), addr_key.clone()])
+        .await?
+    {
         return Err(ApiError::TooManyRequests {
             message: format!("too many failed logins; try again in {wait} s"),
             retry_after: Some(wait),
         });
     }
     let user = state.accounts.find_login(&body.username).await?;
-    let valid = passwords::verify(body.password, user.as_ref().and_then(|u| u.password_hash.clone())).await;
+    let valid = passwords::verify(
+        body.password,
+        user.as_ref().and_then(|u| u.password_hash.clone()),
+    )
+    .await;
     let user = match user {
         Some(user) if valid => user,
         _ => {
@@ -128,15 +151,29 @@ async fn login(State(state): State<AppState>, addr: ClientAddr, JsonBody(body): 
                 max_failures: state.config.login_max_failures_per_address,
                 window_secs: window,
             };
-            state.accounts.record_failure(&account_key, per_account).await?;
+            state
+                .accounts
+                .record_failure(&account_key, per_account)
+                .await?;
             state.accounts.record_failure(&addr_key, per_addr).await?;
             state
                 .audit(None, "login_failed", Some(&body.username), &addr, json!({}))
                 .await;
-            return Err(ApiError::InvalidCredentials("wrong user name or password".into()));
+            return Err(ApiError::InvalidCredentials(
+                "wrong user name or password".into(),
+            ));
         }
     };
     if !user.active {
+        state
+            .audit(
+                None,
+                "login_failed",
+                Some(&user.name),
+                &addr,
+                json!({ "reason": "deactivated" }),
+            )
+            .await;
         return Err(ApiError::Forbidden("this account is deactivated".into()));
     }
     state.accounts.clear_failures(&account_key).await?;
@@ -149,7 +186,13 @@ async fn login(State(state): State<AppState>, addr: ClientAddr, JsonBody(body): 
         .create_session(claims.jti, user.id, expiry(&claims), addr.0.as_deref())
         .await?;
     state
-        .audit(Some(&format!("user:{}", user.name)), "login_succeeded", Some(&user.name), &addr, json!({}))
+        .audit(
+            Some(&format!("user:{}", user.name)),
+            "login_succeeded",
+            Some(&user.name),
+            &addr,
+            json!({}),
+        )
         .await;
     Ok(Json(json!({
         "access_token": token,
@@ -160,12 +203,26 @@ async fn login(State(state): State<AppState>, addr: ClientAddr, JsonBody(body): 
 }
 
 /// Revokes the session behind this token on every API process at once.
-async fn logout(State(state): State<AppState>, principal: Principal, addr: ClientAddr) -> ApiResult<StatusCode> {
+async fn logout(
+    State(state): State<AppState>,
+    principal: Principal,
+    addr: ClientAddr,
+) -> ApiResult<StatusCode> {
     let Principal::User { user, jti } = &principal else {
-        return Err(ApiError::BadRequest("only login sessions log out; revoke service tokens instead".into()));
+        return Err(ApiError::BadRequest(
+            "only login sessions log out; revoke service tokens instead".into(),
+        ));
     };
     state.accounts.revoke_session(*jti).await?;
-    state.audit(Some(&principal.actor()), "logout", Some(&user.name), &addr, json!({})).await;
+    state
+        .audit(
+            Some(&principal.actor()),
+            "logout",
+            Some(&user.name),
+            &addr,
+            json!({}),
+        )
+        .await;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -175,7 +232,9 @@ async fn me(State(state): State<AppState>, principal: Principal) -> ApiResult<Js
             let servers = state.store.servers_of(&[user.id]).await?;
             json!({ "kind": "user", "user": UserView::new(&user, &servers) })
         }
-        Principal::Service { name, scopes } => json!({ "kind": "service", "name": name, "scopes": scopes }),
+        Principal::Service { name, scopes } => {
+            json!({ "kind": "service", "name": name, "scopes": scopes })
+        }
         Principal::Server { server } => {
             json!({ "kind": "server", "user": server.user_name, "server": server.name })
         }
@@ -190,16 +249,29 @@ async fn change_password(
     JsonBody(body): JsonBody<PasswordChange>,
 ) -> ApiResult<StatusCode> {
     let Principal::User { user, jti } = &principal else {
-        return Err(ApiError::BadRequest("only a logged-in user changes a password".into()));
+        return Err(ApiError::BadRequest(
+            "only a logged-in user changes a password".into(),
+        ));
     };
     if !passwords::verify(body.current_password, user.password_hash.clone()).await {
-        return Err(ApiError::InvalidCredentials("the current password is wrong".into()));
+        return Err(ApiError::InvalidCredentials(
+            "the current password is wrong".into(),
+        ));
     }
     passwords::check_strength(&body.new_password).map_err(ApiError::BadRequest)?;
     let hash = passwords::hash(body.new_password).await?;
-    state.accounts.set_password(user.id, &hash, Some(*jti)).await?;
     state
-        .audit(Some(&principal.actor()), "password_changed", Some(&user.name), &addr, json!({}))
+        .accounts
+        .set_password(user.id, &hash, Some(*jti))
+        .await?;
+    state
+        .audit(
+            Some(&principal.actor()),
+            "password_changed",
+            Some(&user.name),
+            &addr,
+            json!({}),
+        )
         .await;
     Ok(StatusCode::NO_CONTENT)
 }

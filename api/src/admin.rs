@@ -26,7 +26,10 @@ use crate::{
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/admin/users", get(list_users).post(create_user))
-        .route("/admin/users/{user}", patch(update_user).delete(delete_user))
+        .route(
+            "/admin/users/{user}",
+            patch(update_user).delete(delete_user),
+        )
         .route("/admin/tokens", get(list_tokens).post(create_token))
         .route("/admin/tokens/{id}", delete(revoke_token))
         .route("/admin/audit", get(audit))
@@ -54,14 +57,20 @@ fn default_per_page() -> i64 {
 impl Paging {
     fn window(&self) -> ApiResult<(i64, i64)> {
         if self.page < 1 || !(1..=500).contains(&self.per_page) {
-            return Err(ApiError::BadRequest("page starts at 1; per_page is 1 to 500".into()));
+            return Err(ApiError::BadRequest(
+                "page starts at 1; per_page is 1 to 500".into(),
+            ));
         }
         Ok(((self.page - 1) * self.per_page, self.per_page))
     }
 }
 
-fn paging(query: Result<Query<Paging>, axum::extract::rejection::QueryRejection>) -> ApiResult<Paging> {
-    query.map(|Query(p)| p).map_err(|e| ApiError::BadRequest(e.body_text()))
+fn paging(
+    query: Result<Query<Paging>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Paging> {
+    query
+        .map(|Query(p)| p)
+        .map_err(|e| ApiError::BadRequest(e.body_text()))
 }
 
 async fn list_users(
@@ -72,11 +81,20 @@ async fn list_users(
     principal.require("admin")?;
     let paging = paging(query)?;
     let (offset, limit) = paging.window()?;
-    let page = state.accounts.users_page(paging.q.as_deref(), offset, limit).await?;
+    let page = state
+        .accounts
+        .users_page(paging.q.as_deref(), offset, limit)
+        .await?;
     let ids: Vec<i64> = page.items.iter().map(|u| u.id).collect();
     let servers = state.store.servers_of(&ids).await?;
-    let users: Vec<UserView> = page.items.iter().map(|u| UserView::new(u, &servers)).collect();
-    Ok(Json(json!({ "users": users, "page": paging.page, "per_page": paging.per_page, "total": page.total })))
+    let users: Vec<UserView> = page
+        .items
+        .iter()
+        .map(|u| UserView::new(u, &servers))
+        .collect();
+    Ok(Json(
+        json!({ "users": users, "page": paging.page, "per_page": paging.per_page, "total": page.total }),
+    ))
 }
 
 #[derive(Debug, Deserialize)]
@@ -92,7 +110,9 @@ struct NewUserBody {
 }
 
 fn role(value: &str) -> ApiResult<Role> {
-    Role::parse(value).ok_or_else(|| ApiError::BadRequest(format!("role {value:?} is neither \"user\" nor \"admin\"")))
+    Role::parse(value).ok_or_else(|| {
+        ApiError::BadRequest(format!("role {value:?} is neither \"user\" nor \"admin\""))
+    })
 }
 
 async fn create_user(
@@ -106,7 +126,13 @@ async fn create_user(
     let account = new_account(&body.username, body.email, body.password, role).await?;
     let user = state.accounts.register(&account).await?;
     state
-        .audit(Some(&principal.actor()), "user_created", Some(&user.name), &addr, json!({ "role": user.role }))
+        .audit(
+            Some(&principal.actor()),
+            "user_created",
+            Some(&user.name),
+            &addr,
+            json!({ "role": user.role }),
+        )
         .await;
     Ok((StatusCode::CREATED, Json(UserView::new(&user, &[]))))
 }
@@ -136,14 +162,26 @@ async fn update_user(
     if let Some(new_role) = new_role {
         let updated = state.accounts.set_role(&name, new_role).await?;
         state
-            .audit(Some(&actor), "role_changed", Some(&updated.name), &addr, json!({ "role": updated.role }))
+            .audit(
+                Some(&actor),
+                "role_changed",
+                Some(&updated.name),
+                &addr,
+                json!({ "role": updated.role }),
+            )
             .await;
         user = Some(updated);
     }
     if let Some(active) = change.active {
         let updated = state.accounts.set_active(&name, active).await?;
-        let action = if active { "user_activated" } else { "user_deactivated" };
-        state.audit(Some(&actor), action, Some(&updated.name), &addr, json!({})).await;
+        let action = if active {
+            "user_activated"
+        } else {
+            "user_deactivated"
+        };
+        state
+            .audit(Some(&actor), action, Some(&updated.name), &addr, json!({}))
+            .await;
         user = Some(updated);
     }
     let user = user.expect("one change was made");
@@ -208,16 +246,24 @@ async fn create_token(
     principal.require("admin")?;
     let name = body.name.trim();
     if name.is_empty() || name.len() > 100 {
-        return Err(ApiError::BadRequest("a token needs a name of 1 to 100 characters".into()));
+        return Err(ApiError::BadRequest(
+            "a token needs a name of 1 to 100 characters".into(),
+        ));
     }
     if body.scopes.is_empty() {
-        return Err(ApiError::BadRequest(format!("name at least one scope of {SCOPES:?}")));
+        return Err(ApiError::BadRequest(format!(
+            "name at least one scope of {SCOPES:?}"
+        )));
     }
     if let Some(unknown) = body.scopes.iter().find(|s| !SCOPES.contains(&s.as_str())) {
-        return Err(ApiError::BadRequest(format!("unknown scope {unknown:?}; scopes are {SCOPES:?}")));
+        return Err(ApiError::BadRequest(format!(
+            "unknown scope {unknown:?}; scopes are {SCOPES:?}"
+        )));
     }
     let expires_at = match body.expires_in {
-        Some(secs) if secs <= 0 => return Err(ApiError::BadRequest("expires_in must be positive".into())),
+        Some(secs) if secs <= 0 => {
+            return Err(ApiError::BadRequest("expires_in must be positive".into()));
+        }
         Some(secs) => Some(Utc::now() + chrono::Duration::seconds(secs)),
         None => None,
     };
@@ -232,18 +278,38 @@ async fn create_token(
         last_used_at: None,
         revoked_at: None,
     };
-    state.accounts.create_api_token(&row, &hash_opaque(&token)).await?;
     state
-        .audit(Some(&principal.actor()), "token_created", Some(&row.name), &addr, json!({ "id": row.id, "scopes": row.scopes }))
+        .accounts
+        .create_api_token(&row, &hash_opaque(&token))
+        .await?;
+    state
+        .audit(
+            Some(&principal.actor()),
+            "token_created",
+            Some(&row.name),
+            &addr,
+            json!({ "id": row.id, "scopes": row.scopes }),
+        )
         .await;
     let mut view = serde_json::to_value(TokenView::from(row)).expect("serialises");
     view["token"] = Value::String(token);
     Ok((StatusCode::CREATED, Json(view)))
 }
 
-async fn list_tokens(State(state): State<AppState>, principal: Principal) -> ApiResult<Json<Vec<TokenView>>> {
+async fn list_tokens(
+    State(state): State<AppState>,
+    principal: Principal,
+) -> ApiResult<Json<Vec<TokenView>>> {
     principal.require("admin")?;
-    Ok(Json(state.accounts.list_api_tokens().await?.into_iter().map(TokenView::from).collect()))
+    Ok(Json(
+        state
+            .accounts
+            .list_api_tokens()
+            .await?
+            .into_iter()
+            .map(TokenView::from)
+            .collect(),
+    ))
 }
 
 async fn revoke_token(
@@ -254,12 +320,19 @@ async fn revoke_token(
 ) -> ApiResult<StatusCode> {
     principal.require("admin")?;
     let Path(raw) = path?;
-    let id = Uuid::parse_str(&raw).map_err(|_| ApiError::BadRequest(format!("{raw:?} is not a token id")))?;
+    let id = Uuid::parse_str(&raw)
+        .map_err(|_| ApiError::BadRequest(format!("{raw:?} is not a token id")))?;
     if !state.accounts.revoke_api_token(id).await? {
         return Err(ApiError::NotFound(format!("no live token {id}")));
     }
     state
-        .audit(Some(&principal.actor()), "token_revoked", Some(&id.to_string()), &addr, json!({}))
+        .audit(
+            Some(&principal.actor()),
+            "token_revoked",
+            Some(&id.to_string()),
+            &addr,
+            json!({}),
+        )
         .await;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -281,6 +354,7 @@ async fn audit(
                     "target": e.target, "client_addr": e.client_addr, "detail": e.detail })
         })
         .collect();
-    Ok(Json(json!({ "entries": entries, "page": paging.page, "per_page": paging.per_page, "total": page.total })))
+    Ok(Json(
+        json!({ "entries": entries, "page": paging.page, "per_page": paging.per_page, "total": page.total }),
+    ))
 }
-

@@ -21,14 +21,28 @@ pub const SERVICE_TOKEN_PREFIX: &str = "bt_";
 pub const SERVER_TOKEN_PREFIX: &str = "bs_";
 
 /// Scopes a service token may carry; `admin` implies every other.
-pub const SCOPES: [&str; 5] = ["servers:read", "servers:write", "users:read", "users:write", "admin"];
+pub const SCOPES: [&str; 5] = [
+    "servers:read",
+    "servers:write",
+    "users:read",
+    "users:write",
+    "admin",
+];
 
 #[derive(Debug, Clone)]
 pub enum Principal {
-    User { user: UserRow, jti: Uuid },
-    Service { name: String, scopes: Vec<String> },
+    User {
+        user: UserRow,
+        jti: Uuid,
+    },
+    Service {
+        name: String,
+        scopes: Vec<String>,
+    },
     /// A user server authenticating with its own token.
-    Server { server: ServerRow },
+    Server {
+        server: ServerRow,
+    },
 }
 
 impl Principal {
@@ -54,7 +68,9 @@ impl Principal {
             return Ok(());
         }
         Err(ApiError::Forbidden(match self {
-            Principal::User { .. } => format!("you may only act on your own account and servers, not {on:?}'s"),
+            Principal::User { .. } => {
+                format!("you may only act on your own account and servers, not {on:?}'s")
+            }
             _ => format!("this token lacks the {scope} scope"),
         }))
     }
@@ -65,7 +81,9 @@ impl Principal {
         }
         Err(ApiError::Forbidden(match self {
             Principal::User { .. } if scope == "admin" => "this needs an admin".into(),
-            Principal::User { .. } => format!("this needs an admin or a token with the {scope} scope"),
+            Principal::User { .. } => {
+                format!("this needs an admin or a token with the {scope} scope")
+            }
             _ => format!("this token lacks the {scope} scope"),
         }))
     }
@@ -92,7 +110,9 @@ fn bearer(parts: &Parts) -> Result<&str, ApiError> {
         .split_once(' ')
         .ok_or_else(|| ApiError::Unauthorized("send Authorization: Bearer <token>".into()))?;
     if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
-        return Err(ApiError::Unauthorized("send Authorization: Bearer <token>".into()));
+        return Err(ApiError::Unauthorized(
+            "send Authorization: Bearer <token>".into(),
+        ));
     }
     Ok(token.trim())
 }
@@ -117,7 +137,11 @@ impl FromRequestParts<AppState> for Principal {
                     name: t.name,
                     scopes: t.scopes,
                 })
-                .ok_or_else(|| ApiError::Unauthorized("the token is not valid, has expired or was revoked".into()));
+                .ok_or_else(|| {
+                    ApiError::Unauthorized(
+                        "the token is not valid, has expired or was revoked".into(),
+                    )
+                });
         }
         if token.starts_with(SERVER_TOKEN_PREFIX) {
             let server = state.accounts.server_by_token(&hash_opaque(token)).await?;
@@ -126,7 +150,9 @@ impl FromRequestParts<AppState> for Principal {
                 .ok_or_else(|| ApiError::Unauthorized("the server token is not valid".into()));
         }
         let claims = state.keys.verify(token).map_err(|e| match e {
-            TokenError::Expired => ApiError::Unauthorized("the token has expired; log in again".into()),
+            TokenError::Expired => {
+                ApiError::Unauthorized("the token has expired; log in again".into())
+            }
             TokenError::Invalid => ApiError::Unauthorized("the token is not valid".into()),
         })?;
         let user = state
@@ -134,8 +160,13 @@ impl FromRequestParts<AppState> for Principal {
             .session_user(claims.jti)
             .await?
             .filter(|u| u.name == claims.sub)
-            .ok_or_else(|| ApiError::Unauthorized("the token has been revoked; log in again".into()))?;
-        Ok(Principal::User { user, jti: claims.jti })
+            .ok_or_else(|| {
+                ApiError::Unauthorized("the token has been revoked; log in again".into())
+            })?;
+        Ok(Principal::User {
+            user,
+            jti: claims.jti,
+        })
     }
 }
 
@@ -168,5 +199,8 @@ impl FromRequestParts<AppState> for ClientAddr {
 /// Compares digests, so the time taken says nothing about where the strings differ.
 pub fn same_secret(a: &str, b: &str) -> bool {
     let (a, b) = (Sha256::digest(a.as_bytes()), Sha256::digest(b.as_bytes()));
-    a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
 }

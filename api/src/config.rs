@@ -19,7 +19,12 @@ pub struct ApiConfig {
     pub listen: SocketAddr,
 
     /// `production` refuses weak or missing secrets.
-    #[arg(long = "env", env = "BERTH_ENV", value_enum, default_value = "development")]
+    #[arg(
+        long = "env",
+        env = "BERTH_ENV",
+        value_enum,
+        default_value = "development"
+    )]
     pub environment: Environment,
 
     /// Break-glass admin API token (`Authorization: Bearer …`); none by default.
@@ -56,7 +61,11 @@ pub struct ApiConfig {
     pub login_max_failures: i32,
 
     /// Failed logins from one client address before it is locked for the rest of the window.
-    #[arg(long, env = "BERTH_LOGIN_MAX_FAILURES_PER_ADDRESS", default_value_t = 50)]
+    #[arg(
+        long,
+        env = "BERTH_LOGIN_MAX_FAILURES_PER_ADDRESS",
+        default_value_t = 50
+    )]
     pub login_max_failures_per_address: i32,
 
     /// Length of the login throttling window, in seconds.
@@ -87,7 +96,9 @@ impl ApiConfig {
         if let Some(token) = &self.admin_token {
             let min = if production { 32 } else { 16 };
             if token.len() < min {
-                return Err(format!("BERTH_ADMIN_TOKEN must be at least {min} characters"));
+                return Err(format!(
+                    "BERTH_ADMIN_TOKEN must be at least {min} characters"
+                ));
             }
         }
         if production && self.jwt_private_key.is_none() {

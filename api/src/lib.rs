@@ -98,15 +98,23 @@ pub fn router(state: AppState) -> Router {
         (header::X_FRAME_OPTIONS, "DENY"),
         (header::REFERRER_POLICY, "no-referrer"),
         (header::CACHE_CONTROL, "no-store"),
-        (header::CONTENT_SECURITY_POLICY, "default-src 'none'; frame-ancestors 'none'"),
+        (
+            header::CONTENT_SECURITY_POLICY,
+            "default-src 'none'; frame-ancestors 'none'",
+        ),
     ];
     let mut app = Router::new()
         .nest("/api/v1", api)
         .merge(health::router())
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
-        .method_not_allowed_fallback(|| async { ApiError::BadRequest("method not allowed on this route".into()) })
+        .method_not_allowed_fallback(|| async {
+            ApiError::BadRequest("method not allowed on this route".into())
+        })
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
-        .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, Duration::from_secs(30)))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            Duration::from_secs(30),
+        ))
         .layer(TraceLayer::new_for_http());
     if !state.config.cors_origins.is_empty() {
         let origins: Vec<HeaderValue> = state
@@ -124,7 +132,10 @@ pub fn router(state: AppState) -> Router {
         );
     }
     for (name, value) in security_headers {
-        app = app.layer(SetResponseHeaderLayer::if_not_present(name, HeaderValue::from_static(value)));
+        app = app.layer(SetResponseHeaderLayer::if_not_present(
+            name,
+            HeaderValue::from_static(value),
+        ));
     }
     app.with_state(state)
 }
@@ -152,7 +163,8 @@ where
         }
     };
     if let (Some(name), Some(password)) = (&config.admin_user, &config.admin_password) {
-        let name = UserName::parse(name).map_err(|e| StartError::Config(format!("BERTH_ADMIN_USER: {e}")))?;
+        let name = UserName::parse(name)
+            .map_err(|e| StartError::Config(format!("BERTH_ADMIN_USER: {e}")))?;
         let hash = passwords::hash(password.clone())
             .await
             .map_err(|e| StartError::Bootstrap(e.to_string()))?;
@@ -167,8 +179,11 @@ where
         started: Instant::now(),
     };
     tracing::info!(address = %listener.local_addr()?, "api listening");
-    axum::serve(listener, router(state).into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await?;
+    axum::serve(
+        listener,
+        router(state).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { shutdown.cancelled().await })
+    .await?;
     Ok(())
 }

@@ -18,7 +18,10 @@ pub fn check_strength(password: &str) -> Result<(), String> {
     if chars > 256 {
         return Err("a password may have at most 256 characters".into());
     }
-    if password.chars().all(|c| c == password.chars().next().unwrap_or(' ')) {
+    if password
+        .chars()
+        .all(|c| c == password.chars().next().unwrap_or(' '))
+    {
         return Err("a password of one repeated character is too weak".into());
     }
     Ok(())
@@ -55,7 +58,9 @@ pub async fn verify(password: String, stored: Option<String>) -> bool {
         let Ok(parsed) = PasswordHash::new(&stored) else {
             return false;
         };
-        let matches = Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok();
+        let matches = Argon2::default()
+            .verify_password(password.as_bytes(), &parsed)
+            .is_ok();
         known && matches
     })
     .await

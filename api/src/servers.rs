@@ -30,7 +30,10 @@ const SSO_TTL_SECS: i64 = 300;
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/users/{user}/server", post(spawn).get(show).delete(stop))
-        .route("/users/{user}/servers/{name}", post(spawn).get(show).delete(stop))
+        .route(
+            "/users/{user}/servers/{name}",
+            post(spawn).get(show).delete(stop),
+        )
         .route("/users/{user}/server/sso", post(sso))
         .route("/users/{user}/servers/{name}/sso", post(sso))
         .route("/sso/verify", post(verify_sso))
@@ -46,7 +49,8 @@ impl<S: Send + Sync> FromRequestParts<S> for ServerPath {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        let Path(params) = Path::<HashMap<String, String>>::from_request_parts(parts, state).await?;
+        let Path(params) =
+            Path::<HashMap<String, String>>::from_request_parts(parts, state).await?;
         let user = UserName::parse(params.get("user").map_or("", String::as_str))?;
         let server = match params.get("name") {
             Some(name) => ServerName::parse(name)?,
@@ -94,7 +98,9 @@ async fn spawn(
         SpawnOutcome::Enqueued(row) | SpawnOutcome::AlreadyPending(row) => {
             (StatusCode::ACCEPTED, Json(ServerView::with_job(&row))).into_response()
         }
-        SpawnOutcome::AlreadyRunning(row) => (StatusCode::OK, Json(ServerView::from_row(&row))).into_response(),
+        SpawnOutcome::AlreadyRunning(row) => {
+            (StatusCode::OK, Json(ServerView::from_row(&row))).into_response()
+        }
     })
 }
 
@@ -110,7 +116,9 @@ async fn show(
         None if state.store.get_user(&user).await?.is_none() => {
             Err(ApiError::NotFound(format!("no user named {user:?}")))
         }
-        None => Err(ApiError::NotFound(format!("user {user:?} has no server {server:?}"))),
+        None => Err(ApiError::NotFound(format!(
+            "user {user:?} has no server {server:?}"
+        ))),
     }
 }
 
@@ -144,13 +152,23 @@ async fn sso(
         .ok_or_else(|| ApiError::NotFound(format!("user {user:?} has no server {server:?}")))?;
     let url = match (row.state(), &row.url) {
         (ServerState::Running, Some(url)) => url.clone(),
-        _ => return Err(ApiError::Conflict(format!("the server is {}, not running", row.state))),
+        _ => {
+            return Err(ApiError::Conflict(format!(
+                "the server is {}, not running",
+                row.state
+            )));
+        }
     };
     let token = new_opaque("bsso_");
     let expires_at = chrono::Utc::now() + chrono::Duration::seconds(SSO_TTL_SECS);
     state
         .accounts
-        .create_sso(&hash_opaque(&token), row.user_id, server.as_str(), expires_at)
+        .create_sso(
+            &hash_opaque(&token),
+            row.user_id,
+            server.as_str(),
+            expires_at,
+        )
         .await?;
     let separator = if url.contains('?') { '&' } else { '?' };
     Ok(Json(json!({
@@ -177,12 +195,21 @@ async fn verify_sso(
     if !matches!(principal, Principal::Server { .. }) {
         principal.require("servers:read")?;
     }
-    let invalid = || ApiError::Unauthorized("the SSO token is unknown, expired or already used".into());
-    let grant = state.accounts.consume_sso(&hash_opaque(&check.token)).await?.ok_or_else(invalid)?;
+    let invalid =
+        || ApiError::Unauthorized("the SSO token is unknown, expired or already used".into());
+    let grant = state
+        .accounts
+        .consume_sso(&hash_opaque(&check.token))
+        .await?
+        .ok_or_else(invalid)?;
     if let Principal::Server { server } = &principal
         && (server.user_name != grant.user_name || server.name != grant.server_name)
     {
-        return Err(ApiError::Forbidden("this SSO token is for another server".into()));
+        return Err(ApiError::Forbidden(
+            "this SSO token is for another server".into(),
+        ));
     }
-    Ok(Json(json!({ "user": grant.user_name, "server": grant.server_name })))
+    Ok(Json(
+        json!({ "user": grant.user_name, "server": grant.server_name }),
+    ))
 }

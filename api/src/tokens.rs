@@ -43,7 +43,8 @@ pub enum TokenError {
 impl JwtKeys {
     /// From a PKCS#8 PEM Ed25519 private key.
     pub fn from_pem(pem: &str) -> Result<Self, String> {
-        let key = SigningKey::from_pkcs8_pem(pem.trim()).map_err(|e| format!("not an Ed25519 PKCS#8 PEM key: {e}"))?;
+        let key = SigningKey::from_pkcs8_pem(pem.trim())
+            .map_err(|e| format!("not an Ed25519 PKCS#8 PEM key: {e}"))?;
         Self::from_signing_key(&key)
     }
 
@@ -77,7 +78,8 @@ impl JwtKeys {
         };
         let mut header = Header::new(Algorithm::EdDSA);
         header.kid = Some(self.kid.clone());
-        let token = jsonwebtoken::encode(&header, &claims, &self.encoding).map_err(|e| e.to_string())?;
+        let token =
+            jsonwebtoken::encode(&header, &claims, &self.encoding).map_err(|e| e.to_string())?;
         Ok((token, claims))
     }
 

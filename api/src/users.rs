@@ -36,12 +36,17 @@ pub fn user_name(path: Result<Path<String>, PathRejection>) -> ApiResult<UserNam
     Ok(UserName::parse(&raw)?)
 }
 
-async fn list(State(state): State<AppState>, principal: Principal) -> ApiResult<Json<Vec<UserView>>> {
+async fn list(
+    State(state): State<AppState>,
+    principal: Principal,
+) -> ApiResult<Json<Vec<UserView>>> {
     principal.require("users:read")?;
     let users = state.store.list_users().await?;
     let ids: Vec<i64> = users.iter().map(|u| u.id).collect();
     let servers = state.store.servers_of(&ids).await?;
-    Ok(Json(users.iter().map(|u| UserView::new(u, &servers)).collect()))
+    Ok(Json(
+        users.iter().map(|u| UserView::new(u, &servers)).collect(),
+    ))
 }
 
 async fn show(
@@ -78,7 +83,13 @@ async fn create(
     };
     let user = state.accounts.register(&account).await?;
     state
-        .audit(Some(&principal.actor()), "user_created", Some(&user.name), &addr, json!({ "role": user.role }))
+        .audit(
+            Some(&principal.actor()),
+            "user_created",
+            Some(&user.name),
+            &addr,
+            json!({ "role": user.role }),
+        )
         .await;
     Ok((StatusCode::CREATED, Json(UserView::new(&user, &[]))))
 }
@@ -103,7 +114,13 @@ pub async fn remove_user(
     let name = user_name(path)?;
     let job = JobView::from(state.store.request_user_removal(&name).await?);
     state
-        .audit(Some(&principal.actor()), "user_deleted", Some(name.as_str()), &addr, json!({ "job_id": job.id }))
+        .audit(
+            Some(&principal.actor()),
+            "user_deleted",
+            Some(name.as_str()),
+            &addr,
+            json!({ "job_id": job.id }),
+        )
         .await;
     Ok((
         StatusCode::ACCEPTED,

@@ -102,14 +102,28 @@ pub trait Accounts: Send + Sync + 'static {
     /// Finds an account by name, or by email when `login` has an `@`.
     async fn find_login(&self, login: &str) -> Result<Option<UserRow>, StoreError>;
     async fn user_by_id(&self, id: i64) -> Result<Option<UserRow>, StoreError>;
-    async fn users_page(&self, search: Option<&str>, offset: i64, limit: i64) -> Result<Page<UserRow>, StoreError>;
+    async fn users_page(
+        &self,
+        search: Option<&str>,
+        offset: i64,
+        limit: i64,
+    ) -> Result<Page<UserRow>, StoreError>;
     async fn set_role(&self, user: &UserName, role: Role) -> Result<UserRow, StoreError>;
     /// Deactivating an account also revokes its sessions.
     async fn set_active(&self, user: &UserName, active: bool) -> Result<UserRow, StoreError>;
     /// Sets the password and revokes every session but `keep`.
-    async fn set_password(&self, user_id: i64, hash: &str, keep: Option<Uuid>) -> Result<(), StoreError>;
+    async fn set_password(
+        &self,
+        user_id: i64,
+        hash: &str,
+        keep: Option<Uuid>,
+    ) -> Result<(), StoreError>;
     /// Creates the bootstrap admin, or makes an existing account of that name admin.
-    async fn bootstrap_admin(&self, name: &UserName, password_hash: &str) -> Result<UserRow, StoreError>;
+    async fn bootstrap_admin(
+        &self,
+        name: &UserName,
+        password_hash: &str,
+    ) -> Result<UserRow, StoreError>;
 
     async fn create_session(
         &self,
@@ -123,7 +137,8 @@ pub trait Accounts: Send + Sync + 'static {
     async fn session_user(&self, jti: Uuid) -> Result<Option<UserRow>, StoreError>;
     async fn revoke_session(&self, jti: Uuid) -> Result<(), StoreError>;
 
-    async fn create_api_token(&self, row: &ApiTokenRow, token_hash: &str) -> Result<(), StoreError>;
+    async fn create_api_token(&self, row: &ApiTokenRow, token_hash: &str)
+    -> Result<(), StoreError>;
     /// A live (not revoked, not expired) token by its hash; records its use.
     async fn use_api_token(&self, token_hash: &str) -> Result<Option<ApiTokenRow>, StoreError>;
     async fn list_api_tokens(&self) -> Result<Vec<ApiTokenRow>, StoreError>;

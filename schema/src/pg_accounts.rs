@@ -16,13 +16,23 @@ use crate::{
 
 /// Turns a unique violation of `constraint` into a conflict with `message`.
 pub trait ResultExt<T> {
-    fn on_constraint(self, constraint: &str, message: impl FnOnce() -> String) -> Result<T, StoreError>;
+    fn on_constraint(
+        self,
+        constraint: &str,
+        message: impl FnOnce() -> String,
+    ) -> Result<T, StoreError>;
 }
 
 impl<T> ResultExt<T> for Result<T, sqlx::Error> {
-    fn on_constraint(self, constraint: &str, message: impl FnOnce() -> String) -> Result<T, StoreError> {
+    fn on_constraint(
+        self,
+        constraint: &str,
+        message: impl FnOnce() -> String,
+    ) -> Result<T, StoreError> {
         self.map_err(|e| match &e {
-            sqlx::Error::Database(db) if db.constraint() == Some(constraint) => StoreError::Conflict(message()),
+            sqlx::Error::Database(db) if db.constraint() == Some(constraint) => {
+                StoreError::Conflict(message())
+            }
             _ => StoreError::Database(e),
         })
     }
@@ -61,18 +71,35 @@ impl Accounts for PgStore {
         } else {
             "select * from users where name = $1"
         };
-        Ok(sqlx::query_as::<_, UserRow>(sql).bind(login).fetch_optional(self.pool()).await?)
-    }
-
-    async fn user_by_id(&self, id: i64) -> Result<Option<UserRow>, StoreError> {
-        Ok(sqlx::query_as::<_, UserRow>("select * from users where id = $1")
-            .bind(id)
+        Ok(sqlx::query_as::<_, UserRow>(sql)
+            .bind(login)
             .fetch_optional(self.pool())
             .await?)
     }
 
-    async fn users_page(&self, search: Option<&str>, offset: i64, limit: i64) -> Result<Page<UserRow>, StoreError> {
-        let pattern = search.map(|s| format!("%{}%", s.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_")));
+    async fn user_by_id(&self, id: i64) -> Result<Option<UserRow>, StoreError> {
+        Ok(
+            sqlx::query_as::<_, UserRow>("select * from users where id = $1")
+                .bind(id)
+                .fetch_optional(self.pool())
+                .await?,
+        )
+    }
+
+    async fn users_page(
+        &self,
+        search: Option<&str>,
+        offset: i64,
+        limit: i64,
+    ) -> Result<Page<UserRow>, StoreError> {
+        let pattern = search.map(|s| {
+            format!(
+                "%{}%",
+                s.replace('\\', "\\\\")
+                    .replace('%', "\\%")
+                    .replace('_', "\\_")
+            )
+        });
         let items = sqlx::query_as::<_, UserRow>(
             "select * from users where $1::text is null or name like $1 or email ilike $1 \
              order by name offset $2 limit $3",
@@ -82,11 +109,12 @@ impl Accounts for PgStore {
         .bind(limit)
         .fetch_all(self.pool())
         .await?;
-        let total: i64 =
-            sqlx::query_scalar("select count(*) from users where $1::text is null or name like $1 or email ilike $1")
-                .bind(&pattern)
-                .fetch_one(self.pool())
-                .await?;
+        let total: i64 = sqlx::query_scalar(
+            "select count(*) from users where $1::text is null or name like $1 or email ilike $1",
+        )
+        .bind(&pattern)
+        .fetch_one(self.pool())
+        .await?;
         Ok(Page { items, total })
     }
 
@@ -101,23 +129,32 @@ impl Accounts for PgStore {
 
     async fn set_active(&self, user: &UserName, active: bool) -> Result<UserRow, StoreError> {
         let mut tx = self.pool().begin().await?;
-        let row = sqlx::query_as::<_, UserRow>("update users set active = $2 where name = $1 returning *")
-            .bind(user.as_str())
-            .bind(active)
-            .fetch_optional(&mut *tx)
-            .await?
-            .ok_or_else(|| no_user(user))?;
+        let row = sqlx::query_as::<_, UserRow>(
+            "update users set active = $2 where name = $1 returning *",
+        )
+        .bind(user.as_str())
+        .bind(active)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or_else(|| no_user(user))?;
         if !active {
-            sqlx::query("update sessions set revoked_at = now() where user_id = $1 and revoked_at is null")
-                .bind(row.id)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(
+                "update sessions set revoked_at = now() where user_id = $1 and revoked_at is null",
+            )
+            .bind(row.id)
+            .execute(&mut *tx)
+            .await?;
         }
         tx.commit().await?;
         Ok(row)
     }
 
-    async fn set_password(&self, user_id: i64, hash: &str, keep: Option<Uuid>) -> Result<(), StoreError> {
+    async fn set_password(
+        &self,
+        user_id: i64,
+        hash: &str,
+        keep: Option<Uuid>,
+    ) -> Result<(), StoreError> {
         let mut tx = self.pool().begin().await?;
         sqlx::query("update users set password_hash = $2 where id = $1")
             .bind(user_id)
@@ -136,7 +173,11 @@ impl Accounts for PgStore {
         Ok(())
     }
 
-    async fn bootstrap_admin(&self, name: &UserName, password_hash: &str) -> Result<UserRow, StoreError> {
+    async fn bootstrap_admin(
+        &self,
+        name: &UserName,
+        password_hash: &str,
+    ) -> Result<UserRow, StoreError> {
         // An existing account keeps its password: configuration never resets one.
         Ok(sqlx::query_as::<_, UserRow>(
             "insert into users (name, password_hash, role) values ($1, $2, 'admin') \
@@ -155,13 +196,15 @@ impl Accounts for PgStore {
         expires_at: DateTime<Utc>,
         client_addr: Option<&str>,
     ) -> Result<(), StoreError> {
-        sqlx::query("insert into sessions (jti, user_id, expires_at, client_addr) values ($1, $2, $3, $4)")
-            .bind(jti)
-            .bind(user_id)
-            .bind(expires_at)
-            .bind(client_addr)
-            .execute(self.pool())
-            .await?;
+        sqlx::query(
+            "insert into sessions (jti, user_id, expires_at, client_addr) values ($1, $2, $3, $4)",
+        )
+        .bind(jti)
+        .bind(user_id)
+        .bind(expires_at)
+        .bind(client_addr)
+        .execute(self.pool())
+        .await?;
         Ok(())
     }
 
@@ -183,7 +226,11 @@ impl Accounts for PgStore {
         Ok(())
     }
 
-    async fn create_api_token(&self, row: &ApiTokenRow, token_hash: &str) -> Result<(), StoreError> {
+    async fn create_api_token(
+        &self,
+        row: &ApiTokenRow,
+        token_hash: &str,
+    ) -> Result<(), StoreError> {
         sqlx::query(
             "insert into api_tokens (id, name, token_hash, scopes, created_by, expires_at) \
              values ($1, $2, $3, $4, $5, $6)",
@@ -220,10 +267,12 @@ impl Accounts for PgStore {
     }
 
     async fn revoke_api_token(&self, id: Uuid) -> Result<bool, StoreError> {
-        let done = sqlx::query("update api_tokens set revoked_at = now() where id = $1 and revoked_at is null")
-            .bind(id)
-            .execute(self.pool())
-            .await?;
+        let done = sqlx::query(
+            "update api_tokens set revoked_at = now() where id = $1 and revoked_at is null",
+        )
+        .bind(id)
+        .execute(self.pool())
+        .await?;
         Ok(done.rows_affected() == 1)
     }
 
@@ -328,12 +377,16 @@ impl Accounts for PgStore {
     }
 
     async fn audit_page(&self, offset: i64, limit: i64) -> Result<Page<AuditRow>, StoreError> {
-        let items = sqlx::query_as::<_, AuditRow>("select * from audit_log order by id desc offset $1 limit $2")
-            .bind(offset)
-            .bind(limit)
-            .fetch_all(self.pool())
+        let items = sqlx::query_as::<_, AuditRow>(
+            "select * from audit_log order by id desc offset $1 limit $2",
+        )
+        .bind(offset)
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await?;
+        let total = sqlx::query_scalar("select count(*) from audit_log")
+            .fetch_one(self.pool())
             .await?;
-        let total = sqlx::query_scalar("select count(*) from audit_log").fetch_one(self.pool()).await?;
         Ok(Page { items, total })
     }
 }

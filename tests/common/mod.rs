@@ -53,21 +53,37 @@ pub const ADMIN_USER: &str = "root";
 pub const ADMIN_PASSWORD: &str = "correct horse battery staple";
 
 /// Serves the API over `pool` on a free port; returns its base URL.
-pub async fn serve_api(pool: PgPool, jwt_pem: &str, api_flags: &[&str]) -> (String, JoinHandle<()>) {
+pub async fn serve_api(
+    pool: PgPool,
+    jwt_pem: &str,
+    api_flags: &[&str],
+) -> (String, JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let allowed = format!("{TEST_IMAGE},{MISSING_IMAGE}");
     // `=` keeps clap from reading the PEM's leading dashes as a flag.
     let key_flag = format!("--jwt-private-key={jwt_pem}");
     let mut argv = vec![
-        "api", "--admin-token", TOKEN, "--allowed-images", &allowed, &key_flag,
-        "--admin-user", ADMIN_USER, "--admin-password", ADMIN_PASSWORD,
+        "api",
+        "--admin-token",
+        TOKEN,
+        "--allowed-images",
+        &allowed,
+        &key_flag,
+        "--admin-user",
+        ADMIN_USER,
+        "--admin-password",
+        ADMIN_PASSWORD,
     ];
     argv.extend_from_slice(api_flags);
-    let config = ApiFlags::try_parse_from(argv).expect("api flags parse").config;
+    let config = ApiFlags::try_parse_from(argv)
+        .expect("api flags parse")
+        .config;
     let store = Arc::new(PgStore::new(pool, Arc::new(ApalisQueue)));
     let task = tokio::spawn(async move {
-        api::run(config, store, listener, CancellationToken::new()).await.expect("api runs");
+        api::run(config, store, listener, CancellationToken::new())
+            .await
+            .expect("api runs");
     });
     // Ready once the admin account is bootstrapped and the port answers.
     let client = reqwest::Client::new();
@@ -97,11 +113,15 @@ impl DbProxy {
                     _ = stop.cancelled() => return,
                     accepted = listener.accept() => accepted,
                 };
-                let Ok((mut inbound, _)) = accepted else { return };
+                let Ok((mut inbound, _)) = accepted else {
+                    return;
+                };
                 let target = target.clone();
                 let stop = stop.clone();
                 tokio::spawn(async move {
-                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else { return };
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
                     tokio::select! {
                         _ = stop.cancelled() => {}
                         _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
@@ -122,7 +142,11 @@ impl DbProxy {
 pub fn database_address() -> String {
     let url = admin_database_url();
     let after_at = url.rsplit_once('@').map_or(url.as_str(), |(_, rest)| rest);
-    after_at.split('/').next().unwrap_or("127.0.0.1:5432").to_owned()
+    after_at
+        .split('/')
+        .next()
+        .unwrap_or("127.0.0.1:5432")
+        .to_owned()
 }
 
 /// A fresh Ed25519 signing key as PKCS#8 PEM.
@@ -316,15 +340,22 @@ impl TestEnv {
     /// Logs in and returns the access token.
     pub async fn login(&self, user: &str, password: &str) -> String {
         let body = serde_json::json!({ "username": user, "password": password }).to_string();
-        let (status, answer) = self.call_with(Method::POST, "/api/v1/auth/login", Some(&body), None).await;
+        let (status, answer) = self
+            .call_with(Method::POST, "/api/v1/auth/login", Some(&body), None)
+            .await;
         assert_eq!(status, StatusCode::OK, "{answer}");
-        answer["access_token"].as_str().expect("an access token").to_owned()
+        answer["access_token"]
+            .as_str()
+            .expect("an access token")
+            .to_owned()
     }
 
     /// Registers an account and logs it in.
     pub async fn register(&self, user: &str, password: &str) -> String {
         let body = serde_json::json!({ "username": user, "password": password }).to_string();
-        let (status, answer) = self.call_with(Method::POST, "/api/v1/auth/register", Some(&body), None).await;
+        let (status, answer) = self
+            .call_with(Method::POST, "/api/v1/auth/register", Some(&body), None)
+            .await;
         assert_eq!(status, StatusCode::CREATED, "{answer}");
         self.login(user, password).await
     }

@@ -1,0 +1,881 @@
+//! Accounts through HTTP: registration, login, roles, tokens, SSO, throttling, audit.
+
+mod common;
+
+use std::time::Duration;
+
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+use common::{ADMIN_PASSWORD, ADMIN_USER, TestEnv};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+const PASSWORD: &str = "a long enough password";
+
+async fn as_user(
+    env: &TestEnv,
+    token: &str,
+    method: Method,
+    path: &str,
+    body: Option<&str>,
+) -> (StatusCode, Value) {
+    env.call_with(method, path, body, Some(token)).await
+}
+
+fn assert_error(status: StatusCode, body: &Value, expected: StatusCode, code: &str) {
+    assert_eq!(status, expected, "{body}");
+    assert_eq!(body["error"], code, "{body}");
+    assert!(
+        body["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn users_register_log_in_act_on_their_own_servers_and_log_out() {
+    let env = TestEnv::start().await;
+    let ann = env.user("ann");
+    let bob = env.user("bob");
+    let ann_token = env.register(&ann, PASSWORD).await;
+    let bob_token = env.register(&bob, PASSWORD).await;
+
+    let (status, me) = as_user(&env, &ann_token, Method::GET, "/api/v1/auth/me", None).await;
+    assert_eq!(status, StatusCode::OK, "{me}");
+    assert_eq!(me["user"]["name"], ann.as_str());
+    assert_eq!(me["user"]["role"], "user");
+    assert!(
+        me["user"].get("password_hash").is_none() && !me.to_string().contains("argon2"),
+        "{me}"
+    );
+
+    // Ann starts her own server; the job is hers to see.
+    let (status, spawn) = as_user(
+        &env,
+        &ann_token,
+        Method::POST,
+        &format!("/api/v1/users/{ann}/server"),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{spawn}");
+    let job = spawn["job_id"].as_str().unwrap();
+    let (status, _) = as_user(
+        &env,
+        &ann_token,
+        Method::GET,
+        &format!("/api/v1/jobs/{job}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+
+    // Bob can neither see nor touch Ann's servers, her jobs, or the user list.
+    for (method, path) in [
+        (Method::GET, format!("/api/v1/users/{ann}/server")),
+        (Method::POST, format!("/api/v1/users/{ann}/server")),
+        (Method::DELETE, format!("/api/v1/users/{ann}/server")),
+        (Method::POST, format!("/api/v1/users/{ann}/servers/lab")),
+        (Method::GET, format!("/api/v1/users/{ann}")),
+        (Method::DELETE, format!("/api/v1/users/{ann}")),
+        (Method::GET, format!("/api/v1/jobs/{job}")),
+        (Method::GET, "/api/v1/users".to_string()),
+        (Method::GET, "/api/v1/admin/users".to_string()),
+        (Method::POST, format!("/api/v1/users/{ann}/server/sso")),
+    ] {
+        let (status, body) = as_user(&env, &bob_token, method.clone(), &path, None).await;
+        assert_error(status, &body, StatusCode::FORBIDDEN, "forbidden");
+    }
+    let (_, still) = env
+        .call(Method::GET, &format!("/api/v1/users/{ann}/server"), None)
+        .await;
+    assert_eq!(
+        still["state"], "pending_spawn",
+        "Bob's attempts changed nothing: {still}"
+    );
+
+    // Logging in by email works as by name.
+    let email = format!("{bob}@example.org");
+    let admin = env.login(ADMIN_USER, ADMIN_PASSWORD).await;
+    let carl = env.user("carl");
+    let body = json!({ "username": carl, "email": email, "password": PASSWORD }).to_string();
+    let (status, created) = as_user(
+        &env,
+        &admin,
+        Method::POST,
+        "/api/v1/admin/users",
+        Some(&body),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let by_email = env.login(&email.to_uppercase(), PASSWORD).await;
+    let (_, me) = as_user(&env, &by_email, Method::GET, "/api/v1/auth/me", None).await;
+    assert_eq!(me["user"]["name"], carl.as_str());
+
+    // Logout revokes the token at once; another session of the same user lives on.
+    let second = env.login(&ann, PASSWORD).await;
+    let (status, _) = as_user(&env, &ann_token, Method::POST, "/api/v1/auth/logout", None).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, body) = as_user(&env, &ann_token, Method::GET, "/api/v1/auth/me", None).await;
+    assert_error(status, &body, StatusCode::UNAUTHORIZED, "unauthorized");
+    assert!(
+        body["message"].as_str().unwrap().contains("revoked"),
+        "{body}"
+    );
+    let (status, _) = as_user(&env, &second, Method::GET, "/api/v1/auth/me", None).await;
+    assert_eq!(status, StatusCode::OK);
+
+    // A password change ends the other sessions and the old password.
+    let third = env.login(&ann, PASSWORD).await;
+    let change = json!({ "current_password": PASSWORD, "new_password": "another long password" })
+        .to_string();
+    let (status, body) = as_user(
+        &env,
+        &third,
+        Method::POST,
+        "/api/v1/auth/password",
+        Some(&change),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    let (status, _) = as_user(&env, &second, Method::GET, "/api/v1/auth/me", None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, _) = as_user(&env, &third, Method::GET, "/api/v1/auth/me", None).await;
+    assert_eq!(status, StatusCode::OK);
+    let old = json!({ "username": ann, "password": PASSWORD }).to_string();
+    let (status, body) = env
+        .call_with(Method::POST, "/api/v1/auth/login", Some(&old), None)
+        .await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::UNAUTHORIZED,
+        "invalid_credentials",
+    );
+    env.login(&ann, "another long password").await;
+}
+
+#[tokio::test]
+async fn admins_page_users_change_roles_deactivate_and_delete() {
+    let env = TestEnv::start().await;
+    let admin = env.login(ADMIN_USER, ADMIN_PASSWORD).await;
+    let mut names = vec![];
+    for i in 0..5 {
+        let name = env.user(&format!("u{i}"));
+        env.register(&name, PASSWORD).await;
+        names.push(name);
+    }
+    let (status, page) = as_user(
+        &env,
+        &admin,
+        Method::GET,
+        "/api/v1/admin/users?page=2&per_page=2",
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert_eq!(page["total"], 6, "five users and the admin: {page}");
+    assert_eq!(page["users"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        page["users"][0]["name"],
+        names[1].as_str(),
+        "sorted by name: {page}"
+    );
+    let (_, found) = as_user(
+        &env,
+        &admin,
+        Method::GET,
+        &format!("/api/v1/admin/users?q={}", names[3]),
+        None,
+    )
+    .await;
+    assert_eq!(found["total"], 1, "{found}");
+    let (status, body) = as_user(
+        &env,
+        &admin,
+        Method::GET,
+        "/api/v1/admin/users?page=0",
+        None,
+    )
+    .await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "bad_request");
+
+    // Promotion takes effect on the user's existing token, at once.
+    let target = &names[0];
+    let token = env.login(target, PASSWORD).await;
+    let (status, _) = as_user(&env, &token, Method::GET, "/api/v1/users", None).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let path = format!("/api/v1/admin/users/{target}");
+    let (status, user) = as_user(
+        &env,
+        &admin,
+        Method::PATCH,
+        &path,
+        Some(r#"{"role": "admin"}"#),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{user}");
+    assert_eq!(user["admin"], true);
+    let (status, _) = as_user(&env, &token, Method::GET, "/api/v1/users", None).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, body) = as_user(
+        &env,
+        &admin,
+        Method::PATCH,
+        &path,
+        Some(r#"{"role": "root"}"#),
+    )
+    .await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "bad_request");
+
+    // Deactivation ends sessions and refuses logins.
+    let (status, user) = as_user(
+        &env,
+        &admin,
+        Method::PATCH,
+        &path,
+        Some(r#"{"active": false}"#),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{user}");
+    assert_eq!(user["active"], false);
+    let (status, _) = as_user(&env, &token, Method::GET, "/api/v1/auth/me", None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let login = json!({ "username": target, "password": PASSWORD }).to_string();
+    let (status, body) = env
+        .call_with(Method::POST, "/api/v1/auth/login", Some(&login), None)
+        .await;
+    assert_error(status, &body, StatusCode::FORBIDDEN, "forbidden");
+
+    // Delete enqueues the cleanup job.
+    let (status, removal) = as_user(
+        &env,
+        &admin,
+        Method::DELETE,
+        &format!("/api/v1/admin/users/{}", names[4]),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{removal}");
+    assert_eq!(removal["job"]["kind"], "cleanup");
+
+    // Every security event is in the audit log, with who, what and from where.
+    let (status, audit) = as_user(
+        &env,
+        &admin,
+        Method::GET,
+        "/api/v1/admin/audit?per_page=500",
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let entries = audit["entries"].as_array().unwrap();
+    for action in [
+        "user_registered",
+        "login_succeeded",
+        "login_failed",
+        "role_changed",
+        "user_deactivated",
+        "user_deleted",
+    ] {
+        let entry = entries
+            .iter()
+            .find(|e| e["action"] == action)
+            .unwrap_or_else(|| panic!("no {action} in {audit}"));
+        assert_eq!(entry["client_addr"], "127.0.0.1", "{entry}");
+        assert!(entry["at"].is_string());
+    }
+    let refused = entries
+        .iter()
+        .find(|e| e["action"] == "login_failed")
+        .unwrap();
+    assert_eq!(refused["detail"]["reason"], "deactivated", "{refused}");
+    let change = entries
+        .iter()
+        .find(|e| e["action"] == "role_changed")
+        .unwrap();
+    assert_eq!(change["actor"], format!("user:{ADMIN_USER}"));
+    assert_eq!(change["target"], target.as_str());
+}
+
+fn forge(env: &TestEnv, claims: Value) -> String {
+    let key = EncodingKey::from_ed_pem(env.jwt_pem.as_bytes()).unwrap();
+    jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), &claims, &key).unwrap()
+}
+
+#[tokio::test]
+async fn expired_revoked_tampered_unsigned_and_foreign_tokens_get_401() {
+    let env = TestEnv::start().await;
+    let ann = env.user("ann");
+    let good = env.register(&ann, PASSWORD).await;
+    let (status, _) = as_user(&env, &good, Method::GET, "/api/v1/auth/me", None).await;
+    assert_eq!(status, StatusCode::OK);
+
+    let now = chrono::Utc::now().timestamp();
+    let payload: Value = {
+        let middle = good.split('.').nth(1).unwrap();
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(middle).unwrap()).unwrap()
+    };
+    let jti = payload["jti"].clone();
+
+    // Signed with the right key, but expired an hour ago.
+    let expired = forge(
+        &env,
+        json!({ "sub": ann, "role": "user", "iat": now - 7200, "exp": now - 3600, "jti": jti, "iss": "berth" }),
+    );
+    // The payload changed after signing: made admin.
+    let tampered = {
+        let mut parts: Vec<String> = good.split('.').map(str::to_owned).collect();
+        let mut claims = payload.clone();
+        claims["role"] = json!("admin");
+        claims["sub"] = json!(ADMIN_USER);
+        parts[1] = URL_SAFE_NO_PAD.encode(claims.to_string());
+        parts.join(".")
+    };
+    // `alg: none`, no signature.
+    let unsigned = format!(
+        "{}.{}.",
+        URL_SAFE_NO_PAD.encode(r#"{"alg":"none","typ":"JWT"}"#),
+        URL_SAFE_NO_PAD.encode(payload.to_string())
+    );
+    // HS256 "signed" with the public key set, the classic confusion attack.
+    let (_, jwks) = env
+        .call_with(Method::GET, "/api/v1/auth/jwks", None, None)
+        .await;
+    assert_eq!(jwks["keys"][0]["alg"], "EdDSA", "{jwks}");
+    let hmac = jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &payload,
+        &EncodingKey::from_secret(jwks["keys"][0]["x"].as_str().unwrap().as_bytes()),
+    )
+    .unwrap();
+    // Well formed, signed by another key.
+    let foreign = {
+        let other = common::new_signing_key();
+        let key = EncodingKey::from_ed_pem(other.as_bytes()).unwrap();
+        jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), &payload, &key).unwrap()
+    };
+    // Signed by the right key for a session that never existed.
+    let sessionless = forge(
+        &env,
+        json!({ "sub": ann, "role": "user", "iat": now, "exp": now + 600, "jti": uuid::Uuid::new_v4(), "iss": "berth" }),
+    );
+
+    for (what, token) in [
+        ("expired", &expired),
+        ("tampered", &tampered),
+        ("alg none", &unsigned),
+        ("hmac", &hmac),
+        ("foreign key", &foreign),
+        ("no session", &sessionless),
+        ("garbage", &"not.a.token".to_string()),
+        ("unknown service token", &"bt_0123456789abcdef".to_string()),
+    ] {
+        let (status, body) = as_user(&env, token, Method::GET, "/api/v1/auth/me", None).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{what}: {body}");
+        assert_eq!(body["error"], "unauthorized", "{what}: {body}");
+    }
+    let (_, body) = as_user(&env, &expired, Method::GET, "/api/v1/auth/me", None).await;
+    assert!(
+        body["message"].as_str().unwrap().contains("expired"),
+        "{body}"
+    );
+
+    let (status, _) = as_user(&env, &good, Method::POST, "/api/v1/auth/logout", None).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, _) = as_user(&env, &good, Method::GET, "/api/v1/auth/me", None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "revoked");
+}
+
+#[tokio::test]
+async fn service_tokens_carry_scopes_are_shown_once_and_can_be_revoked() {
+    let env = TestEnv::start().await;
+    let admin = env.login(ADMIN_USER, ADMIN_PASSWORD).await;
+    let ann = env.user("ann");
+    env.register(&ann, PASSWORD).await;
+
+    let body =
+        json!({ "name": "monitoring", "scopes": ["servers:read", "users:read"] }).to_string();
+    let (status, created) = as_user(
+        &env,
+        &admin,
+        Method::POST,
+        "/api/v1/admin/tokens",
+        Some(&body),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let token = created["token"].as_str().unwrap().to_owned();
+    assert!(token.starts_with("bt_"));
+    let stored: String = sqlx::query_scalar("select token_hash from api_tokens")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert!(!stored.contains(&token[3..]), "only a hash is stored");
+
+    let (status, _) = as_user(&env, &token, Method::GET, "/api/v1/users", None).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, body) = as_user(
+        &env,
+        &token,
+        Method::POST,
+        &format!("/api/v1/users/{ann}/server"),
+        None,
+    )
+    .await;
+    assert_error(status, &body, StatusCode::FORBIDDEN, "forbidden");
+    assert!(
+        body["message"].as_str().unwrap().contains("servers:write"),
+        "{body}"
+    );
+    let (status, body) = as_user(&env, &token, Method::GET, "/api/v1/admin/tokens", None).await;
+    assert_error(status, &body, StatusCode::FORBIDDEN, "forbidden");
+
+    let (_, listed) = as_user(&env, &admin, Method::GET, "/api/v1/admin/tokens", None).await;
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+    assert!(
+        listed[0].get("token").is_none(),
+        "never shown again: {listed}"
+    );
+    assert!(listed[0]["last_used"].is_string(), "{listed}");
+
+    for bad in [
+        json!({ "name": "x", "scopes": ["root"] }),
+        json!({ "name": "x", "scopes": [] }),
+        json!({ "name": "", "scopes": ["admin"] }),
+        json!({ "name": "x", "scopes": ["admin"], "expires_in": -5 }),
+        json!({ "name": "x" }),
+    ] {
+        let (status, body) = as_user(
+            &env,
+            &admin,
+            Method::POST,
+            "/api/v1/admin/tokens",
+            Some(&bad.to_string()),
+        )
+        .await;
+        assert_error(status, &body, StatusCode::BAD_REQUEST, "bad_request");
+    }
+
+    let id = created["id"].as_str().unwrap();
+    let (status, _) = as_user(
+        &env,
+        &admin,
+        Method::DELETE,
+        &format!("/api/v1/admin/tokens/{id}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, body) = as_user(&env, &token, Method::GET, "/api/v1/users", None).await;
+    assert_error(status, &body, StatusCode::UNAUTHORIZED, "unauthorized");
+    let (status, _) = as_user(
+        &env,
+        &admin,
+        Method::DELETE,
+        &format!("/api/v1/admin/tokens/{id}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    let (_, audit) = as_user(&env, &admin, Method::GET, "/api/v1/admin/audit", None).await;
+    let actions: Vec<&str> = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["action"].as_str())
+        .collect();
+    assert!(
+        actions.contains(&"token_created") && actions.contains(&"token_revoked"),
+        "{actions:?}"
+    );
+}
+
+#[tokio::test]
+async fn login_throttling_starts_after_repeated_failures_and_clears() {
+    let env =
+        TestEnv::start_with(&["--login-max-failures", "3", "--login-throttle-window", "2"]).await;
+    let ann = env.user("ann");
+    env.register(&ann, PASSWORD).await;
+    let wrong = json!({ "username": ann, "password": "not the password" }).to_string();
+    let right = json!({ "username": ann, "password": PASSWORD }).to_string();
+    let ghost =
+        json!({ "username": env.user("ghost"), "password": "not the password" }).to_string();
+
+    // An unknown account and a wrong password get the very same answer.
+    let (status_a, body_a) = env
+        .call_with(Method::POST, "/api/v1/auth/login", Some(&ghost), None)
+        .await;
+    let (status_b, body_b) = env
+        .call_with(Method::POST, "/api/v1/auth/login", Some(&wrong), None)
+        .await;
+    assert_eq!((status_a, &body_a), (status_b, &body_b));
+    assert_error(
+        status_b,
+        &body_b,
+        StatusCode::UNAUTHORIZED,
+        "invalid_credentials",
+    );
+
+    for _ in 0..2 {
+        let (status, _) = env
+            .call_with(Method::POST, "/api/v1/auth/login", Some(&wrong), None)
+            .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+    // Locked: even the right password waits.
+    let response = env
+        .http()
+        .post(format!("{}/api/v1/auth/login", env.base))
+        .header("content-type", "application/json")
+        .body(right.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry_after: u64 = response.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=2).contains(&retry_after), "{retry_after}");
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"], "too_many_requests");
+
+    tokio::time::sleep(Duration::from_secs(retry_after) + Duration::from_millis(200)).await;
+    let (status, body) = env
+        .call_with(Method::POST, "/api/v1/auth/login", Some(&right), None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "cleared after the window: {body}");
+}
+
+#[tokio::test]
+async fn fifty_concurrent_registrations_of_one_name_make_one_user() {
+    let env = TestEnv::start().await;
+    let name = env.user("rush");
+    let body = json!({ "username": name, "password": PASSWORD }).to_string();
+    let answers = futures::future::join_all(
+        (0..50).map(|_| env.call_with(Method::POST, "/api/v1/auth/register", Some(&body), None)),
+    )
+    .await;
+    let created = answers
+        .iter()
+        .filter(|(s, _)| *s == StatusCode::CREATED)
+        .count();
+    let conflicts = answers
+        .iter()
+        .filter(|(s, b)| *s == StatusCode::CONFLICT && b["error"] == "conflict")
+        .count();
+    assert_eq!((created, conflicts), (1, 49), "{answers:?}");
+    let count: i64 = sqlx::query_scalar("select count(*) from users where name = $1")
+        .bind(&name)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(count, 1);
+}
+
+#[tokio::test]
+async fn bad_registrations_get_clear_errors_and_write_nothing() {
+    let env = TestEnv::start().await;
+    let ok_name = env.user("ok");
+    let taken = env.user("taken");
+    env.register(&taken, PASSWORD).await;
+    let before: i64 = sqlx::query_scalar("select count(*) from users")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+
+    for (body, code) in [
+        (
+            json!({ "username": "Not_Dns", "password": PASSWORD }).to_string(),
+            "invalid_name",
+        ),
+        (
+            json!({ "username": ok_name, "password": "short" }).to_string(),
+            "bad_request",
+        ),
+        (
+            json!({ "username": ok_name, "password": "aaaaaaaaaaaaaaa" }).to_string(),
+            "bad_request",
+        ),
+        (
+            json!({ "username": ok_name, "password": PASSWORD, "email": "no-at-sign" }).to_string(),
+            "bad_request",
+        ),
+        (
+            json!({ "username": ok_name, "password": PASSWORD, "email": "a b@c.d" }).to_string(),
+            "bad_request",
+        ),
+        (json!({ "username": ok_name }).to_string(), "bad_request"),
+        (
+            json!({ "username": ok_name, "password": PASSWORD, "admin": true }).to_string(),
+            "bad_request",
+        ),
+        (
+            json!({ "username": 42, "password": PASSWORD }).to_string(),
+            "bad_request",
+        ),
+        ("{\"username\": ".to_string(), "bad_request"),
+        (String::new(), "bad_request"),
+        (
+            json!({ "username": taken, "password": PASSWORD }).to_string(),
+            "conflict",
+        ),
+    ] {
+        let (status, answer) = env
+            .call_with(Method::POST, "/api/v1/auth/register", Some(&body), None)
+            .await;
+        assert_eq!(answer["error"], code, "{body}: {answer}");
+        assert!(status.is_client_error(), "{body}: {status}");
+    }
+    let after: i64 = sqlx::query_scalar("select count(*) from users")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(before, after);
+
+    let closed = TestEnv::start_with(&["--allow-registration", "false"]).await;
+    let body = json!({ "username": ok_name, "password": PASSWORD }).to_string();
+    let (status, answer) = closed
+        .call_with(Method::POST, "/api/v1/auth/register", Some(&body), None)
+        .await;
+    assert_error(status, &answer, StatusCode::FORBIDDEN, "forbidden");
+}
+
+#[tokio::test]
+async fn a_user_past_the_per_user_server_limit_gets_429() {
+    let env = TestEnv::start_with(&["--max-servers-per-user", "2"]).await;
+    let ann = env.user("ann");
+    let token = env.register(&ann, PASSWORD).await;
+    for name in ["one", "two"] {
+        let (status, body) = as_user(
+            &env,
+            &token,
+            Method::POST,
+            &format!("/api/v1/users/{ann}/servers/{name}"),
+            None,
+        )
+        .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    }
+    let (status, body) = as_user(
+        &env,
+        &token,
+        Method::POST,
+        &format!("/api/v1/users/{ann}/servers/three"),
+        None,
+    )
+    .await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::TOO_MANY_REQUESTS,
+        "too_many_requests",
+    );
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("most allowed per user is 2"),
+        "{body}"
+    );
+    // A repeat of a pending one is still fine: it is not a new server.
+    let (status, _) = as_user(
+        &env,
+        &token,
+        Method::POST,
+        &format!("/api/v1/users/{ann}/servers/one"),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let servers: i64 =
+        sqlx::query_scalar("select count(*) from servers where state = 'pending_spawn'")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(servers, 2);
+}
+
+#[tokio::test]
+async fn responses_carry_security_headers_and_cors_only_for_configured_origins() {
+    let env = TestEnv::start_with(&["--cors-origins", "https://portal.example"]).await;
+    let health = env
+        .http()
+        .get(format!("{}/health", env.base))
+        .send()
+        .await
+        .unwrap();
+    let headers = health.headers();
+    assert_eq!(headers["x-content-type-options"], "nosniff");
+    assert_eq!(headers["x-frame-options"], "DENY");
+    assert_eq!(headers["referrer-policy"], "no-referrer");
+    assert!(headers.contains_key("content-security-policy"));
+
+    let preflight = |origin: &'static str| {
+        env.http()
+            .request(Method::OPTIONS, format!("{}/api/v1/auth/login", env.base))
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .send()
+    };
+    let allowed = preflight("https://portal.example").await.unwrap();
+    assert_eq!(
+        allowed.headers()["access-control-allow-origin"],
+        "https://portal.example"
+    );
+    let denied = preflight("https://evil.example").await.unwrap();
+    assert!(!denied.headers().contains_key("access-control-allow-origin"));
+}
+
+#[test]
+fn production_mode_refuses_to_start_without_a_signing_key_or_with_weak_secrets() {
+    let url = std::env::var("BERTH_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432/postgres".into());
+    for (env, expected) in [
+        (vec![], "BERTH_JWT_PRIVATE_KEY"),
+        (
+            vec![("BERTH_ADMIN_TOKEN", "short-but-16-chars!")],
+            "BERTH_ADMIN_TOKEN",
+        ),
+        (
+            vec![
+                ("BERTH_ADMIN_USER", "root"),
+                ("BERTH_ADMIN_PASSWORD", "weak"),
+            ],
+            "BERTH_ADMIN_PASSWORD",
+        ),
+    ] {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_berth"));
+        command
+            .args(["api", "--listen", "127.0.0.1:0"])
+            .env("BERTH_ENV", "production")
+            .env("BERTH_DATABASE_URL", &url)
+            .env_remove("BERTH_ADMIN_TOKEN")
+            .env_remove("BERTH_ADMIN_USER")
+            .env_remove("BERTH_ADMIN_PASSWORD")
+            .envs(env);
+        if expected == "BERTH_JWT_PRIVATE_KEY" {
+            command.env_remove("BERTH_JWT_PRIVATE_KEY");
+        } else {
+            command.env("BERTH_JWT_PRIVATE_KEY", common::new_signing_key());
+        }
+        let output = command.output().expect("berth runs");
+        assert!(!output.status.success(), "it must not start ({expected})");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(expected), "{expected}: {stderr}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_sso_hand_off_is_for_one_server_single_use_and_expires() {
+    let mut env = TestEnv::start().await;
+    env.start_worker(&[]);
+    let ann = env.user("ann");
+    let token = env.register(&ann, PASSWORD).await;
+    let path = format!("/api/v1/users/{ann}/server");
+    let (status, _) = as_user(&env, &token, Method::POST, &path, None).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let server = env
+        .wait_server(&path, Duration::from_secs(30), |s| s["state"] == "running")
+        .await;
+
+    // The server authenticates with the token it was given in its environment.
+    let inspect = env.inspect(&format!("berth-{ann}"));
+    let server_token = inspect["Config"]["Env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .find_map(|v| v.strip_prefix("BERTH_API_TOKEN="))
+        .expect("a server token")
+        .to_owned();
+
+    let (status, sso) = as_user(&env, &token, Method::POST, &format!("{path}/sso"), None).await;
+    assert_eq!(status, StatusCode::OK, "{sso}");
+    assert_eq!(sso["expires_in"], 300);
+    let hand_off = sso["token"].as_str().unwrap().to_owned();
+    let url = sso["url"].as_str().unwrap();
+    assert!(
+        url.starts_with(server["url"].as_str().unwrap()) && url.ends_with(&hand_off),
+        "{url}"
+    );
+
+    let check = json!({ "token": hand_off }).to_string();
+    let (status, who) = as_user(
+        &env,
+        &server_token,
+        Method::POST,
+        "/api/v1/sso/verify",
+        Some(&check),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{who}");
+    assert_eq!(who, json!({ "user": ann, "server": "" }));
+    let (status, body) = as_user(
+        &env,
+        &server_token,
+        Method::POST,
+        "/api/v1/sso/verify",
+        Some(&check),
+    )
+    .await;
+    assert_error(status, &body, StatusCode::UNAUTHORIZED, "unauthorized");
+
+    // Expired: the clock is moved past its five minutes.
+    let (_, sso) = as_user(&env, &token, Method::POST, &format!("{path}/sso"), None).await;
+    sqlx::query(
+        "update sso_tokens set expires_at = now() - interval '1 second' where used_at is null",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let check = json!({ "token": sso["token"] }).to_string();
+    let (status, body) = as_user(
+        &env,
+        &server_token,
+        Method::POST,
+        "/api/v1/sso/verify",
+        Some(&check),
+    )
+    .await;
+    assert_error(status, &body, StatusCode::UNAUTHORIZED, "unauthorized");
+
+    // A user's own token cannot verify hand-offs; nor can anyone else mint one for Ann.
+    let (_, sso) = as_user(&env, &token, Method::POST, &format!("{path}/sso"), None).await;
+    let check = json!({ "token": sso["token"] }).to_string();
+    let (status, body) = as_user(
+        &env,
+        &token,
+        Method::POST,
+        "/api/v1/sso/verify",
+        Some(&check),
+    )
+    .await;
+    assert_error(status, &body, StatusCode::FORBIDDEN, "forbidden");
+    let bob = env.register(&env.user("bob"), PASSWORD).await;
+    let (status, body) = as_user(&env, &bob, Method::POST, &format!("{path}/sso"), None).await;
+    assert_error(status, &body, StatusCode::FORBIDDEN, "forbidden");
+    // The token survived the refused attempt and still works once.
+    let (status, _) = as_user(
+        &env,
+        &server_token,
+        Method::POST,
+        "/api/v1/sso/verify",
+        Some(&check),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+
+    // No hand-off to a server that is not running.
+    let (status, body) = as_user(
+        &env,
+        &token,
+        Method::POST,
+        &format!("/api/v1/users/{ann}/servers/idle/sso"),
+        None,
+    )
+    .await;
+    assert_error(status, &body, StatusCode::NOT_FOUND, "not_found");
+}
