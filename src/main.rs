@@ -52,6 +52,24 @@ struct Common {
     )]
     db_max_connections: u32,
 
+    /// Spawns in flight at once, platform-wide (an admin may override it at runtime).
+    #[arg(
+        long,
+        env = "BERTH_CONCURRENT_SPAWN_LIMIT",
+        default_value_t = 10,
+        global = true
+    )]
+    concurrent_spawn_limit: u32,
+
+    /// Servers pending or running at once, platform-wide (an admin may override it at runtime).
+    #[arg(
+        long,
+        env = "BERTH_ACTIVE_SERVER_LIMIT",
+        default_value_t = 50,
+        global = true
+    )]
+    active_server_limit: u32,
+
     /// Log format.
     #[arg(
         long,
@@ -109,14 +127,29 @@ async fn main() -> anyhow::Result<()> {
     let QueueBackend::Postgres = cli.common.queue;
     let pool = connect(&cli.common).await?;
     let shutdown = shutdown_on_signal();
+    let limits = schema::Limits {
+        concurrent_spawn_limit: cli.common.concurrent_spawn_limit.max(1),
+        active_server_limit: cli.common.active_server_limit.max(1),
+    };
     match cli.command {
         Command::Migrate => {
             schema::migrate(&pool).await?;
             tracing::info!("database is up to date");
         }
-        Command::Api(config) => serve_api(config, pool, shutdown).await?,
-        Command::Worker(config) => workers::run(config, pool, shutdown).await?,
-        Command::Up { api, worker } => {
+        Command::Api(mut config) => {
+            config.limits = limits;
+            serve_api(config, pool, shutdown).await?
+        }
+        Command::Worker(mut config) => {
+            config.limits = limits;
+            workers::run(config, pool, shutdown).await?
+        }
+        Command::Up {
+            mut api,
+            mut worker,
+        } => {
+            api.limits = limits;
+            worker.limits = limits;
             schema::migrate(&pool).await?;
             let (a, w) = tokio::join!(
                 serve_api(api, pool.clone(), shutdown.clone()),

@@ -87,6 +87,10 @@ pub struct ApiConfig {
     /// Largest request body accepted, in bytes.
     #[arg(long, env = "BERTH_MAX_BODY_BYTES", default_value_t = 64 * 1024)]
     pub max_body_bytes: usize,
+
+    /// Platform limits as configured (set by the CLI from the shared flags).
+    #[arg(skip = schema::Limits { concurrent_spawn_limit: 10, active_server_limit: 50 })]
+    pub limits: schema::Limits,
 }
 
 impl ApiConfig {

@@ -10,6 +10,7 @@ pub mod error;
 pub mod health;
 pub mod jobs;
 pub mod passwords;
+pub mod platform;
 pub mod servers;
 pub mod tokens;
 pub mod users;
@@ -26,7 +27,7 @@ use axum::{
     extract::DefaultBodyLimit,
     http::{HeaderValue, Method, StatusCode, header},
 };
-use schema::{Accounts, Store, StoreError, UserName, accounts::AuditEvent};
+use schema::{Accounts, Platform, Store, StoreError, UserName, accounts::AuditEvent};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower_http::{
@@ -45,6 +46,7 @@ use tokens::JwtKeys;
 pub struct AppState {
     pub store: Arc<dyn Store>,
     pub accounts: Arc<dyn Accounts>,
+    pub platform: Arc<dyn Platform>,
     pub keys: Arc<JwtKeys>,
     pub config: Arc<ApiConfig>,
     pub started: Instant,
@@ -92,7 +94,8 @@ pub fn router(state: AppState) -> Router {
         .merge(admin::router())
         .merge(users::router())
         .merge(servers::router())
-        .merge(jobs::router());
+        .merge(jobs::router())
+        .merge(platform::router());
     let security_headers = [
         (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
         (header::X_FRAME_OPTIONS, "DENY"),
@@ -149,7 +152,7 @@ pub async fn run<S>(
     shutdown: CancellationToken,
 ) -> Result<(), StartError>
 where
-    S: Store + Accounts,
+    S: Store + Accounts + Platform,
 {
     config.validate().map_err(StartError::Config)?;
     let keys = match &config.jwt_private_key {
@@ -173,7 +176,8 @@ where
     }
     let state = AppState {
         store: store.clone(),
-        accounts: store,
+        accounts: store.clone(),
+        platform: store,
         keys: Arc::new(keys),
         config: Arc::new(config),
         started: Instant::now(),

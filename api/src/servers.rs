@@ -92,6 +92,7 @@ async fn spawn(
             server,
             image: body.image,
             max_servers_per_user: (limit > 0).then_some(limit),
+            active_server_limit: state.config.limits.active_server_limit,
         })
         .await?;
     Ok(match outcome {

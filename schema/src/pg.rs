@@ -28,7 +28,7 @@ macro_rules! select_servers {
 }
 
 /// Lock keys of servers live in their own advisory-lock space.
-const SERVER_LOCK_SPACE: i32 = 0x4245_5254; // "BERT"
+pub(crate) const SERVER_LOCK_SPACE: i32 = 0x4245_5254; // "BERT"
 
 #[derive(Clone)]
 pub struct PgStore {
@@ -191,6 +191,25 @@ impl Store for PgStore {
             }
             ServerState::Stopped | ServerState::Failed => {}
         }
+        // Admission is serialised platform-wide, so racing API processes cannot
+        // overshoot the active-server limit.
+        sqlx::query("select pg_advisory_xact_lock($1, 0)")
+            .bind(crate::pg_platform::ADMIT_SPACE)
+            .execute(&mut *tx)
+            .await?;
+        let (limit, active): (i32, i64) = sqlx::query_as(
+            "select coalesce((select active_server_limit from platform_limits), $1), \
+             (select count(*) from servers where state in ('pending_spawn', 'running'))",
+        )
+        .bind(req.active_server_limit as i32)
+        .fetch_one(&mut *tx)
+        .await?;
+        if active >= i64::from(limit) {
+            return Err(StoreError::Limit(format!(
+                "the platform is full: {active} of {limit} servers are pending or running; \
+                 try again when one stops"
+            )));
+        }
         if let Some(limit) = req.max_servers_per_user {
             let live: i64 = sqlx::query_scalar(
                 "select count(*) from servers where user_id = $1 \
@@ -348,17 +367,17 @@ impl Store for PgStore {
         Ok(())
     }
 
-    async fn lock_server(&self, server_id: i64) -> Result<Box<dyn ServerLock>, StoreError> {
-        let mut conn = self.pool.acquire().await?;
-        sqlx::query("select pg_advisory_lock($1, $2)")
-            .bind(SERVER_LOCK_SPACE)
-            .bind(lock_key(server_id))
-            .execute(&mut *conn)
+    async fn note_retry(&self, id: Uuid, error: &str) -> Result<(), StoreError> {
+        sqlx::query("update jobs set attempts = attempts + 1, last_error = $2 where id = $1 and state = 'running'")
+            .bind(id)
+            .bind(error)
+            .execute(&self.pool)
             .await?;
-        Ok(Box::new(PgServerLock {
-            conn: Some(conn),
-            key: lock_key(server_id),
-        }))
+        Ok(())
+    }
+
+    async fn lock_server(&self, server_id: i64) -> Result<Box<dyn ServerLock>, StoreError> {
+        SessionLock::take(&self.pool, SERVER_LOCK_SPACE, lock_key(server_id)).await
     }
 
     async fn server_by_id(&self, server_id: i64) -> Result<Option<ServerRow>, StoreError> {
@@ -438,21 +457,65 @@ impl Store for PgStore {
 
 /// Folds a server id into the 32-bit key of a two-key advisory lock. Two servers
 /// that share a key only serialise with each other, which is harmless.
-fn lock_key(server_id: i64) -> i32 {
+pub(crate) fn lock_key(server_id: i64) -> i32 {
     (server_id ^ (server_id >> 32)) as i32
 }
 
-struct PgServerLock {
+/// A Postgres session advisory lock held on a connection of its own.
+pub(crate) struct SessionLock {
     conn: Option<PoolConnection<Postgres>>,
+    space: i32,
     key: i32,
 }
 
+impl SessionLock {
+    /// Waits for the lock.
+    pub(crate) async fn take(
+        pool: &PgPool,
+        space: i32,
+        key: i32,
+    ) -> Result<Box<dyn ServerLock>, StoreError> {
+        let mut conn = pool.acquire().await?;
+        sqlx::query("select pg_advisory_lock($1, $2)")
+            .bind(space)
+            .bind(key)
+            .execute(&mut *conn)
+            .await?;
+        Ok(Box::new(Self {
+            conn: Some(conn),
+            space,
+            key,
+        }))
+    }
+
+    /// Takes the lock if nobody holds it.
+    pub(crate) async fn try_take(
+        pool: &PgPool,
+        space: i32,
+        key: i32,
+    ) -> Result<Option<Box<dyn ServerLock>>, StoreError> {
+        let mut conn = pool.acquire().await?;
+        let got: bool = sqlx::query_scalar("select pg_try_advisory_lock($1, $2)")
+            .bind(space)
+            .bind(key)
+            .fetch_one(&mut *conn)
+            .await?;
+        Ok(got.then(|| {
+            Box::new(Self {
+                conn: Some(conn),
+                space,
+                key,
+            }) as Box<dyn ServerLock>
+        }))
+    }
+}
+
 #[async_trait]
-impl ServerLock for PgServerLock {
+impl ServerLock for SessionLock {
     async fn release(mut self: Box<Self>) {
         if let Some(mut conn) = self.conn.take() {
             let unlocked = sqlx::query("select pg_advisory_unlock($1, $2)")
-                .bind(SERVER_LOCK_SPACE)
+                .bind(self.space)
                 .bind(self.key)
                 .execute(&mut *conn)
                 .await;
@@ -464,7 +527,7 @@ impl ServerLock for PgServerLock {
     }
 }
 
-impl Drop for PgServerLock {
+impl Drop for SessionLock {
     fn drop(&mut self) {
         // Not released (a panic or a cancelled task): close the session so that
         // Postgres frees the lock, rather than handing a locked connection back.

@@ -23,7 +23,7 @@ pub trait Queue: Send + Sync + 'static {
 }
 
 /// How often the backend hands a job out when its handler errs before giving up.
-pub const MAX_DELIVERIES: usize = 5;
+pub const MAX_DELIVERIES: usize = 25;
 
 /// apalis-postgres as the queue: tasks go into `apalis.jobs` in the caller's
 /// transaction, keyed by the job id so a retried enqueue cannot double a job.

@@ -53,6 +53,8 @@ pub struct SpawnRequest {
     pub image: Option<String>,
     /// Most servers the user may have pending or running at once; `None`: no limit.
     pub max_servers_per_user: Option<u32>,
+    /// The configured active-server limit; an admin's override in the database wins.
+    pub active_server_limit: u32,
 }
 
 /// A per-server lock held while a worker acts on the server. It is a session lock
@@ -94,6 +96,8 @@ pub trait Store: Send + Sync + 'static {
     /// ended (a duplicate delivery), so the caller does nothing.
     async fn begin_job(&self, id: Uuid, worker: &str) -> Result<Option<JobRow>, StoreError>;
     async fn finish_job(&self, id: Uuid, outcome: &JobOutcome) -> Result<(), StoreError>;
+    /// Counts another try of a running job after a transient failure, keeping its error.
+    async fn note_retry(&self, id: Uuid, error: &str) -> Result<(), StoreError>;
 
     async fn lock_server(&self, server_id: i64) -> Result<Box<dyn ServerLock>, StoreError>;
     async fn server_by_id(&self, server_id: i64) -> Result<Option<ServerRow>, StoreError>;

@@ -2,9 +2,21 @@
 
 use schema::{JobOutcome, JobRow, UserName, jobs::CleanupJob};
 
-use crate::context::{Context, HandlerResult, names};
+use crate::context::{Context, HandlerError, HandlerResult, names};
 
-pub async fn run(ctx: &Context, job: &JobRow) -> HandlerResult {
+pub async fn run(ctx: &Context, job: &JobRow) -> Result<(), HandlerError> {
+    let Some(job) = ctx.store.begin_job(job.id, &ctx.worker_name).await? else {
+        return Ok(());
+    };
+    let outcome = cleanup(ctx, &job).await?;
+    if let JobOutcome::Failed(why) = &outcome {
+        tracing::warn!(job = %job.id, error = %why, "cleanup failed");
+    }
+    ctx.store.finish_job(job.id, &outcome).await?;
+    Ok(())
+}
+
+async fn cleanup(ctx: &Context, job: &JobRow) -> HandlerResult {
     let payload: CleanupJob = match serde_json::from_value(job.payload.clone()) {
         Ok(p) => p,
         Err(e) => {
@@ -21,26 +33,32 @@ pub async fn run(ctx: &Context, job: &JobRow) -> HandlerResult {
         let lock = ctx.store.lock_server(server.id).await?;
         let stopped = match names(&server.user_name, &server.name) {
             Ok((user, name)) => ctx
-                .spawner
-                .stop(&user, &name)
+                .with_retries(job, || ctx.spawner.stop(&user, &name))
                 .await
-                .map_err(|e| e.to_string()),
-            Err(e) => Err(e),
+                .map(|r| r.map_err(|e| e.to_string())),
+            Err(e) => Ok(Err(e)),
         };
         let marked = match stopped {
-            Ok(()) => ctx.store.mark_stopped(server.id, None).await.map(|_| ()),
-            Err(e) => {
+            Ok(Ok(())) => ctx.store.mark_stopped(server.id, None).await.map(|_| ()),
+            Ok(Err(e)) => {
                 lock.release().await;
                 return Ok(JobOutcome::Failed(format!(
                     "stopping server {:?}: {e}",
                     server.name
                 )));
             }
+            Err(e) => {
+                lock.release().await;
+                return Err(e);
+            }
         };
         lock.release().await;
         marked?;
     }
-    if let Err(e) = ctx.spawner.remove_user(&user).await {
+    if let Err(e) = ctx
+        .with_retries(job, || ctx.spawner.remove_user(&user))
+        .await?
+    {
         return Ok(JobOutcome::Failed(format!(
             "removing the containers and volume of {user}: {e}"
         )));

@@ -23,6 +23,36 @@ pub struct WorkerConfig {
     #[arg(long, env = "BERTH_WORKER_NAME")]
     pub worker_name: Option<String>,
 
+    /// Milliseconds between polls of the queue, besides the wake-ups NOTIFY gives
+    /// for new jobs; it bounds how long a retried or taken-over job waits.
+    #[arg(long, env = "BERTH_QUEUE_POLL_MS", default_value_t = 250)]
+    pub poll_interval_ms: u64,
+
+    /// Seconds between a worker's heartbeats.
+    #[arg(long, env = "BERTH_WORKER_HEARTBEAT", default_value_t = 5)]
+    pub heartbeat: u64,
+
+    /// Heartbeats a worker may miss before others take its jobs over; a dead
+    /// worker's spawn resumes elsewhere within heartbeat × (this + 1) seconds.
+    #[arg(long, env = "BERTH_WORKER_MISSED_HEARTBEATS", default_value_t = 3)]
+    pub missed_heartbeats: usize,
+
+    /// Seconds a stopping worker gives its jobs in flight to finish.
+    #[arg(long, env = "BERTH_SHUTDOWN_GRACE", default_value_t = 30)]
+    pub shutdown_grace: u64,
+
+    /// Seconds between reconciliations of containers against the database.
+    #[arg(long, env = "BERTH_RECONCILE_INTERVAL", default_value_t = 60)]
+    pub reconcile_interval: u64,
+
+    /// Tries of a job whose failures are transient (engine busy) before it fails.
+    #[arg(long, env = "BERTH_JOB_MAX_ATTEMPTS", default_value_t = 5)]
+    pub max_attempts: u32,
+
+    /// Platform limits as configured (set by the CLI from the shared flags).
+    #[arg(skip = schema::Limits { concurrent_spawn_limit: 10, active_server_limit: 50 })]
+    pub limits: schema::Limits,
+
     #[command(flatten)]
     pub docker: DockerConfig,
 }

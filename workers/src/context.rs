@@ -1,18 +1,114 @@
-//! What every job handler gets.
+//! What every job handler gets, and the steps all server jobs share.
 
-use std::sync::Arc;
-
-use schema::{
-    JobOutcome, JobRow, ServerName, ServerRow, ServerState, Store, StoreError, UserName,
-    jobs::ServerJob,
+use std::{
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicI32, Ordering},
+    },
+    time::{Duration, Instant},
 };
 
-use crate::spawner::Spawner;
+use schema::{
+    JobOutcome, JobRow, JobState, Limits, Platform, ServerName, ServerRow, ServerState, Store,
+    StoreError, UserName, jobs::ServerJob,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::spawner::{SpawnError, Spawner};
 
 pub struct Context {
     pub store: Arc<dyn Store>,
+    pub platform: Arc<dyn Platform>,
     pub spawner: Arc<dyn Spawner>,
     pub worker_name: String,
+    /// The limits this worker was configured with; an admin's override wins.
+    pub configured: Limits,
+    /// Tries of a job whose failures are transient, before it fails.
+    pub max_attempts: u32,
+    /// Fires when the worker shuts down: waiting jobs are handed back.
+    pub shutdown: CancellationToken,
+    pub in_flight: AtomicI32,
+    /// Woken when any worker frees a spawn slot.
+    pub slot_freed: tokio::sync::Notify,
+    limits_cache: Mutex<Option<(Instant, Limits)>>,
+}
+
+/// How long a worker trusts the limits it read.
+const LIMITS_TTL: Duration = Duration::from_secs(1);
+
+impl Context {
+    pub fn new(
+        store: Arc<dyn Store>,
+        platform: Arc<dyn Platform>,
+        spawner: Arc<dyn Spawner>,
+        worker_name: String,
+        configured: Limits,
+        max_attempts: u32,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            store,
+            platform,
+            spawner,
+            worker_name,
+            configured,
+            max_attempts,
+            shutdown,
+            in_flight: AtomicI32::new(0),
+            slot_freed: tokio::sync::Notify::new(),
+            limits_cache: Mutex::new(None),
+        }
+    }
+
+    /// The limits in force, re-read at most once a second so that an admin's
+    /// change reaches every worker within that time.
+    pub async fn limits(&self) -> Result<Limits, StoreError> {
+        if let Some((at, limits)) = *self.limits_cache.lock().expect("limits cache")
+            && at.elapsed() < LIMITS_TTL
+        {
+            return Ok(limits);
+        }
+        let limits = self
+            .platform
+            .limit_overrides()
+            .await?
+            .apply(self.configured);
+        *self.limits_cache.lock().expect("limits cache") = Some((Instant::now(), limits));
+        Ok(limits)
+    }
+
+    pub fn jobs_in_flight(&self) -> i32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Runs `attempt` until it succeeds, fails for good, or has been tried
+    /// `max_attempts` times; transient engine errors wait 0.5, 1, 2, 4… seconds.
+    pub async fn with_retries<T, F, Fut>(
+        &self,
+        job: &JobRow,
+        mut attempt: F,
+    ) -> Result<Result<T, SpawnError>, HandlerError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, SpawnError>>,
+    {
+        let mut tries = 1;
+        loop {
+            match attempt().await {
+                Err(e) if e.is_transient() && tries < self.max_attempts => {
+                    let wait = Duration::from_millis(500 << (tries - 1).min(6));
+                    tracing::warn!(job = %job.id, error = %e, tries, retry_in = ?wait, "transient failure; retrying");
+                    self.store.note_retry(job.id, &e.to_string()).await?;
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = self.shutdown.cancelled() => return Err(HandlerError::HandOff),
+                    }
+                    tries += 1;
+                }
+                other => return Ok(other),
+            }
+        }
+    }
 }
 
 /// Names in rows were validated before they were written; a row that fails here
@@ -34,10 +130,12 @@ pub enum HandlerError {
     Store(#[from] StoreError),
     #[error("{0}")]
     Transient(String),
+    #[error("the worker is shutting down; the job goes back to the queue")]
+    HandOff,
 }
 
 /// A handler's result: how the job ended, or an error worth another delivery.
-pub type HandlerResult = Result<schema::JobOutcome, HandlerError>;
+pub type HandlerResult = Result<JobOutcome, HandlerError>;
 
 /// The server a spawn or stop job is about, read under its lock.
 pub struct Claimed {
@@ -46,37 +144,66 @@ pub struct Claimed {
     pub name: ServerName,
 }
 
-/// Takes the lock of the job's server and runs `act` if the server is still in
-/// `expected` on behalf of this very job; otherwise the job is moot and cancelled.
-/// One worker at a time acts on a server: a stop waits here until a spawn is done
-/// or has noticed that it is no longer wanted.
+pub fn server_payload(job: &JobRow) -> Result<ServerJob, JobOutcome> {
+    serde_json::from_value(job.payload.clone())
+        .map_err(|e| JobOutcome::Failed(format!("malformed {} payload: {e}", job.kind)))
+}
+
+fn is_final(state: &str) -> bool {
+    [JobState::Succeeded, JobState::Failed, JobState::Cancelled]
+        .iter()
+        .any(|s| s.as_str() == state)
+}
+
+/// The steps every server job shares. Under the server's lock: skip a job that has
+/// already ended (a duplicate delivery), count the attempt, check that the server
+/// is still in `expected` on behalf of this very job (else the job is moot), run
+/// `act`, and record how the job ended, all before the lock is released, so a
+/// second delivery waiting on the lock sees the outcome.
 pub async fn with_claimed_server<F, Fut>(
     ctx: &Context,
     job: &JobRow,
     expected: ServerState,
     act: F,
-) -> HandlerResult
+) -> Result<(), HandlerError>
 where
     F: FnOnce(Claimed) -> Fut,
     Fut: Future<Output = HandlerResult>,
 {
-    let payload: ServerJob = match serde_json::from_value(job.payload.clone()) {
+    let payload = match server_payload(job) {
         Ok(p) => p,
-        Err(e) => {
-            return Ok(JobOutcome::Failed(format!(
-                "malformed {} payload: {e}",
-                job.kind
-            )));
-        }
+        Err(outcome) => return Ok(ctx.store.finish_job(job.id, &outcome).await?),
     };
     let lock = ctx.store.lock_server(payload.server_id).await?;
-    let outcome = match claim(ctx, job, payload.server_id, expected).await {
-        Ok(Ok(claimed)) => act(claimed).await,
-        Ok(Err(moot)) => Ok(moot),
-        Err(e) => Err(e),
-    };
+    let result = claimed_locked(ctx, job, payload.server_id, expected, act).await;
     lock.release().await;
-    outcome
+    result
+}
+
+async fn claimed_locked<F, Fut>(
+    ctx: &Context,
+    job: &JobRow,
+    server_id: i64,
+    expected: ServerState,
+    act: F,
+) -> Result<(), HandlerError>
+where
+    F: FnOnce(Claimed) -> Fut,
+    Fut: Future<Output = HandlerResult>,
+{
+    let Some(job) = ctx.store.begin_job(job.id, &ctx.worker_name).await? else {
+        tracing::debug!(job = %job.id, "already ended; duplicate delivery ignored");
+        return Ok(());
+    };
+    let outcome = match claim(ctx, &job, server_id, expected).await? {
+        Ok(claimed) => act(claimed).await?,
+        Err(moot) => moot,
+    };
+    if let JobOutcome::Failed(why) = &outcome {
+        tracing::warn!(job = %job.id, error = %why, "job failed");
+    }
+    ctx.store.finish_job(job.id, &outcome).await?;
+    Ok(())
 }
 
 async fn claim(
@@ -104,4 +231,9 @@ async fn claim(
         Ok((user, name)) => Ok(Claimed { server, user, name }),
         Err(e) => Err(JobOutcome::Failed(e)),
     })
+}
+
+/// Whether a job row still needs doing; a final one is a duplicate delivery.
+pub fn still_open(job: &JobRow) -> bool {
+    !is_final(&job.state)
 }

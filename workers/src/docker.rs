@@ -26,7 +26,7 @@ use tokio::{
 
 use crate::{
     config::{DockerConfig, PullPolicy},
-    spawner::{SpawnError, SpawnSpec, Spawned, Spawner, StillWanted},
+    spawner::{ManagedContainer, SpawnError, SpawnSpec, Spawned, Spawner, StillWanted},
 };
 
 pub const LABEL_MANAGED: &str = "berth.managed";
@@ -342,6 +342,50 @@ impl Spawner for DockerSpawner {
             Err(e) => return Err(e.into()),
         }
         self.remove_container(&name).await
+    }
+
+    async fn list_managed(&self) -> Result<Vec<ManagedContainer>, SpawnError> {
+        let filters = HashMap::from([(
+            "label".to_owned(),
+            vec![format!("{LABEL_INSTANCE}={}", self.config.instance)],
+        )]);
+        let options = ListContainersOptions {
+            all: true,
+            filters: Some(filters),
+            ..Default::default()
+        };
+        let mut found = vec![];
+        for c in self.docker.list_containers(Some(options)).await? {
+            let Some(id) = c.id else { continue };
+            let labels = c.labels.unwrap_or_default();
+            let running = c.state.as_ref().is_some_and(|s| s.to_string() == "running");
+            let exit_code = if running {
+                None
+            } else {
+                self.docker
+                    .inspect_container(&id, None)
+                    .await
+                    .ok()
+                    .and_then(|i| i.state)
+                    .and_then(|s| s.exit_code)
+            };
+            found.push(ManagedContainer {
+                name: c
+                    .names
+                    .and_then(|n| n.into_iter().next())
+                    .map(|n| n.trim_start_matches('/').to_owned())
+                    .unwrap_or_default(),
+                server_id: labels.get(LABEL_SERVER_ID).and_then(|v| v.parse().ok()),
+                running,
+                exit_code,
+                id,
+            });
+        }
+        Ok(found)
+    }
+
+    async fn remove(&self, container_id: &str) -> Result<(), SpawnError> {
+        self.remove_container(container_id).await
     }
 
     async fn remove_user(&self, user: &UserName) -> Result<(), SpawnError> {

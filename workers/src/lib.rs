@@ -4,24 +4,30 @@ pub mod cleanup;
 pub mod config;
 pub mod context;
 pub mod docker;
+pub mod reconcile;
 pub mod spawn;
 pub mod spawner;
 pub mod stop;
 
-use std::sync::Arc;
-
-use apalis::prelude::{BoxDynError, Data, WorkerBuilder, WorkerBuilderExt};
-use apalis_postgres::PostgresStorage;
-use schema::{
-    ApalisQueue, JobEnvelope, JobKind, JobOutcome, PgStore,
-    jobs::{CONTROL_QUEUE, SPAWN_QUEUE},
+use std::{
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
 };
-use sqlx::PgPool;
+
+use apalis::prelude::{BoxDynError, Data, PollWith, Strategy, WorkerBuilder, WorkerBuilderExt};
+use apalis_postgres::{PostgresStorage, Pubsub};
+use schema::{
+    ApalisQueue, JobEnvelope, JobKind, PgStore,
+    jobs::{CONTROL_QUEUE, SPAWN_QUEUE},
+    pg_platform::SLOT_FREED_CHANNEL,
+    platform::WorkerInfo,
+};
+use sqlx::{PgPool, postgres::PgListener};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 pub use config::{DockerConfig, PullPolicy, WorkerConfig};
-use context::Context;
+use context::{Context, HandlerError};
 use docker::DockerSpawner;
 use spawner::SpawnError;
 
@@ -29,12 +35,16 @@ use spawner::SpawnError;
 pub enum WorkerError {
     #[error("container engine: {0}")]
     Engine(#[from] SpawnError),
+    #[error("database: {0}")]
+    Store(#[from] schema::StoreError),
     #[error("queue worker: {0}")]
     Queue(String),
 }
 
 /// Runs a worker until `shutdown` fires: one consumer for spawns and one for
-/// stops and cleanups, each with `concurrency` jobs in flight.
+/// stops and cleanups, each with `concurrency` jobs in flight, plus heartbeats and
+/// reconciliation. On shutdown it takes no new jobs, hands back spawns still
+/// waiting for a slot, and gives the rest `shutdown_grace` seconds.
 pub async fn run(
     config: WorkerConfig,
     pool: PgPool,
@@ -46,16 +56,62 @@ pub async fn run(
         .worker_name
         .clone()
         .unwrap_or_else(default_worker_name);
-    let ctx = Arc::new(Context {
-        store: Arc::new(PgStore::new(pool.clone(), Arc::new(ApalisQueue))),
-        spawner: Arc::new(spawner),
-        worker_name: worker_name.clone(),
-    });
+    let store = Arc::new(PgStore::new(pool.clone(), Arc::new(ApalisQueue)));
+    let jobs_done = CancellationToken::new();
+    let ctx = Arc::new(Context::new(
+        store.clone(),
+        store.clone(),
+        Arc::new(spawner),
+        worker_name.clone(),
+        config.limits,
+        config.max_attempts.max(1),
+        shutdown.clone(),
+    ));
+    use schema::Platform;
+    store
+        .register_worker(&WorkerInfo {
+            name: worker_name.clone(),
+            host: hostname(),
+            pid: std::process::id() as i32,
+            backend: "postgres".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+        })
+        .await?;
     tracing::info!(worker = %worker_name, concurrency = config.concurrency, "worker started");
+
+    let background = [
+        tokio::spawn(heartbeats(
+            ctx.clone(),
+            Duration::from_secs(config.heartbeat.max(1)),
+            jobs_done.clone(),
+        )),
+        tokio::spawn(reconcile_loop(
+            ctx.clone(),
+            Duration::from_secs(config.reconcile_interval.max(1)),
+            jobs_done.clone(),
+        )),
+        tokio::spawn(slot_notifications(
+            ctx.clone(),
+            pool.clone(),
+            jobs_done.clone(),
+        )),
+    ];
+
     let consume = |queue: &'static str| {
-        let storage = PostgresStorage::<JobEnvelope>::new(&pool)
-            .with_config(apalis_postgres::Config::default().queue(queue))
-            .with_pubsub();
+        let queue_config = apalis_postgres::Config::default()
+            .queue(queue)
+            .heartbeat_interval(Duration::from_secs(config.heartbeat.max(1)))
+            .missed_heartbeats(config.missed_heartbeats.max(1));
+        // NOTIFY wakes a worker the moment a job is inserted; the interval catches
+        // what NOTIFY never announces: jobs handed back, retried or taken over
+        // from a dead worker.
+        let strategy = Strategy::new()
+            .stream(Pubsub::new(pool.clone(), queue.to_owned()))
+            .interval(Duration::from_millis(config.poll_interval_ms.max(5)));
+        let storage = PollWith::new(
+            PostgresStorage::<JobEnvelope>::new(&pool).with_config(queue_config),
+            strategy,
+        );
         let worker = WorkerBuilder::new(format!("{worker_name}/{queue}"))
             .backend(storage)
             .data(ctx.clone())
@@ -72,16 +128,101 @@ pub async fn run(
                 .map_err(|e| WorkerError::Queue(e.to_string()))
         }
     };
-    tokio::try_join!(consume(SPAWN_QUEUE), consume(CONTROL_QUEUE))?;
+    let mut consumers = Box::pin(async {
+        tokio::try_join!(consume(SPAWN_QUEUE), consume(CONTROL_QUEUE)).map(|_| ())
+    });
+    let result = tokio::select! {
+        result = &mut consumers => result,
+        _ = shutdown.cancelled() => {
+            let grace = Duration::from_secs(config.shutdown_grace);
+            match tokio::time::timeout(grace, &mut consumers).await {
+                Ok(result) => result,
+                Err(_) => {
+                    tracing::warn!(
+                        in_flight = ctx.jobs_in_flight(),
+                        "the shutdown grace period is over; jobs still running resume on other workers"
+                    );
+                    Ok(())
+                }
+            }
+        }
+    };
+    jobs_done.cancel();
+    for task in background {
+        let _ = task.await;
+    }
+    if let Err(e) = store.worker_stopped(&worker_name).await {
+        tracing::warn!(error = %e, "could not record the worker's stop");
+    }
     tracing::info!(worker = %worker_name, "worker stopped");
-    Ok(())
+    result
+}
+
+async fn heartbeats(ctx: Arc<Context>, every: Duration, done: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = done.cancelled() => return,
+        }
+        if let Err(e) = ctx
+            .platform
+            .worker_heartbeat(&ctx.worker_name, ctx.jobs_in_flight())
+            .await
+        {
+            tracing::warn!(error = %e, "heartbeat failed");
+        }
+    }
+}
+
+/// Reconciles at start-up, then every `every`.
+async fn reconcile_loop(ctx: Arc<Context>, every: Duration, done: CancellationToken) {
+    loop {
+        if let Err(e) = reconcile::reconcile(&ctx).await {
+            tracing::warn!(error = %e, "reconciliation failed; trying again later");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = done.cancelled() => return,
+        }
+    }
+}
+
+/// Wakes this worker's waiting spawns whenever any worker frees a slot.
+async fn slot_notifications(ctx: Arc<Context>, pool: PgPool, done: CancellationToken) {
+    loop {
+        let listener = async {
+            let mut listener = PgListener::connect_with(&pool).await?;
+            listener.listen(SLOT_FREED_CHANNEL).await?;
+            loop {
+                listener.recv().await?;
+                ctx.slot_freed.notify_waiters();
+            }
+            #[allow(unreachable_code)]
+            Ok::<(), sqlx::Error>(())
+        };
+        tokio::select! {
+            result = listener => {
+                if let Err(e) = result {
+                    tracing::warn!(error = %e, "slot notifications lost; waiting spawns poll until they resume");
+                }
+            }
+            _ = done.cancelled() => return,
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = done.cancelled() => return,
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".into())
 }
 
 fn default_worker_name() -> String {
-    let host = std::fs::read_to_string("/etc/hostname")
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_else(|_| "worker".into());
-    format!("{host}-{}", std::process::id())
+    format!("{}-{}", hostname(), std::process::id())
 }
 
 async fn handle(envelope: JobEnvelope, ctx: Data<Arc<Context>>) -> Result<(), BoxDynError> {
@@ -92,22 +233,22 @@ async fn handle(envelope: JobEnvelope, ctx: Data<Arc<Context>>) -> Result<(), Bo
 
 async fn run_job(envelope: JobEnvelope, ctx: &Context) -> Result<(), BoxDynError> {
     let job_id = envelope.job_id;
-    let Some(job) = ctx.store.begin_job(job_id, &ctx.worker_name).await? else {
-        tracing::debug!(job = %job_id, "job already finished; duplicate delivery ignored");
+    let Some(job) = ctx.store.get_job(job_id).await?.filter(context::still_open) else {
+        tracing::debug!(job = %job_id, "job already ended; duplicate delivery ignored");
         return Ok(());
     };
-    let outcome = match envelope.kind {
+    ctx.in_flight.fetch_add(1, Ordering::Relaxed);
+    let result = match envelope.kind {
         JobKind::Spawn => spawn::run(ctx, &job).await,
         JobKind::Stop => stop::run(ctx, &job).await,
         JobKind::Cleanup => cleanup::run(ctx, &job).await,
     };
-    match outcome {
-        Ok(outcome) => {
-            if let JobOutcome::Failed(why) = &outcome {
-                tracing::warn!(job = %job_id, error = %why, "job failed");
-            }
-            ctx.store.finish_job(job_id, &outcome).await?;
-            Ok(())
+    ctx.in_flight.fetch_sub(1, Ordering::Relaxed);
+    match result {
+        Ok(()) => Ok(()),
+        Err(HandlerError::HandOff) => {
+            tracing::info!(job = %job_id, "handed back to the queue at shutdown");
+            Err(HandlerError::HandOff.into())
         }
         Err(e) => {
             tracing::warn!(job = %job_id, error = %e, "job hit an error; it will be handed out again");

@@ -1,19 +1,62 @@
-//! The spawn job: start a server's container and wait until it answers.
+//! The spawn job: wait for a global spawn slot, start the server's container and
+//! wait until it answers.
+
+use std::time::Duration;
 
 use rand::RngCore;
 use schema::{JobOutcome, JobRow, Running, ServerState};
 use sha2::{Digest, Sha256};
 
 use crate::{
-    context::{Claimed, Context, HandlerResult, with_claimed_server},
+    context::{Claimed, Context, HandlerError, HandlerResult, server_payload, with_claimed_server},
     spawner::{SpawnError, SpawnSpec, StillWanted},
 };
 
-pub async fn run(ctx: &Context, job: &JobRow) -> HandlerResult {
-    with_claimed_server(ctx, job, ServerState::PendingSpawn, |claimed| {
-        spawn(ctx, job, claimed)
-    })
-    .await
+/// A waiting spawn asks again when a slot is freed anywhere (NOTIFY), or after this.
+const SLOT_POLL: Duration = Duration::from_millis(500);
+
+pub async fn run(ctx: &Context, job: &JobRow) -> Result<(), HandlerError> {
+    let server_id = match server_payload(job) {
+        Ok(p) => p.server_id,
+        Err(outcome) => return Ok(ctx.store.finish_job(job.id, &outcome).await?),
+    };
+    // Over the concurrent-spawn limit a spawn waits here, neither failed nor counted
+    // as an attempt, and takes the first slot that frees once no older spawn waits.
+    let slot = loop {
+        if !still_wanted(ctx, job, server_id).await? {
+            // Moot before it started (a stop won): the shared steps record why.
+            return with_claimed_server(ctx, job, ServerState::PendingSpawn, |c| {
+                spawn(ctx, job, c)
+            })
+            .await;
+        }
+        let limit = ctx.limits().await?.concurrent_spawn_limit;
+        if let Some(slot) = ctx
+            .platform
+            .try_spawn_slot(job.id, job.created_at, limit, &ctx.worker_name)
+            .await?
+        {
+            break slot;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(SLOT_POLL) => {}
+            _ = ctx.slot_freed.notified() => {}
+            _ = ctx.shutdown.cancelled() => return Err(HandlerError::HandOff),
+        }
+    };
+    tracing::debug!(job = %job.id, slot = slot.slot(), "spawn slot taken");
+    let result =
+        with_claimed_server(ctx, job, ServerState::PendingSpawn, |c| spawn(ctx, job, c)).await;
+    slot.release().await;
+    result
+}
+
+async fn still_wanted(ctx: &Context, job: &JobRow, server_id: i64) -> Result<bool, HandlerError> {
+    Ok(ctx
+        .store
+        .server_by_id(server_id)
+        .await?
+        .is_some_and(|s| s.state() == ServerState::PendingSpawn && s.spawn_job_id == Some(job.id)))
 }
 
 async fn spawn(ctx: &Context, job: &JobRow, claimed: Claimed) -> HandlerResult {
@@ -23,6 +66,15 @@ async fn spawn(ctx: &Context, job: &JobRow, claimed: Claimed) -> HandlerResult {
         name: server_name,
     } = claimed;
     let server_id = server.id;
+    // The API admits exactly; this catches a limit an admin lowered since.
+    let limit = ctx.limits().await?.active_server_limit;
+    if !ctx.platform.within_active_limit(server_id, limit).await? {
+        let message = format!("the platform is full: the active-server limit is {limit}");
+        ctx.store
+            .mark_spawn_failed(server_id, job.id, &message)
+            .await?;
+        return Ok(JobOutcome::Failed(message));
+    }
     let token = new_token();
     let spec = SpawnSpec {
         server_id,
@@ -32,23 +84,26 @@ async fn spawn(ctx: &Context, job: &JobRow, claimed: Claimed) -> HandlerResult {
         image: server.image.clone(),
         token: token.clone(),
     };
-    let store = ctx.store.clone();
-    let job_id = job.id;
-    let still_wanted: StillWanted<'_> = Box::new(move || {
-        let store = store.clone();
-        Box::pin(async move {
-            match store.server_by_id(server_id).await {
-                Ok(Some(s)) => {
-                    s.state() == ServerState::PendingSpawn && s.spawn_job_id == Some(job_id)
+    let attempt = || {
+        let store = ctx.store.clone();
+        let job_id = job.id;
+        let still_wanted: StillWanted<'_> = Box::new(move || {
+            let store = store.clone();
+            Box::pin(async move {
+                match store.server_by_id(server_id).await {
+                    Ok(Some(s)) => {
+                        s.state() == ServerState::PendingSpawn && s.spawn_job_id == Some(job_id)
+                    }
+                    Ok(None) => false,
+                    // The database is unreachable for a moment: keep going, the final
+                    // conditional update decides.
+                    Err(_) => true,
                 }
-                Ok(None) => false,
-                // The database is unreachable for a moment: keep going, the final
-                // conditional update decides.
-                Err(_) => true,
-            }
-        })
-    });
-    match ctx.spawner.spawn(&spec, still_wanted).await {
+            })
+        });
+        ctx.spawner.spawn(&spec, still_wanted)
+    };
+    match ctx.with_retries(job, attempt).await? {
         Ok(spawned) => {
             let running = Running {
                 server_id,

@@ -41,6 +41,25 @@ pub enum SpawnError {
 pub type StillWanted<'a> =
     Box<dyn Fn() -> Pin<Box<dyn Future<Output = bool> + Send + 'a>> + Send + Sync + 'a>;
 
+impl SpawnError {
+    /// Worth another try: the engine was busy or unreachable. A missing image, a
+    /// server that exits or never answers will not do better the next time.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, SpawnError::Engine(_))
+    }
+}
+
+/// A container that carries this deployment's labels.
+#[derive(Debug, Clone)]
+pub struct ManagedContainer {
+    pub id: String,
+    pub name: String,
+    pub server_id: Option<i64>,
+    pub running: bool,
+    /// The exit status, for a container that is not running.
+    pub exit_code: Option<i64>,
+}
+
 #[async_trait]
 pub trait Spawner: Send + Sync + 'static {
     /// Starts the server and waits until it answers HTTP. Idempotent: whatever a
@@ -60,4 +79,10 @@ pub trait Spawner: Send + Sync + 'static {
 
     /// Removes every container of the user, and the user's volume.
     async fn remove_user(&self, user: &schema::UserName) -> Result<(), SpawnError>;
+
+    /// Every container of this deployment, running or not, for reconciliation.
+    async fn list_managed(&self) -> Result<Vec<ManagedContainer>, SpawnError>;
+
+    /// Removes one container by id, whatever it runs; a missing one is not an error.
+    async fn remove(&self, container_id: &str) -> Result<(), SpawnError>;
 }

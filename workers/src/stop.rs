@@ -4,7 +4,7 @@ use schema::{JobOutcome, JobRow, ServerState};
 
 use crate::context::{Claimed, Context, HandlerError, HandlerResult, with_claimed_server};
 
-pub async fn run(ctx: &Context, job: &JobRow) -> HandlerResult {
+pub async fn run(ctx: &Context, job: &JobRow) -> Result<(), HandlerError> {
     with_claimed_server(ctx, job, ServerState::PendingStop, |claimed| {
         stop(ctx, job, claimed)
     })
@@ -13,10 +13,13 @@ pub async fn run(ctx: &Context, job: &JobRow) -> HandlerResult {
 
 async fn stop(ctx: &Context, job: &JobRow, claimed: Claimed) -> HandlerResult {
     let Claimed { server, user, name } = claimed;
-    if let Err(e) = ctx.spawner.stop(&user, &name).await {
-        // Left in pending_stop: the engine error is transient more often than not,
-        // and the job is handed out again.
-        return Err(HandlerError::Transient(format!(
+    if let Err(e) = ctx
+        .with_retries(job, || ctx.spawner.stop(&user, &name))
+        .await?
+    {
+        // Left in pending_stop with the error on the job; the reconciler or a new
+        // stop request finishes the work once the engine answers again.
+        return Ok(JobOutcome::Failed(format!(
             "stopping {}: {e}",
             schema::container_name(&user, &name)
         )));

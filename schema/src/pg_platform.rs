@@ -1,0 +1,313 @@
+//! The Postgres implementation of `Platform`.
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::{Postgres, pool::PoolConnection};
+use uuid::Uuid;
+
+use crate::{
+    pg::{PgStore, SessionLock},
+    platform::{LimitChange, LimitOverrides, Platform, SpawnSlot, Usage, WorkerInfo, WorkerRow},
+    rows::ServerRow,
+    store::{ServerLock, StoreError},
+};
+
+/// Advisory-lock spaces (the first key of two-key locks).
+pub const SLOT_SPACE: i32 = 0x4253_5054; // "BSPT"
+pub const ADMIT_SPACE: i32 = 0x4241_444D; // "BADM"
+const RECONCILE_SPACE: i32 = 0x4252_4543; // "BREC"
+
+/// NOTIFY channel on which a freed spawn slot is announced.
+pub const SLOT_FREED_CHANNEL: &str = "berth_slot_freed";
+
+/// A waiter that has not said so within this long no longer holds its place.
+const WAITING_FRESH: &str = "3 seconds";
+
+fn change(c: LimitChange) -> (bool, Option<i32>) {
+    match c {
+        LimitChange::Keep => (false, None),
+        LimitChange::Set(v) => (true, Some(v)),
+        LimitChange::Reset => (true, None),
+    }
+}
+
+#[async_trait]
+impl Platform for PgStore {
+    async fn limit_overrides(&self) -> Result<LimitOverrides, StoreError> {
+        Ok(sqlx::query_as::<_, LimitOverrides>(
+            "select concurrent_spawn_limit, active_server_limit, updated_at, updated_by from platform_limits",
+        )
+        .fetch_optional(self.pool())
+        .await?
+        .unwrap_or_default())
+    }
+
+    async fn set_limits(
+        &self,
+        spawn: LimitChange,
+        active: LimitChange,
+        by: &str,
+    ) -> Result<LimitOverrides, StoreError> {
+        let (set_spawn, spawn) = change(spawn);
+        let (set_active, active) = change(active);
+        Ok(sqlx::query_as::<_, LimitOverrides>(
+            "insert into platform_limits (id) values (true) on conflict (id) do update set \
+               concurrent_spawn_limit = case when $1 then $2 else platform_limits.concurrent_spawn_limit end, \
+               active_server_limit = case when $3 then $4 else platform_limits.active_server_limit end, \
+               updated_at = now(), updated_by = $5 \
+             returning concurrent_spawn_limit, active_server_limit, updated_at, updated_by",
+        )
+        .bind(set_spawn)
+        .bind(spawn)
+        .bind(set_active)
+        .bind(active)
+        .bind(by)
+        .fetch_one(self.pool())
+        .await?)
+    }
+
+    async fn usage(&self) -> Result<Usage, StoreError> {
+        let (spawns_in_flight, active_servers, waiting_spawns): (i64, i64, i64) = sqlx::query_as(
+            "select \
+               (select count(*) from pg_locks where locktype = 'advisory' and granted \
+                  and classid::bigint = $1 and objsubid = 2 \
+                  and database = (select oid from pg_database where datname = current_database())), \
+               (select count(*) from servers where state in ('pending_spawn', 'running')), \
+               (select count(*) from jobs where kind = 'spawn' and state = 'queued')",
+        )
+        .bind(i64::from(SLOT_SPACE))
+        .fetch_one(self.pool())
+        .await?;
+        Ok(Usage {
+            spawns_in_flight,
+            active_servers,
+            waiting_spawns,
+        })
+    }
+
+    async fn try_spawn_slot(
+        &self,
+        job_id: Uuid,
+        created_at: DateTime<Utc>,
+        limit: u32,
+        worker: &str,
+    ) -> Result<Option<Box<dyn SpawnSlot>>, StoreError> {
+        let mut conn = self.pool().acquire().await?;
+        // Say that this job waits, and see whether it is its turn: fewer older
+        // waiters than free slots. The slot locks themselves keep the limit exact.
+        let (older, held): (i64, i64) = sqlx::query_as(
+            "with me as (update jobs set waiting_seen = now() where id = $1 and state = 'queued') \
+             select \
+               (select count(*) from jobs where kind = 'spawn' and state = 'queued' \
+                  and waiting_seen > now() - $5::interval and (created_at, id) < ($2, $1)), \
+               (select count(*) from pg_locks where locktype = 'advisory' and granted \
+                  and classid::bigint = $3 and objsubid = 2 and objid::bigint < $4 \
+                  and database = (select oid from pg_database where datname = current_database()))",
+        )
+        .bind(job_id)
+        .bind(created_at)
+        .bind(i64::from(SLOT_SPACE))
+        .bind(i64::from(limit))
+        .bind(WAITING_FRESH)
+        .fetch_one(&mut *conn)
+        .await?;
+        if older >= i64::from(limit) - held {
+            return Ok(None);
+        }
+        let slot: Option<i32> = sqlx::query_scalar("select berth_try_spawn_slot($1, $2)")
+            .bind(SLOT_SPACE)
+            .bind(limit as i32)
+            .fetch_one(&mut *conn)
+            .await?;
+        let Some(slot) = slot else {
+            return Ok(None);
+        };
+        let attempt = sqlx::query_scalar(
+            "insert into spawn_attempts (job_id, worker, slot) values ($1, $2, $3) returning id",
+        )
+        .bind(job_id)
+        .bind(worker)
+        .bind(slot)
+        .fetch_one(&mut *conn)
+        .await;
+        let attempt: i64 = match attempt {
+            Ok(id) => id,
+            Err(e) => {
+                // Do not keep a slot we cannot account for.
+                conn.close_on_drop();
+                return Err(e.into());
+            }
+        };
+        Ok(Some(Box::new(PgSpawnSlot {
+            conn: Some(conn),
+            slot,
+            attempt,
+        })))
+    }
+
+    async fn within_active_limit(&self, server_id: i64, limit: u32) -> Result<bool, StoreError> {
+        let mut tx = self.pool().begin().await?;
+        sqlx::query("select pg_advisory_xact_lock($1, 0)")
+            .bind(ADMIT_SPACE)
+            .execute(&mut *tx)
+            .await?;
+        let ahead: i64 = sqlx::query_scalar(
+            "select count(*) from servers o, servers me where me.id = $1 and o.id <> me.id \
+             and o.state in ('pending_spawn', 'running') and (o.requested_at, o.id) < (me.requested_at, me.id)",
+        )
+        .bind(server_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(ahead < i64::from(limit))
+    }
+
+    async fn register_worker(&self, w: &WorkerInfo) -> Result<(), StoreError> {
+        sqlx::query(
+            "insert into workers (name, host, pid, backend, version) values ($1, $2, $3, $4, $5) \
+             on conflict (name) do update set host = $2, pid = $3, backend = $4, version = $5, \
+             started_at = now(), last_seen = now(), jobs_in_flight = 0, stopped_at = null",
+        )
+        .bind(&w.name)
+        .bind(&w.host)
+        .bind(w.pid)
+        .bind(&w.backend)
+        .bind(&w.version)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    async fn worker_heartbeat(&self, name: &str, jobs_in_flight: i32) -> Result<(), StoreError> {
+        sqlx::query("update workers set last_seen = now(), jobs_in_flight = $2 where name = $1")
+            .bind(name)
+            .bind(jobs_in_flight)
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
+    async fn worker_stopped(&self, name: &str) -> Result<(), StoreError> {
+        sqlx::query("update workers set stopped_at = now(), last_seen = now(), jobs_in_flight = 0 where name = $1")
+            .bind(name)
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
+    async fn list_workers(&self) -> Result<Vec<WorkerRow>, StoreError> {
+        Ok(
+            sqlx::query_as::<_, WorkerRow>("select * from workers order by started_at desc")
+                .fetch_all(self.pool())
+                .await?,
+        )
+    }
+
+    async fn try_reconcile_lock(&self) -> Result<Option<Box<dyn ServerLock>>, StoreError> {
+        SessionLock::try_take(self.pool(), RECONCILE_SPACE, 0).await
+    }
+
+    async fn try_lock_server(
+        &self,
+        server_id: i64,
+    ) -> Result<Option<Box<dyn ServerLock>>, StoreError> {
+        SessionLock::try_take(
+            self.pool(),
+            crate::pg::SERVER_LOCK_SPACE,
+            crate::pg::lock_key(server_id),
+        )
+        .await
+    }
+
+    async fn live_servers(&self) -> Result<Vec<ServerRow>, StoreError> {
+        Ok(sqlx::query_as::<_, ServerRow>(
+            "select s.id, s.user_id, u.name as user_name, s.name, s.state, s.image, \
+             s.spawn_job_id, s.stop_job_id, s.container_id, s.url, s.error, s.requested_at, \
+             s.started_at, s.stopped_at, s.last_activity \
+             from servers s join users u on u.id = s.user_id \
+             where s.state in ('pending_spawn', 'running', 'pending_stop')",
+        )
+        .fetch_all(self.pool())
+        .await?)
+    }
+
+    async fn mark_lost(
+        &self,
+        server_id: i64,
+        failed: bool,
+        error: &str,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "update servers set state = $2, error = $3, url = null, container_id = null, token_hash = null, \
+             stopped_at = now(), updated_at = now() where id = $1 and state = 'running'",
+        )
+        .bind(server_id)
+        .bind(if failed { "failed" } else { "stopped" })
+        .bind(error)
+        .execute(self.pool())
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn close_stale_attempts(&self) -> Result<u64, StoreError> {
+        // An open record whose slot lock nobody holds belonged to a worker that died.
+        let done = sqlx::query(
+            "update spawn_attempts a set ended_at = coalesce(w.last_seen, now()) \
+             from spawn_attempts x left join workers w on w.name = x.worker \
+             where a.id = x.id and a.ended_at is null and not exists ( \
+               select 1 from pg_locks l where l.locktype = 'advisory' and l.granted \
+               and l.classid::bigint = $1 and l.objsubid = 2 and l.objid::bigint = a.slot \
+               and l.database = (select oid from pg_database where datname = current_database()))",
+        )
+        .bind(i64::from(SLOT_SPACE))
+        .execute(self.pool())
+        .await?;
+        Ok(done.rows_affected())
+    }
+}
+
+struct PgSpawnSlot {
+    conn: Option<PoolConnection<Postgres>>,
+    slot: i32,
+    attempt: i64,
+}
+
+#[async_trait]
+impl SpawnSlot for PgSpawnSlot {
+    fn slot(&self) -> i32 {
+        self.slot
+    }
+
+    async fn release(mut self: Box<Self>) {
+        let Some(mut conn) = self.conn.take() else {
+            return;
+        };
+        let ended =
+            sqlx::query("update spawn_attempts set ended_at = clock_timestamp() where id = $1")
+                .bind(self.attempt)
+                .execute(&mut *conn)
+                .await;
+        let unlocked = sqlx::query("select pg_advisory_unlock($1, $2)")
+            .bind(SLOT_SPACE)
+            .bind(self.slot)
+            .execute(&mut *conn)
+            .await;
+        if ended.is_err() || unlocked.is_err() {
+            conn.close_on_drop();
+            return;
+        }
+        // After the unlock, so that a woken waiter finds the slot free.
+        let _ = sqlx::query("select pg_notify($1, '')")
+            .bind(SLOT_FREED_CHANNEL)
+            .execute(&mut *conn)
+            .await;
+    }
+}
+
+impl Drop for PgSpawnSlot {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.as_mut() {
+            conn.close_on_drop();
+        }
+    }
+}

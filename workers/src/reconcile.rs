@@ -1,0 +1,136 @@
+//! Reconciliation: the containers that carry this deployment's labels are compared
+//! with the database, at start-up and periodically. A container without a live
+//! server is removed; a running server whose container vanished or exited is marked
+//! failed (or stopped, after a clean exit) with the reason.
+
+use std::collections::{HashMap, HashSet};
+
+use schema::ServerState;
+
+use crate::context::{Context, HandlerError};
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Report {
+    pub removed: usize,
+    pub lost: usize,
+    /// Another reconciler was running; nothing was looked at.
+    pub skipped: bool,
+}
+
+pub async fn reconcile(ctx: &Context) -> Result<Report, HandlerError> {
+    let Some(global) = ctx.platform.try_reconcile_lock().await? else {
+        return Ok(Report {
+            skipped: true,
+            ..Report::default()
+        });
+    };
+    let result = reconcile_locked(ctx).await;
+    global.release().await;
+    result
+}
+
+async fn reconcile_locked(ctx: &Context) -> Result<Report, HandlerError> {
+    let mut report = Report::default();
+    ctx.platform.close_stale_attempts().await?;
+    let containers = ctx
+        .spawner
+        .list_managed()
+        .await
+        .map_err(|e| HandlerError::Transient(e.to_string()))?;
+    let live: HashMap<i64, _> = ctx
+        .platform
+        .live_servers()
+        .await?
+        .into_iter()
+        .map(|s| (s.id, s))
+        .collect();
+    let mut seen = HashSet::new();
+
+    for container in &containers {
+        let server = container.server_id.and_then(|id| live.get(&id));
+        let healthy = match server {
+            // A spawn or stop is under way: its job owns the container.
+            Some(s) if s.state() != ServerState::Running => true,
+            Some(s) => {
+                container.running && s.container_id.as_deref() == Some(container.id.as_str())
+            }
+            None => false,
+        };
+        if let Some(id) = container.server_id
+            && healthy
+        {
+            seen.insert(id);
+            continue;
+        }
+        // Look again under the server's lock; a server being worked on is left alone.
+        let lock = match container.server_id {
+            Some(id) => match ctx.platform.try_lock_server(id).await? {
+                Some(lock) => Some(lock),
+                None => continue,
+            },
+            None => None,
+        };
+        let now = match container.server_id {
+            Some(id) => ctx.store.server_by_id(id).await?,
+            None => None,
+        };
+        let owned = now.as_ref().is_some_and(|s| {
+            s.state() != ServerState::Running
+                && s.state() != ServerState::Stopped
+                && s.state() != ServerState::Failed
+                || (s.state() == ServerState::Running
+                    && s.container_id.as_deref() == Some(container.id.as_str()))
+        });
+        if let Some(server) = now.filter(|_| owned) {
+            if server.state() == ServerState::Running && !container.running {
+                let code = container.exit_code.unwrap_or(-1);
+                let failed = code != 0;
+                let why = format!("the server exited with code {code}");
+                if ctx.platform.mark_lost(server.id, failed, &why).await? {
+                    report.lost += 1;
+                    tracing::warn!(container = %container.name, %why, "reconcile: server lost");
+                }
+                remove(ctx, &container.id, &container.name, &mut report).await;
+            } else {
+                seen.insert(server.id);
+            }
+        } else {
+            remove(ctx, &container.id, &container.name, &mut report).await;
+        }
+        if let Some(lock) = lock {
+            lock.release().await;
+        }
+    }
+
+    for server in live
+        .values()
+        .filter(|s| s.state() == ServerState::Running && !seen.contains(&s.id))
+    {
+        let Some(lock) = ctx.platform.try_lock_server(server.id).await? else {
+            continue;
+        };
+        if ctx
+            .platform
+            .mark_lost(server.id, true, "the container vanished")
+            .await?
+        {
+            report.lost += 1;
+            tracing::warn!(user = %server.user_name, server = %server.name, "reconcile: container vanished");
+        }
+        lock.release().await;
+    }
+    if report.removed + report.lost > 0 {
+        tracing::info!(removed = report.removed, lost = report.lost, "reconciled");
+    }
+    Ok(report)
+}
+
+async fn remove(ctx: &Context, id: &str, name: &str, report: &mut Report) {
+    match ctx.spawner.remove(id).await {
+        Ok(()) => {
+            report.removed += 1;
+            tracing::warn!(container = %name, "reconcile: removed a container without a live server");
+        }
+        Err(e) => tracing::warn!(container = %name, error = %e, "reconcile: could not remove"),
+    }
+}
