@@ -23,8 +23,7 @@ create table spawn_attempts (
 create index spawn_attempts_job_id on spawn_attempts (job_id);
 create index spawn_attempts_open on spawn_attempts (started_at) where ended_at is null;
 
--- A spawn waiting for a slot says so here, so slots go to the oldest waiter first.
-alter table jobs add column waiting_seen timestamptz;
+-- Spawns waiting for a slot, oldest first.
 create index jobs_waiting_spawns on jobs (created_at, id) where kind = 'spawn' and state = 'queued';
 
 create table workers (

@@ -355,16 +355,8 @@ impl Store for PgStore {
             JobOutcome::Cancelled(why) => ("cancelled", Some(why.as_str())),
             JobOutcome::Failed(why) => ("failed", Some(why.as_str())),
         };
-        sqlx::query(
-            "update jobs set state = $2, last_error = coalesce($3, last_error), \
-             finished_at = now() where id = $1",
-        )
-        .bind(id)
-        .bind(state)
-        .bind(error)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        let mut conn = self.pool.acquire().await?;
+        end_job(&mut conn, id, state, error).await
     }
 
     async fn note_retry(&self, id: Uuid, error: &str) -> Result<(), StoreError> {
@@ -394,6 +386,7 @@ impl Store for PgStore {
     }
 
     async fn mark_running(&self, r: &Running) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
         let done = sqlx::query(
             "update servers set state = 'running', container_id = $3, url = $4, token_hash = $5, \
              started_at = now(), last_activity = now(), error = null, updated_at = now() \
@@ -404,9 +397,14 @@ impl Store for PgStore {
         .bind(&r.container_id)
         .bind(&r.url)
         .bind(&r.token_hash)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
-        Ok(done.rows_affected() == 1)
+        let done = done.rows_affected() == 1;
+        if done {
+            end_job(&mut tx, r.job_id, "succeeded", None).await?;
+        }
+        tx.commit().await?;
+        Ok(done)
     }
 
     async fn mark_spawn_failed(
@@ -415,6 +413,7 @@ impl Store for PgStore {
         job_id: Uuid,
         error: &str,
     ) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
         let done = sqlx::query(
             "update servers set state = 'failed', error = $3, url = null, container_id = null, \
              stopped_at = now(), updated_at = now() \
@@ -423,9 +422,14 @@ impl Store for PgStore {
         .bind(server_id)
         .bind(job_id)
         .bind(error)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
-        Ok(done.rows_affected() == 1)
+        let done = done.rows_affected() == 1;
+        if done {
+            end_job(&mut tx, job_id, "failed", Some(error)).await?;
+        }
+        tx.commit().await?;
+        Ok(done)
     }
 
     async fn mark_stopped(
@@ -433,6 +437,7 @@ impl Store for PgStore {
         server_id: i64,
         stop_job: Option<Uuid>,
     ) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
         let done = sqlx::query(
             "update servers set state = 'stopped', url = null, container_id = null, \
              token_hash = null, stopped_at = now(), updated_at = now() \
@@ -440,9 +445,14 @@ impl Store for PgStore {
         )
         .bind(server_id)
         .bind(stop_job)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
-        Ok(done.rows_affected() == 1)
+        let done = done.rows_affected() == 1;
+        if let (true, Some(job)) = (done, stop_job) {
+            end_job(&mut tx, job, "succeeded", None).await?;
+        }
+        tx.commit().await?;
+        Ok(done)
     }
 
     async fn delete_user(&self, user_id: i64, job_id: Uuid) -> Result<bool, StoreError> {
@@ -453,6 +463,27 @@ impl Store for PgStore {
             .await?;
         Ok(done.rows_affected() == 1)
     }
+}
+
+/// Ends a job that has not ended yet. The worker's server transitions end their
+/// job in the same transaction, so nobody ever sees a running server whose spawn
+/// job still runs; the handler's own report afterwards changes nothing.
+async fn end_job(
+    conn: &mut PgConnection,
+    id: Uuid,
+    state: &str,
+    error: Option<&str>,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "update jobs set state = $2, last_error = coalesce($3, last_error), finished_at = now() \
+         where id = $1 and state in ('queued', 'running')",
+    )
+    .bind(id)
+    .bind(state)
+    .bind(error)
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 /// Folds a server id into the 32-bit key of a two-key advisory lock. Two servers

@@ -20,9 +20,6 @@ const RECONCILE_SPACE: i32 = 0x4252_4543; // "BREC"
 /// NOTIFY channel on which a freed spawn slot is announced.
 pub const SLOT_FREED_CHANNEL: &str = "berth_slot_freed";
 
-/// A waiter that has not said so within this long no longer holds its place.
-const WAITING_FRESH: &str = "3 seconds";
-
 fn change(c: LimitChange) -> (bool, Option<i32>) {
     match c {
         LimitChange::Keep => (false, None),
@@ -93,13 +90,16 @@ impl Platform for PgStore {
         worker: &str,
     ) -> Result<Option<Box<dyn SpawnSlot>>, StoreError> {
         let mut conn = self.pool().acquire().await?;
-        // Say that this job waits, and see whether it is its turn: fewer older
-        // waiters than free slots. The slot locks themselves keep the limit exact.
+        // Is it this job's turn: fewer older waiting spawns than free slots? A
+        // waiter is a queued spawn that a worker has fetched (its queue task is
+        // taken), so a job still in the queue never holds younger ones back. The
+        // slot locks themselves keep the limit exact; this only orders who gets one.
         let (older, held): (i64, i64) = sqlx::query_as(
-            "with me as (update jobs set waiting_seen = now() where id = $1 and state = 'queued') \
-             select \
-               (select count(*) from jobs where kind = 'spawn' and state = 'queued' \
-                  and waiting_seen > now() - $5::interval and (created_at, id) < ($2, $1)), \
+            "select \
+               (select count(*) from jobs j join apalis.jobs a \
+                  on a.job_type = $5 and a.idempotency_key = j.id::text \
+                  where j.kind = 'spawn' and j.state = 'queued' and a.status in ('Queued', 'Running') \
+                  and (j.created_at, j.id) < ($2, $1)), \
                (select count(*) from pg_locks where locktype = 'advisory' and granted \
                   and classid::bigint = $3 and objsubid = 2 and objid::bigint < $4 \
                   and database = (select oid from pg_database where datname = current_database()))",
@@ -108,7 +108,7 @@ impl Platform for PgStore {
         .bind(created_at)
         .bind(i64::from(SLOT_SPACE))
         .bind(i64::from(limit))
-        .bind(WAITING_FRESH)
+        .bind(crate::jobs::SPAWN_QUEUE)
         .fetch_one(&mut *conn)
         .await?;
         if older >= i64::from(limit) - held {

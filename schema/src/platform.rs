@@ -96,8 +96,8 @@ pub trait Platform: Send + Sync + 'static {
     ) -> Result<LimitOverrides, StoreError>;
     async fn usage(&self) -> Result<Usage, StoreError>;
 
-    /// Marks the spawn job as waiting and takes a slot if one is free and no older
-    /// spawn is waiting for it. `None`: try again shortly.
+    /// Takes a slot if one is free and no older spawn is waiting for it.
+    /// `None`: try again shortly.
     async fn try_spawn_slot(
         &self,
         job_id: Uuid,

@@ -247,8 +247,6 @@ impl TestEnv {
             "20",
             "--stop-timeout",
             "2",
-            "--concurrency",
-            "8",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -285,13 +283,42 @@ impl TestEnv {
             .arg("worker")
             .args(self.worker_args(extra))
             .env("BERTH_DATABASE_URL", &self.db_url)
-            .env("BERTH_LOG", "warn")
+            .env(
+                "BERTH_LOG",
+                std::env::var("BERTH_TEST_WORKER_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
             .expect("start berth worker");
         self.children.push(child);
         self.children.len() - 1
+    }
+
+    /// Sends SIGTERM to a worker process and waits up to `within` for it to exit.
+    pub async fn terminate_worker(
+        &mut self,
+        index: usize,
+        within: Duration,
+    ) -> std::process::ExitStatus {
+        let child = &mut self.children[index];
+        let pid = child.id().to_string();
+        let sent = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill");
+        assert!(sent.success());
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the worker did not exit within {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// `kill -9` of a worker process.
@@ -439,6 +466,26 @@ impl TestEnv {
         assert!(out.status.success(), "no container {container}");
         let all: Value = serde_json::from_slice(&out.stdout).unwrap();
         all[0].clone()
+    }
+
+    /// The most spawn slots ever held at one moment, from the record of every spawn.
+    pub async fn peak_spawns_in_flight(&self) -> i64 {
+        let edges: Vec<(chrono::DateTime<chrono::Utc>, i64)> = sqlx::query_as(
+            "select started_at, 1::int8 from spawn_attempts \
+             union all select ended_at, -1::int8 from spawn_attempts where ended_at is not null",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .unwrap();
+        let mut edges = edges;
+        // At equal times an end comes before a start: the slot was free first.
+        edges.sort_by_key(|(at, delta)| (*at, *delta));
+        let (mut now, mut peak) = (0, 0);
+        for (_, delta) in edges {
+            now += delta;
+            peak = peak.max(now);
+        }
+        peak
     }
 
     pub async fn count(&self, sql: &'static str) -> i64 {

@@ -1,0 +1,354 @@
+//! Global limits across independently scaled workers, and crash safety.
+
+mod common;
+
+use std::{collections::HashSet, time::Duration};
+
+use common::TestEnv;
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+async fn running_servers(env: &TestEnv) -> i64 {
+    env.count("select count(*) from servers where state = 'running'")
+        .await
+}
+
+async fn wait_for(what: &str, within: Duration, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + within;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_storm_of_200_spawns_on_3_workers_holds_both_limits() {
+    let mut env = TestEnv::start().await;
+    for _ in 0..3 {
+        env.start_worker_process(&[
+            "--server-env",
+            "BERTH_TEST_START_DELAY=2",
+            "--db-max-connections",
+            "40",
+        ]);
+    }
+    let users: Vec<String> = (0..200).map(|i| env.user(&format!("s{i}"))).collect();
+    futures::future::join_all(users.iter().map(|u| env.create_user(u))).await;
+
+    let paths: Vec<String> = users
+        .iter()
+        .map(|u| format!("/api/v1/users/{u}/server"))
+        .collect();
+    let answers =
+        futures::future::join_all(paths.iter().map(|p| env.call(Method::POST, p, None))).await;
+    let accepted = answers
+        .iter()
+        .filter(|(s, _)| *s == StatusCode::ACCEPTED)
+        .count();
+    let full: Vec<&Value> = answers
+        .iter()
+        .filter(|(s, _)| *s == StatusCode::TOO_MANY_REQUESTS)
+        .map(|(_, b)| b)
+        .collect();
+    assert_eq!(accepted, 50, "exactly the active-server limit is admitted");
+    assert_eq!(
+        full.len(),
+        150,
+        "every other request is told the platform is full"
+    );
+    assert!(
+        full.iter().all(|b| b["message"]
+            .as_str()
+            .unwrap()
+            .contains("the platform is full")),
+        "{:?}",
+        full[0]
+    );
+
+    wait_for("50 running servers", Duration::from_secs(120), async || {
+        running_servers(&env).await == 50
+    })
+    .await;
+
+    let peak = env.peak_spawns_in_flight().await;
+    assert!(
+        peak <= 10,
+        "at most 10 spawns were ever in flight, the record shows {peak}"
+    );
+    assert_eq!(peak, 10, "the limit was used in full");
+    assert_eq!(
+        env.count("select count(*) from spawn_attempts").await,
+        50,
+        "one slot per spawn, no re-runs"
+    );
+    assert_eq!(
+        env.count("select count(*) from jobs where kind = 'spawn' and state = 'succeeded'")
+            .await,
+        50
+    );
+    assert_eq!(
+        env.count("select count(*) from jobs where state <> 'succeeded'")
+            .await,
+        0,
+        "no job lost or failed"
+    );
+
+    let containers: HashSet<String> = env.containers().into_iter().collect();
+    let expected: HashSet<String> = sqlx::query_scalar::<_, String>(
+        "select 'berth-' || u.name from servers s join users u on u.id = s.user_id where s.state = 'running'",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap()
+    .into_iter()
+    .collect();
+    assert_eq!(
+        containers, expected,
+        "one container per running server, no orphans"
+    );
+
+    let (_, limits) = env.call(Method::GET, "/api/v1/admin/limits", None).await;
+    assert_eq!(limits["usage"]["spawns_in_flight"], 0, "{limits}");
+    assert_eq!(limits["usage"]["active_servers"], 50, "{limits}");
+    let (_, workers) = env.call(Method::GET, "/api/v1/admin/workers", None).await;
+    let alive = workers["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|w| w["alive"] == true)
+        .count();
+    assert_eq!(alive, 3, "{workers}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_killed_mid_spawn_is_taken_over_and_the_spawn_completes_once() {
+    let mut env = TestEnv::start().await;
+    let flags = |name: &str| {
+        vec![
+            "--worker-name".to_string(),
+            name.to_string(),
+            "--heartbeat".into(),
+            "1".into(),
+            "--missed-heartbeats".into(),
+            "2".into(),
+            "--poll-interval-ms".into(),
+            "100".into(),
+            "--reconcile-interval".into(),
+            "1".into(),
+            "--server-env".into(),
+            "BERTH_TEST_START_DELAY=4".into(),
+        ]
+    };
+    let names = [format!("w1-{}", env.id), format!("w2-{}", env.id)];
+    let mut index = std::collections::HashMap::new();
+    for name in &names {
+        let args = flags(name);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        index.insert(name.clone(), env.start_worker_process(&args));
+    }
+    let user = env.user("kim");
+    env.create_user(&user).await;
+    let path = format!("/api/v1/users/{user}/server");
+    let (status, spawn) = env.call(Method::POST, &path, None).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let job_path = format!("/api/v1/jobs/{}", spawn["job_id"].as_str().unwrap());
+
+    // Mid-spawn: the container exists, the server is not ready yet.
+    wait_for(
+        "the spawn to start its container",
+        Duration::from_secs(20),
+        async || !env.containers().is_empty(),
+    )
+    .await;
+    let (_, job) = env.call(Method::GET, &job_path, None).await;
+    let first = job["worker"]
+        .as_str()
+        .expect("a worker took the job")
+        .to_owned();
+    env.kill_worker(index[&first]);
+    let killed_at = tokio::time::Instant::now();
+
+    let server = env
+        .wait_server(&path, Duration::from_secs(40), |s| s["state"] == "running")
+        .await;
+    let took = killed_at.elapsed();
+    let (_, job) = env.call(Method::GET, &job_path, None).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["attempts"], 2, "one attempt per worker: {job}");
+    assert_ne!(job["worker"].as_str().unwrap(), first, "{job}");
+    assert_eq!(
+        env.containers(),
+        vec![format!("berth-{user}")],
+        "exactly one container"
+    );
+    assert!(reqwest::get(server["url"].as_str().unwrap()).await.is_ok());
+    // Takeover (about 3 s here) plus a fresh 4 s start.
+    assert!(took < Duration::from_secs(30), "took over in {took:?}");
+
+    wait_for(
+        "the dead worker's slot record to close",
+        Duration::from_secs(10),
+        async || {
+            env.count("select count(*) from spawn_attempts where ended_at is null")
+                .await
+                == 0
+        },
+    )
+    .await;
+    let (_, limits) = env.call(Method::GET, "/api/v1/admin/limits", None).await;
+    assert_eq!(
+        limits["usage"]["spawns_in_flight"], 0,
+        "the slot is released: {limits}"
+    );
+    assert!(env.peak_spawns_in_flight().await <= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_lets_the_spawn_in_flight_finish_and_exits_0() {
+    let mut env = TestEnv::start().await;
+    let worker = env.start_worker_process(&[
+        "--server-env",
+        "BERTH_TEST_START_DELAY=2",
+        "--shutdown-grace",
+        "20",
+    ]);
+    let user = env.user("lee");
+    env.create_user(&user).await;
+    let path = format!("/api/v1/users/{user}/server");
+    let (status, spawn) = env.call(Method::POST, &path, None).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    wait_for("the spawn to start", Duration::from_secs(20), async || {
+        !env.containers().is_empty()
+    })
+    .await;
+
+    let status = env.terminate_worker(worker, Duration::from_secs(25)).await;
+    assert!(status.success(), "exit status {status:?}");
+    // It finished what it held before it went.
+    let (_, server) = env.call(Method::GET, &path, None).await;
+    assert_eq!(server["state"], "running", "{server}");
+    let (_, job) = env
+        .call(
+            Method::GET,
+            &format!("/api/v1/jobs/{}", spawn["job_id"].as_str().unwrap()),
+            None,
+        )
+        .await;
+    assert_eq!(job["state"], "succeeded");
+    assert_eq!(job["attempts"], 1);
+    let (_, workers) = env.call(Method::GET, "/api/v1/admin/workers", None).await;
+    assert_eq!(workers["workers"][0]["alive"], false, "{workers}");
+    assert!(workers["workers"][0]["stopped"].is_string(), "{workers}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn admins_change_limits_at_runtime_and_spawns_over_them_wait() {
+    let mut env = TestEnv::start().await;
+    env.start_worker(&["--server-env", "BERTH_TEST_START_DELAY=1"]);
+
+    let body = json!({ "concurrent_spawn_limit": 2, "active_server_limit": 4 }).to_string();
+    let (status, limits) = env
+        .call(Method::PATCH, "/api/v1/admin/limits", Some(&body))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{limits}");
+    assert_eq!(limits["concurrent_spawn_limit"], 2);
+    assert_eq!(limits["active_server_limit"], 4);
+    assert_eq!(limits["configured"]["active_server_limit"], 50);
+    assert_eq!(limits["overridden"]["concurrent_spawn_limit"], true);
+
+    let users: Vec<String> = (0..5).map(|i| env.user(&format!("r{i}"))).collect();
+    for u in &users {
+        env.create_user(u).await;
+    }
+    let mut accepted = 0;
+    for u in &users {
+        let (status, body) = env
+            .call(Method::POST, &format!("/api/v1/users/{u}/server"), None)
+            .await;
+        match status {
+            StatusCode::ACCEPTED => accepted += 1,
+            StatusCode::TOO_MANY_REQUESTS => {
+                assert!(body["message"].as_str().unwrap().contains("of 4"), "{body}")
+            }
+            other => panic!("{other}: {body}"),
+        }
+    }
+    assert_eq!(accepted, 4);
+    // Over the spawn limit, spawns wait in the queue rather than fail.
+    wait_for(
+        "a spawn waiting for a slot",
+        Duration::from_secs(10),
+        async || {
+            let (_, l) = env.call(Method::GET, "/api/v1/admin/limits", None).await;
+            l["usage"]["spawns_in_flight"] == 2
+                && l["usage"]["waiting_spawns"].as_i64().unwrap() >= 1
+        },
+    )
+    .await;
+    wait_for("4 running servers", Duration::from_secs(60), async || {
+        running_servers(&env).await == 4
+    })
+    .await;
+    assert_eq!(env.peak_spawns_in_flight().await, 2);
+    let attempts = env
+        .count("select coalesce(max(attempts), 0)::int8 from jobs")
+        .await;
+    assert_eq!(attempts, 1, "waiting is not an attempt");
+    // Oldest first: the two that found free slots started together; the two that
+    // waited took the freed slots in the order they were requested.
+    let order: Vec<String> = sqlx::query_scalar(
+        "select j.user_name from spawn_attempts a join jobs j on j.id = a.job_id order by a.started_at",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    let first: HashSet<&String> = order[..2].iter().collect();
+    assert_eq!(
+        first,
+        users[..2].iter().collect::<HashSet<_>>(),
+        "{order:?}"
+    );
+    assert_eq!(order[2..], users[2..4], "{order:?}");
+
+    // null resets to the configuration.
+    let body = json!({ "concurrent_spawn_limit": null, "active_server_limit": null }).to_string();
+    let (status, limits) = env
+        .call(Method::PATCH, "/api/v1/admin/limits", Some(&body))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{limits}");
+    assert_eq!(limits["concurrent_spawn_limit"], 10);
+    assert_eq!(limits["active_server_limit"], 50);
+    let (status, _) = env
+        .call(
+            Method::POST,
+            &format!("/api/v1/users/{}/server", users[4]),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+
+    for bad in [
+        json!({ "concurrent_spawn_limit": 0 }),
+        json!({ "active_server_limit": "many" }),
+        json!({}),
+    ] {
+        let (status, body) = env
+            .call(
+                Method::PATCH,
+                "/api/v1/admin/limits",
+                Some(&bad.to_string()),
+            )
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");
+    }
+    let user_token = env
+        .register(&env.user("plain"), "a long enough password")
+        .await;
+    let (status, _) = env
+        .call_with(Method::GET, "/api/v1/admin/limits", None, Some(&user_token))
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+}
