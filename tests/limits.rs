@@ -352,3 +352,136 @@ async fn admins_change_limits_at_runtime_and_spawns_over_them_wait() {
         .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
 }
+
+fn docker(args: &[&str]) {
+    let status = std::process::Command::new("docker")
+        .args(args)
+        .output()
+        .expect("docker");
+    assert!(
+        status.status.success(),
+        "docker {args:?}: {}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn after_every_process_is_killed_and_restarted_reconciliation_makes_the_state_right() {
+    let mut env = TestEnv::start().await;
+    let worker_flags = ["--reconcile-interval", "1"];
+    let mut processes = vec![env.start_api_process().await];
+    processes.push(env.start_worker_process(&worker_flags));
+    processes.push(env.start_worker_process(&worker_flags));
+
+    let users: Vec<String> = ["gone", "died", "unwanted", "fine"]
+        .iter()
+        .map(|n| env.user(n))
+        .collect();
+    for u in &users {
+        env.create_user(u).await;
+        let (status, body) = env
+            .call(Method::POST, &format!("/api/v1/users/{u}/server"), None)
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    }
+    for u in &users {
+        env.wait_server(
+            &format!("/api/v1/users/{u}/server"),
+            Duration::from_secs(30),
+            |s| s["state"] == "running",
+        )
+        .await;
+    }
+
+    // Every Berth process dies at once.
+    for index in processes {
+        env.kill_worker(index);
+    }
+    // Meanwhile the world changes: a container vanishes, one dies, one is no longer
+    // wanted, and a stray one with our labels appears.
+    docker(&["rm", "-f", &format!("berth-{}", users[0])]);
+    docker(&["kill", &format!("berth-{}", users[1])]);
+    sqlx::query("update servers set state = 'stopped' from users u where u.id = servers.user_id and u.name = $1")
+        .bind(&users[2])
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let stray = format!("berth-stray-{}", env.id);
+    let instance = format!("berth.instance={}", env.id);
+    docker(&[
+        "run",
+        "-d",
+        "--name",
+        &stray,
+        "--label",
+        "berth.managed=true",
+        "--label",
+        &instance,
+        "--label",
+        "berth.server-id=999999",
+        common::TEST_IMAGE,
+    ]);
+    assert_eq!(env.containers().len(), 4);
+
+    env.start_api_process().await;
+    env.start_worker_process(&worker_flags);
+    env.start_worker_process(&worker_flags);
+
+    let gone = env
+        .wait_server(
+            &format!("/api/v1/users/{}/server", users[0]),
+            Duration::from_secs(20),
+            |s| s["state"] == "failed",
+        )
+        .await;
+    assert_eq!(gone["error"], "the container vanished", "{gone}");
+    let died = env
+        .wait_server(
+            &format!("/api/v1/users/{}/server", users[1]),
+            Duration::from_secs(20),
+            |s| s["state"] == "failed",
+        )
+        .await;
+    assert!(
+        died["error"]
+            .as_str()
+            .unwrap()
+            .contains("exited with code 137"),
+        "{died}"
+    );
+    wait_for(
+        "stray and unwanted containers to go",
+        Duration::from_secs(20),
+        async || env.containers() == vec![format!("berth-{}", users[3])],
+    )
+    .await;
+    let fine = env
+        .call(
+            Method::GET,
+            &format!("/api/v1/users/{}/server", users[3]),
+            None,
+        )
+        .await
+        .1;
+    assert_eq!(fine["state"], "running");
+    assert!(
+        reqwest::get(fine["url"].as_str().unwrap()).await.is_ok(),
+        "the untouched server still answers"
+    );
+
+    // And the platform carries on: the lost server starts again.
+    let (status, _) = env
+        .call(
+            Method::POST,
+            &format!("/api/v1/users/{}/server", users[0]),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    env.wait_server(
+        &format!("/api/v1/users/{}/server", users[0]),
+        Duration::from_secs(30),
+        |s| s["state"] == "running",
+    )
+    .await;
+}

@@ -52,3 +52,12 @@ begin
     return null;
 end
 $$;
+
+-- Admission to the active-server limit: one row per place. A spawn request claims
+-- a free place with `for update skip locked`, so concurrent requests on any number
+-- of API processes never wait on one another and never overshoot; a server gives
+-- its place back when it ends stopped or failed (or is deleted).
+create table admission_tokens (
+    slot integer primary key,
+    server_id bigint unique references servers (id) on delete set null
+);

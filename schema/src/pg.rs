@@ -191,25 +191,12 @@ impl Store for PgStore {
             }
             ServerState::Stopped | ServerState::Failed => {}
         }
-        // Admission is serialised platform-wide, so racing API processes cannot
-        // overshoot the active-server limit.
-        sqlx::query("select pg_advisory_xact_lock($1, 0)")
-            .bind(crate::pg_platform::ADMIT_SPACE)
-            .execute(&mut *tx)
-            .await?;
-        let (limit, active): (i32, i64) = sqlx::query_as(
-            "select coalesce((select active_server_limit from platform_limits), $1), \
-             (select count(*) from servers where state in ('pending_spawn', 'running'))",
+        let limit: i32 = sqlx::query_scalar(
+            "select coalesce((select active_server_limit from platform_limits), $1)",
         )
         .bind(req.active_server_limit as i32)
         .fetch_one(&mut *tx)
         .await?;
-        if active >= i64::from(limit) {
-            return Err(StoreError::Limit(format!(
-                "the platform is full: {active} of {limit} servers are pending or running; \
-                 try again when one stops"
-            )));
-        }
         if let Some(limit) = req.max_servers_per_user {
             let live: i64 = sqlx::query_scalar(
                 "select count(*) from servers where user_id = $1 \
@@ -225,6 +212,16 @@ impl Store for PgStore {
                     req.user.as_str()
                 )));
             }
+        }
+        if !claim_admission(&mut tx, server.id, limit).await? {
+            let active: i64 = sqlx::query_scalar(
+                "select count(*) from admission_tokens where server_id is not null",
+            )
+            .fetch_one(&mut *tx)
+            .await?;
+            return Err(StoreError::Limit(format!(
+                "the platform is full: {active} of {limit} servers are active; try again when one stops"
+            )));
         }
         let payload = serde_json::to_value(ServerJob {
             server_id: server.id,
@@ -427,6 +424,7 @@ impl Store for PgStore {
         let done = done.rows_affected() == 1;
         if done {
             end_job(&mut tx, job_id, "failed", Some(error)).await?;
+            release_admission(&mut tx, server_id).await?;
         }
         tx.commit().await?;
         Ok(done)
@@ -448,6 +446,9 @@ impl Store for PgStore {
         .execute(&mut *tx)
         .await?;
         let done = done.rows_affected() == 1;
+        if done {
+            release_admission(&mut tx, server_id).await?;
+        }
         if let (true, Some(job)) = (done, stop_job) {
             end_job(&mut tx, job, "succeeded", None).await?;
         }
@@ -463,6 +464,57 @@ impl Store for PgStore {
             .await?;
         Ok(done.rows_affected() == 1)
     }
+}
+
+/// Claims a free place below `limit` for the server, creating the places on first
+/// use. Concurrent claims skip each other's rows instead of queueing.
+async fn claim_admission(
+    tx: &mut PgConnection,
+    server_id: i64,
+    limit: i32,
+) -> Result<bool, StoreError> {
+    for provisioned in [false, true] {
+        let claimed: Option<i32> = sqlx::query_scalar(
+            "update admission_tokens set server_id = $1 where slot = ( \
+               select slot from admission_tokens where server_id is null and slot < $2 \
+               order by slot limit 1 for update skip locked) returning slot",
+        )
+        .bind(server_id)
+        .bind(limit)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if claimed.is_some() {
+            return Ok(true);
+        }
+        if provisioned {
+            break;
+        }
+        let places: i64 =
+            sqlx::query_scalar("select count(*) from admission_tokens where slot < $1")
+                .bind(limit)
+                .fetch_one(&mut *tx)
+                .await?;
+        if places >= i64::from(limit) {
+            break;
+        }
+        sqlx::query("insert into admission_tokens (slot) select generate_series(0, $1 - 1) on conflict do nothing")
+            .bind(limit)
+            .execute(&mut *tx)
+            .await?;
+    }
+    Ok(false)
+}
+
+/// Gives a server's admission place back.
+pub(crate) async fn release_admission(
+    conn: &mut PgConnection,
+    server_id: i64,
+) -> Result<(), StoreError> {
+    sqlx::query("update admission_tokens set server_id = null where server_id = $1")
+        .bind(server_id)
+        .execute(conn)
+        .await?;
+    Ok(())
 }
 
 /// Ends a job that has not ended yet. The worker's server transitions end their

@@ -14,7 +14,6 @@ use crate::{
 
 /// Advisory-lock spaces (the first key of two-key locks).
 pub const SLOT_SPACE: i32 = 0x4253_5054; // "BSPT"
-pub const ADMIT_SPACE: i32 = 0x4241_444D; // "BADM"
 const RECONCILE_SPACE: i32 = 0x4252_4543; // "BREC"
 
 /// NOTIFY channel on which a freed spawn slot is announced.
@@ -69,7 +68,7 @@ impl Platform for PgStore {
                (select count(*) from pg_locks where locktype = 'advisory' and granted \
                   and classid::bigint = $1 and objsubid = 2 \
                   and database = (select oid from pg_database where datname = current_database())), \
-               (select count(*) from servers where state in ('pending_spawn', 'running')), \
+               (select count(*) from admission_tokens where server_id is not null), \
                (select count(*) from jobs where kind = 'spawn' and state = 'queued')",
         )
         .bind(i64::from(SLOT_SPACE))
@@ -146,20 +145,13 @@ impl Platform for PgStore {
     }
 
     async fn within_active_limit(&self, server_id: i64, limit: u32) -> Result<bool, StoreError> {
-        let mut tx = self.pool().begin().await?;
-        sqlx::query("select pg_advisory_xact_lock($1, 0)")
-            .bind(ADMIT_SPACE)
-            .execute(&mut *tx)
-            .await?;
-        let ahead: i64 = sqlx::query_scalar(
-            "select count(*) from servers o, servers me where me.id = $1 and o.id <> me.id \
-             and o.state in ('pending_spawn', 'running') and (o.requested_at, o.id) < (me.requested_at, me.id)",
-        )
-        .bind(server_id)
-        .fetch_one(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(ahead < i64::from(limit))
+        let place: Option<i32> =
+            sqlx::query_scalar("select slot from admission_tokens where server_id = $1")
+                .bind(server_id)
+                .fetch_optional(self.pool())
+                .await?;
+        // A place at or above the limit was granted before an admin lowered it.
+        Ok(place.is_some_and(|p| i64::from(p) < i64::from(limit)))
     }
 
     async fn register_worker(&self, w: &WorkerInfo) -> Result<(), StoreError> {
@@ -237,6 +229,7 @@ impl Platform for PgStore {
         failed: bool,
         error: &str,
     ) -> Result<bool, StoreError> {
+        let mut tx = self.pool().begin().await?;
         let done = sqlx::query(
             "update servers set state = $2, error = $3, url = null, container_id = null, token_hash = null, \
              stopped_at = now(), updated_at = now() where id = $1 and state = 'running'",
@@ -244,9 +237,14 @@ impl Platform for PgStore {
         .bind(server_id)
         .bind(if failed { "failed" } else { "stopped" })
         .bind(error)
-        .execute(self.pool())
+        .execute(&mut *tx)
         .await?;
-        Ok(done.rows_affected() == 1)
+        let done = done.rows_affected() == 1;
+        if done {
+            crate::pg::release_admission(&mut tx, server_id).await?;
+        }
+        tx.commit().await?;
+        Ok(done)
     }
 
     async fn close_stale_attempts(&self) -> Result<u64, StoreError> {

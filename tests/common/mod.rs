@@ -321,6 +321,45 @@ impl TestEnv {
         }
     }
 
+    /// Starts `berth api` as a real process on a free port; returns its index.
+    /// Later calls of this environment go to it.
+    pub async fn start_api_process(&mut self) -> usize {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(env!("CARGO_BIN_EXE_berth"))
+            .arg("api")
+            .env("BERTH_DATABASE_URL", &self.db_url)
+            .env("BERTH_LISTEN", format!("127.0.0.1:{port}"))
+            .env("BERTH_ADMIN_TOKEN", TOKEN)
+            .env("BERTH_JWT_PRIVATE_KEY", &self.jwt_pem)
+            .env(
+                "BERTH_ALLOWED_IMAGES",
+                format!("{TEST_IMAGE},{MISSING_IMAGE}"),
+            )
+            .env("BERTH_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start berth api");
+        self.children.push(child);
+        self.base = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self
+            .http
+            .get(format!("{}/ready", self.base))
+            .send()
+            .await
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "berth api did not come up");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.children.len() - 1
+    }
+
     /// `kill -9` of a worker process.
     pub fn kill_worker(&mut self, index: usize) {
         let child = &mut self.children[index];

@@ -7,12 +7,12 @@ use bollard::{
     Docker,
     errors::Error as DockerError,
     models::{
-        ContainerCreateBody, HostConfig, Mount, MountType, NetworkCreateRequest,
-        VolumeCreateRequest,
+        ContainerCreateBody, ContainerSummaryStateEnum, HostConfig, Mount, MountType,
+        NetworkCreateRequest, VolumeCreateRequest,
     },
     query_parameters::{
-        CreateContainerOptions, CreateImageOptions, ListContainersOptions, LogsOptions,
-        RemoveContainerOptions, RemoveVolumeOptions, StopContainerOptions,
+        CreateContainerOptions, CreateImageOptions, ListContainersOptions, ListNetworksOptions,
+        LogsOptions, RemoveContainerOptions, RemoveVolumeOptions, StopContainerOptions,
     },
 };
 use futures::StreamExt;
@@ -42,7 +42,7 @@ const RECHECK_EVERY: Duration = Duration::from_millis(500);
 pub struct DockerSpawner {
     docker: Docker,
     config: Arc<DockerConfig>,
-    network: OnceCell<()>,
+    network: OnceCell<String>,
 }
 
 impl From<DockerError> for SpawnError {
@@ -72,30 +72,61 @@ impl DockerSpawner {
         Ok(())
     }
 
-    async fn ensure_network(&self) -> Result<(), SpawnError> {
+    /// The id of the servers' network, created when missing. Docker lets several
+    /// networks share a name, and workers starting together may each create one:
+    /// every worker settles on the oldest (then lowest id) and removes the rest.
+    async fn ensure_network(&self) -> Result<String, SpawnError> {
         self.network
             .get_or_try_init(|| async {
                 let name = &self.config.network;
-                match self.docker.inspect_network(name, None).await {
-                    Ok(_) => return Ok(()),
-                    Err(e) if is_status(&e, 404) => {}
-                    Err(e) => return Err(e.into()),
+                if self.networks_named(name).await?.is_empty() {
+                    let request = NetworkCreateRequest {
+                        name: name.clone(),
+                        driver: Some("bridge".into()),
+                        labels: Some(HashMap::from([(LABEL_MANAGED.into(), "true".into())])),
+                        ..Default::default()
+                    };
+                    match self.docker.create_network(request).await {
+                        Ok(_) => {}
+                        Err(e) if is_status(&e, 409) => {}
+                        Err(e) => return Err(SpawnError::from(e)),
+                    }
                 }
-                let request = NetworkCreateRequest {
-                    name: name.clone(),
-                    driver: Some("bridge".into()),
-                    labels: Some(HashMap::from([(LABEL_MANAGED.into(), "true".into())])),
-                    ..Default::default()
+                let mut found = self.networks_named(name).await?;
+                found.sort();
+                let Some((_, keep)) = found.first().cloned() else {
+                    return Err(SpawnError::Engine(format!("network {name} vanished as it was created")));
                 };
-                match self.docker.create_network(request).await {
-                    Ok(_) => Ok(()),
-                    // Another worker created it in between.
-                    Err(e) if is_status(&e, 409) => Ok(()),
-                    Err(e) => Err(e.into()),
+                for (_, extra) in found.iter().skip(1) {
+                    if let Err(e) = self.docker.remove_network(extra).await {
+                        tracing::debug!(network = %extra, error = %e, "duplicate network left in place");
+                    }
                 }
+                Ok(keep)
             })
             .await
-            .map(|_| ())
+            .cloned()
+    }
+
+    /// Networks with exactly this name, as (created, id).
+    async fn networks_named(
+        &self,
+        name: &str,
+    ) -> Result<Vec<(chrono::DateTime<chrono::FixedOffset>, String)>, SpawnError> {
+        let options = ListNetworksOptions {
+            filters: Some(HashMap::from([("name".to_owned(), vec![name.to_owned()])])),
+        };
+        Ok(self
+            .docker
+            .list_networks(Some(options))
+            .await?
+            .into_iter()
+            .filter(|n| n.name.as_deref() == Some(name))
+            .filter_map(|n| {
+                let created = chrono::DateTime::parse_from_rfc3339(&n.created?.to_string()).ok()?;
+                Some((created, n.id?))
+            })
+            .collect())
     }
 
     async fn ensure_image(&self, image: &str) -> Result<(), SpawnError> {
@@ -142,7 +173,12 @@ impl DockerSpawner {
         }
     }
 
-    fn container_body(&self, spec: &SpawnSpec, image: &str) -> ContainerCreateBody {
+    fn container_body(
+        &self,
+        spec: &SpawnSpec,
+        image: &str,
+        network_id: &str,
+    ) -> ContainerCreateBody {
         let c = &self.config;
         let labels = HashMap::from([
             (LABEL_MANAGED.to_owned(), "true".to_owned()),
@@ -166,7 +202,7 @@ impl DockerSpawner {
             pids_limit: Some(c.pids_limit),
             security_opt: Some(vec!["no-new-privileges:true".into()]),
             cap_drop: Some(vec!["ALL".into()]),
-            network_mode: Some(c.network.clone()),
+            network_mode: Some(network_id.to_owned()),
             mounts: Some(vec![Mount {
                 target: Some(c.volume_path.clone()),
                 source: Some(spec.user.volume_name()),
@@ -253,7 +289,7 @@ impl DockerSpawner {
     ) -> Result<Spawned, SpawnError> {
         let image = spec.image.as_deref().unwrap_or(&self.config.image);
         self.ensure_image(image).await?;
-        self.ensure_network().await?;
+        let network_id = self.ensure_network().await?;
         let volume = VolumeCreateRequest {
             name: Some(spec.user.volume_name()),
             labels: Some(HashMap::from([
@@ -273,7 +309,7 @@ impl DockerSpawner {
         };
         let created = self
             .docker
-            .create_container(Some(options), self.container_body(spec, image))
+            .create_container(Some(options), self.container_body(spec, image, &network_id))
             .await?;
         self.docker.start_container(&created.id, None).await?;
         let inspect = self.docker.inspect_container(&created.id, None).await?;
@@ -358,7 +394,7 @@ impl Spawner for DockerSpawner {
         for c in self.docker.list_containers(Some(options)).await? {
             let Some(id) = c.id else { continue };
             let labels = c.labels.unwrap_or_default();
-            let running = c.state.as_ref().is_some_and(|s| s.to_string() == "running");
+            let running = matches!(c.state, Some(ContainerSummaryStateEnum::RUNNING));
             let exit_code = if running {
                 None
             } else {
@@ -382,6 +418,24 @@ impl Spawner for DockerSpawner {
             });
         }
         Ok(found)
+    }
+
+    async fn container_state(
+        &self,
+        container_id: &str,
+    ) -> Result<Option<(bool, Option<i64>)>, SpawnError> {
+        match self.docker.inspect_container(container_id, None).await {
+            Ok(inspect) => {
+                let state = inspect.state.unwrap_or_default();
+                let running = state.running == Some(true);
+                Ok(Some((
+                    running,
+                    if running { None } else { state.exit_code },
+                )))
+            }
+            Err(e) if is_status(&e, 404) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
     }
 
     async fn remove(&self, container_id: &str) -> Result<(), SpawnError> {

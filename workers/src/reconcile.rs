@@ -81,9 +81,14 @@ async fn reconcile_locked(ctx: &Context) -> Result<Report, HandlerError> {
                 || (s.state() == ServerState::Running
                     && s.container_id.as_deref() == Some(container.id.as_str()))
         });
+        let state_now = ctx
+            .spawner
+            .container_state(&container.id)
+            .await
+            .map_err(|e| HandlerError::Transient(e.to_string()))?;
         if let Some(server) = now.filter(|_| owned) {
-            if server.state() == ServerState::Running && !container.running {
-                let code = container.exit_code.unwrap_or(-1);
+            if let (ServerState::Running, Some((false, exit_code))) = (server.state(), state_now) {
+                let code = exit_code.unwrap_or(-1);
                 let failed = code != 0;
                 let why = format!("the server exited with code {code}");
                 if ctx.platform.mark_lost(server.id, failed, &why).await? {
@@ -94,7 +99,7 @@ async fn reconcile_locked(ctx: &Context) -> Result<Report, HandlerError> {
             } else {
                 seen.insert(server.id);
             }
-        } else {
+        } else if state_now.is_some() {
             remove(ctx, &container.id, &container.name, &mut report).await;
         }
         if let Some(lock) = lock {

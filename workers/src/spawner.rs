@@ -83,6 +83,13 @@ pub trait Spawner: Send + Sync + 'static {
     /// Every container of this deployment, running or not, for reconciliation.
     async fn list_managed(&self) -> Result<Vec<ManagedContainer>, SpawnError>;
 
+    /// A container's state now: `None` when it is gone, else whether it runs and,
+    /// if not, how it exited.
+    async fn container_state(
+        &self,
+        container_id: &str,
+    ) -> Result<Option<(bool, Option<i64>)>, SpawnError>;
+
     /// Removes one container by id, whatever it runs; a missing one is not an error.
     async fn remove(&self, container_id: &str) -> Result<(), SpawnError>;
 }

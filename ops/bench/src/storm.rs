@@ -1,0 +1,388 @@
+//! The spawn storm: N users ask for a server at once against an API and W worker
+//! processes with limits 10/50, on servers that take 2 s to start. Reports the time
+//! from the first request to the 50th running server, API latency, spawns per
+//! second, memory, and the same image started with `docker run` + a readiness
+//! loop at the same concurrency as the baseline.
+//!
+//!     cargo build --release && cargo run --release -p bench --bin storm
+//!
+//! Needs Postgres (BERTH_BENCH_DATABASE_URL, a superuser URL), Docker and the
+//! test image (`ops/images/test-server/build.sh`).
+
+use std::{
+    process::{Child, Command, Stdio},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use sqlx::PgPool;
+use tokio::{io::AsyncReadExt, io::AsyncWriteExt, net::TcpStream, sync::Semaphore};
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long, default_value_t = 200)]
+    users: usize,
+    #[arg(long, default_value_t = 3)]
+    workers: usize,
+    #[arg(long, default_value_t = 10)]
+    spawn_limit: usize,
+    #[arg(long, default_value_t = 50)]
+    active_limit: usize,
+    /// Seconds each server takes before it answers.
+    #[arg(long, default_value_t = 2)]
+    start_delay: u64,
+    #[arg(long, default_value = "berth-test-server:latest")]
+    image: String,
+    #[arg(long, default_value = "target/release/berth")]
+    berth: String,
+    #[arg(
+        long,
+        env = "BERTH_BENCH_DATABASE_URL",
+        default_value = "postgres://postgres:postgres@127.0.0.1:5432/postgres"
+    )]
+    database_url: String,
+    /// Skip the `docker run` baseline.
+    #[arg(long)]
+    no_baseline: bool,
+}
+
+const TOKEN: &str = "bench-admin-token-0123456789";
+
+struct Processes(Vec<Child>);
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn docker(args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new("docker").args(args).output()?;
+    if !out.status.success() {
+        bail!("docker {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+fn remove_labelled(label: &str) {
+    if let Ok(ids) = docker(&["ps", "-aq", "--filter", &format!("label={label}")]) {
+        let ids: Vec<&str> = ids.lines().filter(|l| !l.is_empty()).collect();
+        if !ids.is_empty() {
+            let mut args = vec!["rm", "-f"];
+            args.extend(ids);
+            let _ = docker(&args);
+        }
+    }
+}
+
+async fn probe(ip: &str, port: u16) -> bool {
+    let attempt = async {
+        let mut s = TcpStream::connect((ip, port)).await.ok()?;
+        s.write_all(b"GET / HTTP/1.0\r\n\r\n").await.ok()?;
+        let mut head = [0u8; 5];
+        s.read_exact(&mut head).await.ok()?;
+        Some(&head == b"HTTP/")
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(1), attempt).await,
+        Ok(Some(true))
+    )
+}
+
+/// `docker run` + a readiness loop, `count` servers at `concurrency` at a time.
+async fn baseline(
+    args: &Args,
+    count: usize,
+    concurrency: usize,
+    tag: &str,
+    network: &str,
+) -> anyhow::Result<Duration> {
+    let gate = Arc::new(Semaphore::new(concurrency));
+    let started = Instant::now();
+    let mut tasks = vec![];
+    for i in 0..count {
+        let gate = gate.clone();
+        let image = args.image.clone();
+        let delay = args.start_delay.to_string();
+        let label = format!("berth.bench={tag}");
+        let network = network.to_owned();
+        let tag = tag.to_owned();
+        tasks.push(tokio::spawn(async move {
+            let _permit = gate.acquire().await.unwrap();
+            let name = format!("bench-{tag}-{i}");
+            let env = format!("BERTH_TEST_START_DELAY={delay}");
+            let id = tokio::process::Command::new("docker")
+                .args([
+                    "run",
+                    "-d",
+                    "--name",
+                    &name,
+                    "--label",
+                    &label,
+                    "--network",
+                    &network,
+                    "-e",
+                    &env,
+                    &image,
+                ])
+                .output()
+                .await
+                .unwrap();
+            let id = String::from_utf8_lossy(&id.stdout).trim().to_owned();
+            let fmt = format!("{{{{(index .NetworkSettings.Networks \"{network}\").IPAddress}}}}");
+            let ip = tokio::process::Command::new("docker")
+                .args(["inspect", "-f", &fmt, &id])
+                .output()
+                .await
+                .unwrap();
+            let ip = String::from_utf8_lossy(&ip.stdout).trim().to_owned();
+            while !probe(&ip, 8888).await {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await?;
+    }
+    Ok(started.elapsed())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let tag = format!("b{:06x}", rand::random::<u32>() & 0xff_ffff);
+    let admin = PgPool::connect(&args.database_url)
+        .await
+        .context("bench Postgres")?;
+    let db = format!("berth_bench_{tag}");
+    sqlx::query(sqlx::AssertSqlSafe(format!("create database {db}")))
+        .execute(&admin)
+        .await?;
+    let base = args
+        .database_url
+        .rsplit_once('/')
+        .map(|(b, _)| b)
+        .unwrap_or(&args.database_url);
+    let url = format!("{base}/{db}");
+    let network = format!("berth-{tag}");
+    let result = run(&args, &tag, &url, &network).await;
+    remove_labelled(&format!("berth.instance={tag}"));
+    remove_labelled(&format!("berth.bench={tag}"));
+    let _ = docker(&["network", "rm", &network]);
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "drop database if exists {db} with (force)"
+    )))
+    .execute(&admin)
+    .await?;
+    result
+}
+
+async fn run(args: &Args, tag: &str, url: &str, network: &str) -> anyhow::Result<()> {
+    let envs = |cmd: &mut Command| {
+        cmd.env("BERTH_DATABASE_URL", url)
+            .env("BERTH_CONCURRENT_SPAWN_LIMIT", args.spawn_limit.to_string())
+            .env("BERTH_ACTIVE_SERVER_LIMIT", args.active_limit.to_string())
+            .env(
+                "BERTH_LOG",
+                std::env::var("BERTH_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdout(Stdio::null());
+    };
+    let mut migrate = Command::new(&args.berth);
+    migrate.arg("migrate");
+    envs(&mut migrate);
+    anyhow::ensure!(migrate.status()?.success(), "berth migrate failed");
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let mut processes = Processes(vec![]);
+    let mut api = Command::new(&args.berth);
+    api.arg("api")
+        .env("BERTH_LISTEN", format!("127.0.0.1:{port}"))
+        .env("BERTH_ADMIN_TOKEN", TOKEN)
+        .env("BERTH_MAX_SERVERS_PER_USER", "0");
+    envs(&mut api);
+    processes.0.push(api.spawn()?);
+    for i in 0..args.workers {
+        let mut worker = Command::new(&args.berth);
+        worker
+            .arg("worker")
+            .env("BERTH_WORKER_NAME", format!("{tag}-w{i}"))
+            .env("BERTH_IMAGE", &args.image)
+            .env("BERTH_NETWORK", network)
+            .env("BERTH_INSTANCE", tag)
+            .env("BERTH_VOLUME_PATH", "/data")
+            .env("BERTH_MEM_LIMIT", "256M")
+            .env("BERTH_STOP_TIMEOUT", "2")
+            .env(
+                "BERTH_SERVER_ENV",
+                format!("BERTH_TEST_START_DELAY={}", args.start_delay),
+            );
+        envs(&mut worker);
+        processes.0.push(worker.spawn()?);
+    }
+    let api_base = format!("http://127.0.0.1:{port}/api/v1");
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.users)
+        .build()?;
+    let ready = Instant::now();
+    while client
+        .get(format!("http://127.0.0.1:{port}/ready"))
+        .send()
+        .await
+        .is_err()
+    {
+        anyhow::ensure!(
+            ready.elapsed() < Duration::from_secs(30),
+            "api did not come up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let users: Vec<String> = (0..args.users).map(|i| format!("u{i}-{tag}")).collect();
+    for chunk in users.chunks(50) {
+        futures::future::try_join_all(chunk.iter().map(|u| {
+            client
+                .post(format!("{api_base}/users/{u}"))
+                .bearer_auth(TOKEN)
+                .send()
+        }))
+        .await?;
+    }
+    // Let the workers settle (reconcile, listeners) before measuring idle memory.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let pids: Vec<u32> = processes.0.iter().map(Child::id).collect();
+    let idle_rss: Vec<u64> = pids.iter().map(|p| rss_kib(*p)).collect();
+
+    let pool = PgPool::connect(url).await?;
+    let first_request = Instant::now();
+    let answers = futures::future::join_all(users.iter().map(|u| {
+        let client = client.clone();
+        let url = format!("{api_base}/users/{u}/server");
+        async move {
+            let sent = Instant::now();
+            let status = client
+                .post(url)
+                .bearer_auth(TOKEN)
+                .send()
+                .await
+                .map(|r| r.status().as_u16());
+            (status, sent.elapsed())
+        }
+    }))
+    .await;
+    let answered_all = first_request.elapsed();
+    let mut latencies: Vec<f64> = answers
+        .iter()
+        .map(|(_, d)| d.as_secs_f64() * 1000.0)
+        .collect();
+    latencies.sort_by(f64::total_cmp);
+    let accepted = answers.iter().filter(|(s, _)| matches!(s, Ok(202))).count();
+    let refused = answers.iter().filter(|(s, _)| matches!(s, Ok(429))).count();
+
+    let target = accepted as i64;
+    let mut last_running = 0;
+    let full = loop {
+        let running: i64 =
+            sqlx::query_scalar("select count(*) from servers where state = 'running'")
+                .fetch_one(&pool)
+                .await?;
+        if running != last_running {
+            last_running = running;
+        }
+        if running >= target {
+            break first_request.elapsed();
+        }
+        anyhow::ensure!(
+            first_request.elapsed() < Duration::from_secs(300),
+            "stuck at {running} running"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let peak: i64 = sqlx::query_scalar(
+        "with e as (select started_at at, 1 d from spawn_attempts union all \
+         select ended_at, -1 from spawn_attempts where ended_at is not null) \
+         select coalesce(max(s), 0)::int8 from (select sum(d) over (order by at, d) s from e) x",
+    )
+    .fetch_one(&pool)
+    .await?;
+    let after_rss: Vec<u64> = pids.iter().map(|p| rss_kib(*p)).collect();
+    let waves = (target as f64 / args.spawn_limit as f64).ceil();
+    let physical = waves * args.start_delay as f64;
+
+    println!(
+        "## Spawn storm: {} users, {} workers, limits {}/{}, servers start in {} s",
+        args.users, args.workers, args.spawn_limit, args.active_limit, args.start_delay
+    );
+    println!(
+        "answers: {accepted} accepted (202), {refused} refused (429), all within {:.0} ms",
+        answered_all.as_secs_f64() * 1000.0
+    );
+    println!(
+        "API latency during the storm: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        percentile(&latencies, 0.5),
+        percentile(&latencies, 0.99),
+        latencies.last().copied().unwrap_or_default()
+    );
+    println!(
+        "{target}th server running after {:.2} s; physical limit {waves} waves x {} s = {physical:.1} s; ratio {:.3}",
+        full.as_secs_f64(),
+        args.start_delay,
+        full.as_secs_f64() / physical
+    );
+    println!(
+        "spawns per second: {:.2}",
+        target as f64 / full.as_secs_f64()
+    );
+    println!("peak spawns in flight (from the slot record): {peak}");
+    let total_idle: u64 = idle_rss.iter().sum();
+    let total_after: u64 = after_rss.iter().sum();
+    println!(
+        "RSS idle: api {} KiB, workers {:?} KiB (api + 1 worker {:.1} MiB); after the storm: api {} KiB, workers {:?} KiB (api + 1 worker {:.1} MiB); all processes {:.1} / {:.1} MiB",
+        idle_rss[0],
+        &idle_rss[1..],
+        (idle_rss[0] + idle_rss.get(1).copied().unwrap_or(0)) as f64 / 1024.0,
+        after_rss[0],
+        &after_rss[1..],
+        (after_rss[0] + after_rss.get(1).copied().unwrap_or(0)) as f64 / 1024.0,
+        total_idle as f64 / 1024.0,
+        total_after as f64 / 1024.0,
+    );
+    drop(processes);
+    remove_labelled(&format!("berth.instance={tag}"));
+
+    if !args.no_baseline {
+        let elapsed = baseline(args, target as usize, args.spawn_limit, tag, network).await?;
+        println!(
+            "baseline docker run + readiness loop, {target} servers at concurrency {}: {:.2} s ({:.2} spawns/s); Berth overhead {:+.1} %",
+            args.spawn_limit,
+            elapsed.as_secs_f64(),
+            target as f64 / elapsed.as_secs_f64(),
+            (full.as_secs_f64() / elapsed.as_secs_f64() - 1.0) * 100.0
+        );
+    }
+    Ok(())
+}
