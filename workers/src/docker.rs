@@ -7,8 +7,8 @@ use bollard::{
     Docker,
     errors::Error as DockerError,
     models::{
-        ContainerCreateBody, ContainerSummaryStateEnum, HostConfig, Mount, MountType,
-        NetworkCreateRequest, VolumeCreateRequest,
+        ContainerCreateBody, ContainerCreateResponse, ContainerSummaryStateEnum, HostConfig, Mount,
+        MountType, NetworkCreateRequest, VolumeCreateRequest,
     },
     query_parameters::{
         CreateContainerOptions, CreateImageOptions, ListContainersOptions, ListNetworksOptions,
@@ -35,9 +35,12 @@ pub const LABEL_USER: &str = "berth.user";
 pub const LABEL_SERVER: &str = "berth.server";
 pub const LABEL_SERVER_ID: &str = "berth.server-id";
 
-/// How often a spawn probes readiness, and how often it asks whether it is still wanted.
+/// How often a spawn probes readiness, how often it asks whether it is still
+/// wanted (a cheap database read), and how often it asks the engine whether the
+/// container still runs (engine calls compete with other spawns' creates).
 const PROBE_EVERY: Duration = Duration::from_millis(100);
 const RECHECK_EVERY: Duration = Duration::from_millis(500);
+const INSPECT_EVERY: Duration = Duration::from_millis(2000);
 
 pub struct DockerSpawner {
     docker: Docker,
@@ -233,6 +236,7 @@ impl DockerSpawner {
         let port = self.config.server_port;
         let deadline = Instant::now() + self.config.start_timeout();
         let mut next_check = Instant::now() + RECHECK_EVERY;
+        let mut next_inspect = Instant::now() + INSPECT_EVERY;
         loop {
             if probe_http(ip, port).await {
                 return Ok(());
@@ -248,6 +252,9 @@ impl DockerSpawner {
                 if !still_wanted().await {
                     return Err(SpawnError::Abandoned);
                 }
+            }
+            if Instant::now() >= next_inspect {
+                next_inspect = Instant::now() + INSPECT_EVERY;
                 let state = self.docker.inspect_container(name, None).await?.state;
                 if let Some(state) = state.filter(|s| s.running != Some(true)) {
                     let code = state.exit_code.unwrap_or_default();
@@ -281,6 +288,43 @@ impl DockerSpawner {
         }
     }
 
+    /// Creates the container. The common case costs one call: a missing image is
+    /// pulled (as the policy allows) only when creation says so, and whatever an
+    /// earlier attempt left under the same name is replaced only when it is there.
+    async fn create(
+        &self,
+        spec: &SpawnSpec,
+        name: &str,
+        image: &str,
+        network_id: &str,
+    ) -> Result<ContainerCreateResponse, SpawnError> {
+        let mut pulled = false;
+        let mut replaced = false;
+        loop {
+            let options = CreateContainerOptions {
+                name: Some(name.into()),
+                ..Default::default()
+            };
+            match self
+                .docker
+                .create_container(Some(options), self.container_body(spec, image, network_id))
+                .await
+            {
+                Ok(created) => return Ok(created),
+                Err(e) if is_status(&e, 404) && !pulled => {
+                    self.ensure_image(image).await?;
+                    pulled = true;
+                }
+                Err(e) if is_status(&e, 409) && !replaced => {
+                    // Left by an interrupted attempt of this job: replaced, never doubled.
+                    self.remove_container(name).await?;
+                    replaced = true;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
     async fn start(
         &self,
         spec: &SpawnSpec,
@@ -288,7 +332,9 @@ impl DockerSpawner {
         still_wanted: &StillWanted<'_>,
     ) -> Result<Spawned, SpawnError> {
         let image = spec.image.as_deref().unwrap_or(&self.config.image);
-        self.ensure_image(image).await?;
+        if self.config.pull_policy == PullPolicy::Always {
+            self.ensure_image(image).await?;
+        }
         let network_id = self.ensure_network().await?;
         let volume = VolumeCreateRequest {
             name: Some(spec.user.volume_name()),
@@ -301,16 +347,7 @@ impl DockerSpawner {
         };
         // Creating a volume that exists returns it unchanged.
         self.docker.create_volume(volume).await?;
-        // Whatever an earlier attempt of this job left is replaced, never doubled.
-        self.remove_container(name).await?;
-        let options = CreateContainerOptions {
-            name: Some(name.into()),
-            ..Default::default()
-        };
-        let created = self
-            .docker
-            .create_container(Some(options), self.container_body(spec, image, &network_id))
-            .await?;
+        let created = self.create(spec, name, image, &network_id).await?;
         self.docker.start_container(&created.id, None).await?;
         let inspect = self.docker.inspect_container(&created.id, None).await?;
         let ip = inspect

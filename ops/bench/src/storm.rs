@@ -191,6 +191,16 @@ async fn main() -> anyhow::Result<()> {
     let result = run(&args, &tag, &url, &network).await;
     remove_labelled(&format!("berth.instance={tag}"));
     remove_labelled(&format!("berth.bench={tag}"));
+    if let Ok(volumes) = docker(&["volume", "ls", "-q", "--filter", &format!("name=bench-{tag}")]) {
+        for v in volumes.lines().filter(|l| !l.is_empty()) {
+            let _ = docker(&["volume", "rm", "-f", v]);
+        }
+    }
+    if let Ok(volumes) = docker(&["volume", "ls", "-q", "--filter", &format!("label=berth.instance={tag}")]) {
+        for v in volumes.lines().filter(|l| !l.is_empty()) {
+            let _ = docker(&["volume", "rm", "-f", v]);
+        }
+    }
     let _ = docker(&["network", "rm", &network]);
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "drop database if exists {db} with (force)"
@@ -329,6 +339,14 @@ async fn run(args: &Args, tag: &str, url: &str, network: &str) -> anyhow::Result
     )
     .fetch_one(&pool)
     .await?;
+    let (hold, gap): (f64, f64) = sqlx::query_as(
+        "select avg(extract(epoch from ended_at - started_at))::float8, \
+                coalesce(avg(extract(epoch from started_at - prev))::float8, 0) \
+         from (select started_at, ended_at, lag(ended_at) over (partition by slot order by started_at) prev \
+               from spawn_attempts) a",
+    )
+    .fetch_one(&pool)
+    .await?;
     let after_rss: Vec<u64> = pids.iter().map(|p| rss_kib(*p)).collect();
     let waves = (target as f64 / args.spawn_limit as f64).ceil();
     let physical = waves * args.start_delay as f64;
@@ -358,6 +376,7 @@ async fn run(args: &Args, tag: &str, url: &str, network: &str) -> anyhow::Result
         target as f64 / full.as_secs_f64()
     );
     println!("peak spawns in flight (from the slot record): {peak}");
+    println!("a spawn holds its slot {:.0} ms on average; a freed slot is taken again after {:.0} ms", hold * 1000.0, gap * 1000.0);
     let total_idle: u64 = idle_rss.iter().sum();
     let total_after: u64 = after_rss.iter().sum();
     println!(
