@@ -191,12 +191,24 @@ async fn main() -> anyhow::Result<()> {
     let result = run(&args, &tag, &url, &network).await;
     remove_labelled(&format!("berth.instance={tag}"));
     remove_labelled(&format!("berth.bench={tag}"));
-    if let Ok(volumes) = docker(&["volume", "ls", "-q", "--filter", &format!("name=bench-{tag}")]) {
+    if let Ok(volumes) = docker(&[
+        "volume",
+        "ls",
+        "-q",
+        "--filter",
+        &format!("name=bench-{tag}"),
+    ]) {
         for v in volumes.lines().filter(|l| !l.is_empty()) {
             let _ = docker(&["volume", "rm", "-f", v]);
         }
     }
-    if let Ok(volumes) = docker(&["volume", "ls", "-q", "--filter", &format!("label=berth.instance={tag}")]) {
+    if let Ok(volumes) = docker(&[
+        "volume",
+        "ls",
+        "-q",
+        "--filter",
+        &format!("label=berth.instance={tag}"),
+    ]) {
         for v in volumes.lines().filter(|l| !l.is_empty()) {
             let _ = docker(&["volume", "rm", "-f", v]);
         }
@@ -376,7 +388,11 @@ async fn run(args: &Args, tag: &str, url: &str, network: &str) -> anyhow::Result
         target as f64 / full.as_secs_f64()
     );
     println!("peak spawns in flight (from the slot record): {peak}");
-    println!("a spawn holds its slot {:.0} ms on average; a freed slot is taken again after {:.0} ms", hold * 1000.0, gap * 1000.0);
+    println!(
+        "a spawn holds its slot {:.0} ms on average; a freed slot is taken again after {:.0} ms",
+        hold * 1000.0,
+        gap * 1000.0
+    );
     let total_idle: u64 = idle_rss.iter().sum();
     let total_after: u64 = after_rss.iter().sum();
     println!(
