@@ -297,6 +297,10 @@ async fn admins_page_users_change_roles_deactivate_and_delete() {
     assert_eq!(change["target"], target.as_str());
 }
 
+async fn verify(env: &TestEnv, token: &str, check: &str) -> (StatusCode, Value) {
+    as_user(env, token, Method::POST, "/api/v1/sso/verify", Some(check)).await
+}
+
 fn forge(env: &TestEnv, claims: Value) -> String {
     let key = EncodingKey::from_ed_pem(env.jwt_pem.as_bytes()).unwrap();
     jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), &claims, &key).unwrap()
@@ -803,24 +807,10 @@ async fn an_sso_hand_off_is_for_one_server_single_use_and_expires() {
     );
 
     let check = json!({ "token": hand_off }).to_string();
-    let (status, who) = as_user(
-        &env,
-        &server_token,
-        Method::POST,
-        "/api/v1/sso/verify",
-        Some(&check),
-    )
-    .await;
+    let (status, who) = verify(&env, &server_token, &check).await;
     assert_eq!(status, StatusCode::OK, "{who}");
     assert_eq!(who, json!({ "user": ann, "server": "" }));
-    let (status, body) = as_user(
-        &env,
-        &server_token,
-        Method::POST,
-        "/api/v1/sso/verify",
-        Some(&check),
-    )
-    .await;
+    let (status, body) = verify(&env, &server_token, &check).await;
     assert_error(status, &body, StatusCode::UNAUTHORIZED, "unauthorized");
 
     // Expired: the clock is moved past its five minutes.
@@ -832,40 +822,19 @@ async fn an_sso_hand_off_is_for_one_server_single_use_and_expires() {
     .await
     .unwrap();
     let check = json!({ "token": sso["token"] }).to_string();
-    let (status, body) = as_user(
-        &env,
-        &server_token,
-        Method::POST,
-        "/api/v1/sso/verify",
-        Some(&check),
-    )
-    .await;
+    let (status, body) = verify(&env, &server_token, &check).await;
     assert_error(status, &body, StatusCode::UNAUTHORIZED, "unauthorized");
 
     // A user's own token cannot verify hand-offs; nor can anyone else mint one for Ann.
     let (_, sso) = as_user(&env, &token, Method::POST, &format!("{path}/sso"), None).await;
     let check = json!({ "token": sso["token"] }).to_string();
-    let (status, body) = as_user(
-        &env,
-        &token,
-        Method::POST,
-        "/api/v1/sso/verify",
-        Some(&check),
-    )
-    .await;
+    let (status, body) = verify(&env, &token, &check).await;
     assert_error(status, &body, StatusCode::FORBIDDEN, "forbidden");
     let bob = env.register(&env.user("bob"), PASSWORD).await;
     let (status, body) = as_user(&env, &bob, Method::POST, &format!("{path}/sso"), None).await;
     assert_error(status, &body, StatusCode::FORBIDDEN, "forbidden");
     // The token survived the refused attempt and still works once.
-    let (status, _) = as_user(
-        &env,
-        &server_token,
-        Method::POST,
-        "/api/v1/sso/verify",
-        Some(&check),
-    )
-    .await;
+    let (status, _) = verify(&env, &server_token, &check).await;
     assert_eq!(status, StatusCode::OK);
 
     // No hand-off to a server that is not running.

@@ -19,7 +19,7 @@ use crate::{
     body::JsonBody,
     error::{ApiError, ApiResult},
     tokens::{hash_opaque, new_opaque},
-    users::{remove_user, user_name},
+    users::{create_account, remove_user, user_name},
     views::UserView,
 };
 
@@ -124,17 +124,7 @@ async fn create_user(
     principal.require("admin")?;
     let role = role(body.role.as_deref().unwrap_or("user"))?;
     let account = new_account(&body.username, body.email, body.password, role).await?;
-    let user = state.accounts.register(&account).await?;
-    state
-        .audit(
-            Some(&principal.actor()),
-            "user_created",
-            Some(&user.name),
-            &addr,
-            json!({ "role": user.role }),
-        )
-        .await;
-    Ok((StatusCode::CREATED, Json(UserView::new(&user, &[]))))
+    create_account(&state, &principal, &addr, &account).await
 }
 
 #[derive(Debug, Deserialize)]

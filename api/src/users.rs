@@ -81,13 +81,23 @@ async fn create(
         password_hash: None,
         role: if new.admin { Role::Admin } else { Role::User },
     };
-    let user = state.accounts.register(&account).await?;
+    create_account(&state, &principal, &addr, &account).await
+}
+
+/// Creates an account on an admin's or a service's behalf, and says so in the audit log.
+pub async fn create_account(
+    state: &AppState,
+    principal: &Principal,
+    addr: &ClientAddr,
+    account: &schema::NewAccount,
+) -> ApiResult<(StatusCode, Json<UserView>)> {
+    let user = state.accounts.register(account).await?;
     state
         .audit(
             Some(&principal.actor()),
             "user_created",
             Some(&user.name),
-            &addr,
+            addr,
             json!({ "role": user.role }),
         )
         .await;

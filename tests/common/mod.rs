@@ -360,6 +360,14 @@ impl TestEnv {
         self.children.len() - 1
     }
 
+    /// Which of the started processes have exited, and how.
+    pub fn process_states(&mut self) -> Vec<Option<std::process::ExitStatus>> {
+        self.children
+            .iter_mut()
+            .map(|c| c.try_wait().ok().flatten())
+            .collect()
+    }
+
     /// `kill -9` of a worker process.
     pub fn kill_worker(&mut self, index: usize) {
         let child = &mut self.children[index];

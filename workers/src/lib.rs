@@ -97,35 +97,58 @@ pub async fn run(
         )),
     ];
 
+    // A consumer whose queue connection fails (the database restarted, a pool
+    // timeout under load) is rebuilt after a pause instead of taking the worker down.
     let consume = |queue: &'static str| {
-        let queue_config = apalis_postgres::Config::default()
-            .queue(queue)
-            .heartbeat_interval(Duration::from_secs(config.heartbeat.max(1)))
-            .missed_heartbeats(config.missed_heartbeats.max(1));
-        // NOTIFY wakes a worker the moment a job is inserted; the interval catches
-        // what NOTIFY never announces: jobs handed back, retried or taken over
-        // from a dead worker.
-        let strategy = Strategy::new()
-            .stream(Pubsub::new(pool.clone(), queue.to_owned()))
-            .interval(Duration::from_millis(config.poll_interval_ms.max(5)));
-        let storage = PollWith::new(
-            PostgresStorage::<JobEnvelope>::new(&pool).with_config(queue_config),
-            strategy,
-        );
-        let worker = WorkerBuilder::new(format!("{worker_name}/{queue}"))
-            .backend(storage)
-            .data(ctx.clone())
-            .concurrency(config.concurrency)
-            .build(handle);
+        let build = {
+            let pool = pool.clone();
+            let ctx = ctx.clone();
+            let worker_name = worker_name.clone();
+            let config = config.clone();
+            move || {
+                let queue_config = apalis_postgres::Config::default()
+                    .queue(queue)
+                    .heartbeat_interval(Duration::from_secs(config.heartbeat.max(1)))
+                    .missed_heartbeats(config.missed_heartbeats.max(1));
+                // NOTIFY wakes a worker the moment a job is inserted; the interval
+                // catches what NOTIFY never announces: jobs handed back, retried or
+                // taken over from a dead worker.
+                let strategy = Strategy::new()
+                    .stream(Pubsub::new(pool.clone(), queue.to_owned()))
+                    .interval(Duration::from_millis(config.poll_interval_ms.max(5)));
+                let storage = PollWith::new(
+                    PostgresStorage::<JobEnvelope>::new(&pool).with_config(queue_config),
+                    strategy,
+                );
+                WorkerBuilder::new(format!("{worker_name}/{queue}"))
+                    .backend(storage)
+                    .data(ctx.clone())
+                    .concurrency(config.concurrency)
+                    .build(handle)
+            }
+        };
         let shutdown = shutdown.clone();
         async move {
-            worker
-                .run_until(async move {
-                    shutdown.cancelled().await;
-                    Ok::<(), std::io::Error>(())
-                })
-                .await
-                .map_err(|e| WorkerError::Queue(e.to_string()))
+            loop {
+                let stop = shutdown.clone();
+                let ran = build()
+                    .run_until(async move {
+                        stop.cancelled().await;
+                        Ok::<(), std::io::Error>(())
+                    })
+                    .await;
+                match ran {
+                    Ok(()) => return Ok::<(), WorkerError>(()),
+                    Err(e) if !shutdown.is_cancelled() => {
+                        tracing::warn!(queue, error = %e, "queue consumer failed; restarting it in 1 s");
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                            _ = shutdown.cancelled() => return Ok(()),
+                        }
+                    }
+                    Err(e) => return Err(WorkerError::Queue(e.to_string())),
+                }
+            }
         }
     };
     let mut consumers = Box::pin(async {
