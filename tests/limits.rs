@@ -485,3 +485,49 @@ async fn after_every_process_is_killed_and_restarted_reconciliation_makes_the_st
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_rides_out_a_lost_database_connection() {
+    let mut env = TestEnv::start().await;
+    let proxy = common::DbProxy::start(common::database_address()).await;
+    let url = env.db_url.replace(&common::database_address(), &proxy.addr);
+    let worker_pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(48)
+        .acquire_timeout(Duration::from_secs(2))
+        .connect(&url)
+        .await
+        .unwrap();
+    env.start_worker_on(
+        worker_pool,
+        &["--heartbeat", "1", "--poll-interval-ms", "100"],
+    );
+    let first = env.user("before");
+    let second = env.user("during");
+    env.create_user(&first).await;
+    env.create_user(&second).await;
+    let path = |u: &str| format!("/api/v1/users/{u}/server");
+    env.call(Method::POST, &path(&first), None).await;
+    env.wait_server(&path(&first), Duration::from_secs(30), |s| {
+        s["state"] == "running"
+    })
+    .await;
+
+    // The worker loses the database; a spawn is requested meanwhile.
+    proxy.cut();
+    let (status, _) = env.call(Method::POST, &path(&second), None).await;
+    assert_eq!(
+        status,
+        StatusCode::ACCEPTED,
+        "the API has its own connections"
+    );
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let (_, waiting) = env.call(Method::GET, &path(&second), None).await;
+    assert_eq!(waiting["state"], "pending_spawn");
+
+    proxy.restore();
+    env.wait_server(&path(&second), Duration::from_secs(30), |s| {
+        s["state"] == "running"
+    })
+    .await;
+    assert_eq!(env.containers().len(), 2);
+}

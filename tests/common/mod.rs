@@ -95,46 +95,51 @@ pub async fn serve_api(
     (base, task)
 }
 
-/// A TCP relay in front of Postgres that a test can cut, as a network failure would.
+/// A TCP relay in front of Postgres that a test can cut and restore, as a network
+/// failure would.
 pub struct DbProxy {
     pub addr: String,
-    cut: CancellationToken,
+    state: Arc<std::sync::Mutex<(bool, CancellationToken)>>,
 }
 
 impl DbProxy {
     pub async fn start(target: String) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
-        let cut = CancellationToken::new();
-        let stop = cut.clone();
+        let state = Arc::new(std::sync::Mutex::new((false, CancellationToken::new())));
+        let shared = state.clone();
         tokio::spawn(async move {
-            loop {
-                let accepted = tokio::select! {
-                    _ = stop.cancelled() => return,
-                    accepted = listener.accept() => accepted,
-                };
-                let Ok((mut inbound, _)) = accepted else {
-                    return;
-                };
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let (cut, generation) = shared.lock().unwrap().clone();
+                if cut {
+                    drop(inbound);
+                    continue;
+                }
                 let target = target.clone();
-                let stop = stop.clone();
                 tokio::spawn(async move {
                     let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
                         return;
                     };
                     tokio::select! {
-                        _ = stop.cancelled() => {}
+                        _ = generation.cancelled() => {}
                         _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
                     }
                 });
             }
         });
-        Self { addr, cut }
+        Self { addr, state }
     }
 
     /// Drops every relayed connection and refuses new ones.
     pub fn cut(&self) {
-        self.cut.cancel();
+        let mut state = self.state.lock().unwrap();
+        state.0 = true;
+        state.1.cancel();
+    }
+
+    /// Relays again.
+    pub fn restore(&self) {
+        *self.state.lock().unwrap() = (false, CancellationToken::new());
     }
 }
 
@@ -263,12 +268,17 @@ impl TestEnv {
 
     /// Starts a worker inside the test process.
     pub fn start_worker(&mut self, extra: &[&str]) {
+        let pool = self.pool.clone();
+        self.start_worker_on(pool, extra);
+    }
+
+    /// Starts a worker inside the test process, on a pool of the test's choosing.
+    pub fn start_worker_on(&mut self, pool: PgPool, extra: &[&str]) {
         let mut argv = vec!["worker".to_string()];
         argv.extend(self.worker_args(extra));
         let config = WorkerFlags::try_parse_from(argv)
             .expect("worker flags parse")
             .config;
-        let pool = self.pool.clone();
         let shutdown = self.shutdown.clone();
         self.tasks.push(tokio::spawn(async move {
             workers::run(config, pool, shutdown)
