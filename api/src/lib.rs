@@ -174,6 +174,10 @@ where
         store.bootstrap_admin(&name, &hash).await?;
         tracing::info!(admin = %name, "admin account ready");
     }
+    let limits = store.limit_overrides().await?.apply(config.limits);
+    store
+        .ensure_admission_places(limits.active_server_limit)
+        .await?;
     let state = AppState {
         store: store.clone(),
         accounts: store.clone(),

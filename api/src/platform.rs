@@ -89,7 +89,12 @@ async fn change_limits(
         ));
     }
     let actor = principal.actor();
-    state.platform.set_limits(spawn, active, &actor).await?;
+    let overrides = state.platform.set_limits(spawn, active, &actor).await?;
+    let limits = overrides.apply(state.config.limits);
+    state
+        .platform
+        .ensure_admission_places(limits.active_server_limit)
+        .await?;
     let view = limits_view(&state).await?;
     state
         .audit(Some(&actor), "limits_changed", None, &addr, view.clone())

@@ -159,28 +159,34 @@ impl Store for PgStore {
         let mut tx = self.pool.begin().await?;
         // Locking the user serialises one user's spawn requests, so the per-user
         // count below is exact, and keeps a concurrent delete from slipping in.
-        let user = sqlx::query_as::<_, UserRow>("select * from users where name = $1 for update")
-            .bind(req.user.as_str())
-            .fetch_optional(&mut *tx)
-            .await?
-            .ok_or_else(|| user_not_found(&req.user))?;
-        if user.state == "deleting" {
+        let (user_id, user_state, limit): (i64, String, i32) = sqlx::query_as(
+            "select u.id, u.state, coalesce((select active_server_limit from platform_limits), $2) \
+             from users u where u.name = $1 for update of u",
+        )
+        .bind(req.user.as_str())
+        .bind(req.active_server_limit as i32)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or_else(|| user_not_found(&req.user))?;
+        if user_state == "deleting" {
             return Err(StoreError::Conflict(format!(
                 "user {:?} is being deleted",
                 req.user.as_str()
             )));
         }
-        sqlx::query(
-            "insert into servers (user_id, name, state) values ($1, $2, 'stopped') \
-             on conflict (user_id, name) do nothing",
+        // Creates the row on first use and locks it either way, in one statement.
+        let server = sqlx::query_as::<_, ServerRow>(
+            "insert into servers as s (user_id, name, state) values ($1, $2, 'stopped') \
+             on conflict (user_id, name) do update set updated_at = s.updated_at \
+             returning s.id, s.user_id, $3::text as user_name, s.name, s.state, s.image, \
+             s.spawn_job_id, s.stop_job_id, s.container_id, s.url, s.error, s.requested_at, \
+             s.started_at, s.stopped_at, s.last_activity",
         )
-        .bind(user.id)
+        .bind(user_id)
         .bind(req.server.as_str())
-        .execute(&mut *tx)
+        .bind(req.user.as_str())
+        .fetch_one(&mut *tx)
         .await?;
-        let server = server_for_update(&mut tx, &req.user, &req.server)
-            .await?
-            .ok_or_else(|| StoreError::NotFound("server vanished".into()))?;
         match server.state() {
             ServerState::PendingSpawn => return Ok(SpawnOutcome::AlreadyPending(server)),
             ServerState::Running => return Ok(SpawnOutcome::AlreadyRunning(server)),
@@ -191,18 +197,12 @@ impl Store for PgStore {
             }
             ServerState::Stopped | ServerState::Failed => {}
         }
-        let limit: i32 = sqlx::query_scalar(
-            "select coalesce((select active_server_limit from platform_limits), $1)",
-        )
-        .bind(req.active_server_limit as i32)
-        .fetch_one(&mut *tx)
-        .await?;
         if let Some(limit) = req.max_servers_per_user {
             let live: i64 = sqlx::query_scalar(
                 "select count(*) from servers where user_id = $1 \
                  and state in ('pending_spawn', 'running', 'pending_stop')",
             )
-            .bind(user.id)
+            .bind(user_id)
             .fetch_one(&mut *tx)
             .await?;
             if live >= i64::from(limit) {
@@ -236,17 +236,20 @@ impl Store for PgStore {
                 payload,
             )
             .await?;
-        sqlx::query(
-            "update servers set state = 'pending_spawn', spawn_job_id = $2, stop_job_id = null, \
+        let server = sqlx::query_as::<_, ServerRow>(
+            "update servers s set state = 'pending_spawn', spawn_job_id = $2, stop_job_id = null, \
              image = $3, error = null, url = null, container_id = null, started_at = null, \
-             stopped_at = null, requested_at = now(), updated_at = now() where id = $1",
+             stopped_at = null, requested_at = now(), updated_at = now() where s.id = $1 \
+             returning s.id, s.user_id, $4::text as user_name, s.name, s.state, s.image, \
+             s.spawn_job_id, s.stop_job_id, s.container_id, s.url, s.error, s.requested_at, \
+             s.started_at, s.stopped_at, s.last_activity",
         )
         .bind(server.id)
         .bind(job.id)
         .bind(&req.image)
-        .execute(&mut *tx)
+        .bind(req.user.as_str())
+        .fetch_one(&mut *tx)
         .await?;
-        let server = server_in(&mut tx, server.id).await?;
         tx.commit().await?;
         Ok(SpawnOutcome::Enqueued(server))
     }

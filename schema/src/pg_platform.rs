@@ -81,6 +81,14 @@ impl Platform for PgStore {
         })
     }
 
+    async fn ensure_admission_places(&self, limit: u32) -> Result<(), StoreError> {
+        sqlx::query("insert into admission_tokens (slot) select generate_series(0, $1 - 1) on conflict do nothing")
+            .bind(limit as i32)
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
     async fn try_spawn_slot(
         &self,
         job_id: Uuid,

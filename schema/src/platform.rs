@@ -95,6 +95,9 @@ pub trait Platform: Send + Sync + 'static {
         by: &str,
     ) -> Result<LimitOverrides, StoreError>;
     async fn usage(&self) -> Result<Usage, StoreError>;
+    /// Creates the admission places below `limit` ahead of time, so that a burst of
+    /// first requests does not queue on creating them.
+    async fn ensure_admission_places(&self, limit: u32) -> Result<(), StoreError>;
 
     /// Takes a slot if one is free and no older spawn is waiting for it.
     /// `None`: try again shortly.

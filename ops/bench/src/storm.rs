@@ -325,6 +325,15 @@ async fn run(args: &Args, tag: &str, url: &str, network: &str) -> anyhow::Result
     let accepted = answers.iter().filter(|(s, _)| matches!(s, Ok(202))).count();
     let refused = answers.iter().filter(|(s, _)| matches!(s, Ok(429))).count();
 
+    if args.workers == 0 {
+        println!(
+            "API only: {accepted} accepted, {refused} refused in {:.0} ms; latency p50 {:.1} ms, p99 {:.1} ms",
+            answered_all.as_secs_f64() * 1000.0,
+            percentile(&latencies, 0.5),
+            percentile(&latencies, 0.99)
+        );
+        return Ok(());
+    }
     let target = accepted as i64;
     let mut last_running = 0;
     let full = loop {
