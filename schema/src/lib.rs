@@ -6,6 +6,7 @@ pub mod jobs;
 pub mod names;
 pub mod pg;
 pub mod pg_accounts;
+mod pg_locks;
 pub mod pg_platform;
 pub mod platform;
 pub mod queue;

@@ -6,7 +6,8 @@ use sqlx::{Postgres, pool::PoolConnection};
 use uuid::Uuid;
 
 use crate::{
-    pg::{PgStore, SessionLock},
+    pg::PgStore,
+    pg_locks::{SERVER_LOCK_SPACE, SessionLock, lock_key},
     platform::{LimitChange, LimitOverrides, Platform, SpawnSlot, Usage, WorkerInfo, WorkerRow},
     rows::ServerRow,
     store::{ServerLock, StoreError},
@@ -211,12 +212,7 @@ impl Platform for PgStore {
         &self,
         server_id: i64,
     ) -> Result<Option<Box<dyn ServerLock>>, StoreError> {
-        SessionLock::try_take(
-            self.pool(),
-            crate::pg::SERVER_LOCK_SPACE,
-            crate::pg::lock_key(server_id),
-        )
-        .await
+        SessionLock::try_take(self.pool(), SERVER_LOCK_SPACE, lock_key(server_id)).await
     }
 
     async fn live_servers(&self) -> Result<Vec<ServerRow>, StoreError> {

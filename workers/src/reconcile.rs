@@ -66,7 +66,11 @@ async fn reconcile_locked(ctx: &Context) -> Result<Report, HandlerError> {
         let lock = match container.server_id {
             Some(id) => match ctx.platform.try_lock_server(id).await? {
                 Some(lock) => Some(lock),
-                None => continue,
+                None => {
+                    // Someone is working on this server: leave it, and its server, alone.
+                    seen.insert(id);
+                    continue;
+                }
             },
             None => None,
         };
@@ -114,10 +118,23 @@ async fn reconcile_locked(ctx: &Context) -> Result<Report, HandlerError> {
         let Some(lock) = ctx.platform.try_lock_server(server.id).await? else {
             continue;
         };
-        if ctx
-            .platform
-            .mark_lost(server.id, true, "the container vanished")
-            .await?
+        // The listing may be older than the server: look at both again, under the lock.
+        let now = ctx.store.server_by_id(server.id).await?;
+        let container_now = match now.as_ref().and_then(|s| s.container_id.clone()) {
+            Some(id) => ctx
+                .spawner
+                .container_state(&id)
+                .await
+                .map_err(|e| HandlerError::Transient(e.to_string()))?,
+            None => None,
+        };
+        let vanished =
+            now.is_some_and(|s| s.state() == ServerState::Running) && container_now.is_none();
+        if vanished
+            && ctx
+                .platform
+                .mark_lost(server.id, true, "the container vanished")
+                .await?
         {
             report.lost += 1;
             tracing::warn!(user = %server.user_name, server = %server.name, "reconcile: container vanished");
