@@ -23,6 +23,11 @@ create table spawn_attempts (
 create index spawn_attempts_job_id on spawn_attempts (job_id);
 create index spawn_attempts_open on spawn_attempts (started_at) where ended_at is null;
 
+-- A delivery of a spawn that waits for a slot claims the job, and renews the claim
+-- while it waits, so that a second delivery of the same job (apalis re-runs long
+-- jobs) does not wait, and take a slot, beside it.
+alter table jobs add column claimed_by uuid, add column claimed_at timestamptz;
+
 -- Spawns waiting for a slot, oldest first.
 create index jobs_waiting_spawns on jobs (created_at, id) where kind = 'spawn' and state = 'queued';
 

@@ -8,7 +8,9 @@ use uuid::Uuid;
 use crate::{
     pg::PgStore,
     pg_locks::{SERVER_LOCK_SPACE, SessionLock, lock_key},
-    platform::{LimitChange, LimitOverrides, Platform, SpawnSlot, Usage, WorkerInfo, WorkerRow},
+    platform::{
+        LimitChange, LimitOverrides, Platform, SlotAnswer, SpawnSlot, Usage, WorkerInfo, WorkerRow,
+    },
     rows::ServerRow,
     store::{ServerLock, StoreError},
 };
@@ -16,6 +18,10 @@ use crate::{
 /// Advisory-lock spaces (the first key of two-key locks).
 pub const SLOT_SPACE: i32 = 0x4253_5054; // "BSPT"
 const RECONCILE_SPACE: i32 = 0x4252_4543; // "BREC"
+
+/// A waiting delivery renews its claim on every try (at least every 500 ms); one
+/// not renewed for this long belonged to a delivery that is gone.
+const CLAIM_FRESH: &str = "5 seconds";
 
 /// NOTIFY channel on which a freed spawn slot is announced.
 pub const SLOT_FREED_CHANNEL: &str = "berth_slot_freed";
@@ -96,8 +102,35 @@ impl Platform for PgStore {
         created_at: DateTime<Utc>,
         limit: u32,
         worker: &str,
-    ) -> Result<Option<Box<dyn SpawnSlot>>, StoreError> {
+        delivery: Uuid,
+    ) -> Result<SlotAnswer, StoreError> {
         let mut conn = self.pool().acquire().await?;
+        // Claim the job for this delivery, or renew the claim; a live claim of
+        // another delivery (renewed within CLAIM_FRESH) makes this one a duplicate.
+        let claimed = sqlx::query(
+            "update jobs set claimed_by = $2, claimed_at = now() where id = $1 \
+             and state in ('queued', 'running') \
+             and (claimed_by is null or claimed_by = $2 or claimed_at < now() - $3::interval)",
+        )
+        .bind(job_id)
+        .bind(delivery)
+        .bind(CLAIM_FRESH)
+        .execute(&mut *conn)
+        .await?;
+        if claimed.rows_affected() == 0 {
+            let queued: bool = sqlx::query_scalar(
+                "select exists (select 1 from jobs where id = $1 and state = 'queued')",
+            )
+            .bind(job_id)
+            .fetch_one(&mut *conn)
+            .await?;
+            // Not queued any more: the caller's next look at the server tells why.
+            return Ok(if queued {
+                SlotAnswer::Duplicate
+            } else {
+                SlotAnswer::Wait
+            });
+        }
         // Is it this job's turn: fewer older waiting spawns than free slots? A
         // waiter is a queued spawn that a worker has fetched (its queue task is
         // taken), so a job still in the queue never holds younger ones back. The
@@ -120,7 +153,7 @@ impl Platform for PgStore {
         .fetch_one(&mut *conn)
         .await?;
         if older >= i64::from(limit) - held {
-            return Ok(None);
+            return Ok(SlotAnswer::Wait);
         }
         let slot: Option<i32> = sqlx::query_scalar("select berth_try_spawn_slot($1, $2)")
             .bind(SLOT_SPACE)
@@ -128,7 +161,7 @@ impl Platform for PgStore {
             .fetch_one(&mut *conn)
             .await?;
         let Some(slot) = slot else {
-            return Ok(None);
+            return Ok(SlotAnswer::Wait);
         };
         let attempt = sqlx::query_scalar(
             "insert into spawn_attempts (job_id, worker, slot) values ($1, $2, $3) returning id",
@@ -146,7 +179,7 @@ impl Platform for PgStore {
                 return Err(e.into());
             }
         };
-        Ok(Some(Box::new(PgSpawnSlot {
+        Ok(SlotAnswer::Granted(Box::new(PgSpawnSlot {
             conn: Some(conn),
             slot,
             attempt,

@@ -77,6 +77,15 @@ pub struct WorkerRow {
     pub stopped_at: Option<DateTime<Utc>>,
 }
 
+/// What a spawn waiting for a slot is told.
+pub enum SlotAnswer {
+    Granted(Box<dyn SpawnSlot>),
+    /// Not yet: older spawns wait, or every slot is taken.
+    Wait,
+    /// Another delivery of this job holds a live claim on it.
+    Duplicate,
+}
+
 /// A held spawn slot (a session advisory lock). Releasing records the end of the
 /// spawn; a worker that dies frees the slot with its connection.
 #[async_trait]
@@ -99,15 +108,16 @@ pub trait Platform: Send + Sync + 'static {
     /// first requests does not queue on creating them.
     async fn ensure_admission_places(&self, limit: u32) -> Result<(), StoreError>;
 
-    /// Takes a slot if one is free and no older spawn is waiting for it.
-    /// `None`: try again shortly.
+    /// Takes a slot if one is free and no older spawn is waiting for it, on behalf
+    /// of one delivery of the job (`delivery`), whose claim on the job it renews.
     async fn try_spawn_slot(
         &self,
         job_id: Uuid,
         created_at: DateTime<Utc>,
         limit: u32,
         worker: &str,
-    ) -> Result<Option<Box<dyn SpawnSlot>>, StoreError>;
+        delivery: Uuid,
+    ) -> Result<SlotAnswer, StoreError>;
     /// The worker's authoritative check: is this server within the active-server
     /// limit, counting only servers admitted before it?
     async fn within_active_limit(&self, server_id: i64, limit: u32) -> Result<bool, StoreError>;

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use rand::RngCore;
-use schema::{JobOutcome, JobRow, Running, ServerState};
+use schema::{JobOutcome, JobRow, Running, ServerState, platform::SlotAnswer};
 use sha2::{Digest, Sha256};
 
 use crate::{
@@ -20,8 +20,23 @@ pub async fn run(ctx: &Context, job: &JobRow) -> Result<(), HandlerError> {
         Ok(p) => p.server_id,
         Err(outcome) => return Ok(ctx.store.finish_job(job.id, &outcome).await?),
     };
+    // A job already `running` was begun under the server's lock: either its worker
+    // still holds that lock (this is a second delivery: come back later rather
+    // than take a slot for nothing) or it died (the lock is free: take over).
+    if job.state == "running" {
+        match ctx.platform.try_lock_server(server_id).await? {
+            Some(lock) => lock.release().await,
+            None => {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                return Err(HandlerError::Transient(
+                    "another worker is running this spawn; delivery deferred".into(),
+                ));
+            }
+        }
+    }
     // Over the concurrent-spawn limit a spawn waits here, neither failed nor counted
     // as an attempt, and takes the first slot that frees once no older spawn waits.
+    let delivery = uuid::Uuid::new_v4();
     let slot = loop {
         if !still_wanted(ctx, job, server_id).await? {
             // Moot before it started (a stop won): the shared steps record why.
@@ -31,12 +46,20 @@ pub async fn run(ctx: &Context, job: &JobRow) -> Result<(), HandlerError> {
             .await;
         }
         let limit = ctx.limits().await?.concurrent_spawn_limit;
-        if let Some(slot) = ctx
+        match ctx
             .platform
-            .try_spawn_slot(job.id, job.created_at, limit, &ctx.worker_name)
+            .try_spawn_slot(job.id, job.created_at, limit, &ctx.worker_name, delivery)
             .await?
         {
-            break slot;
+            SlotAnswer::Granted(slot) => break slot,
+            SlotAnswer::Wait => {}
+            SlotAnswer::Duplicate => {
+                // Another delivery waits for this job: come back later, in case it dies.
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                return Err(HandlerError::Transient(
+                    "another delivery of this spawn is waiting for a slot; deferred".into(),
+                ));
+            }
         }
         tokio::select! {
             _ = tokio::time::sleep(SLOT_POLL) => {}
