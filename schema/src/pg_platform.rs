@@ -132,15 +132,17 @@ impl Platform for PgStore {
             });
         }
         // Is it this job's turn: fewer older waiting spawns than free slots? A
-        // waiter is a queued spawn that a worker has fetched (its queue task is
-        // taken), so a job still in the queue never holds younger ones back. The
-        // slot locks themselves keep the limit exact; this only orders who gets one.
+        // waiter is a queued spawn that a delivery is waiting with (a fresh claim)
+        // or that a worker has just fetched (its queue task is taken, its first
+        // claim may not be made yet); a job still in the queue never holds younger
+        // ones back. The slot locks keep the limit exact; this only orders who
+        // gets one.
         let (older, held): (i64, i64) = sqlx::query_as(
             "select \
-               (select count(*) from jobs j join apalis.jobs a \
+               (select count(*) from jobs j left join apalis.jobs a \
                   on a.job_type = $5 and a.idempotency_key = j.id::text \
-                  where j.kind = 'spawn' and j.state = 'queued' and a.status in ('Queued', 'Running') \
-                  and (j.created_at, j.id) < ($2, $1)), \
+                  where j.kind = 'spawn' and j.state = 'queued' and (j.created_at, j.id) < ($2, $1) \
+                  and (a.status in ('Queued', 'Running') or j.claimed_at > now() - $6::interval)), \
                (select count(*) from pg_locks where locktype = 'advisory' and granted \
                   and classid::bigint = $3 and objsubid = 2 and objid::bigint < $4 \
                   and database = (select oid from pg_database where datname = current_database()))",
@@ -150,6 +152,7 @@ impl Platform for PgStore {
         .bind(i64::from(SLOT_SPACE))
         .bind(i64::from(limit))
         .bind(crate::jobs::SPAWN_QUEUE)
+        .bind(CLAIM_FRESH)
         .fetch_one(&mut *conn)
         .await?;
         if older >= i64::from(limit) - held {
