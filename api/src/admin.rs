@@ -67,10 +67,10 @@ impl Paging {
 
 fn paging(
     query: Result<Query<Paging>, axum::extract::rejection::QueryRejection>,
-) -> ApiResult<Paging> {
-    query
-        .map(|Query(p)| p)
-        .map_err(|e| ApiError::BadRequest(e.body_text()))
+) -> ApiResult<(Paging, i64, i64)> {
+    let Query(paging) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let (offset, limit) = paging.window()?;
+    Ok((paging, offset, limit))
 }
 
 async fn list_users(
@@ -79,8 +79,7 @@ async fn list_users(
     query: Result<Query<Paging>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Json<Value>> {
     principal.require("admin")?;
-    let paging = paging(query)?;
-    let (offset, limit) = paging.window()?;
+    let (paging, offset, limit) = paging(query)?;
     let page = state
         .accounts
         .users_page(paging.q.as_deref(), offset, limit)
@@ -333,8 +332,7 @@ async fn audit(
     query: Result<Query<Paging>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Json<Value>> {
     principal.require("admin")?;
-    let paging = paging(query)?;
-    let (offset, limit) = paging.window()?;
+    let (paging, offset, limit) = paging(query)?;
     let page = state.accounts.audit_page(offset, limit).await?;
     let entries: Vec<Value> = page
         .items
