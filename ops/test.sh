@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Runs Berth's whole test suite on a Debian machine, installing and starting what
-# the tests need when it is missing: PostgreSQL, Debian's static busybox (for the
-# locally built test image) and cargo-nextest. Needs a running Docker engine.
+# the tests need when it is missing: PostgreSQL, nats-server (JetStream), Debian's
+# static busybox (for the locally built test image) and cargo-nextest. Needs a
+# running Docker engine.
 #
 # BERTH_TEST_DATABASE_URL points the tests at another Postgres (a superuser URL:
 # each test creates and drops its own database); then no local one is started.
+# BERTH_TEST_NATS_URL does the same for NATS (each test uses its own stream).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +14,8 @@ log() { printf '\n== %s\n' "$*"; }
 
 missing=()
 compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null || missing+=(postgresql)
+nats_server="$(command -v nats-server || echo /usr/sbin/nats-server)"
+[[ -x "$nats_server" ]] || missing+=(nats-server)
 if ! [[ -x /bin/busybox ]] || ldd /bin/busybox >/dev/null 2>&1; then missing+=(busybox-static); fi
 if ((${#missing[@]})); then
   log "installing ${missing[*]}"
@@ -38,6 +42,21 @@ if [[ -z "${BERTH_TEST_DATABASE_URL:-}" ]]; then
   # A password for TCP logins of the local superuser; this cluster is for tests only.
   runuser -u postgres -- psql -q -c "alter user postgres password 'postgres'"
   export BERTH_TEST_DATABASE_URL="postgres://postgres:postgres@127.0.0.1:5432/postgres"
+fi
+
+# Tests that restart a broker start their own nats-server with this binary.
+export BERTH_TEST_NATS_SERVER="$nats_server"
+if [[ -z "${BERTH_TEST_NATS_URL:-}" ]]; then
+  log "starting nats-server with JetStream"
+  if ! (exec 3<>/dev/tcp/127.0.0.1/4222) 2>/dev/null; then
+    store=/tmp/berth-test-nats
+    mkdir -p "$store"
+    nohup "$nats_server" --jetstream --store_dir "$store" --addr 127.0.0.1 --port 4222 \
+      >"$store/server.log" 2>&1 &
+    for _ in $(seq 1 30); do (exec 3<>/dev/tcp/127.0.0.1/4222) 2>/dev/null && break; sleep 0.5; done
+  fi
+  (exec 3<>/dev/tcp/127.0.0.1/4222) 2>/dev/null || { echo "nats-server did not start" >&2; exit 1; }
+  export BERTH_TEST_NATS_URL="nats://127.0.0.1:4222"
 fi
 
 log "checking the Docker engine"

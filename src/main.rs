@@ -4,7 +4,7 @@ use std::{sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
-use schema::{ApalisQueue, PgStore};
+use schema::PgStore;
 use sqlx::{PgPool, postgres::PgPoolOptions};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -70,6 +70,42 @@ struct Common {
     )]
     active_server_limit: u32,
 
+    /// NATS servers (with `--queue nats`), comma-separated.
+    #[arg(
+        long,
+        env = "BERTH_NATS_URL",
+        default_value = "nats://127.0.0.1:4222",
+        global = true
+    )]
+    nats_url: String,
+
+    /// JetStream stream of Berth's jobs (created when missing, with the settings below).
+    #[arg(
+        long,
+        env = "BERTH_NATS_STREAM",
+        default_value = "berth_jobs",
+        global = true
+    )]
+    nats_stream: String,
+
+    /// Seconds a delivered job may go without a sign of life before JetStream hands
+    /// it to another worker (a live worker signs every third of it).
+    #[arg(long, env = "BERTH_NATS_ACK_WAIT", default_value_t = 30, global = true)]
+    nats_ack_wait: u64,
+
+    /// Deliveries of one job before it is dead-lettered (marked failed).
+    #[arg(
+        long,
+        env = "BERTH_NATS_MAX_DELIVER",
+        default_value_t = 25,
+        global = true
+    )]
+    nats_max_deliver: i64,
+
+    /// Stream replicas (3 on a three-node JetStream cluster).
+    #[arg(long, env = "BERTH_NATS_REPLICAS", default_value_t = 1, global = true)]
+    nats_replicas: usize,
+
     /// Log format.
     #[arg(
         long,
@@ -94,6 +130,23 @@ struct Common {
 enum QueueBackend {
     /// apalis-postgres: jobs in the same database as everything else.
     Postgres,
+    /// NATS JetStream, fed from a Postgres outbox.
+    Nats,
+}
+
+impl Common {
+    fn queue(&self) -> schema::QueueSettings {
+        match self.queue {
+            QueueBackend::Postgres => schema::QueueSettings::Postgres,
+            QueueBackend::Nats => {
+                let mut nats = schema::nats::NatsSettings::new(&self.nats_url, &self.nats_stream);
+                nats.ack_wait = Duration::from_secs(self.nats_ack_wait.max(1));
+                nats.max_deliver = self.nats_max_deliver.max(1);
+                nats.replicas = self.nats_replicas.max(1);
+                schema::QueueSettings::Nats(nats)
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -124,7 +177,7 @@ enum Command {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logs(&cli.common);
-    let QueueBackend::Postgres = cli.common.queue;
+    let queue = cli.common.queue();
     let pool = connect(&cli.common).await?;
     let shutdown = shutdown_on_signal();
     let limits = schema::Limits {
@@ -138,10 +191,11 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Api(mut config) => {
             config.limits = limits;
-            serve_api(config, pool, shutdown).await?
+            serve_api(config, pool, &queue, shutdown).await?
         }
         Command::Worker(mut config) => {
             config.limits = limits;
+            config.queue = queue;
             workers::run(config, pool, shutdown).await?
         }
         Command::Up {
@@ -150,9 +204,10 @@ async fn main() -> anyhow::Result<()> {
         } => {
             api.limits = limits;
             worker.limits = limits;
+            worker.queue = queue.clone();
             schema::migrate(&pool).await?;
             let (a, w) = tokio::join!(
-                serve_api(api, pool.clone(), shutdown.clone()),
+                serve_api(api, pool.clone(), &queue, shutdown.clone()),
                 workers::run(worker, pool, shutdown.clone())
             );
             // Whichever role fails first takes the other down with it.
@@ -167,12 +222,14 @@ async fn main() -> anyhow::Result<()> {
 async fn serve_api(
     config: api::ApiConfig,
     pool: PgPool,
+    queue: &schema::QueueSettings,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
-    let store = Arc::new(PgStore::new(pool, Arc::new(ApalisQueue)));
+    let (queue, _broker) = queue.open(&pool, shutdown.clone()).await?;
+    let store = Arc::new(PgStore::new(pool, queue));
     api::run(config, store, listener, shutdown).await?;
     Ok(())
 }

@@ -4,7 +4,7 @@ mod common;
 
 use std::{collections::HashSet, time::Duration};
 
-use common::TestEnv;
+use common::{Backend, TestEnv};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
@@ -24,9 +24,8 @@ async fn wait_for(what: &str, within: Duration, mut check: impl AsyncFnMut() -> 
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_storm_of_200_spawns_on_3_workers_holds_both_limits() {
-    let mut env = TestEnv::start().await;
+async fn a_storm_of_200_spawns_on_3_workers_holds_both_limits(backend: Backend) {
+    let mut env = TestEnv::on(backend).await;
     for _ in 0..3 {
         env.start_worker_process(&[
             "--server-env",
@@ -130,9 +129,8 @@ async fn a_storm_of_200_spawns_on_3_workers_holds_both_limits() {
     assert_eq!(alive, 3, "{workers}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_worker_killed_mid_spawn_is_taken_over_and_the_spawn_completes_once() {
-    let mut env = TestEnv::start().await;
+async fn a_worker_killed_mid_spawn_is_taken_over_and_the_spawn_completes_once(backend: Backend) {
+    let mut env = TestEnv::on(backend).await;
     let flags = |name: &str| {
         vec![
             "--worker-name".to_string(),
@@ -213,9 +211,8 @@ async fn a_worker_killed_mid_spawn_is_taken_over_and_the_spawn_completes_once() 
     assert!(env.peak_spawns_in_flight().await <= 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sigterm_lets_the_spawn_in_flight_finish_and_exits_0() {
-    let mut env = TestEnv::start().await;
+async fn sigterm_lets_the_spawn_in_flight_finish_and_exits_0(backend: Backend) {
+    let mut env = TestEnv::on(backend).await;
     let worker = env.start_worker_process(&[
         "--server-env",
         "BERTH_TEST_START_DELAY=2",
@@ -251,9 +248,8 @@ async fn sigterm_lets_the_spawn_in_flight_finish_and_exits_0() {
     assert!(workers["workers"][0]["stopped"].is_string(), "{workers}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn admins_change_limits_at_runtime_and_spawns_over_them_wait() {
-    let mut env = TestEnv::start().await;
+async fn admins_change_limits_at_runtime_and_spawns_over_them_wait(backend: Backend) {
+    let mut env = TestEnv::on(backend).await;
     env.start_worker(&["--server-env", "BERTH_TEST_START_DELAY=1"]);
 
     let body = json!({ "concurrent_spawn_limit": 2, "active_server_limit": 4 }).to_string();
@@ -382,9 +378,10 @@ fn docker(args: &[&str]) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn after_every_process_is_killed_and_restarted_reconciliation_makes_the_state_right() {
-    let mut env = TestEnv::start().await;
+async fn after_every_process_is_killed_and_restarted_reconciliation_makes_the_state_right(
+    backend: Backend,
+) {
+    let mut env = TestEnv::on(backend).await;
     let worker_flags = ["--reconcile-interval", "1"];
     let mut processes = vec![env.start_api_process().await];
     processes.push(env.start_worker_process(&worker_flags));
@@ -503,9 +500,8 @@ async fn after_every_process_is_killed_and_restarted_reconciliation_makes_the_st
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_worker_rides_out_a_lost_database_connection() {
-    let mut env = TestEnv::start().await;
+async fn a_worker_rides_out_a_lost_database_connection(backend: Backend) {
+    let mut env = TestEnv::on(backend).await;
     let proxy = common::DbProxy::start(common::database_address()).await;
     let url = env.db_url.replace(&common::database_address(), &proxy.addr);
     let worker_pool = sqlx::postgres::PgPoolOptions::new()
@@ -548,3 +544,12 @@ async fn a_worker_rides_out_a_lost_database_connection() {
     .await;
     assert_eq!(env.containers().len(), 2);
 }
+
+on_both_backends!(
+    a_storm_of_200_spawns_on_3_workers_holds_both_limits,
+    a_worker_killed_mid_spawn_is_taken_over_and_the_spawn_completes_once,
+    sigterm_lets_the_spawn_in_flight_finish_and_exits_0,
+    admins_change_limits_at_runtime_and_spawns_over_them_wait,
+    after_every_process_is_killed_and_restarted_reconciliation_makes_the_state_right,
+    a_worker_rides_out_a_lost_database_connection,
+);

@@ -1,10 +1,10 @@
-//! Spawning and stopping real containers through the Postgres queue.
+//! Spawning and stopping real containers, through either queue backend.
 
 mod common;
 
 use std::time::Duration;
 
-use common::{MISSING_IMAGE, TestEnv};
+use common::{Backend, MISSING_IMAGE, TestEnv};
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
 
@@ -14,9 +14,8 @@ fn is_running(s: &Value) -> bool {
     s["state"] == "running"
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn spawn_stop_and_cleanup_follow_the_container_contract() {
-    let mut env = TestEnv::start().await;
+async fn spawn_stop_and_cleanup_follow_the_container_contract(backend: Backend) {
+    let mut env = TestEnv::on(backend).await;
     env.start_worker(&["--server-env", "COURSE=berth-101"]);
     let user = env.user("ann");
     env.create_user(&user).await;
@@ -186,9 +185,8 @@ async fn spawn_stop_and_cleanup_follow_the_container_contract() {
     assert!(env.volumes().is_empty(), "{:?}", env.volumes());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn twenty_concurrent_spawns_of_one_server_make_one_container() {
-    let mut env = TestEnv::start().await;
+async fn twenty_concurrent_spawns_of_one_server_make_one_container(backend: Backend) {
+    let mut env = TestEnv::on(backend).await;
     env.start_worker(&[]);
     let user = env.user("bo");
     env.create_user(&user).await;
@@ -220,9 +218,8 @@ async fn twenty_concurrent_spawns_of_one_server_make_one_container() {
     assert_eq!(env.containers(), vec![format!("berth-{user}--nb")]);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_missing_image_fails_the_server_and_leaves_no_container() {
-    let mut env = TestEnv::start().await;
+async fn a_missing_image_fails_the_server_and_leaves_no_container(backend: Backend) {
+    let mut env = TestEnv::on(backend).await;
     env.start_worker(&[]);
     let user = env.user("cy");
     env.create_user(&user).await;
@@ -254,9 +251,8 @@ async fn a_missing_image_fails_the_server_and_leaves_no_container() {
     env.wait_server(&path, READY_WITHIN, is_running).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_stop_during_a_spawn_wins() {
-    let mut env = TestEnv::start().await;
+async fn a_stop_during_a_spawn_wins(backend: Backend) {
+    let mut env = TestEnv::on(backend).await;
     // The server takes 3 s to answer, so the stop lands while the spawn waits.
     env.start_worker(&["--server-env", "BERTH_TEST_START_DELAY=3"]);
     let user = env.user("di");
@@ -295,9 +291,8 @@ async fn a_stop_during_a_spawn_wins() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_job_enqueued_while_the_worker_was_down_still_runs() {
-    let mut env = TestEnv::start().await;
+async fn a_job_enqueued_while_the_worker_was_down_still_runs(backend: Backend) {
+    let mut env = TestEnv::on(backend).await;
     let user = env.user("ed");
     env.create_user(&user).await;
 
@@ -325,3 +320,11 @@ async fn a_job_enqueued_while_the_worker_was_down_still_runs() {
     assert_eq!(job["attempts"], 1);
     assert_eq!(env.containers(), vec![format!("berth-{user}")]);
 }
+
+on_both_backends!(
+    spawn_stop_and_cleanup_follow_the_container_contract,
+    twenty_concurrent_spawns_of_one_server_make_one_container,
+    a_missing_image_fails_the_server_and_leaves_no_container,
+    a_stop_during_a_spawn_wins,
+    a_job_enqueued_while_the_worker_was_down_still_runs,
+);

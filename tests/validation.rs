@@ -212,7 +212,13 @@ async fn ready_answers_503_while_the_database_is_unreachable() {
         .connect(&url)
         .await
         .unwrap();
-    let (base, _api) = common::serve_api(pool, &common::new_signing_key(), &[]).await;
+    let (base, _api) = common::serve_api(
+        pool,
+        &schema::QueueSettings::Postgres,
+        &common::new_signing_key(),
+        &[],
+    )
+    .await;
     let client = reqwest::Client::new();
     let ready = client.get(format!("{base}/ready")).send().await.unwrap();
     assert_eq!(ready.status(), StatusCode::OK);

@@ -4,6 +4,7 @@
 pub mod accounts;
 pub mod jobs;
 pub mod names;
+pub mod nats;
 pub mod pg;
 pub mod pg_accounts;
 mod pg_locks;
@@ -18,7 +19,7 @@ pub use jobs::{JobEnvelope, JobKind, JobOutcome, JobRow, JobState};
 pub use names::{InvalidName, ServerName, UserName, container_name};
 pub use pg::PgStore;
 pub use platform::{Limits, Platform};
-pub use queue::{ApalisQueue, Queue, QueueError};
+pub use queue::{ApalisQueue, Queue, QueueError, QueueSettings};
 pub use rows::{ServerRow, ServerState, UserRow};
 pub use store::{Running, ServerLock, SpawnOutcome, SpawnRequest, StopOutcome, Store, StoreError};
 

@@ -249,6 +249,7 @@ impl Store for PgStore {
         .fetch_one(&mut *tx)
         .await?;
         tx.commit().await?;
+        self.queue.flush().await;
         Ok(SpawnOutcome::Enqueued(server))
     }
 
@@ -288,6 +289,7 @@ impl Store for PgStore {
         .await?;
         let row = server_in(&mut tx, row.id).await?;
         tx.commit().await?;
+        self.queue.flush().await;
         Ok(StopOutcome::Enqueued(row))
     }
 
@@ -323,6 +325,7 @@ impl Store for PgStore {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
+        self.queue.flush().await;
         Ok(job)
     }
 
@@ -355,6 +358,39 @@ impl Store for PgStore {
         };
         let mut conn = self.pool.acquire().await?;
         end_job(&mut conn, id, state, error).await
+    }
+
+    async fn dead_letter(&self, id: Uuid, error: &str) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let ended = sqlx::query(
+            "update jobs set state = 'failed', last_error = $2, finished_at = now() \
+             where id = $1 and state in ('queued', 'running')",
+        )
+        .bind(id)
+        .bind(error)
+        .execute(&mut *tx)
+        .await?;
+        if ended.rows_affected() == 0 {
+            return Ok(false);
+        }
+        // The server this job was to move on is stuck without it: it fails, keeping
+        // the error, and the reconciler removes any container it has left.
+        let servers: Vec<i64> = sqlx::query_scalar(
+            "update servers set state = 'failed', error = $2, updated_at = now(), \
+             stopped_at = now(), url = null \
+             where (spawn_job_id = $1 and state = 'pending_spawn') \
+                or (stop_job_id = $1 and state = 'pending_stop') \
+             returning id",
+        )
+        .bind(id)
+        .bind(error)
+        .fetch_all(&mut *tx)
+        .await?;
+        for server in servers {
+            release_admission(&mut tx, server).await?;
+        }
+        tx.commit().await?;
+        Ok(true)
     }
 
     async fn note_retry(&self, id: Uuid, error: &str) -> Result<(), StoreError> {

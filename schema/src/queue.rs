@@ -20,6 +20,11 @@ pub enum QueueError {
 #[async_trait]
 pub trait Queue: Send + Sync + 'static {
     async fn enqueue(&self, tx: &mut PgConnection, job: &JobEnvelope) -> Result<(), QueueError>;
+
+    /// Called once the transaction that enqueued has committed: a backend outside
+    /// the database hands the jobs to its broker here. Never fails: the jobs are
+    /// durable already, and a relay retries what this could not do.
+    async fn flush(&self) {}
 }
 
 /// How often the backend hands a job out when its handler errs before giving up.
@@ -49,4 +54,44 @@ pub async fn setup_apalis(pool: &sqlx::PgPool) -> Result<(), QueueError> {
     apalis_postgres::PostgresStorage::setup(pool)
         .await
         .map_err(|e| QueueError::Backend(e.to_string()))
+}
+
+/// Which queue backend a process uses.
+#[derive(Debug, Clone, Default)]
+pub enum QueueSettings {
+    /// apalis-postgres, in Berth's own database.
+    #[default]
+    Postgres,
+    /// NATS JetStream, fed through the outbox.
+    Nats(crate::nats::NatsSettings),
+}
+
+impl QueueSettings {
+    pub fn name(&self) -> &'static str {
+        match self {
+            QueueSettings::Postgres => "postgres",
+            QueueSettings::Nats(_) => "nats",
+        }
+    }
+
+    /// The queue jobs are enqueued into, and the broker connection when there is
+    /// one. With NATS the outbox relay runs until `shutdown` fires.
+    pub async fn open(
+        &self,
+        pool: &sqlx::PgPool,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> Result<(std::sync::Arc<dyn Queue>, Option<crate::nats::Broker>), QueueError> {
+        Ok(match self {
+            QueueSettings::Postgres => (std::sync::Arc::new(ApalisQueue), None),
+            QueueSettings::Nats(settings) => {
+                let broker = crate::nats::Broker::connect(settings.clone()).await?;
+                // Whoever comes first creates the stream; until then the outbox holds jobs.
+                let ensured = broker.clone();
+                let stop = shutdown.clone();
+                tokio::spawn(async move { ensured.ensure_all(&stop).await });
+                let queue = crate::nats::NatsQueue::start(pool.clone(), broker.clone(), shutdown);
+                (std::sync::Arc::new(queue), Some(broker))
+            }
+        })
+    }
 }

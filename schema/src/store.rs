@@ -96,6 +96,10 @@ pub trait Store: Send + Sync + 'static {
     /// ended (a duplicate delivery), so the caller does nothing.
     async fn begin_job(&self, id: Uuid, worker: &str) -> Result<Option<JobRow>, StoreError>;
     async fn finish_job(&self, id: Uuid, outcome: &JobOutcome) -> Result<(), StoreError>;
+    /// The queue gave up on a job (it used up its deliveries): the job fails with
+    /// `error`, and a server still waiting on it fails too, giving back its place.
+    /// False when the job had already ended.
+    async fn dead_letter(&self, id: Uuid, error: &str) -> Result<bool, StoreError>;
     /// Counts another try of a running job after a transient failure, keeping its error.
     async fn note_retry(&self, id: Uuid, error: &str) -> Result<(), StoreError>;
 

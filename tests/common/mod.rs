@@ -13,7 +13,7 @@ use std::{
 
 use clap::Parser;
 use reqwest::{Method, StatusCode};
-use schema::{ApalisQueue, PgStore};
+use schema::{PgStore, QueueSettings, nats::NatsSettings};
 use serde_json::Value;
 use sqlx::{PgPool, postgres::PgPoolOptions};
 use tokio::{net::TcpListener, task::JoinHandle, time::Instant};
@@ -33,6 +33,37 @@ fn database_url(admin_url: &str, db: &str) -> String {
         .rsplit_once('/')
         .map_or(admin_url, |(base, _)| base);
     format!("{base}/{db}")
+}
+
+fn nats_url() -> String {
+    std::env::var("BERTH_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+}
+
+/// The queue backend a test runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Postgres,
+    Nats,
+}
+
+/// Runs each listed `async fn(Backend)` test once per queue backend, as
+/// `name::postgres` and `name::nats`: one suite, two backends.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn postgres() {
+                    super::$name($crate::common::Backend::Postgres).await
+                }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn nats() {
+                    super::$name($crate::common::Backend::Nats).await
+                }
+            }
+        )*
+    };
 }
 
 /// Parses worker flags exactly as `berth worker` does, defaults included.
@@ -55,6 +86,7 @@ pub const ADMIN_PASSWORD: &str = "correct horse battery staple";
 /// Serves the API over `pool` on a free port; returns its base URL.
 pub async fn serve_api(
     pool: PgPool,
+    queue: &QueueSettings,
     jwt_pem: &str,
     api_flags: &[&str],
 ) -> (String, JoinHandle<()>) {
@@ -79,7 +111,11 @@ pub async fn serve_api(
     let config = ApiFlags::try_parse_from(argv)
         .expect("api flags parse")
         .config;
-    let store = Arc::new(PgStore::new(pool, Arc::new(ApalisQueue)));
+    let (queue, _) = queue
+        .open(&pool, CancellationToken::new())
+        .await
+        .expect("queue opens");
+    let store = Arc::new(PgStore::new(pool, queue));
     let task = tokio::spawn(async move {
         api::run(config, store, listener, CancellationToken::new())
             .await
@@ -172,6 +208,9 @@ pub struct TestEnv {
     pub db_url: String,
     /// The key the API signs access tokens with, for tests that forge their own.
     pub jwt_pem: String,
+    pub backend: Backend,
+    /// This test's queue settings (with NATS, a stream of its own).
+    pub queue: QueueSettings,
     http: reqwest::Client,
     db_name: String,
     shutdown: CancellationToken,
@@ -188,7 +227,26 @@ impl TestEnv {
 
     /// The same, with extra `berth api` flags.
     pub async fn start_with(api_flags: &[&str]) -> Self {
+        Self::on_with(Backend::Postgres, api_flags).await
+    }
+
+    /// A migrated database and the API on the given queue backend.
+    pub async fn on(backend: Backend) -> Self {
+        Self::on_with(backend, &[]).await
+    }
+
+    /// The same, with extra `berth api` flags.
+    pub async fn on_with(backend: Backend, api_flags: &[&str]) -> Self {
         let id = format!("t{:08x}", rand::random::<u32>());
+        let queue = match backend {
+            Backend::Postgres => QueueSettings::Postgres,
+            Backend::Nats => {
+                let mut nats = NatsSettings::new(nats_url(), format!("berth_{id}"));
+                // Short, so that a killed worker's job is handed out again quickly.
+                nats.ack_wait = Duration::from_secs(3);
+                QueueSettings::Nats(nats)
+            }
+        };
         let admin_url = admin_database_url();
         let admin = PgPool::connect(&admin_url)
             .await
@@ -208,7 +266,7 @@ impl TestEnv {
         schema::migrate(&pool).await.expect("migrations run");
 
         let jwt_pem = new_signing_key();
-        let (base, api_task) = serve_api(pool.clone(), &jwt_pem, api_flags).await;
+        let (base, api_task) = serve_api(pool.clone(), &queue, &jwt_pem, api_flags).await;
         let shutdown = CancellationToken::new();
         Self {
             id,
@@ -216,6 +274,8 @@ impl TestEnv {
             base,
             db_url,
             jwt_pem,
+            backend,
+            queue,
             http: reqwest::Client::new(),
             db_name,
             shutdown,
@@ -276,9 +336,10 @@ impl TestEnv {
     pub fn start_worker_on(&mut self, pool: PgPool, extra: &[&str]) {
         let mut argv = vec!["worker".to_string()];
         argv.extend(self.worker_args(extra));
-        let config = WorkerFlags::try_parse_from(argv)
+        let mut config = WorkerFlags::try_parse_from(argv)
             .expect("worker flags parse")
             .config;
+        config.queue = self.queue.clone();
         let shutdown = self.shutdown.clone();
         self.tasks.push(tokio::spawn(async move {
             workers::run(config, pool, shutdown)
@@ -287,11 +348,26 @@ impl TestEnv {
         }));
     }
 
+    /// The environment that points a `berth` process at this test's queue.
+    pub fn queue_env(&self) -> Vec<(&'static str, String)> {
+        match &self.queue {
+            QueueSettings::Postgres => vec![("BERTH_QUEUE", "postgres".into())],
+            QueueSettings::Nats(nats) => vec![
+                ("BERTH_QUEUE", "nats".into()),
+                ("BERTH_NATS_URL", nats.url.clone()),
+                ("BERTH_NATS_STREAM", nats.stream.clone()),
+                ("BERTH_NATS_ACK_WAIT", nats.ack_wait.as_secs().to_string()),
+                ("BERTH_NATS_MAX_DELIVER", nats.max_deliver.to_string()),
+            ],
+        }
+    }
+
     /// Starts `berth worker` as a real process; returns its index for `kill_worker`.
     pub fn start_worker_process(&mut self, extra: &[&str]) -> usize {
         let child = Command::new(env!("CARGO_BIN_EXE_berth"))
             .arg("worker")
             .args(self.worker_args(extra))
+            .envs(self.queue_env())
             .env("BERTH_DATABASE_URL", &self.db_url)
             .env(
                 "BERTH_LOG",
@@ -341,6 +417,7 @@ impl TestEnv {
             .port();
         let child = Command::new(env!("CARGO_BIN_EXE_berth"))
             .arg("api")
+            .envs(self.queue_env())
             .env("BERTH_DATABASE_URL", &self.db_url)
             .env("BERTH_LISTEN", format!("127.0.0.1:{port}"))
             .env("BERTH_ADMIN_TOKEN", TOKEN)
@@ -592,6 +669,10 @@ impl Drop for TestEnv {
         let _ = Command::new("docker")
             .args(["network", "rm", &self.network()])
             .output();
+        let stream = match &self.queue {
+            QueueSettings::Nats(nats) => Some(nats.clone()),
+            QueueSettings::Postgres => None,
+        };
         // The runtime may be gone by now: drop the database from a thread of its own.
         let admin_url = admin_database_url();
         let db = self.db_name.clone();
@@ -601,6 +682,13 @@ impl Drop for TestEnv {
                 .build()
                 .unwrap();
             rt.block_on(async {
+                if let Some(nats) = stream
+                    && let Ok(client) = async_nats::connect(nats.url.as_str()).await
+                {
+                    let _ = async_nats::jetstream::new(client)
+                        .delete_stream(&nats.stream)
+                        .await;
+                }
                 if let Ok(admin) = PgPool::connect(&admin_url).await {
                     let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
                         "drop database if exists {db} with (force)"

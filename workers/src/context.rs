@@ -130,8 +130,20 @@ pub enum HandlerError {
     Store(#[from] StoreError),
     #[error("{0}")]
     Transient(String),
+    /// Another delivery of the same job is alive and will finish it: come back
+    /// later, in case it dies. Never a reason to give up on the job.
+    #[error("{0}")]
+    Deferred(String),
     #[error("the worker is shutting down; the job goes back to the queue")]
     HandOff,
+}
+
+impl HandlerError {
+    /// Whether the queue may give up on the job after this error on its last
+    /// delivery: not when the job lives on elsewhere (hand-off, deferral).
+    pub fn may_dead_letter(&self) -> bool {
+        !matches!(self, HandlerError::HandOff | HandlerError::Deferred(_))
+    }
 }
 
 /// A handler's result: how the job ended, or an error worth another delivery.

@@ -4,6 +4,7 @@ pub mod cleanup;
 pub mod config;
 pub mod context;
 pub mod docker;
+pub mod jetstream;
 pub mod reconcile;
 pub mod spawn;
 pub mod spawner;
@@ -14,13 +15,17 @@ use std::{
     time::Duration,
 };
 
-use apalis::prelude::{BoxDynError, Data, PollWith, Strategy, WorkerBuilder, WorkerBuilderExt};
+use apalis::prelude::{
+    Attempt, BoxDynError, Data, PollWith, Strategy, WorkerBuilder, WorkerBuilderExt,
+};
 use apalis_postgres::{PostgresStorage, Pubsub};
 use schema::{
-    ApalisQueue, JobEnvelope, JobKind, PgStore,
+    JobEnvelope, JobKind, PgStore,
     jobs::{CONTROL_QUEUE, SPAWN_QUEUE},
+    nats::Broker,
     pg_platform::SLOT_FREED_CHANNEL,
     platform::WorkerInfo,
+    queue::MAX_DELIVERIES,
 };
 use sqlx::{PgPool, postgres::PgListener};
 use tokio_util::sync::CancellationToken;
@@ -56,8 +61,19 @@ pub async fn run(
         .worker_name
         .clone()
         .unwrap_or_else(default_worker_name);
-    let store = Arc::new(PgStore::new(pool.clone(), Arc::new(ApalisQueue)));
     let jobs_done = CancellationToken::new();
+    let (queue, broker) = config
+        .queue
+        .open(&pool, jobs_done.clone())
+        .await
+        .map_err(|e| WorkerError::Queue(e.to_string()))?;
+    if let Some(broker) = &broker {
+        broker
+            .ensure_all(&shutdown)
+            .await
+            .map_err(|e| WorkerError::Queue(e.to_string()))?;
+    }
+    let store = Arc::new(PgStore::new(pool.clone(), queue));
     let ctx = Arc::new(Context::new(
         store.clone(),
         store.clone(),
@@ -73,7 +89,7 @@ pub async fn run(
             name: worker_name.clone(),
             host: hostname(),
             pid: std::process::id() as i32,
-            backend: "postgres".into(),
+            backend: config.queue.name().into(),
             version: env!("CARGO_PKG_VERSION").into(),
         })
         .await?;
@@ -96,14 +112,86 @@ pub async fn run(
             jobs_done.clone(),
         )),
     ];
+    let mut consumers = match broker {
+        Some(broker) => {
+            for queue in [SPAWN_QUEUE, CONTROL_QUEUE] {
+                tokio::spawn(jetstream::dead_letters(
+                    ctx.clone(),
+                    broker.clone(),
+                    queue,
+                    jobs_done.clone(),
+                ));
+            }
+            nats_consumers(&ctx, broker, config.concurrency, &shutdown)
+        }
+        None => apalis_consumers(&ctx, &pool, &config, &worker_name, &shutdown),
+    };
+    let result = tokio::select! {
+        result = &mut consumers => result,
+        _ = shutdown.cancelled() => {
+            let grace = Duration::from_secs(config.shutdown_grace);
+            match tokio::time::timeout(grace, &mut consumers).await {
+                Ok(result) => result,
+                Err(_) => {
+                    tracing::warn!(
+                        in_flight = ctx.jobs_in_flight(),
+                        "the shutdown grace period is over; jobs still running resume on other workers"
+                    );
+                    Ok(())
+                }
+            }
+        }
+    };
+    jobs_done.cancel();
+    for task in background {
+        let _ = task.await;
+    }
+    if let Err(e) = store.worker_stopped(&worker_name).await {
+        tracing::warn!(error = %e, "could not record the worker's stop");
+    }
+    tracing::info!(worker = %worker_name, "worker stopped");
+    result
+}
 
+type Consumers = std::pin::Pin<Box<dyn Future<Output = Result<(), WorkerError>> + Send>>;
+
+fn nats_consumers(
+    ctx: &Arc<Context>,
+    broker: Broker,
+    concurrency: usize,
+    shutdown: &CancellationToken,
+) -> Consumers {
+    let spawns = jetstream::consume(
+        ctx.clone(),
+        broker.clone(),
+        SPAWN_QUEUE,
+        concurrency,
+        shutdown.clone(),
+    );
+    let control = jetstream::consume(
+        ctx.clone(),
+        broker,
+        CONTROL_QUEUE,
+        concurrency,
+        shutdown.clone(),
+    );
+    Box::pin(async move { tokio::try_join!(spawns, control).map(|_| ()) })
+}
+
+fn apalis_consumers(
+    ctx: &Arc<Context>,
+    pool: &PgPool,
+    config: &WorkerConfig,
+    worker_name: &str,
+    shutdown: &CancellationToken,
+) -> Consumers {
     // A consumer whose queue connection fails (the database restarted, a pool
     // timeout under load) is rebuilt after a pause instead of taking the worker down.
     let consume = |queue: &'static str| {
         let build = {
             let pool = pool.clone();
             let ctx = ctx.clone();
-            let worker_name = worker_name.clone();
+            let worker_name = worker_name.to_owned();
             let config = config.clone();
             move || {
                 let queue_config = apalis_postgres::Config::default()
@@ -151,34 +239,8 @@ pub async fn run(
             }
         }
     };
-    let mut consumers = Box::pin(async {
-        tokio::try_join!(consume(SPAWN_QUEUE), consume(CONTROL_QUEUE)).map(|_| ())
-    });
-    let result = tokio::select! {
-        result = &mut consumers => result,
-        _ = shutdown.cancelled() => {
-            let grace = Duration::from_secs(config.shutdown_grace);
-            match tokio::time::timeout(grace, &mut consumers).await {
-                Ok(result) => result,
-                Err(_) => {
-                    tracing::warn!(
-                        in_flight = ctx.jobs_in_flight(),
-                        "the shutdown grace period is over; jobs still running resume on other workers"
-                    );
-                    Ok(())
-                }
-            }
-        }
-    };
-    jobs_done.cancel();
-    for task in background {
-        let _ = task.await;
-    }
-    if let Err(e) = store.worker_stopped(&worker_name).await {
-        tracing::warn!(error = %e, "could not record the worker's stop");
-    }
-    tracing::info!(worker = %worker_name, "worker stopped");
-    result
+    let (spawns, control) = (consume(SPAWN_QUEUE), consume(CONTROL_QUEUE));
+    Box::pin(async move { tokio::try_join!(spawns, control).map(|_| ()) })
 }
 
 async fn heartbeats(ctx: Arc<Context>, every: Duration, done: CancellationToken) {
@@ -248,13 +310,30 @@ fn default_worker_name() -> String {
     format!("{}-{}", hostname(), std::process::id())
 }
 
-async fn handle(envelope: JobEnvelope, ctx: Data<Arc<Context>>) -> Result<(), BoxDynError> {
+async fn handle(
+    envelope: JobEnvelope,
+    ctx: Data<Arc<Context>>,
+    attempt: Attempt,
+) -> Result<(), BoxDynError> {
     // Every log line about the job carries its id and kind.
     let span = tracing::info_span!("job", id = %envelope.job_id, kind = envelope.kind.as_str());
-    run_job(envelope, &ctx).instrument(span).await
+    match run_job(envelope, &ctx).instrument(span).await {
+        Ok(()) => Ok(()),
+        // apalis counts deliveries from 0: this was the last one it makes.
+        Err(e) if attempt.current() + 1 >= MAX_DELIVERIES && e.may_dead_letter() => {
+            let why = format!("gave up after {MAX_DELIVERIES} deliveries: {e}");
+            if ctx.store.dead_letter(envelope.job_id, &why).await? {
+                tracing::error!(job = %envelope.job_id, error = %why, "job dead-lettered");
+            }
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
-async fn run_job(envelope: JobEnvelope, ctx: &Context) -> Result<(), BoxDynError> {
+/// Runs the job a queue delivered, whichever backend delivered it. An error means
+/// the backend should deliver it again.
+pub(crate) async fn run_job(envelope: JobEnvelope, ctx: &Context) -> Result<(), HandlerError> {
     let job_id = envelope.job_id;
     let Some(job) = ctx.store.get_job(job_id).await?.filter(context::still_open) else {
         tracing::debug!(job = %job_id, "job already ended; duplicate delivery ignored");
@@ -271,11 +350,11 @@ async fn run_job(envelope: JobEnvelope, ctx: &Context) -> Result<(), BoxDynError
         Ok(()) => Ok(()),
         Err(HandlerError::HandOff) => {
             tracing::info!(job = %job_id, "handed back to the queue at shutdown");
-            Err(HandlerError::HandOff.into())
+            Err(HandlerError::HandOff)
         }
         Err(e) => {
             tracing::warn!(job = %job_id, error = %e, "job hit an error; it will be handed out again");
-            Err(e.into())
+            Err(e)
         }
     }
 }

@@ -28,7 +28,7 @@ pub async fn run(ctx: &Context, job: &JobRow) -> Result<(), HandlerError> {
             Some(lock) => lock.release().await,
             None => {
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                return Err(HandlerError::Transient(
+                return Err(HandlerError::Deferred(
                     "another worker is running this spawn; delivery deferred".into(),
                 ));
             }
@@ -56,7 +56,7 @@ pub async fn run(ctx: &Context, job: &JobRow) -> Result<(), HandlerError> {
             SlotAnswer::Duplicate => {
                 // Another delivery waits for this job: come back later, in case it dies.
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                return Err(HandlerError::Transient(
+                return Err(HandlerError::Deferred(
                     "another delivery of this spawn is waiting for a slot; deferred".into(),
                 ));
             }
