@@ -43,14 +43,11 @@ struct Common {
     )]
     queue: QueueBackend,
 
-    /// Most database connections this process opens.
-    #[arg(
-        long,
-        env = "BERTH_DB_MAX_CONNECTIONS",
-        default_value_t = 24,
-        global = true
-    )]
-    db_max_connections: u32,
+    /// Most database connections this process opens; default 24 for the API and
+    /// 3 × the worker concurrency + 8 for a worker (a spawn holds a slot connection
+    /// and a server-lock connection, and needs a third for its queries).
+    #[arg(long, env = "BERTH_DB_MAX_CONNECTIONS", global = true)]
+    db_max_connections: Option<u32>,
 
     /// Spawns in flight at once, platform-wide (an admin may override it at runtime).
     #[arg(
@@ -178,7 +175,12 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logs(&cli.common);
     let queue = cli.common.queue();
-    let pool = connect(&cli.common).await?;
+    let pool_size = cli.common.db_max_connections.unwrap_or(match &cli.command {
+        Command::Worker(worker) => worker_pool_size(worker),
+        Command::Up { worker, .. } => API_POOL_SIZE + worker_pool_size(worker),
+        Command::Api(_) | Command::Migrate => API_POOL_SIZE,
+    });
+    let pool = connect(&cli.common, pool_size).await?;
     let shutdown = shutdown_on_signal();
     let limits = schema::Limits {
         concurrent_spawn_limit: cli.common.concurrent_spawn_limit.max(1),
@@ -234,13 +236,19 @@ async fn serve_api(
     Ok(())
 }
 
-async fn connect(common: &Common) -> anyhow::Result<PgPool> {
+const API_POOL_SIZE: u32 = 24;
+
+fn worker_pool_size(worker: &workers::WorkerConfig) -> u32 {
+    3 * worker.concurrency as u32 + 8
+}
+
+async fn connect(common: &Common, pool_size: u32) -> anyhow::Result<PgPool> {
     let url = common
         .database_url
         .as_deref()
         .context("BERTH_DATABASE_URL (or --database-url) is required")?;
     PgPoolOptions::new()
-        .max_connections(common.db_max_connections)
+        .max_connections(pool_size)
         .acquire_timeout(Duration::from_secs(10))
         .connect(url)
         .await

@@ -4,25 +4,9 @@ mod common;
 
 use std::{collections::HashSet, time::Duration};
 
-use common::{Backend, TestEnv};
+use common::{Backend, TestEnv, wait_for};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-
-async fn running_servers(env: &TestEnv) -> i64 {
-    env.count("select count(*) from servers where state = 'running'")
-        .await
-}
-
-async fn wait_for(what: &str, within: Duration, mut check: impl AsyncFnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + within;
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 async fn a_storm_of_200_spawns_on_3_workers_holds_both_limits(backend: Backend) {
     let mut env = TestEnv::on(backend).await;
@@ -68,7 +52,7 @@ async fn a_storm_of_200_spawns_on_3_workers_holds_both_limits(backend: Backend) 
     );
 
     wait_for("50 running servers", Duration::from_secs(120), async || {
-        running_servers(&env).await == 50
+        env.running_servers().await == 50
     })
     .await;
 
@@ -155,19 +139,8 @@ async fn a_worker_killed_mid_spawn_is_taken_over_and_the_spawn_completes_once(ba
         index.insert(name.clone(), env.start_worker_process(&args));
     }
     let user = env.user("kim");
-    env.create_user(&user).await;
-    let path = format!("/api/v1/users/{user}/server");
-    let (status, spawn) = env.call(Method::POST, &path, None).await;
-    assert_eq!(status, StatusCode::ACCEPTED);
-    let job_path = format!("/api/v1/jobs/{}", spawn["job_id"].as_str().unwrap());
-
     // Mid-spawn: the container exists, the server is not ready yet.
-    wait_for(
-        "the spawn to start its container",
-        Duration::from_secs(20),
-        async || !env.containers().is_empty(),
-    )
-    .await;
+    let (path, job_path) = env.spawn_until_container(&user).await;
     let (_, job) = env.call(Method::GET, &job_path, None).await;
     let first = job["worker"]
         .as_str()
@@ -292,7 +265,7 @@ async fn admins_change_limits_at_runtime_and_spawns_over_them_wait(backend: Back
     )
     .await;
     wait_for("4 running servers", Duration::from_secs(60), async || {
-        running_servers(&env).await == 4
+        env.running_servers().await == 4
     })
     .await;
     assert_eq!(env.peak_spawns_in_flight().await, 2);

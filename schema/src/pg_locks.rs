@@ -23,23 +23,23 @@ pub(crate) struct SessionLock {
 }
 
 impl SessionLock {
-    /// Waits for the lock.
+    /// Waits for the lock. It asks again every 20–250 ms rather than blocking in
+    /// `pg_advisory_lock`, so that a waiter holds no pool connection while it
+    /// waits: under a redelivery storm blocked waiters starved the pool (seen in
+    /// the NATS restart test).
     pub(crate) async fn take(
         pool: &PgPool,
         space: i32,
         key: i32,
     ) -> Result<Box<dyn ServerLock>, StoreError> {
-        let mut conn = pool.acquire().await?;
-        sqlx::query("select pg_advisory_lock($1, $2)")
-            .bind(space)
-            .bind(key)
-            .execute(&mut *conn)
-            .await?;
-        Ok(Box::new(Self {
-            conn: Some(conn),
-            space,
-            key,
-        }))
+        let mut pause = std::time::Duration::from_millis(20);
+        loop {
+            if let Some(lock) = Self::try_take(pool, space, key).await? {
+                return Ok(lock);
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(std::time::Duration::from_millis(250));
+        }
     }
 
     /// Takes the lock if nobody holds it.

@@ -237,15 +237,34 @@ impl TestEnv {
 
     /// The same, with extra `berth api` flags.
     pub async fn on_with(backend: Backend, api_flags: &[&str]) -> Self {
+        match backend {
+            Backend::Postgres => Self::on_queue(None, api_flags).await,
+            Backend::Nats => Self::on_nats(|_| {}).await,
+        }
+    }
+
+    /// On NATS, with this test's settings (the broker's URL, deliveries…) applied
+    /// before anything creates the stream.
+    pub async fn on_nats(tune: impl FnOnce(&mut NatsSettings)) -> Self {
+        let mut nats = NatsSettings::new(nats_url(), String::new());
+        // Short, so that a killed worker's job is handed out again quickly.
+        nats.ack_wait = Duration::from_secs(3);
+        tune(&mut nats);
+        Self::on_queue(Some(nats), &[]).await
+    }
+
+    async fn on_queue(nats: Option<NatsSettings>, api_flags: &[&str]) -> Self {
         let id = format!("t{:08x}", rand::random::<u32>());
-        let queue = match backend {
-            Backend::Postgres => QueueSettings::Postgres,
-            Backend::Nats => {
-                let mut nats = NatsSettings::new(nats_url(), format!("berth_{id}"));
-                // Short, so that a killed worker's job is handed out again quickly.
-                nats.ack_wait = Duration::from_secs(3);
+        let queue = match nats {
+            None => QueueSettings::Postgres,
+            Some(mut nats) => {
+                nats.stream = format!("berth_{id}");
                 QueueSettings::Nats(nats)
             }
+        };
+        let backend = match queue {
+            QueueSettings::Postgres => Backend::Postgres,
+            QueueSettings::Nats(_) => Backend::Nats,
         };
         let admin_url = admin_database_url();
         let admin = PgPool::connect(&admin_url)
@@ -622,11 +641,136 @@ impl TestEnv {
         peak
     }
 
+    /// Creates `user`, requests its default server and returns once the spawn has
+    /// made its container (mid-spawn, when the server starts slowly): the server's
+    /// path and its job's path.
+    pub async fn spawn_until_container(&self, user: &str) -> (String, String) {
+        self.create_user(user).await;
+        let path = format!("/api/v1/users/{user}/server");
+        let (status, spawn) = self.call(Method::POST, &path, None).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{spawn}");
+        let job_path = format!("/api/v1/jobs/{}", spawn["job_id"].as_str().unwrap());
+        wait_for(
+            "the spawn to start its container",
+            Duration::from_secs(20),
+            async || !self.containers().is_empty(),
+        )
+        .await;
+        (path, job_path)
+    }
+
+    pub async fn running_servers(&self) -> i64 {
+        self.count("select count(*) from servers where state = 'running'")
+            .await
+    }
+
     pub async fn count(&self, sql: &'static str) -> i64 {
         sqlx::query_scalar::<_, i64>(sql)
             .fetch_one(&self.pool)
             .await
             .unwrap()
+    }
+}
+
+/// Polls `check` every 100 ms until it holds, or fails the test at the deadline.
+pub async fn wait_for(what: &str, within: Duration, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// What the test's JetStream stream holds now.
+#[derive(Debug)]
+pub struct StreamState {
+    pub messages: u64,
+    pub last_sequence: u64,
+}
+
+pub async fn stream_state(env: &TestEnv) -> StreamState {
+    let QueueSettings::Nats(nats) = &env.queue else {
+        panic!("not a NATS test");
+    };
+    let client = async_nats::connect(nats.url.as_str()).await.expect("nats");
+    let mut stream = async_nats::jetstream::new(client)
+        .get_stream(&nats.stream)
+        .await
+        .expect("the stream exists");
+    let info = stream.info().await.expect("stream info");
+    StreamState {
+        messages: info.state.messages,
+        last_sequence: info.state.last_sequence,
+    }
+}
+
+/// A nats-server of a test's own, which it may kill and restart: JetStream on a
+/// free port, its store in a directory removed on drop.
+pub struct OwnNats {
+    pub url: String,
+    port: u16,
+    dir: std::path::PathBuf,
+    child: Option<Child>,
+}
+
+impl OwnNats {
+    pub async fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir =
+            std::env::temp_dir().join(format!("berth-nats-{port}-{:08x}", rand::random::<u32>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut nats = Self {
+            url: format!("nats://127.0.0.1:{port}"),
+            port,
+            dir,
+            child: None,
+        };
+        nats.restart().await;
+        nats
+    }
+
+    /// `kill -9` of the server.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port and store.
+    pub async fn restart(&mut self) {
+        self.kill();
+        let binary = std::env::var("BERTH_TEST_NATS_SERVER")
+            .unwrap_or_else(|_| "/usr/sbin/nats-server".into());
+        let child = Command::new(binary)
+            .args(["--jetstream", "--addr", "127.0.0.1", "--port"])
+            .arg(self.port.to_string())
+            .arg("--store_dir")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nats-server (BERTH_TEST_NATS_SERVER)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "nats-server did not come up");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for OwnNats {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

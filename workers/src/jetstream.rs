@@ -28,6 +28,28 @@ pub async fn consume(
     concurrency: usize,
     shutdown: CancellationToken,
 ) -> Result<(), WorkerError> {
+    let settings = broker.settings.clone();
+    pull(broker, queue, concurrency, shutdown, move |message| {
+        let ctx = ctx.clone();
+        let settings = settings.clone();
+        async move { handle(&ctx, message, settings.ack_wait, settings.max_deliver).await }
+    })
+    .await
+}
+
+/// The pull loop under `consume`: at most `concurrency` messages of `queue` in
+/// hand, each given to `handle`, which settles it. Public for the queue benchmark.
+pub async fn pull<F, Fut>(
+    broker: Broker,
+    queue: &'static str,
+    concurrency: usize,
+    shutdown: CancellationToken,
+    handle: F,
+) -> Result<(), WorkerError>
+where
+    F: Fn(Message) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let places = Arc::new(Semaphore::new(concurrency.max(1)));
     let mut jobs = JoinSet::new();
     let mut consumer = None;
@@ -78,10 +100,9 @@ pub async fn consume(
                 None => break,
                 Some(Ok(message)) => {
                     let permit = permits.split(1).expect("one place per requested message");
-                    let ctx = ctx.clone();
-                    let settings = broker.settings.clone();
+                    let job = handle(message);
                     jobs.spawn(async move {
-                        handle(&ctx, message, settings.ack_wait, settings.max_deliver).await;
+                        job.await;
                         drop(permit);
                     });
                 }

@@ -8,7 +8,10 @@ use schema::{JobOutcome, JobRow, Running, ServerState, platform::SlotAnswer};
 use sha2::{Digest, Sha256};
 
 use crate::{
-    context::{Claimed, Context, HandlerError, HandlerResult, server_payload, with_claimed_server},
+    context::{
+        Claimed, Context, HandlerError, HandlerResult, server_payload, still_open,
+        with_claimed_server,
+    },
     spawner::{SpawnError, SpawnSpec, StillWanted},
 };
 
@@ -20,24 +23,29 @@ pub async fn run(ctx: &Context, job: &JobRow) -> Result<(), HandlerError> {
         Ok(p) => p.server_id,
         Err(outcome) => return Ok(ctx.store.finish_job(job.id, &outcome).await?),
     };
-    // A job already `running` was begun under the server's lock: either its worker
-    // still holds that lock (this is a second delivery: come back later rather
-    // than take a slot for nothing) or it died (the lock is free: take over).
-    if job.state == "running" {
-        match ctx.platform.try_lock_server(server_id).await? {
-            Some(lock) => lock.release().await,
-            None => {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                return Err(HandlerError::Deferred(
-                    "another worker is running this spawn; delivery deferred".into(),
-                ));
-            }
-        }
-    }
     // Over the concurrent-spawn limit a spawn waits here, neither failed nor counted
     // as an attempt, and takes the first slot that frees once no older spawn waits.
     let delivery = uuid::Uuid::new_v4();
     let slot = loop {
+        // A job already `running` was begun under the server's lock: either its
+        // worker still holds that lock (this is a second delivery: come back later
+        // rather than take a slot for nothing) or it died (the lock is free: take
+        // over). Asked on every try, since the other delivery may begin meanwhile.
+        match ctx.store.get_job(job.id).await? {
+            Some(current) if current.state == "running" => {
+                if let Some(lock) = ctx.platform.try_lock_server(server_id).await? {
+                    lock.release().await;
+                } else {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    return Err(HandlerError::Deferred(
+                        "another worker is running this spawn; delivery deferred".into(),
+                    ));
+                }
+            }
+            Some(current) if still_open(&current) => {}
+            // Done elsewhere meanwhile: nothing left to do.
+            _ => return Ok(()),
+        }
         if !still_wanted(ctx, job, server_id).await? {
             // Moot before it started (a stop won): the shared steps record why.
             return with_claimed_server(ctx, job, ServerState::PendingSpawn, |c| {

@@ -1,0 +1,270 @@
+//! Queue throughput: N jobs enqueued by P producers exactly as the API enqueues
+//! (a Postgres transaction through the `Queue` interface, then `flush`), drained by
+//! W workers of C jobs each running a no-op handler, through each backend in one
+//! run. Reports enqueue rate, jobs per second end to end, and enqueue-to-start
+//! latency p50/p99/max.
+//!
+//!     cargo run --release -p bench --bin queues -- --jobs 5000 --workers 4
+//!
+//! Needs Postgres (BERTH_BENCH_DATABASE_URL, a superuser URL) and a nats-server
+//! with JetStream (BERTH_BENCH_NATS_URL).
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use apalis::prelude::{BoxDynError, Data, PollWith, Strategy, WorkerBuilder, WorkerBuilderExt};
+use apalis_postgres::{PostgresStorage, Pubsub};
+use clap::Parser;
+use schema::{
+    JobEnvelope, JobKind, QueueSettings, jobs::SPAWN_QUEUE, nats::NatsSettings, queue::Queue,
+};
+use sqlx::{PgPool, postgres::PgPoolOptions};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long, default_value_t = 5000)]
+    jobs: usize,
+    /// Concurrent producers (API requests in flight).
+    #[arg(long, default_value_t = 16)]
+    producers: usize,
+    #[arg(long, default_value_t = 4)]
+    workers: usize,
+    /// Jobs in flight per worker.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// Which backends, in order.
+    #[arg(long, value_delimiter = ',', default_value = "postgres,nats")]
+    backends: Vec<String>,
+    #[arg(
+        long,
+        env = "BERTH_BENCH_DATABASE_URL",
+        default_value = "postgres://postgres:postgres@127.0.0.1:5432/postgres"
+    )]
+    database_url: String,
+    #[arg(
+        long,
+        env = "BERTH_BENCH_NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
+    nats_url: String,
+}
+
+/// When each job was enqueued, and how long until a worker started it.
+#[derive(Default)]
+struct Record {
+    enqueued: Mutex<HashMap<Uuid, Instant>>,
+    latencies: Mutex<Vec<Duration>>,
+    started: AtomicUsize,
+    all_started: tokio::sync::Notify,
+    expected: usize,
+    last_start: Mutex<Option<Instant>>,
+}
+
+impl Record {
+    fn start(&self, job: Uuid) {
+        let now = Instant::now();
+        let Some(at) = self.enqueued.lock().unwrap().get(&job).copied() else {
+            return;
+        };
+        self.latencies.lock().unwrap().push(now - at);
+        *self.last_start.lock().unwrap() = Some(now);
+        if self.started.fetch_add(1, Ordering::SeqCst) + 1 == self.expected {
+            self.all_started.notify_one();
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    println!(
+        "{} jobs, {} producers, {} workers x {} in flight, no-op handler",
+        args.jobs, args.producers, args.workers, args.concurrency
+    );
+    println!(
+        "{:<9} {:>14} {:>12} {:>9} {:>9} {:>9}",
+        "backend", "enqueue/s", "jobs/s", "p50 ms", "p99 ms", "max ms"
+    );
+    for backend in &args.backends {
+        run(&args, backend).await?;
+    }
+    Ok(())
+}
+
+async fn run(args: &Args, backend: &str) -> anyhow::Result<()> {
+    let tag = format!("{:08x}", rand::random::<u32>());
+    let db = format!("berth_bench_q_{tag}");
+    let admin = PgPool::connect(&args.database_url)
+        .await
+        .context("bench Postgres")?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("create database {db}")))
+        .execute(&admin)
+        .await?;
+    let url = match args.database_url.rsplit_once('/') {
+        Some((base, _)) => format!("{base}/{db}"),
+        None => anyhow::bail!("database URL without a database"),
+    };
+    let result = measure(args, backend, &url, &tag).await;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "drop database if exists {db} with (force)"
+    )))
+    .execute(&admin)
+    .await?;
+    result
+}
+
+async fn measure(args: &Args, backend: &str, url: &str, tag: &str) -> anyhow::Result<()> {
+    let pool = PgPoolOptions::new()
+        .max_connections(args.producers as u32 + 4)
+        .connect(url)
+        .await?;
+    schema::migrate(&pool).await?;
+    let settings = match backend {
+        "postgres" => QueueSettings::Postgres,
+        "nats" => QueueSettings::Nats(NatsSettings::new(&args.nats_url, format!("bench_{tag}"))),
+        other => anyhow::bail!("unknown backend {other}"),
+    };
+    let stop = CancellationToken::new();
+    let (queue, broker) = settings.open(&pool, stop.clone()).await?;
+    if let Some(broker) = &broker {
+        broker.ensure_all(&stop).await?;
+    }
+    let record = Arc::new(Record {
+        expected: args.jobs,
+        ..Default::default()
+    });
+
+    // Workers first, idle and waiting, as in production.
+    let mut workers = Vec::new();
+    for w in 0..args.workers {
+        let record = record.clone();
+        let stop = stop.clone();
+        let concurrency = args.concurrency;
+        match &broker {
+            Some(broker) => {
+                let settings = broker.settings.clone();
+                let own = schema::nats::Broker::connect(settings).await?;
+                workers.push(tokio::spawn(async move {
+                    let _ =
+                        workers::jetstream::pull(own, SPAWN_QUEUE, concurrency, stop, move |m| {
+                            let record = record.clone();
+                            async move {
+                                if let Ok(e) = serde_json::from_slice::<JobEnvelope>(&m.payload) {
+                                    record.start(e.job_id);
+                                }
+                                let _ = m.ack().await;
+                            }
+                        })
+                        .await;
+                }));
+            }
+            None => {
+                let pool = PgPoolOptions::new().max_connections(8).connect(url).await?;
+                workers.push(tokio::spawn(async move {
+                    // The strategy of `berth worker`: NOTIFY plus a 250 ms poll.
+                    let strategy = Strategy::new()
+                        .stream(Pubsub::new(pool.clone(), SPAWN_QUEUE.to_owned()))
+                        .interval(Duration::from_millis(250));
+                    let storage = PollWith::new(
+                        PostgresStorage::<JobEnvelope>::new(&pool)
+                            .with_config(apalis_postgres::Config::default().queue(SPAWN_QUEUE)),
+                        strategy,
+                    );
+                    let _ = WorkerBuilder::new(format!("bench-{w}"))
+                        .backend(storage)
+                        .data(record)
+                        .concurrency(concurrency)
+                        .build(noop)
+                        .run_until(async move {
+                            stop.cancelled().await;
+                            Ok::<(), std::io::Error>(())
+                        })
+                        .await;
+                }));
+            }
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let next = Arc::new(AtomicUsize::new(0));
+    let began = Instant::now();
+    let producers: Vec<_> = (0..args.producers)
+        .map(|_| {
+            let (pool, queue, record, next) =
+                (pool.clone(), queue.clone(), record.clone(), next.clone());
+            let jobs = args.jobs;
+            tokio::spawn(async move {
+                while next.fetch_add(1, Ordering::SeqCst) < jobs {
+                    enqueue(&pool, queue.as_ref(), &record).await?;
+                }
+                anyhow::Ok(())
+            })
+        })
+        .collect();
+    for producer in producers {
+        producer.await??;
+    }
+    let enqueued_in = began.elapsed();
+    tokio::time::timeout(Duration::from_secs(600), record.all_started.notified())
+        .await
+        .context("not every job started within 10 minutes")?;
+    let drained_in = record.last_start.lock().unwrap().expect("a start") - began;
+    stop.cancel();
+    for worker in workers {
+        let _ = worker.await;
+    }
+    if let Some(broker) = broker {
+        let _ = broker
+            .jetstream
+            .delete_stream(&broker.settings.stream)
+            .await;
+    }
+
+    let mut latencies = std::mem::take(&mut *record.latencies.lock().unwrap());
+    latencies.sort();
+    let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e3;
+    println!(
+        "{:<9} {:>14.0} {:>12.0} {:>9.1} {:>9.1} {:>9.1}",
+        backend,
+        args.jobs as f64 / enqueued_in.as_secs_f64(),
+        args.jobs as f64 / drained_in.as_secs_f64(),
+        at(0.5),
+        at(0.99),
+        at(1.0),
+    );
+    pool.close().await;
+    Ok(())
+}
+
+/// One job, as the API enqueues it: a transaction through the `Queue`, a commit,
+/// then `flush` (which, on NATS, waits for the broker's acknowledgement).
+async fn enqueue(pool: &PgPool, queue: &dyn Queue, record: &Record) -> anyhow::Result<()> {
+    let job = JobEnvelope {
+        job_id: Uuid::now_v7(),
+        kind: JobKind::Spawn,
+    };
+    record
+        .enqueued
+        .lock()
+        .unwrap()
+        .insert(job.job_id, Instant::now());
+    let mut tx = pool.begin().await?;
+    queue.enqueue(&mut tx, &job).await?;
+    tx.commit().await?;
+    queue.flush().await;
+    Ok(())
+}
+
+async fn noop(envelope: JobEnvelope, record: Data<Arc<Record>>) -> Result<(), BoxDynError> {
+    record.start(envelope.job_id);
+    Ok(())
+}
