@@ -161,12 +161,16 @@ enum Command {
     Api(api::ApiConfig),
     /// Pull jobs from the queue and drive the container engine.
     Worker(workers::WorkerConfig),
-    /// Migrate, then run the API and a worker in one process.
+    /// Enqueue periodic work (culling, session expiry, archiving) on cron schedules.
+    Scheduler(workers::scheduler::SchedulerConfig),
+    /// Migrate, then run the API, a worker and the scheduler in one process.
     Up {
         #[command(flatten)]
         api: api::ApiConfig,
         #[command(flatten)]
         worker: workers::WorkerConfig,
+        #[command(flatten)]
+        scheduler: workers::scheduler::SchedulerConfig,
     },
 }
 
@@ -178,7 +182,7 @@ async fn main() -> anyhow::Result<()> {
     let pool_size = cli.common.db_max_connections.unwrap_or(match &cli.command {
         Command::Worker(worker) => worker_pool_size(worker),
         Command::Up { worker, .. } => API_POOL_SIZE + worker_pool_size(worker),
-        Command::Api(_) | Command::Migrate => API_POOL_SIZE,
+        Command::Api(_) | Command::Scheduler(_) | Command::Migrate => API_POOL_SIZE,
     });
     let pool = connect(&cli.common, pool_size).await?;
     let shutdown = shutdown_on_signal();
@@ -200,22 +204,48 @@ async fn main() -> anyhow::Result<()> {
             config.queue = queue;
             workers::run(config, pool, shutdown).await?
         }
+        Command::Scheduler(mut config) => {
+            config.queue = queue;
+            workers::scheduler::run(config, pool, shutdown).await?
+        }
         Command::Up {
             mut api,
             mut worker,
+            mut scheduler,
         } => {
             api.limits = limits;
             worker.limits = limits;
             worker.queue = queue.clone();
+            scheduler.queue = queue.clone();
             schema::migrate(&pool).await?;
-            let (a, w) = tokio::join!(
-                serve_api(api, pool.clone(), &queue, shutdown.clone()),
-                workers::run(worker, pool, shutdown.clone())
+            // Whichever role fails first takes the others down with it.
+            let stop_all = |result: anyhow::Result<()>| {
+                if result.is_err() {
+                    shutdown.cancel();
+                }
+                result
+            };
+            let (api_pool, worker_pool) = (pool.clone(), pool.clone());
+            let (a, w, s) = tokio::join!(
+                async { stop_all(serve_api(api, api_pool, &queue, shutdown.clone()).await) },
+                async {
+                    stop_all(
+                        workers::run(worker, worker_pool, shutdown.clone())
+                            .await
+                            .map_err(Into::into),
+                    )
+                },
+                async {
+                    stop_all(
+                        workers::scheduler::run(scheduler, pool, shutdown.clone())
+                            .await
+                            .map_err(Into::into),
+                    )
+                },
             );
-            // Whichever role fails first takes the other down with it.
-            shutdown.cancel();
             a?;
             w?;
+            s?;
         }
     }
     Ok(())

@@ -2,6 +2,7 @@
 //! talks to the container engine.
 
 pub mod accounts;
+pub mod activity;
 pub mod admin;
 pub mod auth;
 pub mod body;
@@ -27,7 +28,7 @@ use axum::{
     extract::DefaultBodyLimit,
     http::{HeaderValue, Method, StatusCode, header},
 };
-use schema::{Accounts, Platform, Store, StoreError, UserName, accounts::AuditEvent};
+use schema::{Accounts, Maintenance, Platform, Store, StoreError, UserName, accounts::AuditEvent};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower_http::{
@@ -47,6 +48,7 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     pub accounts: Arc<dyn Accounts>,
     pub platform: Arc<dyn Platform>,
+    pub maintenance: Arc<dyn Maintenance>,
     pub keys: Arc<JwtKeys>,
     pub config: Arc<ApiConfig>,
     pub started: Instant,
@@ -95,7 +97,8 @@ pub fn router(state: AppState) -> Router {
         .merge(users::router())
         .merge(servers::router())
         .merge(jobs::router())
-        .merge(platform::router());
+        .merge(platform::router())
+        .merge(activity::router());
     let security_headers = [
         (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
         (header::X_FRAME_OPTIONS, "DENY"),
@@ -152,7 +155,7 @@ pub async fn run<S>(
     shutdown: CancellationToken,
 ) -> Result<(), StartError>
 where
-    S: Store + Accounts + Platform,
+    S: Store + Accounts + Platform + Maintenance,
 {
     config.validate().map_err(StartError::Config)?;
     let keys = match &config.jwt_private_key {
@@ -181,7 +184,8 @@ where
     let state = AppState {
         store: store.clone(),
         accounts: store.clone(),
-        platform: store,
+        platform: store.clone(),
+        maintenance: store,
         keys: Arc::new(keys),
         config: Arc::new(config),
         started: Instant::now(),

@@ -18,6 +18,11 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/admin/limits", get(limits).patch(change_limits))
         .route("/admin/workers", get(workers))
+        .route("/admin/schedules", get(schedules))
+        .route(
+            "/admin/schedules/{name}/run",
+            axum::routing::post(run_schedule),
+        )
 }
 
 async fn limits(State(state): State<AppState>, principal: Principal) -> ApiResult<Json<Value>> {
@@ -121,4 +126,41 @@ async fn workers(State(state): State<AppState>, principal: Principal) -> ApiResu
         })
         .collect();
     Ok(Json(json!({ "workers": workers })))
+}
+
+/// Each schedule: its expression, next run, and its latest run with the job's state
+/// and result.
+async fn schedules(State(state): State<AppState>, principal: Principal) -> ApiResult<Json<Value>> {
+    principal.require("admin")?;
+    let schedules = state.maintenance.schedules().await?;
+    Ok(Json(json!({ "schedules": schedules })))
+}
+
+/// Runs a schedule now (its job, with the settings the scheduler registered): 202
+/// with the job id.
+async fn run_schedule(
+    State(state): State<AppState>,
+    principal: Principal,
+    addr: ClientAddr,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> ApiResult<(axum::http::StatusCode, Json<Value>)> {
+    principal.require("admin")?;
+    let job = state
+        .maintenance
+        .enqueue_tick(&name, Utc::now(), true)
+        .await?
+        .ok_or_else(|| ApiError::Conflict(format!("schedule {name:?} was just run")))?;
+    state
+        .audit(
+            Some(&principal.actor()),
+            "schedule_run",
+            Some(&name),
+            &addr,
+            json!({ "job_id": job }),
+        )
+        .await;
+    Ok((
+        axum::http::StatusCode::ACCEPTED,
+        Json(json!({ "job_id": job })),
+    ))
 }

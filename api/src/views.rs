@@ -19,6 +19,8 @@ pub struct ServerView {
     pub started: Option<DateTime<Utc>>,
     pub last_activity: Option<DateTime<Utc>>,
     pub error: Option<String>,
+    /// When the server nears its maximum age: when it will be stopped.
+    pub warning: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub job_id: Option<Uuid>,
 }
@@ -40,6 +42,7 @@ impl ServerView {
             started: row.started_at,
             last_activity: row.last_activity,
             error: row.error.clone(),
+            warning: row.warning.clone(),
             job_id: None,
         }
     }
@@ -105,6 +108,9 @@ pub struct JobView {
     pub finished: Option<DateTime<Utc>>,
     pub last_error: Option<String>,
     pub worker: Option<String>,
+    /// What a maintenance job did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
 }
 
 impl From<JobRow> for JobView {
@@ -121,6 +127,7 @@ impl From<JobRow> for JobView {
             finished: j.finished_at,
             last_error: j.last_error,
             worker: j.worker,
+            result: j.result,
         }
     }
 }

@@ -10,6 +10,12 @@ pub enum JobKind {
     Spawn,
     Stop,
     Cleanup,
+    /// Stop idle servers and servers past their maximum age (scheduled).
+    Cull,
+    /// Remove expired sessions, SSO tokens and revoked tokens (scheduled).
+    ExpireSessions,
+    /// Move old job, audit and activity rows to archive files (scheduled).
+    Archive,
 }
 
 impl JobKind {
@@ -18,6 +24,9 @@ impl JobKind {
             JobKind::Spawn => "spawn",
             JobKind::Stop => "stop",
             JobKind::Cleanup => "cleanup",
+            JobKind::Cull => "cull",
+            JobKind::ExpireSessions => "expire_sessions",
+            JobKind::Archive => "archive",
         }
     }
 
@@ -25,7 +34,11 @@ impl JobKind {
     pub fn queue(self) -> &'static str {
         match self {
             JobKind::Spawn => SPAWN_QUEUE,
-            JobKind::Stop | JobKind::Cleanup => CONTROL_QUEUE,
+            JobKind::Stop
+            | JobKind::Cleanup
+            | JobKind::Cull
+            | JobKind::ExpireSessions
+            | JobKind::Archive => CONTROL_QUEUE,
         }
     }
 }
@@ -63,6 +76,30 @@ impl JobState {
     }
 }
 
+/// The user name recorded on jobs the scheduler enqueues (not a valid user name,
+/// so it never collides with one).
+pub const SYSTEM_USER: &str = "(scheduler)";
+
+/// Payload of a cull job: the scheduler's settings at the tick.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CullJob {
+    /// Servers without activity for this long are stopped.
+    pub idle_timeout_secs: i64,
+    /// Servers running longer than this are stopped, after a warning; 0: no cap.
+    pub max_age_secs: i64,
+    /// How long before the maximum age the user is warned.
+    pub max_age_warning_secs: i64,
+    /// Admins' servers are left alone.
+    pub exempt_admins: bool,
+}
+
+/// Payload of an archive job.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ArchiveJob {
+    pub after_days: i64,
+    pub dir: String,
+}
+
 /// A row of the `jobs` table.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct JobRow {
@@ -78,6 +115,7 @@ pub struct JobRow {
     pub created_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
+    pub result: Option<serde_json::Value>,
 }
 
 impl JobRow {

@@ -3,11 +3,14 @@
 
 pub mod accounts;
 pub mod jobs;
+pub mod maintenance;
 pub mod names;
 pub mod nats;
+#[macro_use]
 pub mod pg;
 pub mod pg_accounts;
 mod pg_locks;
+mod pg_maintenance;
 pub mod pg_platform;
 pub mod platform;
 pub mod queue;
@@ -16,6 +19,7 @@ pub mod store;
 
 pub use accounts::{Accounts, NewAccount, Role};
 pub use jobs::{JobEnvelope, JobKind, JobOutcome, JobRow, JobState};
+pub use maintenance::Maintenance;
 pub use names::{InvalidName, ServerName, UserName, container_name};
 pub use pg::PgStore;
 pub use platform::{Limits, Platform};

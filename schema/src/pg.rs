@@ -21,7 +21,7 @@ macro_rules! select_servers {
         concat!(
             "select s.id, s.user_id, u.name as user_name, s.name, s.state, s.image, ",
             "s.spawn_job_id, s.stop_job_id, s.container_id, s.url, s.error, s.requested_at, ",
-            "s.started_at, s.stopped_at, s.last_activity ",
+            "s.started_at, s.stopped_at, s.last_activity, s.warning ",
             "from servers s join users u on u.id = s.user_id ",
             $tail
         )
@@ -43,7 +43,11 @@ impl PgStore {
         &self.pool
     }
 
-    async fn insert_job(
+    pub(crate) fn queue(&self) -> &dyn Queue {
+        self.queue.as_ref()
+    }
+
+    pub(crate) async fn insert_job(
         &self,
         tx: &mut PgConnection,
         kind: JobKind,
@@ -178,7 +182,7 @@ impl Store for PgStore {
              on conflict (user_id, name) do update set updated_at = s.updated_at \
              returning s.id, s.user_id, $3::text as user_name, s.name, s.state, s.image, \
              s.spawn_job_id, s.stop_job_id, s.container_id, s.url, s.error, s.requested_at, \
-             s.started_at, s.stopped_at, s.last_activity",
+             s.started_at, s.stopped_at, s.last_activity, s.warning",
         )
         .bind(user_id)
         .bind(req.server.as_str())
@@ -240,7 +244,7 @@ impl Store for PgStore {
              stopped_at = null, requested_at = now(), updated_at = now() where s.id = $1 \
              returning s.id, s.user_id, $4::text as user_name, s.name, s.state, s.image, \
              s.spawn_job_id, s.stop_job_id, s.container_id, s.url, s.error, s.requested_at, \
-             s.started_at, s.stopped_at, s.last_activity",
+             s.started_at, s.stopped_at, s.last_activity, s.warning",
         )
         .bind(server.id)
         .bind(job.id)
@@ -423,7 +427,7 @@ impl Store for PgStore {
         let mut tx = self.pool.begin().await?;
         let done = sqlx::query(
             "update servers set state = 'running', container_id = $3, url = $4, token_hash = $5, \
-             started_at = now(), last_activity = now(), error = null, updated_at = now() \
+             started_at = now(), last_activity = now(), error = null, warning = null, warned_at = null, updated_at = now() \
              where id = $1 and spawn_job_id = $2 and state = 'pending_spawn'",
         )
         .bind(r.server_id)

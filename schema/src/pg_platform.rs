@@ -255,7 +255,7 @@ impl Platform for PgStore {
         Ok(sqlx::query_as::<_, ServerRow>(
             "select s.id, s.user_id, u.name as user_name, s.name, s.state, s.image, \
              s.spawn_job_id, s.stop_job_id, s.container_id, s.url, s.error, s.requested_at, \
-             s.started_at, s.stopped_at, s.last_activity \
+             s.started_at, s.stopped_at, s.last_activity, s.warning \
              from servers s join users u on u.id = s.user_id \
              where s.state in ('pending_spawn', 'running', 'pending_stop')",
         )

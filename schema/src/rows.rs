@@ -77,6 +77,8 @@ pub struct ServerRow {
     pub started_at: Option<DateTime<Utc>>,
     pub stopped_at: Option<DateTime<Utc>>,
     pub last_activity: Option<DateTime<Utc>>,
+    /// Set when the server nears its maximum age: when it will be stopped.
+    pub warning: Option<String>,
 }
 
 impl ServerRow {

@@ -23,6 +23,9 @@ pub enum StoreError {
     Queue(#[from] QueueError),
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
+    /// Reading or writing files (archives).
+    #[error("file: {0}")]
+    Io(String),
 }
 
 /// What a spawn request led to.

@@ -73,6 +73,13 @@ struct WorkerFlags {
     config: workers::WorkerConfig,
 }
 
+/// Parses scheduler flags exactly as `berth scheduler` does, defaults included.
+#[derive(Parser)]
+struct SchedulerFlags {
+    #[command(flatten)]
+    config: workers::scheduler::SchedulerConfig,
+}
+
 /// Parses API flags exactly as `berth api` does, defaults included.
 #[derive(Parser)]
 struct ApiFlags {
@@ -379,6 +386,26 @@ impl TestEnv {
                 ("BERTH_NATS_MAX_DELIVER", nats.max_deliver.to_string()),
             ],
         }
+    }
+
+    /// Starts a scheduler inside the test process; cancel the token to stop it
+    /// (it also stops with the environment).
+    pub fn start_scheduler(&mut self, flags: &[&str]) -> CancellationToken {
+        let mut argv = vec!["scheduler"];
+        argv.extend_from_slice(flags);
+        let mut config = SchedulerFlags::try_parse_from(argv)
+            .expect("scheduler flags parse")
+            .config;
+        config.queue = self.queue.clone();
+        let stop = self.shutdown.child_token();
+        let pool = self.pool.clone();
+        let token = stop.clone();
+        self.tasks.push(tokio::spawn(async move {
+            workers::scheduler::run(config, pool, token)
+                .await
+                .expect("scheduler runs");
+        }));
+        stop
     }
 
     /// Starts `berth worker` as a real process; returns its index for `kill_worker`.

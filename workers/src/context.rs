@@ -9,8 +9,8 @@ use std::{
 };
 
 use schema::{
-    JobOutcome, JobRow, JobState, Limits, Platform, ServerName, ServerRow, ServerState, Store,
-    StoreError, UserName, jobs::ServerJob,
+    JobOutcome, JobRow, JobState, Limits, Maintenance, Platform, ServerName, ServerRow,
+    ServerState, Store, StoreError, UserName, jobs::ServerJob,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -19,6 +19,7 @@ use crate::spawner::{SpawnError, Spawner};
 pub struct Context {
     pub store: Arc<dyn Store>,
     pub platform: Arc<dyn Platform>,
+    pub maintenance: Arc<dyn Maintenance>,
     pub spawner: Arc<dyn Spawner>,
     pub worker_name: String,
     /// The limits this worker was configured with; an admin's override wins.
@@ -37,9 +38,11 @@ pub struct Context {
 const LIMITS_TTL: Duration = Duration::from_secs(1);
 
 impl Context {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         store: Arc<dyn Store>,
         platform: Arc<dyn Platform>,
+        maintenance: Arc<dyn Maintenance>,
         spawner: Arc<dyn Spawner>,
         worker_name: String,
         configured: Limits,
@@ -49,6 +52,7 @@ impl Context {
         Self {
             store,
             platform,
+            maintenance,
             spawner,
             worker_name,
             configured,

@@ -5,7 +5,9 @@ pub mod config;
 pub mod context;
 pub mod docker;
 pub mod jetstream;
+pub mod maintenance;
 pub mod reconcile;
+pub mod scheduler;
 pub mod spawn;
 pub mod spawner;
 pub mod stop;
@@ -44,6 +46,8 @@ pub enum WorkerError {
     Store(#[from] schema::StoreError),
     #[error("queue worker: {0}")]
     Queue(String),
+    #[error("configuration: {0}")]
+    Config(String),
 }
 
 /// Runs a worker until `shutdown` fires: one consumer for spawns and one for
@@ -75,6 +79,7 @@ pub async fn run(
     }
     let store = Arc::new(PgStore::new(pool.clone(), queue));
     let ctx = Arc::new(Context::new(
+        store.clone(),
         store.clone(),
         store.clone(),
         Arc::new(spawner),
@@ -344,6 +349,9 @@ pub(crate) async fn run_job(envelope: JobEnvelope, ctx: &Context) -> Result<(), 
         JobKind::Spawn => spawn::run(ctx, &job).await,
         JobKind::Stop => stop::run(ctx, &job).await,
         JobKind::Cleanup => cleanup::run(ctx, &job).await,
+        JobKind::Cull | JobKind::ExpireSessions | JobKind::Archive => {
+            maintenance::run(ctx, &job, envelope.kind).await
+        }
     };
     ctx.in_flight.fetch_sub(1, Ordering::Relaxed);
     match result {
