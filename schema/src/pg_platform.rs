@@ -96,6 +96,20 @@ impl Platform for PgStore {
         Ok(())
     }
 
+    async fn mark_fetched(&self, job_id: Uuid) -> Result<(), StoreError> {
+        // An unowned claim: any delivery may take it over, and until then the
+        // slot order counts the job as waiting.
+        sqlx::query(
+            "update jobs set claimed_by = null, claimed_at = now() where id = $1 and state = 'queued' \
+             and (claimed_by is null or claimed_at < now() - $2::interval)",
+        )
+        .bind(job_id)
+        .bind(CLAIM_FRESH)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
     async fn try_spawn_slot(
         &self,
         job_id: Uuid,

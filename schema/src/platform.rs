@@ -118,6 +118,9 @@ pub trait Platform: Send + Sync + 'static {
         worker: &str,
         delivery: Uuid,
     ) -> Result<SlotAnswer, StoreError>;
+    /// A worker has just fetched this queued spawn: it counts as waiting for a slot
+    /// (older than spawns fetched after it) until its delivery claims it.
+    async fn mark_fetched(&self, job_id: Uuid) -> Result<(), StoreError>;
     /// The worker's authoritative check: is this server within the active-server
     /// limit, counting only servers admitted before it?
     async fn within_active_limit(&self, server_id: i64, limit: u32) -> Result<bool, StoreError>;

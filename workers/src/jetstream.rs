@@ -9,7 +9,7 @@ use std::{sync::Arc, time::Duration};
 
 use async_nats::jetstream::{AckKind, Message};
 use futures::StreamExt;
-use schema::{JobEnvelope, nats::Broker};
+use schema::{JobEnvelope, JobKind, nats::Broker};
 use tokio::{sync::Semaphore, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -29,7 +29,22 @@ pub async fn consume(
     shutdown: CancellationToken,
 ) -> Result<(), WorkerError> {
     let settings = broker.settings.clone();
-    pull(broker, queue, concurrency, shutdown, move |message| {
+    let seen = ctx.clone();
+    let admit = move |message: &Message| {
+        let ctx = seen.clone();
+        let envelope = serde_json::from_slice::<JobEnvelope>(&message.payload).ok();
+        async move {
+            // A spawn counts as waiting for a slot from the moment it is fetched, in
+            // the order the broker hands spawns out, so a younger one whose handler
+            // happens to ask first does not overtake it.
+            if let Some(envelope) = envelope.filter(|e| e.kind == JobKind::Spawn)
+                && let Err(e) = ctx.platform.mark_fetched(envelope.job_id).await
+            {
+                tracing::debug!(job = %envelope.job_id, error = %e, "could not mark the spawn fetched");
+            }
+        }
+    };
+    pull_with(broker, queue, concurrency, shutdown, admit, move |message| {
         let ctx = ctx.clone();
         let settings = settings.clone();
         async move { handle(&ctx, message, settings.ack_wait, settings.max_deliver).await }
@@ -47,6 +62,25 @@ pub async fn pull<F, Fut>(
     handle: F,
 ) -> Result<(), WorkerError>
 where
+    F: Fn(Message) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    pull_with(broker, queue, concurrency, shutdown, |_| async {}, handle).await
+}
+
+/// `pull`, with `admit` awaited for each message in the order they arrive, before
+/// its `handle` runs beside the others.
+async fn pull_with<A, AFut, F, Fut>(
+    broker: Broker,
+    queue: &'static str,
+    concurrency: usize,
+    shutdown: CancellationToken,
+    admit: A,
+    handle: F,
+) -> Result<(), WorkerError>
+where
+    A: Fn(&Message) -> AFut,
+    AFut: Future<Output = ()>,
     F: Fn(Message) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
@@ -100,6 +134,7 @@ where
                 None => break,
                 Some(Ok(message)) => {
                     let permit = permits.split(1).expect("one place per requested message");
+                    admit(&message).await;
                     let job = handle(message);
                     jobs.spawn(async move {
                         job.await;
