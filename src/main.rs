@@ -121,6 +121,11 @@ struct Common {
         global = true
     )]
     log: String,
+
+    /// Where `berth worker` and `berth scheduler` serve `GET /metrics` (Prometheus
+    /// text); none: not served. The API serves `/metrics` on its own address.
+    #[arg(long, env = "BERTH_METRICS_LISTEN", global = true)]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -190,6 +195,11 @@ async fn main() -> anyhow::Result<()> {
         concurrent_spawn_limit: cli.common.concurrent_spawn_limit.max(1),
         active_server_limit: cli.common.active_server_limit.max(1),
     };
+    if let (Some(address), Command::Worker(_) | Command::Scheduler(_)) =
+        (cli.common.metrics_listen, &cli.command)
+    {
+        serve_metrics(address, shutdown.clone()).await?;
+    }
     match cli.command {
         Command::Migrate => {
             schema::migrate(&pool).await?;
@@ -263,6 +273,34 @@ async fn serve_api(
     let (queue, _broker) = queue.open(&pool, shutdown.clone()).await?;
     let store = Arc::new(PgStore::new(pool, queue));
     api::run(config, store, listener, shutdown).await?;
+    Ok(())
+}
+
+/// `GET /metrics` for a worker or scheduler: this process's own counters.
+async fn serve_metrics(
+    address: std::net::SocketAddr,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(address)
+        .await
+        .with_context(|| format!("binding {address} for metrics"))?;
+    tracing::info!(address = %listener.local_addr()?, "metrics listening");
+    let handle = schema::telemetry::install();
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let handle = handle.clone();
+            async move { handle.render() }
+        }),
+    );
+    tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await;
+        if let Err(e) = served {
+            tracing::warn!(error = %e, "metrics endpoint stopped");
+        }
+    });
     Ok(())
 }
 

@@ -42,11 +42,11 @@ struct Registration {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Login {
+pub(crate) struct Login {
     /// A user name or an email address.
     #[serde(alias = "email", alias = "login")]
-    username: String,
-    password: String,
+    pub(crate) username: String,
+    pub(crate) password: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -121,6 +121,22 @@ async fn login(
     addr: ClientAddr,
     JsonBody(body): JsonBody<Login>,
 ) -> ApiResult<Json<Value>> {
+    let (token, user) = log_in(&state, &addr, body).await?;
+    Ok(Json(json!({
+        "access_token": token,
+        "token_type": "bearer",
+        "expires_in": state.config.token_ttl,
+        "user": UserView::new(&user, &[]),
+    })))
+}
+
+/// Checks a login (throttled, audited) and opens a session: the access token and
+/// the account. Shared by the API and the dashboard's login form.
+pub(crate) async fn log_in(
+    state: &AppState,
+    addr: &ClientAddr,
+    body: Login,
+) -> ApiResult<(String, schema::UserRow)> {
     let account_key = format!("login:{}", body.username.to_lowercase());
     let addr_key = format!("addr:{}", addr.0.as_deref().unwrap_or("unknown"));
     if let Some(wait) = state
@@ -157,7 +173,7 @@ async fn login(
                 .await?;
             state.accounts.record_failure(&addr_key, per_addr).await?;
             state
-                .audit(None, "login_failed", Some(&body.username), &addr, json!({}))
+                .audit(None, "login_failed", Some(&body.username), addr, json!({}))
                 .await;
             return Err(ApiError::InvalidCredentials(
                 "wrong user name or password".into(),
@@ -170,7 +186,7 @@ async fn login(
                 None,
                 "login_failed",
                 Some(&user.name),
-                &addr,
+                addr,
                 json!({ "reason": "deactivated" }),
             )
             .await;
@@ -190,16 +206,11 @@ async fn login(
             Some(&format!("user:{}", user.name)),
             "login_succeeded",
             Some(&user.name),
-            &addr,
+            addr,
             json!({}),
         )
         .await;
-    Ok(Json(json!({
-        "access_token": token,
-        "token_type": "bearer",
-        "expires_in": state.config.token_ttl,
-        "user": UserView::new(&user, &[]),
-    })))
+    Ok((token, user))
 }
 
 /// Revokes the session behind this token on every API process at once.

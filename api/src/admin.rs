@@ -146,36 +146,56 @@ async fn update_user(
     if new_role.is_none() && change.active.is_none() {
         return Err(ApiError::BadRequest("change \"role\" or \"active\"".into()));
     }
-    let actor = principal.actor();
+    let user = change_account(
+        &state,
+        &principal.actor(),
+        &addr,
+        &name,
+        new_role,
+        change.active,
+    )
+    .await?;
+    let servers = state.store.servers_of(&[user.id]).await?;
+    Ok(Json(UserView::new(&user, &servers)))
+}
+
+/// Promotes, demotes, (de)activates an account, audited; at least one change.
+/// Shared by the API and the dashboard.
+pub(crate) async fn change_account(
+    state: &AppState,
+    actor: &str,
+    addr: &ClientAddr,
+    name: &schema::UserName,
+    new_role: Option<Role>,
+    active: Option<bool>,
+) -> ApiResult<schema::UserRow> {
     let mut user = None;
     if let Some(new_role) = new_role {
-        let updated = state.accounts.set_role(&name, new_role).await?;
+        let updated = state.accounts.set_role(name, new_role).await?;
         state
             .audit(
-                Some(&actor),
+                Some(actor),
                 "role_changed",
                 Some(&updated.name),
-                &addr,
+                addr,
                 json!({ "role": updated.role }),
             )
             .await;
         user = Some(updated);
     }
-    if let Some(active) = change.active {
-        let updated = state.accounts.set_active(&name, active).await?;
+    if let Some(active) = active {
+        let updated = state.accounts.set_active(name, active).await?;
         let action = if active {
             "user_activated"
         } else {
             "user_deactivated"
         };
         state
-            .audit(Some(&actor), action, Some(&updated.name), &addr, json!({}))
+            .audit(Some(actor), action, Some(&updated.name), addr, json!({}))
             .await;
         user = Some(updated);
     }
-    let user = user.expect("one change was made");
-    let servers = state.store.servers_of(&[user.id]).await?;
-    Ok(Json(UserView::new(&user, &servers)))
+    user.ok_or_else(|| ApiError::BadRequest("change \"role\" or \"active\"".into()))
 }
 
 async fn delete_user(

@@ -122,6 +122,13 @@ impl FromRequestParts<AppState> for Principal {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let token = bearer(parts)?;
+        Principal::from_token(state, token).await
+    }
+}
+
+impl Principal {
+    /// Who a bearer token (or the dashboard's session cookie) belongs to.
+    pub async fn from_token(state: &AppState, token: &str) -> Result<Self, ApiError> {
         if let Some(admin) = &state.config.admin_token
             && same_secret(token, admin)
         {

@@ -88,6 +88,15 @@ pub struct ApiConfig {
     #[arg(long, env = "BERTH_MAX_BODY_BYTES", default_value_t = 64 * 1024)]
     pub max_body_bytes: usize,
 
+    /// A bearer token `GET /metrics` asks for; none: metrics are open (they hold
+    /// counts only, no names).
+    #[arg(long, env = "BERTH_METRICS_TOKEN")]
+    pub metrics_token: Option<String>,
+
+    /// Mark the dashboard's session cookie `Secure` (behind HTTPS).
+    #[arg(long, env = "BERTH_SECURE_COOKIES", default_value_t = false, action = ArgAction::Set)]
+    pub secure_cookies: bool,
+
     /// Platform limits as configured (set by the CLI from the shared flags).
     #[arg(skip = schema::Limits { concurrent_spawn_limit: 10, active_server_limit: 50 })]
     pub limits: schema::Limits,

@@ -1,23 +1,34 @@
-//! `/api/v1/jobs/{id}`: a job's kind, state, attempts, timings and last error.
+//! `/api/v1/jobs/{id}`: a job's kind, state, attempts, timings and last error; and
+//! an admin's retry (of a failed or cancelled job) and cancel (of a waiting one).
 
 use axum::{
     Json, Router,
     extract::{Path, State, rejection::PathRejection},
-    routing::get,
+    http::StatusCode,
+    routing::{get, post},
 };
+use serde_json::json;
 use uuid::Uuid;
 
-use schema::UserName;
+use schema::{JobKind, JobRow, ServerName, SpawnOutcome, SpawnRequest, StopOutcome, UserName};
 
 use crate::{
     AppState,
-    auth::Principal,
+    auth::{ClientAddr, Principal},
     error::{ApiError, ApiResult},
     views::JobView,
 };
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/jobs/{id}", get(show))
+    Router::new()
+        .route("/jobs/{id}", get(show))
+        .route("/jobs/{id}/retry", post(retry))
+        .route("/jobs/{id}/cancel", post(cancel))
+}
+
+fn job_id(path: Result<Path<String>, PathRejection>) -> ApiResult<Uuid> {
+    let Path(raw) = path?;
+    Uuid::parse_str(&raw).map_err(|_| ApiError::BadRequest(format!("{raw:?} is not a job id")))
 }
 
 /// A user sees the jobs about their own servers; services need `servers:read`.
@@ -26,14 +37,8 @@ async fn show(
     principal: Principal,
     path: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Json<JobView>> {
-    let Path(raw) = path?;
-    let id = Uuid::parse_str(&raw)
-        .map_err(|_| ApiError::BadRequest(format!("{raw:?} is not a job id")))?;
-    let job = state
-        .store
-        .get_job(id)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("no job {id}")))?;
+    let id = job_id(path)?;
+    let job = find(&state, id).await?;
     if job.user_name == schema::jobs::SYSTEM_USER {
         // The scheduler's jobs are about the platform, not a user.
         principal.require("admin")?;
@@ -42,4 +47,142 @@ async fn show(
         principal.may("servers:read", &owner)?;
     }
     Ok(Json(job.into()))
+}
+
+async fn retry(
+    State(state): State<AppState>,
+    principal: Principal,
+    addr: ClientAddr,
+    path: Result<Path<String>, PathRejection>,
+) -> ApiResult<(StatusCode, Json<JobView>)> {
+    principal.require("admin")?;
+    let job = retry_job(&state, &principal.actor(), &addr, job_id(path)?).await?;
+    Ok((StatusCode::ACCEPTED, Json(job.into())))
+}
+
+async fn cancel(
+    State(state): State<AppState>,
+    principal: Principal,
+    addr: ClientAddr,
+    path: Result<Path<String>, PathRejection>,
+) -> ApiResult<Json<JobView>> {
+    principal.require("admin")?;
+    let job = cancel_job(&state, &principal.actor(), &addr, job_id(path)?).await?;
+    Ok(Json(job.into()))
+}
+
+async fn find(state: &AppState, id: Uuid) -> ApiResult<JobRow> {
+    state
+        .store
+        .get_job(id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no job {id}")))
+}
+
+/// Cancels a job that has not started (see `Console::cancel_job`), audited.
+pub(crate) async fn cancel_job(
+    state: &AppState,
+    actor: &str,
+    addr: &ClientAddr,
+    id: Uuid,
+) -> ApiResult<JobRow> {
+    let job = state.console.cancel_job(id, actor).await?;
+    state
+        .audit(
+            Some(actor),
+            "job_cancelled",
+            Some(&id.to_string()),
+            addr,
+            json!({ "kind": job.kind }),
+        )
+        .await;
+    Ok(job)
+}
+
+/// Retries a failed or cancelled job as a new job that names it: a spawn or stop
+/// is requested again through the same checks as a user's request (limits, the
+/// server's state), a user's removal likewise, a scheduled job runs again with its
+/// payload. The new job.
+pub(crate) async fn retry_job(
+    state: &AppState,
+    actor: &str,
+    addr: &ClientAddr,
+    id: Uuid,
+) -> ApiResult<JobRow> {
+    let job = find(state, id).await?;
+    if job.state != "failed" && job.state != "cancelled" {
+        return Err(ApiError::Conflict(format!(
+            "the job is {}; only a failed or cancelled job can be retried",
+            job.state
+        )));
+    }
+    let moved_on =
+        |what: &str| ApiError::Conflict(format!("the server is {what} now; nothing to retry"));
+    let new_id = match job.kind() {
+        Some(JobKind::Spawn) => {
+            let (user, server) = names(&job)?;
+            let image = state
+                .store
+                .get_server(&user, &server)
+                .await?
+                .and_then(|s| s.image);
+            let limit = state.config.max_servers_per_user;
+            match state
+                .store
+                .request_spawn(SpawnRequest {
+                    user,
+                    server,
+                    image,
+                    max_servers_per_user: (limit > 0).then_some(limit),
+                    active_server_limit: state.config.limits.active_server_limit,
+                })
+                .await?
+            {
+                SpawnOutcome::Enqueued(row) => row.spawn_job_id,
+                SpawnOutcome::AlreadyPending(_) => return Err(moved_on("starting")),
+                SpawnOutcome::AlreadyRunning(_) => return Err(moved_on("running")),
+            }
+        }
+        Some(JobKind::Stop) => {
+            let (user, server) = names(&job)?;
+            match state.store.request_stop(&user, &server).await? {
+                StopOutcome::Enqueued(row) => row.stop_job_id,
+                StopOutcome::AlreadyStopping(_) => return Err(moved_on("stopping")),
+                StopOutcome::NotRunning(row) => return Err(moved_on(&row.state)),
+            }
+        }
+        Some(JobKind::Cleanup) => {
+            let user = UserName::parse(&job.user_name)?;
+            let removal = state.store.request_user_removal(&user).await?;
+            Some(removal.id).filter(|new| *new != job.id)
+        }
+        Some(_) => Some(state.console.repeat_job(&job).await?.id),
+        None => {
+            return Err(ApiError::Conflict(format!(
+                "unknown job kind {:?}",
+                job.kind
+            )));
+        }
+    };
+    let new_id = new_id.ok_or_else(|| ApiError::Conflict("nothing was enqueued".into()))?;
+    state.console.link_retry(new_id, job.id).await?;
+    state
+        .audit(
+            Some(actor),
+            "job_retried",
+            Some(&id.to_string()),
+            addr,
+            json!({ "kind": job.kind, "retry": new_id }),
+        )
+        .await;
+    find(state, new_id).await
+}
+
+fn names(job: &JobRow) -> ApiResult<(UserName, ServerName)> {
+    let user = UserName::parse(&job.user_name)?;
+    let server = match job.server_name.as_deref() {
+        None | Some("") => ServerName::default_server(),
+        Some(name) => ServerName::parse(name)?,
+    };
+    Ok((user, server))
 }

@@ -7,11 +7,14 @@ pub mod admin;
 pub mod auth;
 pub mod body;
 pub mod config;
+pub mod dashboard;
 pub mod error;
 pub mod health;
 pub mod jobs;
+pub mod metrics;
 pub mod passwords;
 pub mod platform;
+pub mod progress;
 pub mod servers;
 pub mod tokens;
 pub mod users;
@@ -28,7 +31,9 @@ use axum::{
     extract::DefaultBodyLimit,
     http::{HeaderValue, Method, StatusCode, header},
 };
-use schema::{Accounts, Maintenance, Platform, Store, StoreError, UserName, accounts::AuditEvent};
+use schema::{
+    Accounts, Console, Maintenance, Platform, Store, StoreError, UserName, accounts::AuditEvent,
+};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower_http::{
@@ -46,12 +51,16 @@ use tokens::JwtKeys;
 #[derive(Clone)]
 pub struct AppState {
     pub store: Arc<dyn Store>,
+    pub console: Arc<dyn Console>,
     pub accounts: Arc<dyn Accounts>,
     pub platform: Arc<dyn Platform>,
     pub maintenance: Arc<dyn Maintenance>,
     pub keys: Arc<JwtKeys>,
     pub config: Arc<ApiConfig>,
     pub started: Instant,
+    /// Job ids with new spawn progress, heard from the database.
+    pub progress: tokio::sync::broadcast::Sender<uuid::Uuid>,
+    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
 }
 
 impl AppState {
@@ -98,7 +107,9 @@ pub fn router(state: AppState) -> Router {
         .merge(servers::router())
         .merge(jobs::router())
         .merge(platform::router())
-        .merge(activity::router());
+        .merge(activity::router())
+        .merge(progress::router())
+        .route_layer(axum::middleware::from_fn(metrics::track));
     let security_headers = [
         (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
         (header::X_FRAME_OPTIONS, "DENY"),
@@ -111,7 +122,12 @@ pub fn router(state: AppState) -> Router {
     ];
     let mut app = Router::new()
         .nest("/api/v1", api)
-        .merge(health::router())
+        .merge(
+            health::router()
+                .merge(metrics::router())
+                .route_layer(axum::middleware::from_fn(metrics::track)),
+        )
+        .nest("/admin", dashboard::router())
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|| async {
             ApiError::BadRequest("method not allowed on this route".into())
@@ -155,7 +171,7 @@ pub async fn run<S>(
     shutdown: CancellationToken,
 ) -> Result<(), StartError>
 where
-    S: Store + Accounts + Platform + Maintenance,
+    S: Store + Accounts + Platform + Maintenance + Console,
 {
     config.validate().map_err(StartError::Config)?;
     let keys = match &config.jwt_private_key {
@@ -181,14 +197,24 @@ where
     store
         .ensure_admission_places(limits.active_server_limit)
         .await?;
+    let (progress, _) = tokio::sync::broadcast::channel(1024);
+    tokio::spawn({
+        let store = store.clone();
+        let progress = progress.clone();
+        let shutdown = shutdown.clone();
+        async move { store.relay_progress(progress, shutdown).await }
+    });
     let state = AppState {
         store: store.clone(),
+        console: store.clone(),
         accounts: store.clone(),
         platform: store.clone(),
         maintenance: store,
         keys: Arc::new(keys),
         config: Arc::new(config),
         started: Instant::now(),
+        progress,
+        metrics: schema::telemetry::install(),
     };
     tracing::info!(address = %listener.local_addr()?, "api listening");
     axum::serve(

@@ -116,12 +116,11 @@ async fn workers(State(state): State<AppState>, principal: Principal) -> ApiResu
         .await?
         .into_iter()
         .map(|w| {
-            let silent = (now - w.last_seen).num_seconds();
             json!({
                 "name": w.name, "host": w.host, "pid": w.pid, "backend": w.backend, "version": w.version,
                 "started": w.started_at, "last_seen": w.last_seen, "jobs_in_flight": w.jobs_in_flight,
                 "stopped": w.stopped_at,
-                "alive": w.stopped_at.is_none() && silent < 60,
+                "alive": crate::metrics::worker_alive(&w, now),
             })
         })
         .collect();

@@ -111,6 +111,9 @@ pub struct JobView {
     /// What a maintenance job did.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub result: Option<serde_json::Value>,
+    /// The job this one retries.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_of: Option<Uuid>,
 }
 
 impl From<JobRow> for JobView {
@@ -128,6 +131,7 @@ impl From<JobRow> for JobView {
             last_error: j.last_error,
             worker: j.worker,
             result: j.result,
+            retry_of: j.retry_of,
         }
     }
 }

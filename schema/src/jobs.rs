@@ -116,6 +116,8 @@ pub struct JobRow {
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
     pub result: Option<serde_json::Value>,
+    /// The job this one retries (an operator's retry).
+    pub retry_of: Option<Uuid>,
 }
 
 impl JobRow {

@@ -2,6 +2,7 @@
 //! and the store and queue interfaces.
 
 pub mod accounts;
+pub mod console;
 pub mod jobs;
 pub mod maintenance;
 pub mod names;
@@ -9,6 +10,7 @@ pub mod nats;
 #[macro_use]
 pub mod pg;
 pub mod pg_accounts;
+mod pg_console;
 mod pg_locks;
 mod pg_maintenance;
 pub mod pg_platform;
@@ -16,8 +18,10 @@ pub mod platform;
 pub mod queue;
 pub mod rows;
 pub mod store;
+pub mod telemetry;
 
 pub use accounts::{Accounts, NewAccount, Role};
+pub use console::Console;
 pub use jobs::{JobEnvelope, JobKind, JobOutcome, JobRow, JobState};
 pub use maintenance::Maintenance;
 pub use names::{InvalidName, ServerName, UserName, container_name};

@@ -7,12 +7,15 @@ use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::{
+    console::ProgressStep,
     jobs::{CleanupJob, JobEnvelope, JobKind, JobOutcome, JobRow, ServerJob},
     names::{ServerName, UserName},
+    pg_console::insert_progress,
     pg_locks::{SERVER_LOCK_SPACE, SessionLock, lock_key},
     queue::Queue,
     rows::{ServerRow, ServerState, UserRow},
     store::{Running, ServerLock, SpawnOutcome, SpawnRequest, StopOutcome, Store, StoreError},
+    telemetry,
 };
 
 /// A static query over servers joined with their owner; `$tail` filters and orders.
@@ -70,6 +73,7 @@ impl PgStore {
         self.queue
             .enqueue(tx, &JobEnvelope { job_id: id, kind })
             .await?;
+        telemetry::job_enqueued(kind.as_str());
         Ok(job)
     }
 }
@@ -252,6 +256,12 @@ impl Store for PgStore {
         .bind(req.user.as_str())
         .fetch_one(&mut *tx)
         .await?;
+        insert_progress(
+            &mut tx,
+            job.id,
+            &ProgressStep::at(0, "server requested; waiting for a worker"),
+        )
+        .await?;
         tx.commit().await?;
         self.queue.flush().await;
         Ok(SpawnOutcome::Enqueued(server))
@@ -307,9 +317,13 @@ impl Store for PgStore {
         if let (Some(id), "deleting") = (row.cleanup_job_id, row.state.as_str()) {
             let job = sqlx::query_as::<_, JobRow>("select * from jobs where id = $1")
                 .bind(id)
-                .fetch_one(&mut *tx)
+                .fetch_optional(&mut *tx)
                 .await?;
-            return Ok(job);
+            // A removal still under way is the answer; one that failed (or was
+            // archived) is requested anew below.
+            if let Some(job) = job.filter(|j| j.state == "queued" || j.state == "running") {
+                return Ok(job);
+            }
         }
         let payload = serde_json::to_value(CleanupJob { user_id: row.id }).expect("serialises");
         let job = self
@@ -343,7 +357,7 @@ impl Store for PgStore {
     }
 
     async fn begin_job(&self, id: Uuid, worker: &str) -> Result<Option<JobRow>, StoreError> {
-        Ok(sqlx::query_as::<_, JobRow>(
+        let job = sqlx::query_as::<_, JobRow>(
             "update jobs set state = 'running', attempts = attempts + 1, worker = $2, \
              started_at = coalesce(started_at, now()) \
              where id = $1 and state in ('queued', 'running') returning *",
@@ -351,7 +365,11 @@ impl Store for PgStore {
         .bind(id)
         .bind(worker)
         .fetch_optional(&self.pool)
-        .await?)
+        .await?;
+        if let Some(job) = job.as_ref().filter(|j| j.attempts == 1) {
+            telemetry::job_started(&job.kind);
+        }
+        Ok(job)
     }
 
     async fn finish_job(&self, id: Uuid, outcome: &JobOutcome) -> Result<(), StoreError> {
@@ -366,17 +384,17 @@ impl Store for PgStore {
 
     async fn dead_letter(&self, id: Uuid, error: &str) -> Result<bool, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let ended = sqlx::query(
+        let Some(ended) = sqlx::query_as::<_, JobRow>(
             "update jobs set state = 'failed', last_error = $2, finished_at = now() \
-             where id = $1 and state in ('queued', 'running')",
+             where id = $1 and state in ('queued', 'running') returning *",
         )
         .bind(id)
         .bind(error)
-        .execute(&mut *tx)
-        .await?;
-        if ended.rows_affected() == 0 {
+        .fetch_optional(&mut *tx)
+        .await?
+        else {
             return Ok(false);
-        }
+        };
         // The server this job was to move on is stuck without it: it fails, keeping
         // the error, and the reconciler removes any container it has left.
         let servers: Vec<i64> = sqlx::query_scalar(
@@ -393,7 +411,11 @@ impl Store for PgStore {
         for server in servers {
             release_admission(&mut tx, server).await?;
         }
+        if ended.kind == JobKind::Spawn.as_str() {
+            insert_progress(&mut tx, id, &failed_step(error)).await?;
+        }
         tx.commit().await?;
+        count_end(&ended);
         Ok(true)
     }
 
@@ -427,7 +449,8 @@ impl Store for PgStore {
         let mut tx = self.pool.begin().await?;
         let done = sqlx::query(
             "update servers set state = 'running', container_id = $3, url = $4, token_hash = $5, \
-             started_at = now(), last_activity = now(), error = null, warning = null, warned_at = null, updated_at = now() \
+             started_at = now(), last_activity = now(), error = null, warning = null, warned_at = null, \
+             mem_limit = $6, cpu_limit = $7, updated_at = now() \
              where id = $1 and spawn_job_id = $2 and state = 'pending_spawn'",
         )
         .bind(r.server_id)
@@ -435,11 +458,21 @@ impl Store for PgStore {
         .bind(&r.container_id)
         .bind(&r.url)
         .bind(&r.token_hash)
+        .bind(r.mem_limit)
+        .bind(r.cpu_limit)
         .execute(&mut *tx)
         .await?;
         let done = done.rows_affected() == 1;
         if done {
             end_job(&mut tx, r.job_id, "succeeded", None).await?;
+            let ready = ProgressStep {
+                progress: 100,
+                message: format!("server ready at {}", r.url),
+                ready: true,
+                url: Some(r.url.clone()),
+                ..Default::default()
+            };
+            insert_progress(&mut tx, r.job_id, &ready).await?;
         }
         tx.commit().await?;
         Ok(done)
@@ -466,6 +499,7 @@ impl Store for PgStore {
         if done {
             end_job(&mut tx, job_id, "failed", Some(error)).await?;
             release_admission(&mut tx, server_id).await?;
+            insert_progress(&mut tx, job_id, &failed_step(error)).await?;
         }
         tx.commit().await?;
         Ok(done)
@@ -567,14 +601,38 @@ async fn end_job(
     state: &str,
     error: Option<&str>,
 ) -> Result<(), StoreError> {
-    sqlx::query(
+    let ended = sqlx::query_as::<_, JobRow>(
         "update jobs set state = $2, last_error = coalesce($3, last_error), finished_at = now() \
-         where id = $1 and state in ('queued', 'running')",
+         where id = $1 and state in ('queued', 'running') returning *",
     )
     .bind(id)
     .bind(state)
     .bind(error)
-    .execute(conn)
+    .fetch_optional(conn)
     .await?;
+    if let Some(job) = ended {
+        count_end(&job);
+    }
     Ok(())
+}
+
+/// Counts a job that has just reached its final state.
+pub(crate) fn count_end(job: &JobRow) {
+    telemetry::job_ended(
+        &job.kind,
+        &job.state,
+        job.created_at,
+        job.started_at,
+        job.finished_at.unwrap_or_else(chrono::Utc::now),
+    );
+}
+
+/// The last event of a spawn that failed.
+fn failed_step(error: &str) -> ProgressStep {
+    ProgressStep {
+        progress: 100,
+        message: format!("spawn failed: {error}"),
+        failed: true,
+        ..Default::default()
+    }
 }

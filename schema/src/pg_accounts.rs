@@ -92,14 +92,7 @@ impl Accounts for PgStore {
         offset: i64,
         limit: i64,
     ) -> Result<Page<UserRow>, StoreError> {
-        let pattern = search.map(|s| {
-            format!(
-                "%{}%",
-                s.replace('\\', "\\\\")
-                    .replace('%', "\\%")
-                    .replace('_', "\\_")
-            )
-        });
+        let pattern = search.map(like_pattern);
         let items = sqlx::query_as::<_, UserRow>(
             "select * from users where $1::text is null or name like $1 or email ilike $1 \
              order by name offset $2 limit $3",
@@ -389,4 +382,14 @@ impl Accounts for PgStore {
             .await?;
         Ok(Page { items, total })
     }
+}
+
+/// A `like` pattern that matches `part` anywhere, its wildcards taken literally.
+pub(crate) fn like_pattern(part: &str) -> String {
+    format!(
+        "%{}%",
+        part.replace('\\', "\\\\")
+            .replace('%', "\\%")
+            .replace('_', "\\_")
+    )
 }

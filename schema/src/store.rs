@@ -138,4 +138,7 @@ pub struct Running {
     pub container_id: String,
     pub url: String,
     pub token_hash: String,
+    /// The limits the container was started with: bytes of memory, CPUs.
+    pub mem_limit: i64,
+    pub cpu_limit: f32,
 }

@@ -9,7 +9,7 @@ use std::{
 };
 
 use schema::{
-    JobOutcome, JobRow, JobState, Limits, Maintenance, Platform, ServerName, ServerRow,
+    Console, JobOutcome, JobRow, JobState, Limits, Maintenance, Platform, ServerName, ServerRow,
     ServerState, Store, StoreError, UserName, jobs::ServerJob,
 };
 use tokio_util::sync::CancellationToken;
@@ -18,6 +18,7 @@ use crate::spawner::{SpawnError, Spawner};
 
 pub struct Context {
     pub store: Arc<dyn Store>,
+    pub console: Arc<dyn Console>,
     pub platform: Arc<dyn Platform>,
     pub maintenance: Arc<dyn Maintenance>,
     pub spawner: Arc<dyn Spawner>,
@@ -41,6 +42,7 @@ impl Context {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         store: Arc<dyn Store>,
+        console: Arc<dyn Console>,
         platform: Arc<dyn Platform>,
         maintenance: Arc<dyn Maintenance>,
         spawner: Arc<dyn Spawner>,
@@ -51,6 +53,7 @@ impl Context {
     ) -> Self {
         Self {
             store,
+            console,
             platform,
             maintenance,
             spawner,

@@ -26,7 +26,7 @@ use tokio::{
 
 use crate::{
     config::{DockerConfig, PullPolicy},
-    spawner::{ManagedContainer, SpawnError, SpawnSpec, Spawned, Spawner, StillWanted},
+    spawner::{ManagedContainer, Progress, SpawnError, SpawnSpec, Spawned, Spawner, StillWanted},
 };
 
 pub const LABEL_MANAGED: &str = "berth.managed";
@@ -297,6 +297,7 @@ impl DockerSpawner {
         name: &str,
         image: &str,
         network_id: &str,
+        progress: Progress<'_>,
     ) -> Result<ContainerCreateResponse, SpawnError> {
         let mut pulled = false;
         let mut replaced = false;
@@ -312,6 +313,7 @@ impl DockerSpawner {
             {
                 Ok(created) => return Ok(created),
                 Err(e) if is_status(&e, 404) && !pulled => {
+                    progress(30, format!("pulling image {image}"));
                     self.ensure_image(image).await?;
                     pulled = true;
                 }
@@ -330,9 +332,11 @@ impl DockerSpawner {
         spec: &SpawnSpec,
         name: &str,
         still_wanted: &StillWanted<'_>,
+        progress: Progress<'_>,
     ) -> Result<Spawned, SpawnError> {
         let image = spec.image.as_deref().unwrap_or(&self.config.image);
         if self.config.pull_policy == PullPolicy::Always {
+            progress(30, format!("pulling image {image}"));
             self.ensure_image(image).await?;
         }
         let network_id = self.ensure_network().await?;
@@ -347,7 +351,11 @@ impl DockerSpawner {
         };
         // Creating a volume that exists returns it unchanged.
         self.docker.create_volume(volume).await?;
-        let created = self.create(spec, name, image, &network_id).await?;
+        progress(40, format!("creating container {name} from {image}"));
+        let created = self
+            .create(spec, name, image, &network_id, progress)
+            .await?;
+        progress(60, format!("starting container {name}"));
         self.docker.start_container(&created.id, None).await?;
         let inspect = self.docker.inspect_container(&created.id, None).await?;
         let ip = inspect
@@ -359,10 +367,19 @@ impl DockerSpawner {
             .ok_or_else(|| {
                 SpawnError::Exited("the container has no address on the network".into())
             })?;
+        progress(
+            70,
+            format!(
+                "waiting for the server to answer on port {}",
+                self.config.server_port
+            ),
+        );
         self.wait_ready(&created.id, &ip, still_wanted).await?;
         Ok(Spawned {
             container_id: created.id,
             url: format!("http://{ip}:{}/", self.config.server_port),
+            mem_limit: self.config.mem_limit,
+            cpu_limit: self.config.cpu_limit,
         })
     }
 }
@@ -390,9 +407,10 @@ impl Spawner for DockerSpawner {
         &self,
         spec: &SpawnSpec,
         still_wanted: StillWanted<'_>,
+        progress: Progress<'_>,
     ) -> Result<Spawned, SpawnError> {
         let name = container_name(&spec.user, &spec.server);
-        let started = self.start(spec, &name, &still_wanted).await;
+        let started = self.start(spec, &name, &still_wanted, progress).await;
         if started.is_err() {
             // No half-started container outlives a failed spawn.
             if let Err(e) = self.remove_container(&name).await {

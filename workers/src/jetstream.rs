@@ -44,11 +44,18 @@ pub async fn consume(
             }
         }
     };
-    pull_with(broker, queue, concurrency, shutdown, admit, move |message| {
-        let ctx = ctx.clone();
-        let settings = settings.clone();
-        async move { handle(&ctx, message, settings.ack_wait, settings.max_deliver).await }
-    })
+    pull_with(
+        broker,
+        queue,
+        concurrency,
+        shutdown,
+        admit,
+        move |message| {
+            let ctx = ctx.clone();
+            let settings = settings.clone();
+            async move { handle(&ctx, message, settings.ack_wait, settings.max_deliver).await }
+        },
+    )
     .await
 }
 
@@ -172,8 +179,7 @@ async fn handle(ctx: &Context, message: Message, ack_wait: Duration, max_deliver
             return;
         }
     };
-    let span =
-        tracing::info_span!("job", id = %envelope.job_id, kind = envelope.kind.as_str(), delivered);
+    let span = tracing::info_span!("job", id = %envelope.job_id, kind = envelope.kind.as_str(), delivered, user = tracing::field::Empty, server = tracing::field::Empty);
     let message = Arc::new(message);
     // Signs of life three times per acknowledgement window: a long spawn (or one
     // waiting for a slot) is never handed to a second worker while this one lives.

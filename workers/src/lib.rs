@@ -82,6 +82,7 @@ pub async fn run(
         store.clone(),
         store.clone(),
         store.clone(),
+        store.clone(),
         Arc::new(spawner),
         worker_name.clone(),
         config.limits,
@@ -321,7 +322,13 @@ async fn handle(
     attempt: Attempt,
 ) -> Result<(), BoxDynError> {
     // Every log line about the job carries its id and kind.
-    let span = tracing::info_span!("job", id = %envelope.job_id, kind = envelope.kind.as_str());
+    let span = tracing::info_span!(
+        "job",
+        id = %envelope.job_id,
+        kind = envelope.kind.as_str(),
+        user = tracing::field::Empty,
+        server = tracing::field::Empty
+    );
     match run_job(envelope, &ctx).instrument(span).await {
         Ok(()) => Ok(()),
         // apalis counts deliveries from 0: this was the last one it makes.
@@ -344,6 +351,12 @@ pub(crate) async fn run_job(envelope: JobEnvelope, ctx: &Context) -> Result<(), 
         tracing::debug!(job = %job_id, "job already ended; duplicate delivery ignored");
         return Ok(());
     };
+    // The job's span (opened by the backend's handler) names its user and server.
+    let span = tracing::Span::current();
+    span.record("user", job.user_name.as_str());
+    if let Some(server) = &job.server_name {
+        span.record("server", server.as_str());
+    }
     ctx.in_flight.fetch_add(1, Ordering::Relaxed);
     let result = match envelope.kind {
         JobKind::Spawn => spawn::run(ctx, &job).await,

@@ -4,7 +4,9 @@
 use std::time::Duration;
 
 use rand::RngCore;
-use schema::{JobOutcome, JobRow, Running, ServerState, platform::SlotAnswer};
+use schema::{
+    JobOutcome, JobRow, Running, ServerState, console::ProgressStep, platform::SlotAnswer,
+};
 use sha2::{Digest, Sha256};
 
 use crate::{
@@ -26,6 +28,7 @@ pub async fn run(ctx: &Context, job: &JobRow) -> Result<(), HandlerError> {
     // Over the concurrent-spawn limit a spawn waits here, neither failed nor counted
     // as an attempt, and takes the first slot that frees once no older spawn waits.
     let delivery = uuid::Uuid::new_v4();
+    let mut told_waiting = false;
     let slot = loop {
         // A job already `running` was begun under the server's lock: either its
         // worker still holds that lock (this is a second delivery: come back later
@@ -60,6 +63,14 @@ pub async fn run(ctx: &Context, job: &JobRow) -> Result<(), HandlerError> {
             .await?
         {
             SlotAnswer::Granted(slot) => break slot,
+            SlotAnswer::Wait if !told_waiting => {
+                told_waiting = true;
+                let step = ProgressStep::at(
+                    10,
+                    format!("waiting for a free spawn slot ({limit} spawns run at once)"),
+                );
+                ctx.console.record_progress(job.id, &step).await?;
+            }
             SlotAnswer::Wait => {}
             SlotAnswer::Duplicate => {
                 // Another delivery waits for this job: come back later, in case it dies.
@@ -106,6 +117,9 @@ async fn spawn(ctx: &Context, job: &JobRow, claimed: Claimed) -> HandlerResult {
             .await?;
         return Ok(JobOutcome::Failed(message));
     }
+    ctx.console
+        .record_progress(job.id, &ProgressStep::at(20, "spawn slot taken; starting"))
+        .await?;
     let token = new_token();
     let spec = SpawnSpec {
         server_id,
@@ -114,6 +128,23 @@ async fn spawn(ctx: &Context, job: &JobRow, claimed: Claimed) -> HandlerResult {
         server: server_name.clone(),
         image: server.image.clone(),
         token: token.clone(),
+    };
+    // Steps go out in order through one writer; it drains before the outcome is recorded.
+    let (steps, mut written) = tokio::sync::mpsc::unbounded_channel::<(i16, String)>();
+    let writer = {
+        let console = ctx.console.clone();
+        let job_id = job.id;
+        tokio::spawn(async move {
+            while let Some((progress, message)) = written.recv().await {
+                let step = ProgressStep::at(progress, message);
+                if let Err(e) = console.record_progress(job_id, &step).await {
+                    tracing::warn!(job = %job_id, error = %e, "could not record spawn progress");
+                }
+            }
+        })
+    };
+    let report = move |progress: i16, message: String| {
+        let _ = steps.send((progress, message));
     };
     let attempt = || {
         let store = ctx.store.clone();
@@ -132,9 +163,12 @@ async fn spawn(ctx: &Context, job: &JobRow, claimed: Claimed) -> HandlerResult {
                 }
             })
         });
-        ctx.spawner.spawn(&spec, still_wanted)
+        ctx.spawner.spawn(&spec, still_wanted, &report)
     };
-    match ctx.with_retries(job, attempt).await? {
+    let result = ctx.with_retries(job, attempt).await;
+    drop(report);
+    let _ = writer.await;
+    match result? {
         Ok(spawned) => {
             let running = Running {
                 server_id,
@@ -142,6 +176,8 @@ async fn spawn(ctx: &Context, job: &JobRow, claimed: Claimed) -> HandlerResult {
                 container_id: spawned.container_id,
                 url: spawned.url,
                 token_hash: hash_token(&token),
+                mem_limit: spawned.mem_limit,
+                cpu_limit: spawned.cpu_limit as f32,
             };
             if ctx.store.mark_running(&running).await? {
                 tracing::info!(user = %user, server = %server_name, "server running");

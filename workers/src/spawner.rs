@@ -21,6 +21,9 @@ pub struct SpawnSpec {
 pub struct Spawned {
     pub container_id: String,
     pub url: String,
+    /// Bytes of memory and CPUs the server may use.
+    pub mem_limit: i64,
+    pub cpu_limit: f64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +39,9 @@ pub enum SpawnError {
     #[error("container engine: {0}")]
     Engine(String),
 }
+
+/// Told each step of a spawn (a percentage and what happens); never blocks.
+pub type Progress<'a> = &'a (dyn Fn(i16, String) + Send + Sync);
 
 /// Asked while a spawn waits for readiness: is the server still wanted?
 pub type StillWanted<'a> =
@@ -68,6 +74,7 @@ pub trait Spawner: Send + Sync + 'static {
         &self,
         spec: &SpawnSpec,
         still_wanted: StillWanted<'_>,
+        progress: Progress<'_>,
     ) -> Result<Spawned, SpawnError>;
 
     /// Stops and removes the server's container; a missing one is not an error.

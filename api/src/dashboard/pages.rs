@@ -1,0 +1,505 @@
+//! The overview, servers, workers, schedules, users and the audit log.
+
+use std::collections::HashMap;
+
+use axum::{
+    Router,
+    body::Bytes,
+    extract::{Path, Query, State},
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use chrono::Utc;
+use maud::html;
+use schema::{Role, ServerName, StopOutcome, UserName, console::ServerFilter};
+use serde_json::{Value, json};
+
+use super::{
+    Form, Operator, back, badge, layout, page_error, page_of, pager, rows_or_page, say, snapshot,
+    when,
+};
+use crate::{AppState, auth::ClientAddr, error::ApiError};
+
+const PER_PAGE: i64 = 50;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/servers", get(servers))
+        .route("/servers/stop", post(stop_server))
+        .route("/servers/stop-idle", post(stop_idle))
+        .route("/workers", get(workers))
+        .route("/schedules", get(schedules))
+        .route("/schedules/{name}/run", post(run_schedule))
+        .route("/users", get(users))
+        .route("/users/{name}", post(change_user))
+        .route("/audit", get(audit))
+}
+
+fn failure(e: impl Into<ApiError>) -> Response {
+    e.into().into_response()
+}
+
+pub async fn overview(
+    State(state): State<AppState>,
+    operator: Operator,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    let snap = match snapshot(&state).await {
+        Ok(s) => s,
+        Err(e) => return failure(e),
+    };
+    let n = |v: &Value| v.as_i64().unwrap_or(0);
+    let states = ["queued", "running", "succeeded", "failed", "cancelled"];
+    let queues = [schema::jobs::SPAWN_QUEUE, schema::jobs::CONTROL_QUEUE];
+    layout("Overview", &operator, &query, html! {
+        section.cards {
+            div.card { h2 { "Spawn slots" } p.big { span data-stat="spawn_slots.in_use" { (n(&snap["spawn_slots"]["in_use"])) } " of " span data-stat="spawn_slots.limit" { (n(&snap["spawn_slots"]["limit"])) } } p.muted { span data-stat="waiting_spawns" { (n(&snap["waiting_spawns"])) } " spawns waiting" } }
+            div.card { h2 { "Active servers" } p.big { span data-stat="active_servers.count" { (n(&snap["active_servers"]["count"])) } " of " span data-stat="active_servers.limit" { (n(&snap["active_servers"]["limit"])) } } p.muted { span data-stat="servers.running" { (n(&snap["servers"]["running"])) } " running" } }
+            div.card { h2 { "Workers alive" } p.big data-stat="workers_alive" { (n(&snap["workers_alive"])) } p.muted { a href="/admin/workers" { "see workers" } } }
+            div.card { h2 { "Failures, last hour" } p.big data-stat="failures_last_hour" { (n(&snap["failures_last_hour"])) } p.muted { a href="/admin/jobs?state=failed" { "see failed jobs" } } }
+        }
+        h2 { "Jobs by queue and state" }
+        table #queues {
+            thead { tr { th { "Queue" } @for s in states { th { (s) } } } }
+            tbody {
+                @for q in queues {
+                    tr { th { (q) } @for s in states { td data-stat=(format!("queues.{q}.{s}")) { (n(&snap["queues"][q][s])) } } }
+                }
+            }
+        }
+    })
+    .into_response()
+}
+
+async fn servers(
+    State(state): State<AppState>,
+    operator: Operator,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    let page = match page_of(&query) {
+        Ok(p) => p,
+        Err(message) => return page_error(StatusCode::BAD_REQUEST, "Bad page", &message),
+    };
+    let filter = ServerFilter {
+        state: query.get("state").filter(|s| !s.is_empty()).cloned(),
+        user: query.get("user").filter(|s| !s.is_empty()).cloned(),
+    };
+    if let Some(s) = &filter.state
+        && schema::ServerState::parse(s).is_none()
+    {
+        return page_error(
+            StatusCode::BAD_REQUEST,
+            "Bad filter",
+            &format!("{s:?} is not a server state"),
+        );
+    }
+    let listing = match state
+        .console
+        .servers_page(&filter, (page - 1) * PER_PAGE, PER_PAGE)
+        .await
+    {
+        Ok(l) => l,
+        Err(e) => return failure(e),
+    };
+    let rows = html! {
+        @for l in &listing.items {
+            @let s = &l.server;
+            tr data-server=(format!("{}/{}", s.user_name, s.name)) {
+                td { (s.user_name) }
+                td { @if s.name.is_empty() { span.muted { "(default)" } } @else { (s.name) } }
+                td.state { (badge(&s.state)) }
+                td { (when(s.started_at)) }
+                td { (when(s.last_activity)) }
+                td { code { (s.container_id.as_deref().map_or("—", |c| &c[..c.len().min(12)])) } }
+                td { (s.image.as_deref().unwrap_or("default")) }
+                td { @match (l.mem_limit, l.cpu_limit) { (Some(m), Some(c)) => { (format!("{} MiB, {c} CPU", m / (1 << 20))) }, _ => { "—" } } }
+                td.error { (s.warning.as_deref().or(s.error.as_deref()).unwrap_or("")) }
+                td {
+                    @if matches!(s.state.as_str(), "running" | "pending_spawn") {
+                        form method="post" action="/admin/servers/stop" {
+                            input type="hidden" name="user" value=(s.user_name);
+                            input type="hidden" name="server" value=(s.name);
+                            button type="submit" { "Stop" }
+                        }
+                    }
+                }
+            }
+        }
+    };
+    let value = |k: &str| query.get(k).cloned().unwrap_or_default();
+    rows_or_page(&query, rows, |rows| {
+        layout(
+            "Servers",
+            &operator,
+            &query,
+            html! {
+                form.filters method="get" action="/admin/servers" {
+                    label { "State" select name="state" { option value="" { "any" } @for st in ["pending_spawn", "running", "pending_stop", "stopped", "failed"] { option value=(st) selected[value("state") == st] { (st) } } } }
+                    label { "User" input name="user" value=(value("user")) size="14"; }
+                    button type="submit" { "Filter" }
+                }
+                form.actions method="post" action="/admin/servers/stop-idle" data-confirm="Stop every server idle that long?" {
+                    label { "Stop every server idle for more than " input name="minutes" type="number" min="1" value="60" size="5"; " minutes" }
+                    button type="submit" { "Stop idle servers" }
+                }
+                table {
+                    thead { tr { th { "Owner" } th { "Server" } th { "State" } th { "Started" } th { "Last activity" } th { "Container" } th { "Image" } th { "Limits" } th { "Note" } th {} } }
+                    tbody data-live { (rows) }
+                }
+                (pager("/admin/servers", &query, page, PER_PAGE, listing.total))
+            },
+        )
+    })
+}
+
+async fn stop_server(
+    State(state): State<AppState>,
+    operator: Operator,
+    addr: ClientAddr,
+    body: Bytes,
+) -> Response {
+    let form = match Form::parse(&body) {
+        Ok(f) => f,
+        Err(bad) => return bad.into_response(),
+    };
+    let names = UserName::parse(form.get("user").unwrap_or_default()).and_then(|u| {
+        let server = match form.get("server") {
+            None => ServerName::default_server(),
+            Some(name) => ServerName::parse(name)?,
+        };
+        Ok((u, server))
+    });
+    let (user, server) = match names {
+        Ok(n) => n,
+        Err(e) => return back("/admin/servers", Err(e.to_string())),
+    };
+    match state.store.request_stop(&user, &server).await {
+        Ok(outcome) => {
+            let text = match outcome {
+                StopOutcome::Enqueued(row) => {
+                    state
+                        .audit(
+                            Some(&operator.actor()),
+                            "server_stopped",
+                            Some(&format!("{user}/{server}")),
+                            &addr,
+                            json!({ "job_id": row.stop_job_id }),
+                        )
+                        .await;
+                    format!("Stopping {user}'s server {:?}", server.as_str())
+                }
+                StopOutcome::AlreadyStopping(_) => "That server is stopping already".into(),
+                StopOutcome::NotRunning(row) => format!("That server is {} already", row.state),
+            };
+            back("/admin/servers", Ok(text))
+        }
+        Err(e) => back("/admin/servers", Err(say(e.into()))),
+    }
+}
+
+async fn stop_idle(
+    State(state): State<AppState>,
+    operator: Operator,
+    addr: ClientAddr,
+    body: Bytes,
+) -> Response {
+    let form = match Form::parse(&body) {
+        Ok(f) => f,
+        Err(bad) => return bad.into_response(),
+    };
+    let Some(minutes) = form
+        .get("minutes")
+        .and_then(|m| m.parse::<i64>().ok())
+        .filter(|m| (1..=525_600).contains(m))
+    else {
+        return back(
+            "/admin/servers",
+            Err("give the idle time in whole minutes, at least 1".into()),
+        );
+    };
+    let before = Utc::now() - chrono::Duration::minutes(minutes);
+    let idle = match state.maintenance.idle_servers(before, false).await {
+        Ok(idle) => idle,
+        Err(e) => return back("/admin/servers", Err(say(e.into()))),
+    };
+    let mut stopped = 0;
+    for server in &idle {
+        let Ok((user, name)) = UserName::parse(&server.user_name).and_then(|u| {
+            Ok((
+                u,
+                if server.name.is_empty() {
+                    ServerName::default_server()
+                } else {
+                    ServerName::parse(&server.name)?
+                },
+            ))
+        }) else {
+            continue;
+        };
+        if let Ok(StopOutcome::Enqueued(_)) = state.store.request_stop(&user, &name).await {
+            stopped += 1;
+        }
+    }
+    state
+        .audit(
+            Some(&operator.actor()),
+            "idle_servers_stopped",
+            None,
+            &addr,
+            json!({ "idle_minutes": minutes, "stopped": stopped }),
+        )
+        .await;
+    back(
+        "/admin/servers",
+        Ok(format!(
+            "Stopping {stopped} servers idle for more than {minutes} minutes"
+        )),
+    )
+}
+
+async fn workers(
+    State(state): State<AppState>,
+    operator: Operator,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    let list = match state.platform.list_workers().await {
+        Ok(l) => l,
+        Err(e) => return failure(e),
+    };
+    let now = Utc::now();
+    let rows = html! {
+        @for w in &list {
+            tr {
+                td { (w.name) } td { (w.host) } td { (w.pid) } td { (w.backend) } td { (w.version) }
+                td { (when(Some(w.started_at))) } td { (when(Some(w.last_seen))) } td { (w.jobs_in_flight) }
+                td { @if crate::metrics::worker_alive(w, now) { (badge("alive")) } @else if w.stopped_at.is_some() { (badge("stopped")) } @else { (badge("silent")) } }
+            }
+        }
+    };
+    rows_or_page(&query, rows, |rows| {
+        layout(
+            "Workers",
+            &operator,
+            &query,
+            html! {
+                table {
+                    thead { tr { th { "Worker" } th { "Host" } th { "PID" } th { "Backend" } th { "Version" } th { "Started" } th { "Last heartbeat" } th { "Jobs in flight" } th { "State" } } }
+                    tbody data-live { (rows) }
+                }
+            },
+        )
+    })
+}
+
+async fn schedules(
+    State(state): State<AppState>,
+    operator: Operator,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    let list = match state.maintenance.schedules().await {
+        Ok(l) => l,
+        Err(e) => return failure(e),
+    };
+    let rows = html! {
+        @for s in &list {
+            tr {
+                td { (s.name) } td { code { (s.expression) } } td { (s.kind) }
+                td { (when(s.last_run_at)) }
+                td { @if let Some(st) = &s.last_state { @if let Some(id) = s.last_job_id { a href=(format!("/admin/jobs/{id}")) { (badge(st)) } } } }
+                td { @if let Some(r) = &s.last_result { code { (r.to_string()) } } @if let Some(e) = &s.last_error { span.error { (e) } } }
+                td { (when(s.next_run_at)) }
+                td { form method="post" action=(format!("/admin/schedules/{}/run", s.name)) { button type="submit" { "Run now" } } }
+            }
+        }
+    };
+    rows_or_page(&query, rows, |rows| {
+        layout(
+            "Schedules",
+            &operator,
+            &query,
+            html! {
+                @if list.is_empty() { p.muted { "No scheduler has registered its schedules yet: start " code { "berth scheduler" } "." } }
+                table {
+                    thead { tr { th { "Schedule" } th { "When" } th { "Job" } th { "Last run" } th { "State" } th { "Result" } th { "Next run" } th {} } }
+                    tbody data-live { (rows) }
+                }
+            },
+        )
+    })
+}
+
+async fn run_schedule(
+    State(state): State<AppState>,
+    operator: Operator,
+    addr: ClientAddr,
+    Path(name): Path<String>,
+) -> Response {
+    match state
+        .maintenance
+        .enqueue_tick(&name, Utc::now(), true)
+        .await
+    {
+        Ok(Some(job)) => {
+            state
+                .audit(
+                    Some(&operator.actor()),
+                    "schedule_run",
+                    Some(&name),
+                    &addr,
+                    json!({ "job_id": job }),
+                )
+                .await;
+            back(
+                "/admin/schedules",
+                Ok(format!("{name} enqueued as job {job}")),
+            )
+        }
+        Ok(None) => back("/admin/schedules", Err(format!("{name} was just run"))),
+        Err(e) => back("/admin/schedules", Err(say(e.into()))),
+    }
+}
+
+async fn users(
+    State(state): State<AppState>,
+    operator: Operator,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    let page = match page_of(&query) {
+        Ok(p) => p,
+        Err(message) => return page_error(StatusCode::BAD_REQUEST, "Bad page", &message),
+    };
+    let q = query.get("q").filter(|q| !q.is_empty()).cloned();
+    let list = match state
+        .accounts
+        .users_page(q.as_deref(), (page - 1) * PER_PAGE, PER_PAGE)
+        .await
+    {
+        Ok(l) => l,
+        Err(e) => return failure(e),
+    };
+    let rows = html! {
+        @for u in &list.items {
+            tr data-user=(u.name) {
+                td { (u.name) } td { (u.email.as_deref().unwrap_or("")) } td { (badge(&u.role)) }
+                td { @if u.active { (badge("active")) } @else { (badge("deactivated")) } }
+                td { (when(Some(u.created_at))) } td { (when(u.last_activity)) }
+                td.actions {
+                    form method="post" action=(format!("/admin/users/{}", u.name)) {
+                        @if u.is_admin() { button name="role" value="user" { "Make user" } } @else { button name="role" value="admin" { "Make admin" } }
+                        @if u.active { button name="active" value="false" data-confirm="Deactivate this account? Its sessions end." { "Deactivate" } } @else { button name="active" value="true" { "Activate" } }
+                    }
+                }
+            }
+        }
+    };
+    rows_or_page(&query, rows, |rows| {
+        layout(
+            "Users",
+            &operator,
+            &query,
+            html! {
+                form.filters method="get" action="/admin/users" {
+                    label { "Search" input name="q" value=(q.clone().unwrap_or_default()) placeholder="name or email"; }
+                    button type="submit" { "Search" }
+                }
+                table {
+                    thead { tr { th { "User" } th { "Email" } th { "Role" } th { "Account" } th { "Created" } th { "Last activity" } th {} } }
+                    tbody data-live { (rows) }
+                }
+                (pager("/admin/users", &query, page, PER_PAGE, list.total))
+            },
+        )
+    })
+}
+
+async fn change_user(
+    State(state): State<AppState>,
+    operator: Operator,
+    addr: ClientAddr,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Response {
+    let form = match Form::parse(&body) {
+        Ok(f) => f,
+        Err(bad) => return bad.into_response(),
+    };
+    let user = match UserName::parse(&name) {
+        Ok(u) => u,
+        Err(e) => return back("/admin/users", Err(e.to_string())),
+    };
+    let role = match form.get("role") {
+        None => None,
+        Some(r) => match Role::parse(r) {
+            Some(role) => Some(role),
+            None => {
+                return back(
+                    "/admin/users",
+                    Err(format!("{r:?} is neither user nor admin")),
+                );
+            }
+        },
+    };
+    let active = match form.get("active") {
+        None => None,
+        Some("true") => Some(true),
+        Some("false") => Some(false),
+        Some(other) => {
+            return back(
+                "/admin/users",
+                Err(format!("{other:?} is not true or false")),
+            );
+        }
+    };
+    match crate::admin::change_account(&state, &operator.actor(), &addr, &user, role, active).await
+    {
+        Ok(u) => back(
+            &format!("/admin/users?q={}", super::encode(&u.name)),
+            Ok(format!(
+                "{} is now {}, {}",
+                u.name,
+                u.role,
+                if u.active { "active" } else { "deactivated" }
+            )),
+        ),
+        Err(e) => back("/admin/users", Err(say(e))),
+    }
+}
+
+async fn audit(
+    State(state): State<AppState>,
+    operator: Operator,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    let page = match page_of(&query) {
+        Ok(p) => p,
+        Err(message) => return page_error(StatusCode::BAD_REQUEST, "Bad page", &message),
+    };
+    let list = match state
+        .accounts
+        .audit_page((page - 1) * PER_PAGE, PER_PAGE)
+        .await
+    {
+        Ok(l) => l,
+        Err(e) => return failure(e),
+    };
+    let rows = html! {
+        @for a in &list.items {
+            tr { td { (when(Some(a.at))) } td { (a.actor.as_deref().unwrap_or("—")) } td { (a.action) } td { (a.target.as_deref().unwrap_or("")) } td { (a.client_addr.as_deref().unwrap_or("")) } td { code { (a.detail.to_string()) } } }
+        }
+    };
+    rows_or_page(&query, rows, |rows| {
+        layout(
+            "Audit log",
+            &operator,
+            &query,
+            html! {
+                table {
+                    thead { tr { th { "When" } th { "Actor" } th { "Action" } th { "Target" } th { "Address" } th { "Detail" } } }
+                    tbody data-live { (rows) }
+                }
+                (pager("/admin/audit", &query, page, PER_PAGE, list.total))
+            },
+        )
+    })
+}

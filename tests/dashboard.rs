@@ -1,0 +1,534 @@
+//! Spawn progress (SSE), metrics, an operator's retry and cancel, and the dashboard
+//! in a real browser (Debian's chromium driven by chromedriver over WebDriver).
+
+mod common;
+
+use std::{process::Stdio, time::Duration};
+
+use common::{ADMIN_PASSWORD, ADMIN_USER, Backend, MISSING_IMAGE, TestEnv, wait_for};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+/// Reads a progress stream to its end: the events in order.
+async fn progress_events(env: &TestEnv, path: &str) -> Vec<Value> {
+    let response = env
+        .http()
+        .get(format!("{}{path}", env.base))
+        .bearer_auth(common::TOKEN)
+        .send()
+        .await
+        .expect("the stream answers");
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let mut response = response;
+    let (mut text, mut events) = (String::new(), vec![]);
+    let read = async {
+        while let Some(chunk) = response.chunk().await.expect("stream reads") {
+            text.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(end) = text.find("\n\n") {
+                let frame: String = text.drain(..end + 2).collect();
+                for line in frame.lines() {
+                    if let Some(data) = line.strip_prefix("data:") {
+                        events
+                            .push(serde_json::from_str::<Value>(data.trim()).expect("JSON events"));
+                    }
+                }
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), read)
+        .await
+        .expect("the stream ends once the spawn has ended");
+    events
+}
+
+async fn spawn_progress_streams_from_the_request_to_ready(backend: Backend) {
+    let mut env = TestEnv::on(backend).await;
+    // Over the spawn limit the first event says the spawn waits for a slot.
+    env.start_worker(&["--server-env", "BERTH_TEST_START_DELAY=1"]);
+    let user = env.user("prog");
+    env.create_user(&user).await;
+    let (status, body) = env
+        .call(Method::POST, &format!("/api/v1/users/{user}/server"), None)
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let events = progress_events(&env, &format!("/api/v1/users/{user}/server/progress")).await;
+    let last = events.last().expect("some events");
+    assert_eq!(last["ready"], true, "{events:?}");
+    assert_eq!(last["progress"], 100);
+    let server = env
+        .call(Method::GET, &format!("/api/v1/users/{user}/server"), None)
+        .await
+        .1;
+    assert_eq!(last["url"], server["url"], "{events:?}");
+    assert_eq!(events[0]["progress"], 0, "{events:?}");
+    let progress: Vec<i64> = events
+        .iter()
+        .map(|e| e["progress"].as_i64().unwrap())
+        .collect();
+    assert!(progress.windows(2).all(|w| w[0] <= w[1]), "{progress:?}");
+    let said = |what: &str| {
+        events
+            .iter()
+            .any(|e| e["message"].as_str().unwrap().contains(what))
+    };
+    assert!(said("creating container"), "{events:?}");
+    assert!(said("waiting for the server to answer"), "{events:?}");
+    assert!(
+        events.iter().all(|e| e.get("failed").is_none()),
+        "{events:?}"
+    );
+
+    // A stream opened on a running server answers at once that it is ready.
+    let again = progress_events(&env, &format!("/api/v1/users/{user}/server/progress")).await;
+    assert_eq!(again.len(), 1, "{again:?}");
+    assert_eq!(again[0]["ready"], true);
+
+    // A spawn that fails ends its stream with failed and the reason.
+    let named = format!("/api/v1/users/{user}/servers/broken");
+    let body = json!({ "image": MISSING_IMAGE }).to_string();
+    let (status, _) = env.call(Method::POST, &named, Some(&body)).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let events = progress_events(&env, &format!("{named}/progress")).await;
+    let last = events.last().unwrap();
+    assert_eq!(last["failed"], true, "{events:?}");
+    assert!(
+        last["message"]
+            .as_str()
+            .unwrap()
+            .contains("could not be pulled"),
+        "{last}"
+    );
+
+    // Someone else's progress is not theirs to read.
+    let bob = env.user("bob");
+    let token = env.register(&bob, "a long enough password").await;
+    let (status, body) = env
+        .call_with(
+            Method::GET,
+            &format!("/api/v1/users/{user}/server/progress"),
+            None,
+            Some(&token),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+}
+
+/// The value of one sample in Prometheus text, 0 when absent.
+fn sample(text: &str, name_and_labels: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name_and_labels) && l[name_and_labels.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+async fn metrics_text(env: &TestEnv) -> String {
+    let response = env
+        .http()
+        .get(format!("{}/metrics", env.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    response.text().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn metrics_counters_move_when_jobs_run() {
+    let mut env = TestEnv::start().await;
+    env.start_worker(&[]);
+    let before = metrics_text(&env).await;
+    let user = env.user("met");
+    env.create_user(&user).await;
+    let path = format!("/api/v1/users/{user}/server");
+    env.call(Method::POST, &path, None).await;
+    env.wait_server(&path, Duration::from_secs(30), |s| s["state"] == "running")
+        .await;
+    let after = metrics_text(&env).await;
+    let grew = |name: &str| sample(&after, name) - sample(&before, name);
+    assert_eq!(
+        grew("berth_jobs_enqueued_total{kind=\"spawn\"}"),
+        1.0,
+        "{after}"
+    );
+    assert_eq!(
+        grew("berth_jobs_started_total{kind=\"spawn\"}"),
+        1.0,
+        "{after}"
+    );
+    assert_eq!(
+        grew("berth_jobs_succeeded_total{kind=\"spawn\"}"),
+        1.0,
+        "{after}"
+    );
+    assert_eq!(
+        sample(&after, "berth_spawn_latency_seconds_count"),
+        1.0,
+        "{after}"
+    );
+    assert_eq!(sample(&after, "berth_active_servers"), 1.0, "{after}");
+    assert_eq!(sample(&after, "berth_active_server_limit"), 50.0);
+    assert_eq!(sample(&after, "berth_spawn_slot_limit"), 10.0);
+    assert_eq!(sample(&after, "berth_workers_alive"), 1.0, "{after}");
+    assert_eq!(
+        sample(&after, "berth_queue_depth{queue=\"berth.spawn\"}"),
+        0.0
+    );
+    assert!(
+        after.contains("berth_http_request_duration_seconds_count{method=\"POST\",route=\"/api/v1/users/{user}/server\",status=\"202\"} 1"),
+        "{after}"
+    );
+
+    env.call(Method::DELETE, &path, None).await;
+    env.wait_server(&path, Duration::from_secs(30), |s| s["state"] == "stopped")
+        .await;
+    let stopped = metrics_text(&env).await;
+    assert_eq!(
+        sample(&stopped, "berth_jobs_succeeded_total{kind=\"stop\"}"),
+        1.0,
+        "{stopped}"
+    );
+    assert_eq!(sample(&stopped, "berth_active_servers"), 0.0);
+}
+
+async fn an_admin_cancels_a_waiting_spawn_and_retries_it(backend: Backend) {
+    let mut env = TestEnv::on(backend).await;
+    let user = env.user("cx");
+    env.create_user(&user).await;
+    let path = format!("/api/v1/users/{user}/server");
+    // No worker yet: the spawn waits in the queue.
+    let (_, pending) = env.call(Method::POST, &path, None).await;
+    let job = pending["job_id"].as_str().unwrap().to_owned();
+    let (status, retried) = env
+        .call(Method::POST, &format!("/api/v1/jobs/{job}/retry"), None)
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::CONFLICT,
+        "a queued job is not retried: {retried}"
+    );
+    let (status, cancelled) = env
+        .call(Method::POST, &format!("/api/v1/jobs/{job}/cancel"), None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{cancelled}");
+    assert_eq!(cancelled["state"], "cancelled");
+    let (_, server) = env.call(Method::GET, &path, None).await;
+    assert_eq!(server["state"], "stopped", "{server}");
+    let (_, limits) = env.call(Method::GET, "/api/v1/admin/limits", None).await;
+    assert_eq!(
+        limits["usage"]["active_servers"], 0,
+        "the place was given back: {limits}"
+    );
+    let (status, again) = env
+        .call(Method::POST, &format!("/api/v1/jobs/{job}/cancel"), None)
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{again}");
+
+    // A worker that starts now finds the cancelled job and leaves it be; the retry runs.
+    env.start_worker(&[]);
+    let (status, retry) = env
+        .call(Method::POST, &format!("/api/v1/jobs/{job}/retry"), None)
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{retry}");
+    assert_eq!(retry["retry_of"], job.as_str());
+    let done = env
+        .wait_job(retry["id"].as_str().unwrap(), Duration::from_secs(30))
+        .await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let (_, old) = env
+        .call(Method::GET, &format!("/api/v1/jobs/{job}"), None)
+        .await;
+    assert_eq!(old["state"], "cancelled", "{old}");
+    assert_eq!(env.containers().len(), 1);
+
+    // Only admins retry and cancel.
+    let eve = env.user("eve");
+    let token = env.register(&eve, "a long enough password").await;
+    let (status, _) = env
+        .call_with(
+            Method::POST,
+            &format!("/api/v1/jobs/{job}/retry"),
+            None,
+            Some(&token),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+}
+
+on_both_backends!(
+    spawn_progress_streams_from_the_request_to_ready,
+    an_admin_cancels_a_waiting_spawn_and_retries_it
+);
+
+/// chromedriver on a free port, ended with the test.
+struct Driver(std::process::Child, String);
+
+impl Driver {
+    async fn start() -> Self {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let child = std::process::Command::new(
+            std::env::var("BERTH_TEST_CHROMEDRIVER").unwrap_or_else(|_| "chromedriver".into()),
+        )
+        .arg(format!("--port={port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("chromedriver runs (Debian's chromium-driver)");
+        let url = format!("http://127.0.0.1:{port}");
+        wait_for("chromedriver", Duration::from_secs(20), async || {
+            reqwest::get(format!("{url}/status")).await.is_ok()
+        })
+        .await;
+        Driver(child, url)
+    }
+
+    async fn browser(&self) -> fantoccini::Client {
+        let mut caps = serde_json::Map::new();
+        caps.insert(
+            "goog:chromeOptions".into(),
+            json!({ "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,1000"] }),
+        );
+        let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        fantoccini::ClientBuilder::new(connector)
+            .capabilities(caps)
+            .connect(&self.1)
+            .await
+            .expect("a browser session")
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn log_in(browser: &fantoccini::Client, base: &str, user: &str, password: &str) {
+    use fantoccini::Locator;
+    browser.goto(&format!("{base}/admin")).await.unwrap();
+    browser
+        .find(Locator::Id("username"))
+        .await
+        .unwrap()
+        .send_keys(user)
+        .await
+        .unwrap();
+    browser
+        .find(Locator::Id("password"))
+        .await
+        .unwrap()
+        .send_keys(password)
+        .await
+        .unwrap();
+    browser
+        .find(Locator::Id("login"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+}
+
+/// Waits until the page's text holds `what`, without reloading it.
+async fn see(browser: &fantoccini::Client, css: &str, what: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(45);
+    loop {
+        if let Ok(el) = browser.find(fantoccini::Locator::Css(css)).await
+            && el.text().await.is_ok_and(|t| t.contains(what))
+        {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the page never showed {what:?} in {css}: {}",
+            browser.source().await.unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_admin_watches_a_spawn_go_live_and_retries_a_failed_job_in_a_browser() {
+    use fantoccini::Locator;
+    let mut env = TestEnv::start().await;
+    env.start_worker(&[]);
+    let driver = Driver::start().await;
+    let browser = driver.browser().await;
+
+    log_in(&browser, &env.base, ADMIN_USER, ADMIN_PASSWORD).await;
+    see(&browser, "h1", "Overview").await;
+    see(&browser, "[data-stat='workers_alive']", "1").await;
+    let artefacts = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("artefacts");
+    std::fs::create_dir_all(&artefacts).unwrap();
+    let png = browser.screenshot().await.unwrap();
+    std::fs::write(artefacts.join("dashboard-overview.png"), &png).unwrap();
+    assert!(png.starts_with(b"\x89PNG"), "a PNG screenshot");
+
+    // The servers page, then a spawn from elsewhere: it appears and turns running
+    // without a reload (a marker set in the page survives).
+    browser
+        .goto(&format!("{}/admin/servers", env.base))
+        .await
+        .unwrap();
+    see(&browser, "h1", "Servers").await;
+    browser
+        .execute("window.berthMarker = 42; return null;", vec![])
+        .await
+        .unwrap();
+    let user = env.user("web");
+    env.create_user(&user).await;
+    env.call(Method::POST, &format!("/api/v1/users/{user}/server"), None)
+        .await;
+    let row = format!("tr[data-server='{user}/'] td.state");
+    see(&browser, &row, "running").await;
+    let marker = browser
+        .execute("return window.berthMarker;", vec![])
+        .await
+        .unwrap();
+    assert_eq!(marker, json!(42), "the page was not reloaded");
+
+    // A failed spawn, retried from its page.
+    let body = json!({ "image": MISSING_IMAGE }).to_string();
+    let (_, pending) = env
+        .call(
+            Method::POST,
+            &format!("/api/v1/users/{user}/servers/bad"),
+            Some(&body),
+        )
+        .await;
+    let job = pending["job_id"].as_str().unwrap().to_owned();
+    let failed = env.wait_job(&job, Duration::from_secs(30)).await;
+    assert_eq!(failed["state"], "failed");
+    browser
+        .goto(&format!("{}/admin/jobs?state=failed", env.base))
+        .await
+        .unwrap();
+    see(&browser, "tbody[data-live]", &job[..8]).await;
+    browser
+        .goto(&format!("{}/admin/jobs/{job}", env.base))
+        .await
+        .unwrap();
+    browser
+        .find(Locator::Id("retry"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    see(&browser, ".notice", "Retried as job").await;
+    let url = browser.current_url().await.unwrap();
+    let retry = url.path().rsplit('/').next().unwrap().to_owned();
+    assert_ne!(retry, job);
+    let (_, retried) = env
+        .call(Method::GET, &format!("/api/v1/jobs/{retry}"), None)
+        .await;
+    assert_eq!(retried["retry_of"], job.as_str(), "{retried}");
+    assert_eq!(retried["kind"], "spawn");
+
+    // Logging out ends the session: the dashboard asks for a login again.
+    browser
+        .find(Locator::Css("form.logout button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    see(&browser, "h1", "Berth operator dashboard").await;
+    browser
+        .goto(&format!("{}/admin/jobs", env.base))
+        .await
+        .unwrap();
+    see(&browser, "h1", "Berth operator dashboard").await;
+
+    // Someone who is not an admin logs in and is turned away.
+    let plain = env.user("plain");
+    env.register(&plain, "a long enough password").await;
+    log_in(&browser, &env.base, &plain, "a long enough password").await;
+    see(&browser, "h1", "Admins only").await;
+    browser.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_dashboard_turns_away_strangers_non_admins_and_other_sites() {
+    let env = TestEnv::start().await;
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let page = |path: &str, cookie: Option<&str>| {
+        let mut request = client.get(format!("{}{path}", env.base));
+        if let Some(c) = cookie {
+            request = request.header("cookie", format!("berth_session={c}"));
+        }
+        request.send()
+    };
+    let anonymous = page("/admin/jobs", None).await.unwrap();
+    assert_eq!(anonymous.status(), StatusCode::SEE_OTHER);
+    assert!(
+        anonymous.headers()["location"]
+            .to_str()
+            .unwrap()
+            .starts_with("/admin/login?next=")
+    );
+    let forged = page("/admin", Some("not-a-token")).await.unwrap();
+    assert_eq!(forged.status(), StatusCode::SEE_OTHER);
+
+    let user = env.user("nope");
+    let token = env.register(&user, "a long enough password").await;
+    let denied = page("/admin", Some(&token)).await.unwrap();
+    assert_eq!(denied.status(), StatusCode::FORBIDDEN);
+    assert!(denied.text().await.unwrap().contains("Admins only"));
+
+    let admin = env.login(ADMIN_USER, ADMIN_PASSWORD).await;
+    let ok = page("/admin/jobs?state=failed", Some(&admin))
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), StatusCode::OK);
+    let csp = ok.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(csp.contains("script-src 'self'"), "{csp}");
+    let bad_filter = page("/admin/jobs?state=exploded", Some(&admin))
+        .await
+        .unwrap();
+    assert_eq!(bad_filter.status(), StatusCode::BAD_REQUEST);
+
+    // An action posted from another site is refused even with the cookie.
+    let cross = client
+        .post(format!("{}/admin/servers/stop-idle", env.base))
+        .header("cookie", format!("berth_session={admin}"))
+        .header("origin", "http://evil.example")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("minutes=1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cross.status(), StatusCode::FORBIDDEN);
+    let audit = env
+        .count("select count(*) from audit_log where action = 'idle_servers_stopped'")
+        .await;
+    assert_eq!(audit, 0);
+    // A login form with wrong credentials says so and sets no cookie.
+    let wrong = client
+        .post(format!("{}/admin/login", env.base))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!(
+            "username={ADMIN_USER}&password=wrong&next=%2Fadmin"
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED);
+    assert!(wrong.headers().get("set-cookie").is_none());
+}
