@@ -37,8 +37,8 @@ if [[ -z "${BERTH_TEST_DATABASE_URL:-}" ]]; then
   for _ in $(seq 1 30); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 1; done
   pg_isready -h 127.0.0.1 -p 5432
   # Several worker processes per test, each with its own pool: room for them all.
-  if [[ "$(runuser -u postgres -- psql -tAc 'show max_connections')" -lt 400 ]]; then
-    runuser -u postgres -- psql -q -c "alter system set max_connections = 400"
+  if [[ "$(runuser -u postgres -- psql -tAc 'show max_connections')" -lt 600 ]]; then
+    runuser -u postgres -- psql -q -c "alter system set max_connections = 600"
     pg_ctlcluster "$version" main restart
     for _ in $(seq 1 30); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 1; done
   fi

@@ -44,8 +44,9 @@ struct Common {
     queue: QueueBackend,
 
     /// Most database connections this process opens; default 24 for the API and
-    /// 3 × the worker concurrency + 8 for a worker (a spawn holds a slot connection
-    /// and a server-lock connection, and needs a third for its queries).
+    /// 4 × the worker concurrency + 8 for a worker (a spawn holds a slot connection
+    /// and a server-lock connection, and needs two more for its queries and its
+    /// progress events).
     #[arg(long, env = "BERTH_DB_MAX_CONNECTIONS", global = true)]
     db_max_connections: Option<u32>,
 
@@ -307,7 +308,7 @@ async fn serve_metrics(
 const API_POOL_SIZE: u32 = 24;
 
 fn worker_pool_size(worker: &workers::WorkerConfig) -> u32 {
-    3 * worker.concurrency as u32 + 8
+    4 * worker.concurrency as u32 + 8
 }
 
 async fn connect(common: &Common, pool_size: u32) -> anyhow::Result<PgPool> {

@@ -69,7 +69,7 @@ pub async fn run(ctx: &Context, job: &JobRow) -> Result<(), HandlerError> {
                     10,
                     format!("waiting for a free spawn slot ({limit} spawns run at once)"),
                 );
-                ctx.console.record_progress(job.id, &step).await?;
+                note_progress(ctx, job, &step).await;
             }
             SlotAnswer::Wait => {}
             SlotAnswer::Duplicate => {
@@ -91,6 +91,14 @@ pub async fn run(ctx: &Context, job: &JobRow) -> Result<(), HandlerError> {
         with_claimed_server(ctx, job, ServerState::PendingSpawn, |c| spawn(ctx, job, c)).await;
     slot.release().await;
     result
+}
+
+/// Progress is for watching: a step that cannot be written is logged, and the
+/// spawn goes on (failing the delivery for it would run the spawn twice).
+async fn note_progress(ctx: &Context, job: &JobRow, step: &ProgressStep) {
+    if let Err(e) = ctx.console.record_progress(job.id, step).await {
+        tracing::warn!(job = %job.id, error = %e, "could not record spawn progress");
+    }
 }
 
 async fn still_wanted(ctx: &Context, job: &JobRow, server_id: i64) -> Result<bool, HandlerError> {
@@ -117,9 +125,12 @@ async fn spawn(ctx: &Context, job: &JobRow, claimed: Claimed) -> HandlerResult {
             .await?;
         return Ok(JobOutcome::Failed(message));
     }
-    ctx.console
-        .record_progress(job.id, &ProgressStep::at(20, "spawn slot taken; starting"))
-        .await?;
+    note_progress(
+        ctx,
+        job,
+        &ProgressStep::at(20, "spawn slot taken; starting"),
+    )
+    .await;
     let token = new_token();
     let spec = SpawnSpec {
         server_id,
