@@ -168,7 +168,7 @@ enum Command {
     /// Pull jobs from the queue and drive the container engine.
     Worker(workers::WorkerConfig),
     /// Enqueue periodic work (culling, session expiry, archiving) on cron schedules.
-    Scheduler(workers::scheduler::SchedulerConfig),
+    Scheduler(scheduler::SchedulerConfig),
     /// Migrate, then run the API, a worker and the scheduler in one process.
     Up {
         #[command(flatten)]
@@ -176,7 +176,7 @@ enum Command {
         #[command(flatten)]
         worker: workers::WorkerConfig,
         #[command(flatten)]
-        scheduler: workers::scheduler::SchedulerConfig,
+        scheduler: scheduler::SchedulerConfig,
     },
 }
 
@@ -217,7 +217,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Scheduler(mut config) => {
             config.queue = queue;
-            workers::scheduler::run(config, pool, shutdown).await?
+            scheduler::run(config, pool, shutdown).await?
         }
         Command::Up {
             mut api,
@@ -248,7 +248,7 @@ async fn main() -> anyhow::Result<()> {
                 },
                 async {
                     stop_all(
-                        workers::scheduler::run(scheduler, pool, shutdown.clone())
+                        scheduler::run(scheduler, pool, shutdown.clone())
                             .await
                             .map_err(Into::into),
                     )

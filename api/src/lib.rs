@@ -64,6 +64,15 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// The limits in force: the configured ones unless an admin overrode them.
+    pub async fn limits(&self) -> Result<schema::Limits, StoreError> {
+        Ok(self
+            .platform
+            .limit_overrides()
+            .await?
+            .apply(self.config.limits))
+    }
+
     /// Records a security event. A failure to write it is logged, not fatal: the
     /// action it describes has already happened.
     pub async fn audit(

@@ -67,11 +67,7 @@ async fn render(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<
 }
 
 async fn platform_gauges(state: &AppState) -> ApiResult<()> {
-    let limits = state
-        .platform
-        .limit_overrides()
-        .await?
-        .apply(state.config.limits);
+    let limits = state.limits().await?;
     let usage = state.platform.usage().await?;
     metrics::gauge!("berth_spawn_slots_in_use").set(usage.spawns_in_flight as f64);
     metrics::gauge!("berth_spawn_slot_limit").set(f64::from(limits.concurrent_spawn_limit));

@@ -17,7 +17,15 @@ use schema::{
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::WorkerError;
+#[derive(Debug, thiserror::Error)]
+pub enum SchedulerError {
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("queue: {0}")]
+    Queue(String),
+    #[error("database: {0}")]
+    Store(#[from] schema::StoreError),
+}
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct SchedulerConfig {
@@ -157,13 +165,13 @@ pub async fn run(
     config: SchedulerConfig,
     pool: PgPool,
     shutdown: CancellationToken,
-) -> Result<(), WorkerError> {
-    let mut entries = config.entries().map_err(WorkerError::Config)?;
+) -> Result<(), SchedulerError> {
+    let mut entries = config.entries().map_err(SchedulerError::Config)?;
     let (queue, _broker) = config
         .queue
         .open(&pool, shutdown.clone())
         .await
-        .map_err(|e| WorkerError::Queue(e.to_string()))?;
+        .map_err(|e| SchedulerError::Queue(e.to_string()))?;
     let store = Arc::new(PgStore::new(pool, queue));
     for entry in &mut entries {
         store

@@ -77,7 +77,7 @@ struct WorkerFlags {
 #[derive(Parser)]
 struct SchedulerFlags {
     #[command(flatten)]
-    config: workers::scheduler::SchedulerConfig,
+    config: scheduler::SchedulerConfig,
 }
 
 /// Parses API flags exactly as `berth api` does, defaults included.
@@ -401,7 +401,7 @@ impl TestEnv {
         let pool = self.pool.clone();
         let token = stop.clone();
         self.tasks.push(tokio::spawn(async move {
-            workers::scheduler::run(config, pool, token)
+            scheduler::run(config, pool, token)
                 .await
                 .expect("scheduler runs");
         }));

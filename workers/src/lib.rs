@@ -7,7 +7,6 @@ pub mod docker;
 pub mod jetstream;
 pub mod maintenance;
 pub mod reconcile;
-pub mod scheduler;
 pub mod spawn;
 pub mod spawner;
 pub mod stop;

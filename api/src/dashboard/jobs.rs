@@ -147,6 +147,17 @@ fn job_row(job: &JobRow) -> Markup {
     }
 }
 
+/// A job id from the path, or the page that says it is not one.
+fn job_id(raw: &str) -> Result<Uuid, Box<Response>> {
+    Uuid::parse_str(raw).map_err(|_| {
+        Box::new(page_error(
+            StatusCode::BAD_REQUEST,
+            "Bad job id",
+            &format!("{raw:?} is not a job id"),
+        ))
+    })
+}
+
 fn short(id: Uuid) -> String {
     id.to_string()[..8].to_owned()
 }
@@ -157,12 +168,9 @@ async fn detail(
     Path(raw): Path<String>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
-    let Ok(id) = Uuid::parse_str(&raw) else {
-        return page_error(
-            StatusCode::BAD_REQUEST,
-            "Bad job id",
-            &format!("{raw:?} is not a job id"),
-        );
+    let id = match job_id(&raw) {
+        Ok(id) => id,
+        Err(bad) => return *bad,
     };
     let job = match state.store.get_job(id).await {
         Ok(Some(job)) => job,
@@ -229,12 +237,9 @@ async fn retry(
     addr: ClientAddr,
     Path(raw): Path<String>,
 ) -> Response {
-    let Ok(id) = Uuid::parse_str(&raw) else {
-        return page_error(
-            StatusCode::BAD_REQUEST,
-            "Bad job id",
-            &format!("{raw:?} is not a job id"),
-        );
+    let id = match job_id(&raw) {
+        Ok(id) => id,
+        Err(bad) => return *bad,
     };
     match retry_job(&state, &operator.actor(), &addr, id).await {
         Ok(new) => back(
@@ -251,12 +256,9 @@ async fn cancel(
     addr: ClientAddr,
     Path(raw): Path<String>,
 ) -> Response {
-    let Ok(id) = Uuid::parse_str(&raw) else {
-        return page_error(
-            StatusCode::BAD_REQUEST,
-            "Bad job id",
-            &format!("{raw:?} is not a job id"),
-        );
+    let id = match job_id(&raw) {
+        Ok(id) => id,
+        Err(bad) => return *bad,
     };
     match cancel_job(&state, &operator.actor(), &addr, id).await {
         Ok(_) => back(&format!("/admin/jobs/{id}"), Ok("Cancelled".into())),

@@ -443,11 +443,7 @@ async fn logout(State(state): State<AppState>, operator: Operator, addr: ClientA
 
 /// The platform at a glance, as the overview and the live updates show it.
 pub async fn snapshot(state: &AppState) -> Result<Value, ApiError> {
-    let limits = state
-        .platform
-        .limit_overrides()
-        .await?
-        .apply(state.config.limits);
+    let limits = state.limits().await?;
     let usage = state.platform.usage().await?;
     let counts = state.console.job_counts().await?;
     let mut queues = serde_json::Map::new();
