@@ -53,10 +53,17 @@ async fn spawn_progress_streams_from_the_request_to_ready(backend: Backend) {
     env.start_worker(&["--server-env", "BERTH_TEST_START_DELAY=1"]);
     let user = env.user("prog");
     env.create_user(&user).await;
-    let (status, body) = env
-        .call(Method::POST, &format!("/api/v1/users/{user}/server"), None)
-        .await;
-    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    // The spawn is requested on one API process and followed on another.
+    let first_api = env.base.clone();
+    env.start_api_process().await;
+    let response = env
+        .http()
+        .post(format!("{first_api}/api/v1/users/{user}/server"))
+        .bearer_auth(common::TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
     let events = progress_events(&env, &format!("/api/v1/users/{user}/server/progress")).await;
     let last = events.last().expect("some events");
     assert_eq!(last["ready"], true, "{events:?}");
