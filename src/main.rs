@@ -226,6 +226,11 @@ async fn main() -> anyhow::Result<()> {
         } => {
             api.limits = limits;
             worker.limits = limits;
+            // A newcomer's one command: local processes when no engine answers.
+            worker
+                .process
+                .spawner
+                .get_or_insert(workers::SpawnerKind::Auto);
             worker.queue = queue.clone();
             scheduler.queue = queue.clone();
             schema::migrate(&pool).await?;

@@ -139,6 +139,6 @@ pub struct Running {
     pub url: String,
     pub token_hash: String,
     /// The limits the container was started with: bytes of memory, CPUs.
-    pub mem_limit: i64,
-    pub cpu_limit: f32,
+    pub mem_limit: Option<i64>,
+    pub cpu_limit: Option<f32>,
 }

@@ -59,6 +59,42 @@ pub struct WorkerConfig {
 
     #[command(flatten)]
     pub docker: DockerConfig,
+
+    #[command(flatten)]
+    pub process: ProcessConfig,
+}
+
+/// What starts user servers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SpawnerKind {
+    /// Containers on the Docker engine.
+    Docker,
+    /// Local child processes running `BERTH_SERVER_COMMAND` (no engine needed).
+    Process,
+    /// Docker when the engine answers at start-up, else local processes.
+    Auto,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ProcessConfig {
+    /// What starts user servers: `docker`, `process` or `auto`; default `docker`
+    /// (`auto` for `berth up`).
+    #[arg(long, env = "BERTH_SPAWNER", value_enum)]
+    pub spawner: Option<SpawnerKind>,
+
+    /// The command of a local-process server, run by `sh -c` in the user's working
+    /// directory; `{port}`, `{user}` and `{server}` are substituted.
+    #[arg(
+        long,
+        env = "BERTH_SERVER_COMMAND",
+        default_value = "python3 -m http.server {port} --bind 127.0.0.1"
+    )]
+    pub server_command: String,
+
+    /// Where local-process servers keep their users' working directories, logs and
+    /// pid files.
+    #[arg(long, env = "BERTH_DATA_DIR", default_value = "berth-data")]
+    pub data_dir: std::path::PathBuf,
 }
 
 #[derive(Debug, Clone, clap::Args)]

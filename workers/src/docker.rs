@@ -378,14 +378,14 @@ impl DockerSpawner {
         Ok(Spawned {
             container_id: created.id,
             url: format!("http://{ip}:{}/", self.config.server_port),
-            mem_limit: self.config.mem_limit,
-            cpu_limit: self.config.cpu_limit,
+            mem_limit: Some(self.config.mem_limit),
+            cpu_limit: Some(self.config.cpu_limit),
         })
     }
 }
 
 /// One HTTP request; any HTTP answer, whatever its status, means the server is up.
-async fn probe_http(ip: &str, port: u16) -> bool {
+pub(crate) async fn probe_http(ip: &str, port: u16) -> bool {
     let attempt = async {
         let mut stream = TcpStream::connect((ip, port)).await.ok()?;
         let request =

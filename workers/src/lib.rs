@@ -6,6 +6,7 @@ pub mod context;
 pub mod docker;
 pub mod jetstream;
 pub mod maintenance;
+pub mod process;
 pub mod reconcile;
 pub mod spawn;
 pub mod spawner;
@@ -32,7 +33,7 @@ use sqlx::{PgPool, postgres::PgListener};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-pub use config::{DockerConfig, PullPolicy, WorkerConfig};
+pub use config::{DockerConfig, ProcessConfig, PullPolicy, SpawnerKind, WorkerConfig};
 use context::{Context, HandlerError};
 use docker::DockerSpawner;
 use spawner::SpawnError;
@@ -58,8 +59,7 @@ pub async fn run(
     pool: PgPool,
     shutdown: CancellationToken,
 ) -> Result<(), WorkerError> {
-    let spawner = DockerSpawner::connect(Arc::new(config.docker.clone()))?;
-    spawner.ping().await?;
+    let spawner = open_spawner(&config).await?;
     let worker_name = config
         .worker_name
         .clone()
@@ -82,7 +82,7 @@ pub async fn run(
         store.clone(),
         store.clone(),
         store.clone(),
-        Arc::new(spawner),
+        spawner,
         worker_name.clone(),
         config.limits,
         config.max_attempts.max(1),
@@ -156,6 +156,37 @@ pub async fn run(
     }
     tracing::info!(worker = %worker_name, "worker stopped");
     result
+}
+
+/// The configured spawner; `auto` takes Docker when its engine answers.
+async fn open_spawner(config: &WorkerConfig) -> Result<Arc<dyn spawner::Spawner>, WorkerError> {
+    let docker = Arc::new(config.docker.clone());
+    let processes = || -> Result<Arc<dyn spawner::Spawner>, WorkerError> {
+        let spawner = process::ProcessSpawner::new(docker.clone(), &config.process)?;
+        tracing::info!(command = %config.process.server_command, data = %config.process.data_dir.display(), "servers run as local processes");
+        Ok(Arc::new(spawner))
+    };
+    match config.process.spawner.unwrap_or(SpawnerKind::Docker) {
+        SpawnerKind::Process => processes(),
+        SpawnerKind::Docker => {
+            let spawner = DockerSpawner::connect(docker.clone())?;
+            spawner.ping().await?;
+            Ok(Arc::new(spawner))
+        }
+        SpawnerKind::Auto => {
+            let answered = match DockerSpawner::connect(docker.clone()) {
+                Ok(spawner) => spawner.ping().await.map(|()| spawner),
+                Err(e) => Err(e),
+            };
+            match answered {
+                Ok(spawner) => Ok(Arc::new(spawner)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "no Docker engine answers");
+                    processes()
+                }
+            }
+        }
+    }
 }
 
 type Consumers = std::pin::Pin<Box<dyn Future<Output = Result<(), WorkerError>> + Send>>;

@@ -188,7 +188,7 @@ async fn spawn(ctx: &Context, job: &JobRow, claimed: Claimed) -> HandlerResult {
                 url: spawned.url,
                 token_hash: hash_token(&token),
                 mem_limit: spawned.mem_limit,
-                cpu_limit: spawned.cpu_limit as f32,
+                cpu_limit: spawned.cpu_limit.map(|c| c as f32),
             };
             if ctx.store.mark_running(&running).await? {
                 tracing::info!(user = %user, server = %server_name, "server running");

@@ -21,9 +21,9 @@ pub struct SpawnSpec {
 pub struct Spawned {
     pub container_id: String,
     pub url: String,
-    /// Bytes of memory and CPUs the server may use.
-    pub mem_limit: i64,
-    pub cpu_limit: f64,
+    /// Bytes of memory and CPUs the server may use, where the spawner sets them.
+    pub mem_limit: Option<i64>,
+    pub cpu_limit: Option<f64>,
 }
 
 #[derive(Debug, thiserror::Error)]

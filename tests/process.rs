@@ -1,0 +1,151 @@
+//! The local-process spawner (`BERTH_SPAWNER=process`): servers as child processes
+//! of `berth worker`, found again after a worker restart and reconciled like
+//! containers.
+
+mod common;
+
+use std::{path::PathBuf, time::Duration};
+
+use common::{TestEnv, wait_for};
+use reqwest::{Method, StatusCode};
+
+/// Kills whatever server processes a test left, also when it fails, and removes
+/// its data directory (`.0`, holding the instance's directory `.1`).
+struct Leftovers(PathBuf, PathBuf);
+
+impl Drop for Leftovers {
+    fn drop(&mut self) {
+        for dir in std::fs::read_dir(self.1.join("run"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if let Some(pid) = pid_of(&dir.path()) {
+                let _ = std::process::Command::new("kill")
+                    .args(["-KILL", "--", &format!("-{pid}")])
+                    .status();
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn pid_of(run_dir: &std::path::Path) -> Option<u32> {
+    std::fs::read_to_string(run_dir.join("pid"))
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| !s[s.rfind(')').unwrap() + 2..].starts_with('Z'))
+}
+
+async fn answers(url: &str) -> bool {
+    reqwest::get(url).await.is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn local_process_servers_spawn_stop_outlive_a_worker_restart_and_are_reconciled() {
+    let mut env = TestEnv::start().await;
+    let data = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("process-{}", env.id));
+    let root = data.join(&env.id);
+    let _leftovers = Leftovers(data.clone(), root.clone());
+    let data_flag = data.to_string_lossy().into_owned();
+    let flags = [
+        "--spawner",
+        "process",
+        "--server-command",
+        "busybox httpd -f -p 127.0.0.1:{port}",
+        "--data-dir",
+        &data_flag,
+        "--reconcile-interval",
+        "1",
+    ];
+    let first = env.start_worker_process(&flags);
+    let user = env.user("proc");
+    env.create_user(&user).await;
+    let path = format!("/api/v1/users/{user}/server");
+    let (status, _) = env.call(Method::POST, &path, None).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let server = env
+        .wait_server(&path, Duration::from_secs(30), |s| s["state"] == "running")
+        .await;
+    let url = server["url"].as_str().unwrap().to_owned();
+    assert!(url.starts_with("http://127.0.0.1:"), "{url}");
+    assert!(answers(&url).await, "the server answers HTTP at {url}");
+    let run_dir = root.join("run").join(format!("berth-{user}"));
+    let pid = pid_of(&run_dir).expect("a pid file");
+    assert!(alive(pid));
+    assert!(
+        root.join("home").join(&user).is_dir(),
+        "the user's working directory"
+    );
+
+    // The worker dies; its server lives on in its own process group, and a new
+    // worker finds it again and leaves it running.
+    env.kill_worker(first);
+    let second = env.start_worker_process(&flags);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (_, now) = env.call(Method::GET, &path, None).await;
+    assert_eq!(now["state"], "running", "{now}");
+    assert!(alive(pid) && answers(&url).await);
+
+    // A stop ends the process and its run directory; the working directory stays.
+    let (status, _) = env.call(Method::DELETE, &path, None).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    env.wait_server(&path, Duration::from_secs(30), |s| s["state"] == "stopped")
+        .await;
+    assert!(!alive(pid), "the server process is gone");
+    assert!(!run_dir.exists());
+    assert!(root.join("home").join(&user).is_dir());
+
+    // A server process that dies behind Berth's back is reconciled to failed.
+    env.call(Method::POST, &path, None).await;
+    env.wait_server(&path, Duration::from_secs(30), |s| s["state"] == "running")
+        .await;
+    let pid = pid_of(&run_dir).expect("a pid file");
+    std::process::Command::new("kill")
+        .args(["-KILL", "--", &format!("-{pid}")])
+        .status()
+        .unwrap();
+    let failed = env
+        .wait_server(&path, Duration::from_secs(30), |s| s["state"] == "failed")
+        .await;
+    assert!(
+        failed["error"].as_str().unwrap().contains("exit"),
+        "{failed}"
+    );
+
+    // A command that cannot serve fails the spawn with its output.
+    env.kill_worker(second);
+    let mut broken_flags = flags;
+    broken_flags[3] = "echo no such server >&2; exit 3";
+    env.start_worker_process(&broken_flags);
+    let broken = format!("/api/v1/users/{user}/servers/broken");
+    let (status, _) = env.call(Method::POST, &broken, None).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let ended = env
+        .wait_server(&broken, Duration::from_secs(30), |s| s["state"] == "failed")
+        .await;
+    let error = ended["error"].as_str().unwrap();
+    assert!(
+        error.contains("exit code 3") && error.contains("no such server"),
+        "{error}"
+    );
+
+    // Removing the user removes its processes and its working directory.
+    let (status, body) = env
+        .call(Method::DELETE, &format!("/api/v1/users/{user}"), None)
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    wait_for(
+        "the user's directory removed",
+        Duration::from_secs(30),
+        async || !root.join("home").join(&user).exists(),
+    )
+    .await;
+}

@@ -1,0 +1,413 @@
+//! The local-process spawner (`BERTH_SPAWNER=process`): each server is a child
+//! process running `BERTH_SERVER_COMMAND` on a free loopback port, in its user's
+//! working directory under the data directory (kept across stops like a volume,
+//! removed with the user), its output appended to a log. For a laptop with no
+//! container engine: processes get no memory or CPU limits and no isolation.
+//!
+//! What a restarted worker needs to find its servers again lives on disk, one
+//! directory per server under `{data}/{instance}/run/{container name}`: `pid` (the
+//! process id and its start time, so a reused pid is never mistaken for it),
+//! `server-id`, `log`, and `exit` once a child of this worker has exited. A server
+//! is started in its own process group and stopped with SIGTERM to the group, then
+//! SIGKILL after the stop timeout.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Stdio,
+    sync::Arc,
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use schema::{ServerName, UserName, container_name};
+use tokio::{
+    process::Command,
+    time::{Instant, sleep},
+};
+
+use crate::{
+    config::{DockerConfig, ProcessConfig},
+    docker::probe_http,
+    spawner::{ManagedContainer, Progress, SpawnError, SpawnSpec, Spawned, Spawner, StillWanted},
+};
+
+const PROBE_EVERY: Duration = Duration::from_millis(100);
+const RECHECK_EVERY: Duration = Duration::from_millis(500);
+
+pub struct ProcessSpawner {
+    config: Arc<DockerConfig>,
+    command: String,
+    root: PathBuf,
+}
+
+/// A running (or once running) server process: its id and the start time the
+/// kernel gave it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Pid {
+    pid: u32,
+    started: u64,
+}
+
+impl Pid {
+    fn id(self) -> String {
+        format!("proc-{}-{}", self.pid, self.started)
+    }
+
+    fn parse_id(id: &str) -> Option<Self> {
+        let rest = id.strip_prefix("proc-")?;
+        let (pid, started) = rest.split_once('-')?;
+        Some(Self {
+            pid: pid.parse().ok()?,
+            started: started.parse().ok()?,
+        })
+    }
+
+    /// The start time of `pid` now, unless it is gone or a zombie.
+    fn current(pid: u32) -> Option<Self> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // Fields after the command (which may hold spaces) in parentheses.
+        let after = &stat[stat.rfind(')')? + 2..];
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        if fields.first() == Some(&"Z") {
+            return None;
+        }
+        Some(Self {
+            pid,
+            started: fields.get(19)?.parse().ok()?,
+        })
+    }
+
+    fn alive(self) -> bool {
+        Self::current(self.pid) == Some(self)
+    }
+}
+
+impl ProcessSpawner {
+    pub fn new(config: Arc<DockerConfig>, process: &ProcessConfig) -> Result<Self, SpawnError> {
+        let root = process.data_dir.join(&config.instance);
+        for dir in ["run", "home"] {
+            std::fs::create_dir_all(root.join(dir)).map_err(|e| {
+                SpawnError::Engine(format!("creating {}: {e}", root.join(dir).display()))
+            })?;
+        }
+        Ok(Self {
+            config,
+            command: process.server_command.clone(),
+            root,
+        })
+    }
+
+    fn run_dir(&self, name: &str) -> PathBuf {
+        self.root.join("run").join(name)
+    }
+
+    fn home(&self, user: &UserName) -> PathBuf {
+        self.root.join("home").join(user.as_str())
+    }
+
+    fn read_pid(dir: &Path) -> Option<Pid> {
+        let text = std::fs::read_to_string(dir.join("pid")).ok()?;
+        let (pid, started) = text.trim().split_once(' ')?;
+        Some(Pid {
+            pid: pid.parse().ok()?,
+            started: started.parse().ok()?,
+        })
+    }
+
+    /// Stops the server of a run directory (if it runs) and removes the directory.
+    async fn stop_dir(&self, dir: &Path) -> Result<(), SpawnError> {
+        if let Some(pid) = Self::read_pid(dir) {
+            terminate(pid, Duration::from_secs(self.config.stop_timeout)).await;
+        }
+        match tokio::fs::remove_dir_all(dir).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(SpawnError::Engine(format!(
+                "removing {}: {e}",
+                dir.display()
+            ))),
+        }
+    }
+
+    fn run_dirs(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(self.root.join("run"))
+            .map(|entries| entries.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+            .unwrap_or_default()
+    }
+
+    async fn start(
+        &self,
+        spec: &SpawnSpec,
+        dir: &Path,
+        still_wanted: &StillWanted<'_>,
+        progress: Progress<'_>,
+    ) -> Result<Spawned, SpawnError> {
+        let io = |what: &str, e: std::io::Error| SpawnError::Engine(format!("{what}: {e}"));
+        let home = self.home(&spec.user);
+        tokio::fs::create_dir_all(&home)
+            .await
+            .map_err(|e| io("creating the working directory", e))?;
+        tokio::fs::create_dir_all(dir)
+            .await
+            .map_err(|e| io("creating the run directory", e))?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| io("finding a free port", e))?
+            .port();
+        // Names are DNS labels and the port a number: nothing here needs quoting.
+        let command = self
+            .command
+            .replace("{port}", &port.to_string())
+            .replace("{user}", spec.user.as_str())
+            .replace("{server}", spec.server.as_str());
+        progress(40, format!("starting `{command}` on port {port}"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("log"))
+            .map_err(|e| io("opening the log", e))?;
+        let stderr = log.try_clone().map_err(|e| io("opening the log", e))?;
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(&command)
+            .current_dir(&home)
+            .env_clear()
+            .env(
+                "PATH",
+                std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()),
+            )
+            .env("HOME", &home)
+            .env("BERTH_USER", spec.user.as_str())
+            .env("BERTH_SERVER_NAME", spec.server.as_str())
+            .env("BERTH_SERVER_PORT", port.to_string())
+            .env("BERTH_API_URL", &self.config.public_api_url)
+            .env("BERTH_API_TOKEN", &spec.token)
+            .envs(
+                self.config
+                    .server_env
+                    .iter()
+                    .filter_map(|kv| kv.split_once('=')),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(stderr))
+            .process_group(0)
+            .spawn()
+            .map_err(|e| SpawnError::Exited(format!("the command could not start: {e}")))?;
+        let Some(pid) = child.id().and_then(Pid::current) else {
+            let code = child.wait().await.ok().and_then(|s| s.code()).unwrap_or(-1);
+            return Err(SpawnError::Exited(format!(
+                "exit code {code}; last output: {}",
+                tail(&dir.join("log"))
+            )));
+        };
+        std::fs::write(dir.join("pid"), format!("{} {}", pid.pid, pid.started))
+            .and_then(|()| std::fs::write(dir.join("server-id"), spec.server_id.to_string()))
+            .map_err(|e| io("writing the pid file", e))?;
+        // Reaps the child and keeps its exit status for whoever looks next.
+        let exit_file = dir.join("exit");
+        tokio::spawn(async move {
+            if let Ok(status) = child.wait().await {
+                let code = status.code().map_or(-1, i64::from);
+                let _ = tokio::fs::write(exit_file, code.to_string()).await;
+            }
+        });
+        progress(
+            70,
+            format!("waiting for the server to answer on port {port}"),
+        );
+        self.wait_ready(dir, pid, port, still_wanted).await?;
+        Ok(Spawned {
+            container_id: pid.id(),
+            url: format!("http://127.0.0.1:{port}/"),
+            mem_limit: None,
+            cpu_limit: None,
+        })
+    }
+
+    async fn wait_ready(
+        &self,
+        dir: &Path,
+        pid: Pid,
+        port: u16,
+        still_wanted: &StillWanted<'_>,
+    ) -> Result<(), SpawnError> {
+        let deadline = Instant::now() + self.config.start_timeout();
+        let mut next_check = Instant::now() + RECHECK_EVERY;
+        loop {
+            if probe_http("127.0.0.1", port).await {
+                return Ok(());
+            }
+            if !pid.alive() {
+                // The reaper writes the status a moment after the exit.
+                sleep(Duration::from_millis(100)).await;
+                let code = std::fs::read_to_string(dir.join("exit")).unwrap_or_default();
+                return Err(SpawnError::Exited(format!(
+                    "exit code {}; last output: {}",
+                    code.trim(),
+                    tail(&dir.join("log"))
+                )));
+            }
+            if Instant::now() >= deadline {
+                return Err(SpawnError::Timeout {
+                    port,
+                    secs: self.config.start_timeout,
+                });
+            }
+            if Instant::now() >= next_check {
+                next_check = Instant::now() + RECHECK_EVERY;
+                if !still_wanted().await {
+                    return Err(SpawnError::Abandoned);
+                }
+            }
+            sleep(PROBE_EVERY).await;
+        }
+    }
+}
+
+/// The last lines of a log, for an error message.
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let last = lines[lines.len().saturating_sub(10)..].join("\n");
+    if last.trim().is_empty() {
+        "none".into()
+    } else {
+        last.chars().take(2000).collect()
+    }
+}
+
+/// SIGTERM to the server's process group, SIGKILL once `grace` has passed.
+async fn terminate(pid: Pid, grace: Duration) {
+    if !pid.alive() {
+        return;
+    }
+    signal(pid, "TERM").await;
+    let deadline = Instant::now() + grace;
+    while pid.alive() && Instant::now() < deadline {
+        sleep(Duration::from_millis(50)).await;
+    }
+    if pid.alive() {
+        signal(pid, "KILL").await;
+        while pid.alive() {
+            sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Signals the process group through kill(1): no unsafe code, no extra crate.
+async fn signal(pid: Pid, name: &str) {
+    let group = format!("-{}", pid.pid);
+    let sent = Command::new("kill")
+        .args([&format!("-{name}"), "--", &group])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .await;
+    if let Err(e) = sent {
+        tracing::warn!(pid = pid.pid, error = %e, "could not signal a server process");
+    }
+}
+
+#[async_trait]
+impl Spawner for ProcessSpawner {
+    async fn spawn(
+        &self,
+        spec: &SpawnSpec,
+        still_wanted: StillWanted<'_>,
+        progress: Progress<'_>,
+    ) -> Result<Spawned, SpawnError> {
+        let dir = self.run_dir(&container_name(&spec.user, &spec.server));
+        // Whatever an interrupted attempt left is replaced, never doubled.
+        self.stop_dir(&dir).await?;
+        let started = self.start(spec, &dir, &still_wanted, progress).await;
+        if started.is_err()
+            && let Err(e) = self.stop_dir(&dir).await
+        {
+            tracing::warn!(dir = %dir.display(), error = %e, "could not clean up a failed spawn");
+        }
+        started
+    }
+
+    async fn stop(&self, user: &UserName, server: &ServerName) -> Result<(), SpawnError> {
+        self.stop_dir(&self.run_dir(&container_name(user, server)))
+            .await
+    }
+
+    async fn remove_user(&self, user: &UserName) -> Result<(), SpawnError> {
+        let own = format!("berth-{user}");
+        let prefix = format!("berth-{user}--");
+        for dir in self.run_dirs() {
+            let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            if name == own || name.starts_with(&prefix) {
+                self.stop_dir(&dir).await?;
+            }
+        }
+        match tokio::fs::remove_dir_all(self.home(user)).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(SpawnError::Engine(format!(
+                "removing {user}'s directory: {e}"
+            ))),
+        }
+    }
+
+    async fn list_managed(&self) -> Result<Vec<ManagedContainer>, SpawnError> {
+        Ok(self
+            .run_dirs()
+            .into_iter()
+            .filter_map(|dir| {
+                let pid = Self::read_pid(&dir)?;
+                let server_id = std::fs::read_to_string(dir.join("server-id"))
+                    .ok()
+                    .and_then(|s| s.trim().parse().ok());
+                let running = pid.alive();
+                let exit_code = std::fs::read_to_string(dir.join("exit"))
+                    .ok()
+                    .and_then(|s| s.trim().parse().ok());
+                Some(ManagedContainer {
+                    id: pid.id(),
+                    name: dir.file_name()?.to_str()?.to_owned(),
+                    server_id,
+                    running,
+                    exit_code: if running { None } else { exit_code },
+                })
+            })
+            .collect())
+    }
+
+    async fn container_state(
+        &self,
+        container_id: &str,
+    ) -> Result<Option<(bool, Option<i64>)>, SpawnError> {
+        let Some(pid) = Pid::parse_id(container_id) else {
+            return Ok(None);
+        };
+        if pid.alive() {
+            return Ok(Some((true, None)));
+        }
+        let dir = self
+            .run_dirs()
+            .into_iter()
+            .find(|d| Self::read_pid(d) == Some(pid));
+        Ok(dir.map(|d| {
+            let code = std::fs::read_to_string(d.join("exit"))
+                .ok()
+                .and_then(|s| s.trim().parse().ok());
+            (false, code)
+        }))
+    }
+
+    async fn remove(&self, container_id: &str) -> Result<(), SpawnError> {
+        let Some(pid) = Pid::parse_id(container_id) else {
+            return Ok(());
+        };
+        for dir in self.run_dirs() {
+            if Self::read_pid(&dir) == Some(pid) {
+                return self.stop_dir(&dir).await;
+            }
+        }
+        terminate(pid, Duration::from_secs(self.config.stop_timeout)).await;
+        Ok(())
+    }
+}
