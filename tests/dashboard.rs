@@ -539,3 +539,76 @@ async fn the_dashboard_turns_away_strangers_non_admins_and_other_sites() {
     assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED);
     assert!(wrong.headers().get("set-cookie").is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bulk_actions_cancel_the_selected_then_all_matching_and_retry_them() {
+    let env = TestEnv::start().await;
+    let admin = env.login(ADMIN_USER, ADMIN_PASSWORD).await;
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    // Three spawns wait in the queue: no worker runs.
+    let mut jobs = vec![];
+    for i in 0..3 {
+        let user = env.user(&format!("bulk{i}"));
+        env.create_user(&user).await;
+        let (_, body) = env
+            .call(Method::POST, &format!("/api/v1/users/{user}/server"), None)
+            .await;
+        jobs.push(body["job_id"].as_str().unwrap().to_owned());
+    }
+    let bulk = async |form: String| {
+        let response = client
+            .post(format!("{}/admin/jobs/bulk", env.base))
+            .header("cookie", format!("berth_session={admin}"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(form)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::SEE_OTHER);
+        response.headers()["location"].to_str().unwrap().to_owned()
+    };
+    let state = async |id: &str| {
+        env.call(Method::GET, &format!("/api/v1/jobs/{id}"), None)
+            .await
+            .1["state"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let said = bulk(format!(
+        "action=cancel&scope=selected&ids={}&ids={}&f_kind=spawn",
+        jobs[0], jobs[1]
+    ))
+    .await;
+    assert!(
+        said.contains("Cancelled+2+jobs") || said.contains("Cancelled%202%20jobs"),
+        "{said}"
+    );
+    assert_eq!(state(&jobs[0]).await, "cancelled");
+    assert_eq!(state(&jobs[1]).await, "cancelled");
+    assert_eq!(state(&jobs[2]).await, "queued");
+
+    // All matching: only the one still queued is left to cancel.
+    bulk("action=cancel&scope=matching&f_state=queued".into()).await;
+    assert_eq!(state(&jobs[2]).await, "cancelled");
+    let (_, limits) = env.call(Method::GET, "/api/v1/admin/limits", None).await;
+    assert_eq!(limits["usage"]["active_servers"], 0, "{limits}");
+
+    // Retrying every cancelled spawn makes three new queued jobs, each naming its original.
+    let said = bulk("action=retry&scope=matching&f_state=cancelled&f_kind=spawn".into()).await;
+    assert!(said.contains("Retried"), "{said}");
+    let retries: Vec<(String,)> = sqlx::query_as(
+        "select retry_of::text from jobs where retry_of is not null and state = 'queued'",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    let mut of: Vec<String> = retries.into_iter().map(|(r,)| r).collect();
+    of.sort();
+    let mut expected = jobs.clone();
+    expected.sort();
+    assert_eq!(of, expected);
+}
