@@ -230,10 +230,12 @@ fn apalis_consumers(
             let worker_name = worker_name.to_owned();
             let config = config.clone();
             move || {
-                let queue_config = apalis_postgres::Config::default()
-                    .queue(queue)
-                    .heartbeat_interval(Duration::from_secs(config.heartbeat.max(1)))
-                    .missed_heartbeats(config.missed_heartbeats.max(1));
+                let queue_config = apalis_config(
+                    queue,
+                    config.concurrency,
+                    config.heartbeat,
+                    config.missed_heartbeats,
+                );
                 // NOTIFY wakes a worker the moment a job is inserted; the interval
                 // catches what NOTIFY never announces: jobs handed back, retried or
                 // taken over from a dead worker.
@@ -277,6 +279,22 @@ fn apalis_consumers(
     };
     let (spawns, control) = (consume(SPAWN_QUEUE), consume(CONTROL_QUEUE));
     Box::pin(async move { tokio::try_join!(spawns, control).map(|_| ()) })
+}
+
+/// How `berth worker` consumes one apalis-postgres queue: each fetch takes up to as
+/// many tasks as the worker runs at once (apalis's default batch of 10 capped a
+/// worker at about a thousand no-op jobs a second).
+pub fn apalis_config(
+    queue: &str,
+    concurrency: usize,
+    heartbeat_secs: u64,
+    missed_heartbeats: usize,
+) -> apalis_postgres::Config {
+    apalis_postgres::Config::default()
+        .queue(queue)
+        .batch_size(concurrency.max(1))
+        .heartbeat_interval(Duration::from_secs(heartbeat_secs.max(1)))
+        .missed_heartbeats(missed_heartbeats.max(1))
 }
 
 async fn heartbeats(ctx: Arc<Context>, every: Duration, done: CancellationToken) {

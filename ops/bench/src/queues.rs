@@ -176,7 +176,7 @@ async fn measure(args: &Args, backend: &str, url: &str, tag: &str) -> anyhow::Re
                         .interval(Duration::from_millis(250));
                     let storage = PollWith::new(
                         PostgresStorage::<JobEnvelope>::new(&pool)
-                            .with_config(apalis_postgres::Config::default().queue(SPAWN_QUEUE)),
+                            .with_config(workers::apalis_config(SPAWN_QUEUE, concurrency, 5, 3)),
                         strategy,
                     );
                     let _ = WorkerBuilder::new(format!("bench-{w}"))
