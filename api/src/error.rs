@@ -62,6 +62,21 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// What the client is told: the message of a 4xx; for a 5xx a generic line,
+    /// the error itself going to the log.
+    pub fn public_message(self) -> String {
+        if !self.status().is_server_error() {
+            return self.to_string();
+        }
+        tracing::error!(error = %self, "request failed");
+        match self {
+            ApiError::Unavailable(m) => m,
+            _ => "something went wrong on our side; it has been logged".into(),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.parts();
@@ -69,15 +84,7 @@ impl IntoResponse for ApiError {
             ApiError::TooManyRequests { retry_after, .. } => *retry_after,
             _ => None,
         };
-        let message = if status.is_server_error() {
-            tracing::error!(error = %self, "request failed");
-            match self {
-                ApiError::Unavailable(m) => m,
-                _ => "something went wrong on our side; it has been logged".into(),
-            }
-        } else {
-            self.to_string()
-        };
+        let message = self.public_message();
         let mut response =
             (status, Json(json!({ "error": code, "message": message }))).into_response();
         if let Some(secs) = retry_after {

@@ -199,13 +199,7 @@ pub fn back(to: &str, notice: Result<String, String>) -> Response {
 /// What an action's error tells the operator: the API's message for a 4xx, a
 /// generic line for anything else (logged by `ApiError`).
 pub fn say(e: ApiError) -> String {
-    let status = e.status();
-    if status.is_client_error() {
-        e.to_string()
-    } else {
-        let _ = e.into_response();
-        "something went wrong; see the API's log".into()
-    }
+    e.public_message()
 }
 
 pub fn page_error(status: StatusCode, title: &str, message: &str) -> Response {
