@@ -612,3 +612,71 @@ async fn bulk_actions_cancel_the_selected_then_all_matching_and_retry_them() {
     expected.sort();
     assert_eq!(of, expected);
 }
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The metrics text of a process on `port`, empty until it answers.
+async fn scrape(port: u16) -> String {
+    match reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await {
+        Ok(r) if r.status() == StatusCode::OK => r.text().await.unwrap_or_default(),
+        _ => String::new(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn worker_and_scheduler_processes_serve_their_own_metrics() {
+    let mut env = TestEnv::start().await;
+    let (worker_port, scheduler_port) = (free_port(), free_port());
+    let worker_listen = format!("127.0.0.1:{worker_port}");
+    env.start_worker_process(&["--metrics-listen", &worker_listen]);
+    let scheduler_listen = format!("127.0.0.1:{scheduler_port}");
+    env.start_scheduler_process(&[
+        "--cull-schedule",
+        "* * * * * *",
+        "--metrics-listen",
+        &scheduler_listen,
+    ]);
+    let user = env.user("wm");
+    env.create_user(&user).await;
+    let path = format!("/api/v1/users/{user}/server");
+    env.call(Method::POST, &path, None).await;
+    env.wait_server(&path, Duration::from_secs(30), |s| s["state"] == "running")
+        .await;
+    // The worker counts the spawn it ran (and the culls it carried out); the API
+    // process counted the enqueue, not the worker.
+    wait_for(
+        "the worker's spawn counters",
+        Duration::from_secs(10),
+        async || {
+            let text = scrape(worker_port).await;
+            sample(&text, "berth_jobs_started_total{kind=\"spawn\"}") == 1.0
+                && sample(&text, "berth_jobs_succeeded_total{kind=\"spawn\"}") == 1.0
+                && sample(&text, "berth_job_duration_seconds_count{kind=\"spawn\"}") == 1.0
+        },
+    )
+    .await;
+    let worker = scrape(worker_port).await;
+    assert_eq!(
+        sample(&worker, "berth_jobs_enqueued_total{kind=\"spawn\"}"),
+        0.0,
+        "{worker}"
+    );
+    // The scheduler counts the ticks it enqueued.
+    wait_for(
+        "the scheduler's cull ticks",
+        Duration::from_secs(15),
+        async || {
+            sample(
+                &scrape(scheduler_port).await,
+                "berth_jobs_enqueued_total{kind=\"cull\"}",
+            ) >= 2.0
+        },
+    )
+    .await;
+}

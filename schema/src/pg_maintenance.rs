@@ -107,6 +107,7 @@ impl Maintenance for PgStore {
             .enqueue(&mut tx, &JobEnvelope { job_id: id, kind })
             .await?;
         tx.commit().await?;
+        crate::telemetry::job_enqueued(kind.as_str());
         self.queue().flush().await;
         Ok(Some(id))
     }

@@ -427,6 +427,22 @@ impl TestEnv {
         self.children.len() - 1
     }
 
+    /// Starts `berth scheduler` as a real process; returns its index.
+    pub fn start_scheduler_process(&mut self, flags: &[&str]) -> usize {
+        let child = Command::new(env!("CARGO_BIN_EXE_berth"))
+            .arg("scheduler")
+            .args(flags)
+            .envs(self.queue_env())
+            .env("BERTH_DATABASE_URL", &self.db_url)
+            .env("BERTH_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start berth scheduler");
+        self.children.push(child);
+        self.children.len() - 1
+    }
+
     /// Sends SIGTERM to a worker process and waits up to `within` for it to exit.
     pub async fn terminate_worker(
         &mut self,
