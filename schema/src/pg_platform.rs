@@ -239,10 +239,18 @@ impl Platform for PgStore {
     }
 
     async fn worker_stopped(&self, name: &str) -> Result<(), StoreError> {
+        // On a connection of its own: at shutdown the queue consumer's futures are
+        // dropped, and one was seen to hand a pooled connection back inside an open
+        // transaction ("there is already a transaction in progress"), so an update
+        // made through the pool then was never committed.
+        use sqlx::Connection;
+        let options = self.pool().connect_options();
+        let mut conn = sqlx::PgConnection::connect_with(&options).await?;
         sqlx::query("update workers set stopped_at = now(), last_seen = now(), jobs_in_flight = 0 where name = $1")
             .bind(name)
-            .execute(self.pool())
+            .execute(&mut conn)
             .await?;
+        conn.close().await?;
         Ok(())
     }
 
