@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs Berth on this machine: starts a local PostgreSQL when no BERTH_DATABASE_URL
 # is given (installing it from Debian's packages if missing), migrates, and runs
-# every role in one process (`berth up`). Needs a Docker engine.
+# every role in one process (`berth up`). User servers run on the Docker engine when
+# one answers, else as local processes (`BERTH_SPAWNER=auto`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,7 +31,15 @@ if [[ -z "${BERTH_ADMIN_TOKEN:-}" ]]; then
   echo "admin token (this run only): $BERTH_ADMIN_TOKEN"
 fi
 
+if [[ -z "${BERTH_ADMIN_USER:-}" ]]; then
+  export BERTH_ADMIN_USER=admin
+  BERTH_ADMIN_PASSWORD="$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+  export BERTH_ADMIN_PASSWORD
+  echo "dashboard login (this run only): admin / $BERTH_ADMIN_PASSWORD"
+fi
+
 cargo build --release --quiet
+echo "dashboard on http://${BERTH_LISTEN:-127.0.0.1:8080}/admin"
 echo "API on http://${BERTH_LISTEN:-127.0.0.1:8080}/api/v1 — try:"
 echo "  curl -H \"Authorization: Bearer \$BERTH_ADMIN_TOKEN\" -X POST http://${BERTH_LISTEN:-127.0.0.1:8080}/api/v1/users/alice"
 exec ./target/release/berth up "$@"
