@@ -21,12 +21,15 @@ use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
     sync::OnceCell,
-    time::{Instant, sleep, timeout},
+    time::timeout,
 };
 
 use crate::{
     config::{DockerConfig, PullPolicy},
-    spawner::{ManagedContainer, Progress, SpawnError, SpawnSpec, Spawned, Spawner, StillWanted},
+    spawner::{
+        ManagedContainer, Progress, SpawnError, SpawnSpec, Spawned, Spawner, StillWanted,
+        wait_ready,
+    },
 };
 
 pub const LABEL_MANAGED: &str = "berth.managed";
@@ -38,8 +41,6 @@ pub const LABEL_SERVER_ID: &str = "berth.server-id";
 /// How often a spawn probes readiness, how often it asks whether it is still
 /// wanted (a cheap database read), and how often it asks the engine whether the
 /// container still runs (engine calls compete with other spawns' creates).
-const PROBE_EVERY: Duration = Duration::from_millis(100);
-const RECHECK_EVERY: Duration = Duration::from_millis(500);
 const INSPECT_EVERY: Duration = Duration::from_millis(2000);
 
 pub struct DockerSpawner {
@@ -233,39 +234,24 @@ impl DockerSpawner {
         ip: &str,
         still_wanted: &StillWanted<'_>,
     ) -> Result<(), SpawnError> {
-        let port = self.config.server_port;
-        let deadline = Instant::now() + self.config.start_timeout();
-        let mut next_check = Instant::now() + RECHECK_EVERY;
-        let mut next_inspect = Instant::now() + INSPECT_EVERY;
-        loop {
-            if probe_http(ip, port).await {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                return Err(SpawnError::Timeout {
-                    port,
-                    secs: self.config.start_timeout,
-                });
-            }
-            if Instant::now() >= next_check {
-                next_check = Instant::now() + RECHECK_EVERY;
-                if !still_wanted().await {
-                    return Err(SpawnError::Abandoned);
-                }
-            }
-            if Instant::now() >= next_inspect {
-                next_inspect = Instant::now() + INSPECT_EVERY;
-                let state = self.docker.inspect_container(name, None).await?.state;
-                if let Some(state) = state.filter(|s| s.running != Some(true)) {
-                    let code = state.exit_code.unwrap_or_default();
-                    let logs = self.tail_logs(name).await;
-                    return Err(SpawnError::Exited(format!(
-                        "exit code {code}; last output: {logs}"
-                    )));
-                }
-            }
-            sleep(PROBE_EVERY).await;
-        }
+        let exited = || async move {
+            let state = self.docker.inspect_container(name, None).await?.state;
+            let Some(state) = state.filter(|s| s.running != Some(true)) else {
+                return Ok(None);
+            };
+            let code = state.exit_code.unwrap_or_default();
+            let logs = self.tail_logs(name).await;
+            Ok(Some(format!("exit code {code}; last output: {logs}")))
+        };
+        wait_ready(
+            ip,
+            self.config.server_port,
+            self.config.start_timeout,
+            still_wanted,
+            INSPECT_EVERY,
+            exited,
+        )
+        .await
     }
 
     async fn tail_logs(&self, name: &str) -> String {

@@ -27,12 +27,14 @@ use tokio::{
 
 use crate::{
     config::{DockerConfig, ProcessConfig},
-    docker::probe_http,
-    spawner::{ManagedContainer, Progress, SpawnError, SpawnSpec, Spawned, Spawner, StillWanted},
+    spawner::{
+        ManagedContainer, Progress, SpawnError, SpawnSpec, Spawned, Spawner, StillWanted,
+        wait_ready,
+    },
 };
 
-const PROBE_EVERY: Duration = Duration::from_millis(100);
-const RECHECK_EVERY: Duration = Duration::from_millis(500);
+/// A process's exit is a cheap look at /proc: checked at every probe.
+const EXIT_CHECK_EVERY: Duration = Duration::from_millis(100);
 
 pub struct ProcessSpawner {
     config: Arc<DockerConfig>,
@@ -232,36 +234,28 @@ impl ProcessSpawner {
         port: u16,
         still_wanted: &StillWanted<'_>,
     ) -> Result<(), SpawnError> {
-        let deadline = Instant::now() + self.config.start_timeout();
-        let mut next_check = Instant::now() + RECHECK_EVERY;
-        loop {
-            if probe_http("127.0.0.1", port).await {
-                return Ok(());
+        let exited = || async move {
+            if pid.alive() {
+                return Ok(None);
             }
-            if !pid.alive() {
-                // The reaper writes the status a moment after the exit.
-                sleep(Duration::from_millis(100)).await;
-                let code = std::fs::read_to_string(dir.join("exit")).unwrap_or_default();
-                return Err(SpawnError::Exited(format!(
-                    "exit code {}; last output: {}",
-                    code.trim(),
-                    tail(&dir.join("log"))
-                )));
-            }
-            if Instant::now() >= deadline {
-                return Err(SpawnError::Timeout {
-                    port,
-                    secs: self.config.start_timeout,
-                });
-            }
-            if Instant::now() >= next_check {
-                next_check = Instant::now() + RECHECK_EVERY;
-                if !still_wanted().await {
-                    return Err(SpawnError::Abandoned);
-                }
-            }
-            sleep(PROBE_EVERY).await;
-        }
+            // The reaper writes the status a moment after the exit.
+            sleep(Duration::from_millis(100)).await;
+            let code = std::fs::read_to_string(dir.join("exit")).unwrap_or_default();
+            Ok(Some(format!(
+                "exit code {}; last output: {}",
+                code.trim(),
+                tail(&dir.join("log"))
+            )))
+        };
+        wait_ready(
+            "127.0.0.1",
+            port,
+            self.config.start_timeout,
+            still_wanted,
+            EXIT_CHECK_EVERY,
+            exited,
+        )
+        .await
     }
 }
 

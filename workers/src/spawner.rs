@@ -47,6 +47,55 @@ pub type Progress<'a> = &'a (dyn Fn(i16, String) + Send + Sync);
 pub type StillWanted<'a> =
     Box<dyn Fn() -> Pin<Box<dyn Future<Output = bool> + Send + 'a>> + Send + Sync + 'a>;
 
+/// How often a starting server is probed, and asked whether it is still wanted.
+const PROBE_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+const RECHECK_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Waits until the server answers HTTP on `host:port`, `exited` (asked every
+/// `exit_check`) reports why it ended, the spawn is no longer wanted, or
+/// `timeout_secs` pass. Shared by every spawner.
+pub(crate) async fn wait_ready<F, Fut>(
+    host: &str,
+    port: u16,
+    timeout_secs: u64,
+    still_wanted: &StillWanted<'_>,
+    exit_check: std::time::Duration,
+    mut exited: F,
+) -> Result<(), SpawnError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Option<String>, SpawnError>>,
+{
+    use tokio::time::{Instant, sleep};
+    let deadline = Instant::now() + std::time::Duration::from_secs(timeout_secs);
+    let mut next_check = Instant::now() + RECHECK_EVERY;
+    let mut next_exit_check = Instant::now() + exit_check;
+    loop {
+        if crate::docker::probe_http(host, port).await {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(SpawnError::Timeout {
+                port,
+                secs: timeout_secs,
+            });
+        }
+        if Instant::now() >= next_check {
+            next_check = Instant::now() + RECHECK_EVERY;
+            if !still_wanted().await {
+                return Err(SpawnError::Abandoned);
+            }
+        }
+        if Instant::now() >= next_exit_check {
+            next_exit_check = Instant::now() + exit_check;
+            if let Some(why) = exited().await? {
+                return Err(SpawnError::Exited(why));
+            }
+        }
+        sleep(PROBE_EVERY).await;
+    }
+}
+
 impl SpawnError {
     /// Worth another try: the engine was busy or unreachable. A missing image, a
     /// server that exits or never answers will not do better the next time.
