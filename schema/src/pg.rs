@@ -24,7 +24,7 @@ macro_rules! select_servers {
         concat!(
             "select s.id, s.user_id, u.name as user_name, s.name, s.state, s.image, ",
             "s.spawn_job_id, s.stop_job_id, s.container_id, s.url, s.error, s.requested_at, ",
-            "s.started_at, s.stopped_at, s.last_activity, s.warning ",
+            "s.started_at, s.stopped_at, s.last_activity, s.warning, s.mem_limit, s.cpu_limit ",
             "from servers s join users u on u.id = s.user_id ",
             $tail
         )
@@ -58,7 +58,20 @@ impl PgStore {
         server: Option<&str>,
         payload: serde_json::Value,
     ) -> Result<JobRow, StoreError> {
-        let id = Uuid::now_v7();
+        self.insert_job_as(tx, Uuid::now_v7(), kind, user, server, payload)
+            .await
+    }
+
+    /// `insert_job` with an id chosen beforehand (a schedule's tick names its job).
+    pub(crate) async fn insert_job_as(
+        &self,
+        tx: &mut PgConnection,
+        id: Uuid,
+        kind: JobKind,
+        user: &str,
+        server: Option<&str>,
+        payload: serde_json::Value,
+    ) -> Result<JobRow, StoreError> {
         let job = sqlx::query_as::<_, JobRow>(
             "insert into jobs (id, kind, user_name, server_name, payload) \
              values ($1, $2, $3, $4, $5) returning *",

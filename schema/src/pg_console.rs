@@ -301,14 +301,10 @@ impl Console for PgStore {
         limit: i64,
     ) -> Result<Page<ServerListing>, StoreError> {
         let pattern = filter.user.as_deref().map(crate::pg_accounts::like_pattern);
-        let items = sqlx::query_as::<_, ServerListing>(
-            "select s.id, s.user_id, u.name as user_name, s.name, s.state, s.image, \
-             s.spawn_job_id, s.stop_job_id, s.container_id, s.url, s.error, s.requested_at, \
-             s.started_at, s.stopped_at, s.last_activity, s.warning, s.mem_limit, s.cpu_limit \
-             from servers s join users u on u.id = s.user_id \
-             where ($1::text is null or s.state = $1) and ($2::text is null or u.name like $2) \
-             order by s.updated_at desc, s.id desc offset $3 limit $4",
-        )
+        let items = sqlx::query_as::<_, ServerListing>(select_servers!(
+            "where ($1::text is null or s.state = $1) and ($2::text is null or u.name like $2) \
+             order by s.updated_at desc, s.id desc offset $3 limit $4"
+        ))
         .bind(&filter.state)
         .bind(&pattern)
         .bind(offset)

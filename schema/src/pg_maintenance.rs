@@ -7,11 +7,10 @@ use std::{
 
 use async_trait::async_trait;
 use chrono::{DateTime, NaiveDate, Utc};
-use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::{
-    JobEnvelope, JobKind, PgStore, ServerRow, StoreError,
+    JobKind, PgStore, ServerRow, StoreError,
     jobs::SYSTEM_USER,
     maintenance::{ArchiveTable, Expired, Maintenance, ScheduleView},
 };
@@ -102,12 +101,9 @@ impl Maintenance for PgStore {
         if claimed.rows_affected() == 0 {
             return Ok(None);
         }
-        insert_system_job(&mut tx, id, kind, payload).await?;
-        self.queue()
-            .enqueue(&mut tx, &JobEnvelope { job_id: id, kind })
+        self.insert_job_as(&mut tx, id, kind, SYSTEM_USER, None, payload)
             .await?;
         tx.commit().await?;
-        crate::telemetry::job_enqueued(kind.as_str());
         self.queue().flush().await;
         Ok(Some(id))
     }
@@ -308,22 +304,6 @@ impl Maintenance for PgStore {
             .await?;
         Ok(())
     }
-}
-
-async fn insert_system_job(
-    tx: &mut PgConnection,
-    id: Uuid,
-    kind: JobKind,
-    payload: serde_json::Value,
-) -> Result<(), StoreError> {
-    sqlx::query("insert into jobs (id, kind, user_name, payload) values ($1, $2, $3, $4)")
-        .bind(id)
-        .bind(kind.as_str())
-        .bind(SYSTEM_USER)
-        .bind(payload)
-        .execute(tx)
-        .await?;
-    Ok(())
 }
 
 /// One row to archive: its id, its day, and the row as JSON.
