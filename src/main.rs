@@ -9,6 +9,8 @@ use sqlx::{PgPool, postgres::PgPoolOptions};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+mod embedded;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "berth",
@@ -138,6 +140,13 @@ enum QueueBackend {
 }
 
 impl Common {
+    fn limits(&self) -> schema::Limits {
+        schema::Limits {
+            concurrent_spawn_limit: self.concurrent_spawn_limit.max(1),
+            active_server_limit: self.active_server_limit.max(1),
+        }
+    }
+
     fn queue(&self) -> schema::QueueSettings {
         match self.queue {
             QueueBackend::Postgres => schema::QueueSettings::Postgres,
@@ -190,12 +199,20 @@ async fn main() -> anyhow::Result<()> {
         Command::Up { worker, .. } => API_POOL_SIZE + worker_pool_size(worker),
         Command::Api(_) | Command::Scheduler(_) | Command::Migrate => API_POOL_SIZE,
     });
-    let pool = connect(&cli.common, pool_size).await?;
     let shutdown = shutdown_on_signal();
-    let limits = schema::Limits {
-        concurrent_spawn_limit: cli.common.concurrent_spawn_limit.max(1),
-        active_server_limit: cli.common.active_server_limit.max(1),
-    };
+    if let (None, Command::Up { .. }) = (&cli.common.database_url, &cli.command) {
+        let Command::Up {
+            api,
+            worker,
+            scheduler,
+        } = cli.command
+        else {
+            unreachable!("matched above")
+        };
+        return embedded::up(&cli.common, api, worker, scheduler, shutdown).await;
+    }
+    let pool = connect(&cli.common, pool_size).await?;
+    let limits = cli.common.limits();
     if let (Some(address), Command::Worker(_) | Command::Scheduler(_)) =
         (cli.common.metrics_listen, &cli.command)
     {

@@ -48,6 +48,16 @@ impl JwtKeys {
         Self::from_signing_key(&key)
     }
 
+    /// A fresh Ed25519 key as PKCS#8 PEM, for a deployment to keep (`berth up`
+    /// keeps one in its data directory so sessions outlive a restart).
+    pub fn generate_pem() -> Result<String, String> {
+        let seed: [u8; 32] = rand::random();
+        SigningKey::from_bytes(&seed)
+            .to_pkcs8_pem(ed25519_dalek::pkcs8::spki::der::pem::LineEnding::LF)
+            .map(|pem| pem.to_string())
+            .map_err(|e| e.to_string())
+    }
+
     /// A fresh key, for development: tokens die with the process.
     pub fn generate() -> Result<Self, String> {
         let seed: [u8; 32] = rand::random();

@@ -166,13 +166,23 @@ pub async fn run(
     pool: PgPool,
     shutdown: CancellationToken,
 ) -> Result<(), SchedulerError> {
-    let mut entries = config.entries().map_err(SchedulerError::Config)?;
+    config.entries().map_err(SchedulerError::Config)?;
     let (queue, _broker) = config
         .queue
         .open(&pool, shutdown.clone())
         .await
         .map_err(|e| SchedulerError::Queue(e.to_string()))?;
     let store = Arc::new(PgStore::new(pool, queue));
+    run_on(config, store, shutdown).await
+}
+
+/// Runs the scheduler on a store of the caller's (the embedded one for `berth up`).
+pub async fn run_on(
+    config: SchedulerConfig,
+    store: Arc<dyn Maintenance>,
+    shutdown: CancellationToken,
+) -> Result<(), SchedulerError> {
+    let mut entries = config.entries().map_err(SchedulerError::Config)?;
     for entry in &mut entries {
         store
             .register_schedule(entry.name, &entry.expression, entry.kind, &entry.payload)
@@ -194,7 +204,7 @@ pub async fn run(
     }
 }
 
-async fn tick(store: &PgStore, entry: &mut Entry) -> Result<(), schema::StoreError> {
+async fn tick(store: &dyn Maintenance, entry: &mut Entry) -> Result<(), schema::StoreError> {
     let now = Utc::now();
     if let Some(due) = latest_tick(&entry.schedule, now)
         && due > entry.done_until

@@ -9,6 +9,7 @@ pub mod names;
 pub mod nats;
 #[macro_use]
 pub mod pg;
+pub mod lite;
 pub mod pg_accounts;
 mod pg_console;
 mod pg_locks;
@@ -23,6 +24,7 @@ pub mod telemetry;
 pub use accounts::{Accounts, NewAccount, Role};
 pub use console::Console;
 pub use jobs::{JobEnvelope, JobKind, JobOutcome, JobRow, JobState};
+pub use lite::SqliteStore;
 pub use maintenance::Maintenance;
 pub use names::{InvalidName, ServerName, UserName, container_name};
 pub use pg::PgStore;

@@ -16,9 +16,9 @@ use crate::{
 };
 
 /// Rows one archive batch moves.
-const ARCHIVE_BATCH: i64 = 1000;
+pub(crate) const ARCHIVE_BATCH: i64 = 1000;
 
-fn io(e: impl std::fmt::Display) -> StoreError {
+pub(crate) fn io(e: impl std::fmt::Display) -> StoreError {
     StoreError::Io(e.to_string())
 }
 
@@ -405,7 +405,11 @@ impl PgStore {
 
 /// Cuts the file back to `committed` bytes, appends the lines as one gzip member
 /// (concatenated members are one valid gzip stream) and syncs; the new length.
-fn append_gzip_member(path: &Path, committed: u64, lines: &[String]) -> Result<u64, StoreError> {
+pub(crate) fn append_gzip_member(
+    path: &Path,
+    committed: u64,
+    lines: &[String],
+) -> Result<u64, StoreError> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).map_err(io)?;
     }

@@ -223,10 +223,10 @@ async fn handle(ctx: &Context, message: Message, ack_wait: Duration, max_deliver
 }
 
 /// When a delivery whose job is alive elsewhere comes back.
-const DEFERRAL: Duration = Duration::from_secs(5);
+pub(crate) const DEFERRAL: Duration = Duration::from_secs(5);
 
 /// 1, 2, 4 … 60 seconds before the next delivery of a job that hit an error.
-fn redelivery_delay(delivered: i64) -> Duration {
+pub(crate) fn redelivery_delay(delivered: i64) -> Duration {
     Duration::from_secs(1u64 << delivered.clamp(1, 7).saturating_sub(1))
         .min(Duration::from_secs(60))
 }

@@ -4,6 +4,7 @@ pub mod cleanup;
 pub mod config;
 pub mod context;
 pub mod docker;
+pub mod embedded;
 pub mod jetstream;
 pub mod maintenance;
 pub mod process;
@@ -60,10 +61,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), WorkerError> {
     let spawner = open_spawner(&config).await?;
-    let worker_name = config
-        .worker_name
-        .clone()
-        .unwrap_or_else(default_worker_name);
+    let worker_name = worker_name(&config);
     let jobs_done = CancellationToken::new();
     let (queue, broker) = config
         .queue
@@ -77,24 +75,135 @@ pub async fn run(
             .map_err(|e| WorkerError::Queue(e.to_string()))?;
     }
     let store = Arc::new(PgStore::new(pool.clone(), queue));
-    let ctx = Arc::new(Context::new(
+    let ctx = context(store, spawner, worker_name.clone(), &config, &shutdown);
+    let slots = tokio::spawn(slot_notifications(
+        ctx.clone(),
+        pool.clone(),
+        jobs_done.clone(),
+    ));
+    let consumers = match broker {
+        Some(broker) => {
+            for queue in [SPAWN_QUEUE, CONTROL_QUEUE] {
+                tokio::spawn(jetstream::dead_letters(
+                    ctx.clone(),
+                    broker.clone(),
+                    queue,
+                    jobs_done.clone(),
+                ));
+            }
+            nats_consumers(&ctx, broker, config.concurrency, &shutdown)
+        }
+        None => apalis_consumers(&ctx, &pool, &config, &worker_name, &shutdown),
+    };
+    drive(
+        ctx,
+        &config,
+        config.queue.name(),
+        consumers,
+        slots,
+        jobs_done,
+        &shutdown,
+    )
+    .await
+}
+
+/// `run` on the embedded store (`berth up` without a database): the same worker,
+/// fed by the store's own queue in this process.
+pub async fn run_embedded(
+    config: WorkerConfig,
+    store: schema::SqliteStore,
+    shutdown: CancellationToken,
+) -> Result<(), WorkerError> {
+    let spawner = open_spawner(&config).await?;
+    let worker_name = worker_name(&config);
+    let jobs_done = CancellationToken::new();
+    let released = store.release_taken().await?;
+    if released > 0 {
+        tracing::info!(
+            jobs = released,
+            "jobs taken before the last stop are on the queue again"
+        );
+    }
+    let shared = Arc::new(store.clone());
+    let ctx = context(shared, spawner, worker_name, &config, &shutdown);
+    let slots = tokio::spawn({
+        let (ctx, freed, done) = (ctx.clone(), store.slot_freed(), jobs_done.clone());
+        async move {
+            loop {
+                tokio::select! {
+                    _ = freed.notified() => ctx.slot_freed.notify_waiters(),
+                    _ = done.cancelled() => return,
+                }
+            }
+        }
+    });
+    let consume = |queue| {
+        embedded::consume(
+            ctx.clone(),
+            store.clone(),
+            queue,
+            config.concurrency,
+            shutdown.clone(),
+        )
+    };
+    let (spawns, control) = (consume(SPAWN_QUEUE), consume(CONTROL_QUEUE));
+    let consumers: Consumers =
+        Box::pin(async move { tokio::try_join!(spawns, control).map(|_| ()) });
+    drive(
+        ctx, &config, "sqlite", consumers, slots, jobs_done, &shutdown,
+    )
+    .await
+}
+
+fn worker_name(config: &WorkerConfig) -> String {
+    config
+        .worker_name
+        .clone()
+        .unwrap_or_else(default_worker_name)
+}
+
+/// The handlers' context over one store that is every interface at once.
+fn context<S>(
+    store: Arc<S>,
+    spawner: Arc<dyn spawner::Spawner>,
+    worker_name: String,
+    config: &WorkerConfig,
+    shutdown: &CancellationToken,
+) -> Arc<Context>
+where
+    S: schema::Store + schema::Console + schema::Platform + schema::Maintenance,
+{
+    Arc::new(Context::new(
         store.clone(),
         store.clone(),
         store.clone(),
-        store.clone(),
+        store,
         spawner,
-        worker_name.clone(),
+        worker_name,
         config.limits,
         config.max_attempts.max(1),
         shutdown.clone(),
-    ));
-    use schema::Platform;
-    store
+    ))
+}
+
+/// Registers the worker, runs its consumers and background tasks until shutdown
+/// (and the grace period), and records its stop.
+async fn drive(
+    ctx: Arc<Context>,
+    config: &WorkerConfig,
+    backend: &str,
+    mut consumers: Consumers,
+    slot_feed: tokio::task::JoinHandle<()>,
+    jobs_done: CancellationToken,
+    shutdown: &CancellationToken,
+) -> Result<(), WorkerError> {
+    let worker_name = ctx.worker_name.clone();
+    ctx.platform
         .register_worker(&WorkerInfo {
             name: worker_name.clone(),
             host: hostname(),
             pid: std::process::id() as i32,
-            backend: config.queue.name().into(),
+            backend: backend.into(),
             version: env!("CARGO_PKG_VERSION").into(),
         })
         .await?;
@@ -111,26 +220,8 @@ pub async fn run(
             Duration::from_secs(config.reconcile_interval.max(1)),
             jobs_done.clone(),
         )),
-        tokio::spawn(slot_notifications(
-            ctx.clone(),
-            pool.clone(),
-            jobs_done.clone(),
-        )),
+        slot_feed,
     ];
-    let mut consumers = match broker {
-        Some(broker) => {
-            for queue in [SPAWN_QUEUE, CONTROL_QUEUE] {
-                tokio::spawn(jetstream::dead_letters(
-                    ctx.clone(),
-                    broker.clone(),
-                    queue,
-                    jobs_done.clone(),
-                ));
-            }
-            nats_consumers(&ctx, broker, config.concurrency, &shutdown)
-        }
-        None => apalis_consumers(&ctx, &pool, &config, &worker_name, &shutdown),
-    };
     let result = tokio::select! {
         result = &mut consumers => result,
         _ = shutdown.cancelled() => {
@@ -151,7 +242,7 @@ pub async fn run(
     for task in background {
         let _ = task.await;
     }
-    if let Err(e) = store.worker_stopped(&worker_name).await {
+    if let Err(e) = ctx.platform.worker_stopped(&worker_name).await {
         tracing::warn!(error = %e, "could not record the worker's stop");
     }
     tracing::info!(worker = %worker_name, "worker stopped");
@@ -369,15 +460,10 @@ async fn handle(
     ctx: Data<Arc<Context>>,
     attempt: Attempt,
 ) -> Result<(), BoxDynError> {
-    // Every log line about the job carries its id and kind.
-    let span = tracing::info_span!(
-        "job",
-        id = %envelope.job_id,
-        kind = envelope.kind.as_str(),
-        user = tracing::field::Empty,
-        server = tracing::field::Empty
-    );
-    match run_job(envelope, &ctx).instrument(span).await {
+    match run_job(envelope, &ctx)
+        .instrument(job_span(&envelope))
+        .await
+    {
         Ok(()) => Ok(()),
         // apalis counts deliveries from 0: this was the last one it makes.
         Err(e) if attempt.current() + 1 >= MAX_DELIVERIES && e.may_dead_letter() => {
@@ -389,6 +475,18 @@ async fn handle(
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// The span every log line about a job is in: its id and kind, and (once read)
+/// its user and server.
+pub(crate) fn job_span(envelope: &JobEnvelope) -> tracing::Span {
+    tracing::info_span!(
+        "job",
+        id = %envelope.job_id,
+        kind = envelope.kind.as_str(),
+        user = tracing::field::Empty,
+        server = tracing::field::Empty
+    )
 }
 
 /// Runs the job a queue delivered, whichever backend delivered it. An error means

@@ -1,0 +1,296 @@
+//! `Console` on SQLite.
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use super::{SqliteStore, now, store::release_admission};
+use crate::{
+    JobKind, JobRow, StoreError,
+    accounts::Page,
+    console::{
+        Console, JobCount, JobFilter, ProgressStep, ServerFilter, ServerListing, SpawnEvent,
+        StateCount,
+    },
+    pg::count_end,
+    pg_accounts::like_pattern,
+};
+
+/// The filter every job listing and bulk action shares; `$1…$5` are kind, state,
+/// user, since and until, each ignored when null.
+const JOB_FILTER: &str = "($1 is null or kind = $1) and ($2 is null or state = $2) \
+     and ($3 is null or user_name = $3) and ($4 is null or created_at >= $4) \
+     and ($5 is null or created_at < $5)";
+
+type LiteQueryAs<'q, O> =
+    sqlx::query::QueryAs<'q, sqlx::Sqlite, O, <sqlx::Sqlite as sqlx::Database>::Arguments>;
+
+fn bind_filter<'q, O>(query: LiteQueryAs<'q, O>, f: &'q JobFilter) -> LiteQueryAs<'q, O> {
+    query
+        .bind(&f.kind)
+        .bind(&f.state)
+        .bind(&f.user)
+        .bind(f.since)
+        .bind(f.until)
+}
+
+#[async_trait]
+impl Console for SqliteStore {
+    async fn record_progress(&self, job_id: Uuid, step: &ProgressStep) -> Result<(), StoreError> {
+        let mut tx = self.write().await?;
+        Self::insert_progress(&mut tx, job_id, step).await?;
+        self.commit(tx).await
+    }
+
+    async fn relay_progress(
+        &self,
+        to: tokio::sync::broadcast::Sender<Uuid>,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
+        let mut heard = self.progress.subscribe();
+        loop {
+            tokio::select! {
+                job = heard.recv() => match job {
+                    Ok(job) => { let _ = to.send(job); }
+                    // Missed some: the streams poll every second anyway.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                },
+                _ = shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    async fn progress_after(
+        &self,
+        job_id: Uuid,
+        after: i64,
+    ) -> Result<Vec<SpawnEvent>, StoreError> {
+        Ok(sqlx::query_as::<_, SpawnEvent>(
+            "select * from spawn_events where job_id = $1 and id > $2 order by id",
+        )
+        .bind(job_id)
+        .bind(after)
+        .fetch_all(self.pool())
+        .await?)
+    }
+
+    async fn jobs_page(
+        &self,
+        filter: &JobFilter,
+        offset: i64,
+        limit: i64,
+    ) -> Result<Page<JobRow>, StoreError> {
+        let items = bind_filter(
+            sqlx::query_as::<_, JobRow>(sqlx::AssertSqlSafe(format!(
+                "select * from jobs where {JOB_FILTER} \
+                 order by created_at desc, id desc limit $7 offset $6"
+            ))),
+            filter,
+        )
+        .bind(offset)
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await?;
+        let (total,): (i64,) = bind_filter(
+            sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "select count(*) from jobs where {JOB_FILTER}"
+            ))),
+            filter,
+        )
+        .fetch_one(self.pool())
+        .await?;
+        Ok(Page { items, total })
+    }
+
+    async fn job_ids(&self, filter: &JobFilter, limit: i64) -> Result<Vec<Uuid>, StoreError> {
+        let rows: Vec<(Uuid,)> = bind_filter(
+            sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "select id from jobs where {JOB_FILTER} order by created_at desc, id desc limit $6"
+            ))),
+            filter,
+        )
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows.into_iter().map(|(id,)| id).collect())
+    }
+
+    async fn job_counts(&self) -> Result<Vec<JobCount>, StoreError> {
+        Ok(sqlx::query_as::<_, JobCount>(
+            "select kind, state, count(*) as count from jobs group by kind, state order by kind, state",
+        )
+        .fetch_all(self.pool())
+        .await?)
+    }
+
+    async fn server_counts(&self) -> Result<Vec<StateCount>, StoreError> {
+        Ok(sqlx::query_as::<_, StateCount>(
+            "select state, count(*) as count from servers group by state order by state",
+        )
+        .fetch_all(self.pool())
+        .await?)
+    }
+
+    async fn failures_since(&self, since: DateTime<Utc>) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar(
+            "select count(*) from jobs where finished_at >= $1 and state = 'failed'",
+        )
+        .bind(since)
+        .fetch_one(self.pool())
+        .await?)
+    }
+
+    async fn cancel_job(&self, id: Uuid, by: &str) -> Result<JobRow, StoreError> {
+        let at = now();
+        let mut tx = self.write().await?;
+        let job = sqlx::query_as::<_, JobRow>("select * from jobs where id = $1")
+            .bind(id)
+            .fetch_optional(&mut *tx.tx)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("no job {id}")))?;
+        if job.state != "queued" {
+            return Err(StoreError::Conflict(format!(
+                "the job is {}; only a job that has not started can be cancelled",
+                job.state
+            )));
+        }
+        let reason = format!("cancelled by {by}");
+        match job.kind() {
+            Some(JobKind::Spawn) => {
+                let servers: Vec<i64> = sqlx::query_scalar(
+                    "update servers set state = 'stopped', stopped_at = $2, updated_at = $2 \
+                     where spawn_job_id = $1 and state = 'pending_spawn' returning id",
+                )
+                .bind(id)
+                .bind(at)
+                .fetch_all(&mut *tx.tx)
+                .await?;
+                for server in servers {
+                    release_admission(&mut tx, server).await?;
+                }
+                let step = ProgressStep {
+                    progress: 100,
+                    message: format!("the spawn was {reason}"),
+                    failed: true,
+                    ..Default::default()
+                };
+                Self::insert_progress(&mut tx, id, &step).await?;
+            }
+            Some(JobKind::Stop) => {
+                let server: Option<(i64, bool)> = sqlx::query_as(
+                    "select id, container_id is not null and started_at is not null \
+                     from servers where stop_job_id = $1 and state = 'pending_stop'",
+                )
+                .bind(id)
+                .fetch_optional(&mut *tx.tx)
+                .await?;
+                match server {
+                    Some((server, true)) => {
+                        sqlx::query(
+                            "update servers set state = 'running', stop_job_id = null, \
+                             updated_at = $2 where id = $1",
+                        )
+                        .bind(server)
+                        .bind(at)
+                        .execute(&mut *tx.tx)
+                        .await?;
+                    }
+                    Some((_, false)) => {
+                        return Err(StoreError::Conflict(
+                            "this stop interrupts a spawn and cannot be cancelled".into(),
+                        ));
+                    }
+                    None => {}
+                }
+            }
+            Some(JobKind::Cleanup) => {
+                return Err(StoreError::Conflict(
+                    "a user's removal cannot be cancelled once requested".into(),
+                ));
+            }
+            _ => {}
+        }
+        let job = sqlx::query_as::<_, JobRow>(
+            "update jobs set state = 'cancelled', last_error = $2, finished_at = $3 \
+             where id = $1 returning *",
+        )
+        .bind(id)
+        .bind(&reason)
+        .bind(at)
+        .fetch_one(&mut *tx.tx)
+        .await?;
+        // Off the queue: nothing is left for a worker to do.
+        sqlx::query("delete from queue where job_id = $1")
+            .bind(id)
+            .execute(&mut *tx.tx)
+            .await?;
+        self.commit(tx).await?;
+        count_end(&job);
+        Ok(job)
+    }
+
+    async fn link_retry(&self, retry: Uuid, of: Uuid) -> Result<(), StoreError> {
+        let mut tx = self.write().await?;
+        sqlx::query("update jobs set retry_of = $2 where id = $1")
+            .bind(retry)
+            .bind(of)
+            .execute(&mut *tx.tx)
+            .await?;
+        self.commit(tx).await
+    }
+
+    async fn repeat_job(&self, of: &JobRow) -> Result<JobRow, StoreError> {
+        let kind = of
+            .kind()
+            .filter(|k| {
+                matches!(
+                    k,
+                    JobKind::Cull | JobKind::ExpireSessions | JobKind::Archive
+                )
+            })
+            .ok_or_else(|| {
+                StoreError::Conflict(format!("a {} job is not repeated as it was", of.kind))
+            })?;
+        let mut tx = self.write().await?;
+        let job = self
+            .insert_job(
+                &mut tx,
+                kind,
+                &of.user_name,
+                of.server_name.as_deref(),
+                of.payload.clone(),
+            )
+            .await?;
+        self.commit(tx).await?;
+        Ok(job)
+    }
+
+    async fn servers_page(
+        &self,
+        filter: &ServerFilter,
+        offset: i64,
+        limit: i64,
+    ) -> Result<Page<ServerListing>, StoreError> {
+        let pattern = filter.user.as_deref().map(like_pattern);
+        let items = sqlx::query_as::<_, ServerListing>(select_servers!(
+            "where ($1 is null or s.state = $1) and ($2 is null or u.name like $2 escape '\\') \
+             order by s.updated_at desc, s.id desc limit $4 offset $3"
+        ))
+        .bind(&filter.state)
+        .bind(&pattern)
+        .bind(offset)
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await?;
+        let total: i64 = sqlx::query_scalar(
+            "select count(*) from servers s join users u on u.id = s.user_id \
+             where ($1 is null or s.state = $1) and ($2 is null or u.name like $2 escape '\\')",
+        )
+        .bind(&filter.state)
+        .bind(&pattern)
+        .fetch_one(self.pool())
+        .await?;
+        Ok(Page { items, total })
+    }
+}

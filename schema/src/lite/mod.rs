@@ -1,0 +1,271 @@
+//! The embedded store: every Berth interface on one SQLite file, for `berth up`
+//! on a machine with no Postgres and no broker.
+//!
+//! One process owns the file (it holds an exclusive lock on `berth.lock` beside
+//! it), so what Postgres does across processes is done here in memory: server
+//! locks are mutexes, spawn slots a set of held numbers, and the notifications
+//! (a slot freed, spawn progress, a job enqueued) go through channels. Writers
+//! take turns on one mutex and write in `BEGIN IMMEDIATE` transactions; readers
+//! read the WAL concurrently. Commits are synchronous (`synchronous = FULL`), so
+//! a 202 means the job survives a power cut, as it does on Postgres.
+
+mod accounts;
+mod console;
+mod maintenance;
+mod platform;
+pub mod queue;
+mod store;
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    path::{Path, PathBuf},
+    str::FromStr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use chrono::{DateTime, Utc};
+use sqlx::{
+    Sqlite, SqlitePool, Transaction,
+    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
+};
+use uuid::Uuid;
+
+use crate::{
+    console::ProgressStep,
+    jobs::{JobKind, JobRow},
+    store::StoreError,
+    telemetry,
+};
+
+/// Berth's migrations for the embedded store.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations_sqlite");
+
+/// The file name of the database inside the data directory.
+pub const DATABASE_FILE: &str = "berth.db";
+
+/// The current time as Berth writes it: whole microseconds, as on Postgres.
+pub(crate) fn now() -> DateTime<Utc> {
+    use chrono::DurationRound;
+    let now = Utc::now();
+    now.duration_trunc(chrono::TimeDelta::microseconds(1))
+        .unwrap_or(now)
+}
+
+/// Each item as a JSON array, for `in (select value from json_each($n))`.
+pub(crate) fn json_list<T: serde::Serialize>(items: &[T]) -> String {
+    serde_json::to_string(items).expect("a list serialises")
+}
+
+#[derive(Default)]
+pub(crate) struct Memory {
+    /// Held server locks (and the reconciler's, as server 0).
+    pub(crate) locks: Mutex<HashMap<i64, Arc<tokio::sync::Mutex<()>>>>,
+    /// Spawn slots held right now.
+    pub(crate) slots: Mutex<BTreeSet<i32>>,
+}
+
+/// The embedded store; cheap to clone.
+#[derive(Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+    writer: Arc<tokio::sync::Mutex<()>>,
+    memory: Arc<Memory>,
+    progress: tokio::sync::broadcast::Sender<Uuid>,
+    slot_freed: Arc<tokio::sync::Notify>,
+    enqueued: Arc<tokio::sync::Notify>,
+    /// The lock on the data directory: held for as long as any clone lives.
+    _owner: Arc<std::fs::File>,
+    path: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("data directory {0}: {1}")]
+    Dir(PathBuf, std::io::Error),
+    #[error(
+        "another Berth process is using {0}; stop it first (one `berth up` per data directory)"
+    )]
+    InUse(PathBuf),
+    #[error("opening {0}: {1}")]
+    Open(PathBuf, sqlx::Error),
+    #[error("migrating {0}: {1}")]
+    Migrate(PathBuf, sqlx::migrate::MigrateError),
+}
+
+impl SqliteStore {
+    /// Opens (creating and migrating when needed) the database in `dir`.
+    pub async fn open(dir: &Path) -> Result<Self, OpenError> {
+        std::fs::create_dir_all(dir).map_err(|e| OpenError::Dir(dir.into(), e))?;
+        let lock_path = dir.join("berth.lock");
+        let owner = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| OpenError::Dir(lock_path.clone(), e))?;
+        if owner.try_lock().is_err() {
+            return Err(OpenError::InUse(dir.into()));
+        }
+        let path = dir.join(DATABASE_FILE);
+        let options = SqliteConnectOptions::from_str("sqlite:")
+            .map_err(|e| OpenError::Open(path.clone(), e))?
+            .filename(&path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options)
+            .await
+            .map_err(|e| OpenError::Open(path.clone(), e))?;
+        MIGRATOR
+            .run(&pool)
+            .await
+            .map_err(|e| OpenError::Migrate(path.clone(), e))?;
+        let (progress, _) = tokio::sync::broadcast::channel(1024);
+        let store = Self {
+            pool,
+            writer: Arc::new(tokio::sync::Mutex::new(())),
+            memory: Arc::new(Memory::default()),
+            progress,
+            slot_freed: Arc::new(tokio::sync::Notify::new()),
+            enqueued: Arc::new(tokio::sync::Notify::new()),
+            _owner: Arc::new(owner),
+            path,
+        };
+        Ok(store)
+    }
+
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Notified whenever a spawn slot is given back.
+    pub fn slot_freed(&self) -> Arc<tokio::sync::Notify> {
+        self.slot_freed.clone()
+    }
+
+    /// A write transaction: writers take turns, so `BEGIN IMMEDIATE` never waits
+    /// on another writer of this process.
+    pub(crate) async fn write(&self) -> Result<Tx, StoreError> {
+        let guard = self.writer.clone().lock_owned().await;
+        let tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        Ok(Tx {
+            tx,
+            _guard: guard,
+            progress: vec![],
+            enqueued: false,
+        })
+    }
+
+    /// Commits `tx`, then tells whoever waits what it wrote.
+    pub(crate) async fn commit(&self, tx: Tx) -> Result<(), StoreError> {
+        let Tx {
+            tx,
+            _guard,
+            progress,
+            enqueued,
+        } = tx;
+        tx.commit().await?;
+        drop(_guard);
+        for job in progress {
+            let _ = self.progress.send(job);
+        }
+        if enqueued {
+            self.enqueued.notify_waiters();
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn insert_job(
+        &self,
+        tx: &mut Tx,
+        kind: JobKind,
+        user: &str,
+        server: Option<&str>,
+        payload: serde_json::Value,
+    ) -> Result<JobRow, StoreError> {
+        self.insert_job_as(tx, Uuid::now_v7(), kind, user, server, payload)
+            .await
+    }
+
+    /// A job row and its queue entry, in the caller's transaction.
+    pub(crate) async fn insert_job_as(
+        &self,
+        tx: &mut Tx,
+        id: Uuid,
+        kind: JobKind,
+        user: &str,
+        server: Option<&str>,
+        payload: serde_json::Value,
+    ) -> Result<JobRow, StoreError> {
+        let at = now();
+        let job = sqlx::query_as::<_, JobRow>(
+            "insert into jobs (id, kind, user_name, server_name, payload, created_at) \
+             values ($1, $2, $3, $4, $5, $6) returning *",
+        )
+        .bind(id)
+        .bind(kind.as_str())
+        .bind(user)
+        .bind(server)
+        .bind(payload)
+        .bind(at)
+        .fetch_one(&mut *tx.tx)
+        .await?;
+        sqlx::query("insert into queue (job_id, queue, run_at) values ($1, $2, $3)")
+            .bind(id)
+            .bind(kind.queue())
+            .bind(at)
+            .execute(&mut *tx.tx)
+            .await?;
+        tx.enqueued = true;
+        telemetry::job_enqueued(kind.as_str());
+        Ok(job)
+    }
+
+    /// Appends a progress event in `tx`; listeners hear of it once it commits.
+    pub(crate) async fn insert_progress(
+        tx: &mut Tx,
+        job_id: Uuid,
+        step: &ProgressStep,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "insert into spawn_events (job_id, progress, message, ready, failed, url, created_at) \
+             values ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(job_id)
+        .bind(step.progress.clamp(0, 100))
+        .bind(&step.message)
+        .bind(step.ready)
+        .bind(step.failed)
+        .bind(&step.url)
+        .bind(Utc::now())
+        .execute(&mut *tx.tx)
+        .await?;
+        tx.progress.push(job_id);
+        Ok(())
+    }
+}
+
+/// A write transaction holding the writers' turn.
+pub(crate) struct Tx {
+    pub(crate) tx: Transaction<'static, Sqlite>,
+    _guard: tokio::sync::OwnedMutexGuard<()>,
+    progress: Vec<Uuid>,
+    enqueued: bool,
+}
+
+/// The error of a unique constraint on `what` (SQLite names the columns or the
+/// index in its message: "UNIQUE constraint failed: users.name").
+pub(crate) fn is_unique(e: &sqlx::Error, what: &str) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.is_unique_violation() && db.message().contains(what))
+}

@@ -1,0 +1,147 @@
+//! `berth up` with no database URL: the API, a worker and the scheduler in this
+//! one process on the embedded SQLite store, under a data directory.
+
+use std::{io::Write, path::Path, sync::Arc};
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::Common;
+
+/// The account `berth up` makes when none is configured.
+const DEFAULT_ADMIN: &str = "admin";
+
+pub async fn up(
+    common: &Common,
+    mut api: api::ApiConfig,
+    mut worker: workers::WorkerConfig,
+    scheduler: scheduler::SchedulerConfig,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let dir = worker.process.data_dir.clone();
+    let store = schema::SqliteStore::open(&dir)
+        .await
+        .with_context(|| format!("the embedded database in {}", dir.display()))?;
+    tracing::info!(database = %store.path().display(), "embedded store ready");
+
+    let limits = common.limits();
+    api.limits = limits;
+    worker.limits = limits;
+    worker
+        .process
+        .spawner
+        .get_or_insert(workers::SpawnerKind::Auto);
+    if api.jwt_private_key.is_none() {
+        api.jwt_private_key = Some(kept_secret(&dir.join("jwt-key.pem"), || {
+            api::tokens::JwtKeys::generate_pem().map_err(anyhow::Error::msg)
+        })?);
+    }
+    let password_file = dir.join("admin-password");
+    let login = match (&api.admin_user, &api.admin_password) {
+        (None, None) => {
+            let password = kept_secret(&password_file, || {
+                let bytes: [u8; 12] = rand::random();
+                Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+            })?;
+            api.admin_user = Some(DEFAULT_ADMIN.into());
+            api.admin_password = Some(password);
+            format!("{DEFAULT_ADMIN}, password in {}", password_file.display())
+        }
+        (Some(user), _) => format!("{user}, with BERTH_ADMIN_PASSWORD"),
+        (None, Some(_)) => String::new(),
+    };
+
+    let listener = TcpListener::bind(api.listen)
+        .await
+        .with_context(|| format!("binding {}", api.listen))?;
+    let address = listener.local_addr()?;
+    let store = Arc::new(store);
+    let stop_all = |result: anyhow::Result<()>| {
+        if result.is_err() {
+            shutdown.cancel();
+        }
+        result
+    };
+    let announce = async {
+        // Once the API answers /health: its admin account exists by then.
+        for _ in 0..600 {
+            if answers(address).await {
+                eprintln!(
+                    "\nBerth is up on its embedded store {}.\n  API        http://{address}/api/v1\n  \
+                     dashboard  http://{address}/admin\n  log in as  {login}\n",
+                    store.path().display()
+                );
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    };
+    let (a, w, s, ()) = tokio::join!(
+        async {
+            stop_all(
+                api::run(api, store.clone(), listener, shutdown.clone())
+                    .await
+                    .map_err(Into::into),
+            )
+        },
+        async {
+            stop_all(
+                workers::run_embedded(worker, store.as_ref().clone(), shutdown.clone())
+                    .await
+                    .map_err(Into::into),
+            )
+        },
+        async {
+            stop_all(
+                scheduler::run_on(scheduler, store.clone(), shutdown.clone())
+                    .await
+                    .map_err(Into::into),
+            )
+        },
+        announce,
+    );
+    a?;
+    w?;
+    s?;
+    Ok(())
+}
+
+/// A secret kept in `path` (mode 0600): read when there, else made and written.
+fn kept_secret(
+    path: &Path,
+    make: impl FnOnce() -> anyhow::Result<String>,
+) -> anyhow::Result<String> {
+    match std::fs::read_to_string(path) {
+        Ok(secret) => return Ok(secret.trim().to_owned()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+    let secret = make()?;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    file.write_all(secret.as_bytes())?;
+    file.write_all(b"\n")?;
+    file.sync_all()?;
+    Ok(secret)
+}
+
+/// Whether the API at `address` answers `GET /health`.
+async fn answers(address: std::net::SocketAddr) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut stream) = tokio::net::TcpStream::connect(address).await else {
+        return false;
+    };
+    let mut head = [0u8; 12];
+    stream
+        .write_all(b"GET /health HTTP/1.0\r\nHost: berth\r\n\r\n")
+        .await
+        .is_ok()
+        && stream.read_exact(&mut head).await.is_ok()
+        && head.ends_with(b"200")
+}

@@ -1,0 +1,117 @@
+//! The consumer of the embedded store's queue (`berth up` on SQLite): takes due
+//! jobs oldest first, up to `concurrency` at a time, and settles each as the
+//! broker backends do: done → off the queue; an error → back after 1, 2, 4 … 60 s;
+//! the last of `MAX_DELIVERIES` → dead letter; a hand-off at shutdown → back at once.
+
+use std::{sync::Arc, time::Duration};
+
+use schema::{SqliteStore, lite::queue::Delivery, queue::MAX_DELIVERIES};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::{
+    WorkerError,
+    context::{Context, HandlerError},
+    jetstream::{DEFERRAL, redelivery_delay},
+};
+
+/// How often the queue is looked at without a wake-up: jobs whose delay is over.
+const POLL: Duration = Duration::from_millis(500);
+
+pub async fn consume(
+    ctx: Arc<Context>,
+    store: SqliteStore,
+    queue: &'static str,
+    concurrency: usize,
+    shutdown: CancellationToken,
+) -> Result<(), WorkerError> {
+    let concurrency = concurrency.max(1);
+    let permits = Arc::new(Semaphore::new(concurrency));
+    let wake = store.enqueued();
+    let taker = format!("{}/{queue}", ctx.worker_name);
+    while !shutdown.is_cancelled() {
+        let free = permits.available_permits();
+        if free == 0 {
+            tokio::select! {
+                permit = permits.clone().acquire_owned() => drop(permit),
+                _ = shutdown.cancelled() => break,
+            }
+            continue;
+        }
+        // Armed before looking, so that an enqueue during the look is not missed.
+        let notified = wake.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let taken = match store.take(queue, free, &taker).await {
+            Ok(taken) => taken,
+            Err(e) => {
+                tracing::warn!(queue, error = %e, "could not take jobs; trying again in 1 s");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = shutdown.cancelled() => break,
+                }
+                continue;
+            }
+        };
+        let full = taken.len() == free;
+        for delivery in taken {
+            let permit = permits
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("the semaphore is never closed");
+            let (ctx, store) = (ctx.clone(), store.clone());
+            tokio::spawn(async move {
+                settle(&ctx, &store, delivery).await;
+                drop(permit);
+            });
+        }
+        if full {
+            continue;
+        }
+        tokio::select! {
+            _ = &mut notified => {}
+            _ = tokio::time::sleep(POLL) => {}
+            _ = shutdown.cancelled() => break,
+        }
+    }
+    // Jobs in flight finish (or hand themselves back) before this returns; the
+    // worker bounds the wait by its shutdown grace.
+    let _ = permits.acquire_many(concurrency as u32).await;
+    Ok(())
+}
+
+async fn settle(ctx: &Context, store: &SqliteStore, d: Delivery) {
+    let job_id = d.envelope.job_id;
+    let span = crate::job_span(&d.envelope);
+    let result = crate::run_job(d.envelope, ctx)
+        .instrument(span.clone())
+        .await;
+    let _entered = span.enter();
+    let settled = match result {
+        Ok(()) => store.ack(job_id).await,
+        Err(HandlerError::HandOff) => store.hand_back(job_id, Duration::ZERO, None).await,
+        Err(HandlerError::Deferred(why)) => store.hand_back(job_id, DEFERRAL, Some(&why)).await,
+        Err(e) if d.delivery as usize >= MAX_DELIVERIES => {
+            let why = format!("gave up after {} deliveries: {e}", d.delivery);
+            match ctx.store.dead_letter(job_id, &why).await {
+                Ok(_) => {
+                    tracing::error!(error = %why, "job dead-lettered");
+                    store.ack(job_id).await
+                }
+                Err(e) => Err(e),
+            }
+        }
+        Err(e) => {
+            let why = e.to_string();
+            store
+                .hand_back(job_id, redelivery_delay(d.delivery.into()), Some(&why))
+                .await
+        }
+    };
+    if let Err(e) = settled {
+        // Still taken: the next start of the process hands it out again.
+        tracing::error!(error = %e, "could not settle the job on the queue");
+    }
+}
