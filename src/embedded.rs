@@ -16,7 +16,7 @@ pub async fn up(
     common: &Common,
     mut api: api::ApiConfig,
     mut worker: workers::WorkerConfig,
-    scheduler: scheduler::SchedulerConfig,
+    mut scheduler: scheduler::SchedulerConfig,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let dir = worker.process.data_dir.clone();
@@ -32,6 +32,15 @@ pub async fn up(
         .process
         .spawner
         .get_or_insert(workers::SpawnerKind::Auto);
+    // Relative places land in the data directory, with everything else of this Berth.
+    if Path::new(&scheduler.archive_dir).is_relative() {
+        scheduler.archive_dir = dir
+            .join(&scheduler.archive_dir)
+            .to_string_lossy()
+            .into_owned();
+    }
+    api.server_logs
+        .get_or_insert_with(|| dir.join(&worker.docker.instance).join("logs"));
     if api.jwt_private_key.is_none() {
         api.jwt_private_key = Some(kept_secret(&dir.join("jwt-key.pem"), || {
             api::tokens::JwtKeys::generate_pem().map_err(anyhow::Error::msg)

@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
-use common::{ADMIN_PASSWORD, ADMIN_USER, TestEnv};
+use common::{ADMIN_PASSWORD, ADMIN_USER, Backend, TestEnv};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -31,9 +31,8 @@ fn assert_error(status: StatusCode, body: &Value, expected: StatusCode, code: &s
     );
 }
 
-#[tokio::test]
-async fn users_register_log_in_act_on_their_own_servers_and_log_out() {
-    let env = TestEnv::start().await;
+async fn users_register_log_in_act_on_their_own_servers_and_log_out(backend: Backend) {
+    let env = TestEnv::on(backend).await;
     let ann = env.user("ann");
     let bob = env.user("bob");
     let ann_token = env.register(&ann, PASSWORD).await;
@@ -154,9 +153,8 @@ async fn users_register_log_in_act_on_their_own_servers_and_log_out() {
     env.login(&ann, "another long password").await;
 }
 
-#[tokio::test]
-async fn admins_page_users_change_roles_deactivate_and_delete() {
-    let env = TestEnv::start().await;
+async fn admins_page_users_change_roles_deactivate_and_delete(backend: Backend) {
+    let env = TestEnv::on(backend).await;
     let admin = env.login(ADMIN_USER, ADMIN_PASSWORD).await;
     let mut names = vec![];
     for i in 0..5 {
@@ -306,9 +304,8 @@ fn forge(env: &TestEnv, claims: Value) -> String {
     jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), &claims, &key).unwrap()
 }
 
-#[tokio::test]
-async fn expired_revoked_tampered_unsigned_and_foreign_tokens_get_401() {
-    let env = TestEnv::start().await;
+async fn expired_revoked_tampered_unsigned_and_foreign_tokens_get_401(backend: Backend) {
+    let env = TestEnv::on(backend).await;
     let ann = env.user("ann");
     let good = env.register(&ann, PASSWORD).await;
     let (status, _) = as_user(&env, &good, Method::GET, "/api/v1/auth/me", None).await;
@@ -390,9 +387,8 @@ async fn expired_revoked_tampered_unsigned_and_foreign_tokens_get_401() {
     assert_eq!(status, StatusCode::UNAUTHORIZED, "revoked");
 }
 
-#[tokio::test]
-async fn service_tokens_carry_scopes_are_shown_once_and_can_be_revoked() {
-    let env = TestEnv::start().await;
+async fn service_tokens_carry_scopes_are_shown_once_and_can_be_revoked(backend: Backend) {
+    let env = TestEnv::on(backend).await;
     let admin = env.login(ADMIN_USER, ADMIN_PASSWORD).await;
     let ann = env.user("ann");
     env.register(&ann, PASSWORD).await;
@@ -410,10 +406,10 @@ async fn service_tokens_carry_scopes_are_shown_once_and_can_be_revoked() {
     assert_eq!(status, StatusCode::CREATED, "{created}");
     let token = created["token"].as_str().unwrap().to_owned();
     assert!(token.starts_with("bt_"));
-    let stored: String = sqlx::query_scalar("select token_hash from api_tokens")
-        .fetch_one(&env.pool)
-        .await
-        .unwrap();
+    let (stored,): (String,) = env
+        .rows::<(String,)>("select token_hash from api_tokens")
+        .await[0]
+        .clone();
     assert!(!stored.contains(&token[3..]), "only a hash is stored");
 
     let (status, _) = as_user(&env, &token, Method::GET, "/api/v1/users", None).await;
@@ -495,10 +491,12 @@ async fn service_tokens_carry_scopes_are_shown_once_and_can_be_revoked() {
     );
 }
 
-#[tokio::test]
-async fn login_throttling_starts_after_repeated_failures_and_clears() {
-    let env =
-        TestEnv::start_with(&["--login-max-failures", "3", "--login-throttle-window", "2"]).await;
+async fn login_throttling_starts_after_repeated_failures_and_clears(backend: Backend) {
+    let env = TestEnv::on_with(
+        backend,
+        &["--login-max-failures", "3", "--login-throttle-window", "2"],
+    )
+    .await;
     let ann = env.user("ann");
     env.register(&ann, PASSWORD).await;
     let wrong = json!({ "username": ann, "password": "not the password" }).to_string();
@@ -553,9 +551,8 @@ async fn login_throttling_starts_after_repeated_failures_and_clears() {
     assert_eq!(status, StatusCode::OK, "cleared after the window: {body}");
 }
 
-#[tokio::test]
-async fn fifty_concurrent_registrations_of_one_name_make_one_user() {
-    let env = TestEnv::start().await;
+async fn fifty_concurrent_registrations_of_one_name_make_one_user(backend: Backend) {
+    let env = TestEnv::on(backend).await;
     let name = env.user("rush");
     let body = json!({ "username": name, "password": PASSWORD }).to_string();
     let answers = futures::future::join_all(
@@ -571,24 +568,16 @@ async fn fifty_concurrent_registrations_of_one_name_make_one_user() {
         .filter(|(s, b)| *s == StatusCode::CONFLICT && b["error"] == "conflict")
         .count();
     assert_eq!((created, conflicts), (1, 49), "{answers:?}");
-    let count: i64 = sqlx::query_scalar("select count(*) from users where name = $1")
-        .bind(&name)
-        .fetch_one(&env.pool)
-        .await
-        .unwrap();
-    assert_eq!(count, 1);
+    let users: Vec<(String,)> = env.rows("select name from users").await;
+    assert_eq!(users.iter().filter(|(n,)| *n == name).count(), 1);
 }
 
-#[tokio::test]
-async fn bad_registrations_get_clear_errors_and_write_nothing() {
-    let env = TestEnv::start().await;
+async fn bad_registrations_get_clear_errors_and_write_nothing(backend: Backend) {
+    let env = TestEnv::on(backend).await;
     let ok_name = env.user("ok");
     let taken = env.user("taken");
     env.register(&taken, PASSWORD).await;
-    let before: i64 = sqlx::query_scalar("select count(*) from users")
-        .fetch_one(&env.pool)
-        .await
-        .unwrap();
+    let before: i64 = env.count("select count(*) from users").await;
 
     for (body, code) in [
         (
@@ -633,13 +622,10 @@ async fn bad_registrations_get_clear_errors_and_write_nothing() {
         assert_eq!(answer["error"], code, "{body}: {answer}");
         assert!(status.is_client_error(), "{body}: {status}");
     }
-    let after: i64 = sqlx::query_scalar("select count(*) from users")
-        .fetch_one(&env.pool)
-        .await
-        .unwrap();
+    let after: i64 = env.count("select count(*) from users").await;
     assert_eq!(before, after);
 
-    let closed = TestEnv::start_with(&["--allow-registration", "false"]).await;
+    let closed = TestEnv::on_with(backend, &["--allow-registration", "false"]).await;
     let body = json!({ "username": ok_name, "password": PASSWORD }).to_string();
     let (status, answer) = closed
         .call_with(Method::POST, "/api/v1/auth/register", Some(&body), None)
@@ -647,9 +633,8 @@ async fn bad_registrations_get_clear_errors_and_write_nothing() {
     assert_error(status, &answer, StatusCode::FORBIDDEN, "forbidden");
 }
 
-#[tokio::test]
-async fn a_user_past_the_per_user_server_limit_gets_429() {
-    let env = TestEnv::start_with(&["--max-servers-per-user", "2"]).await;
+async fn a_user_past_the_per_user_server_limit_gets_429(backend: Backend) {
+    let env = TestEnv::on_with(backend, &["--max-servers-per-user", "2"]).await;
     let ann = env.user("ann");
     let token = env.register(&ann, PASSWORD).await;
     for name in ["one", "two"] {
@@ -694,17 +679,14 @@ async fn a_user_past_the_per_user_server_limit_gets_429() {
     )
     .await;
     assert_eq!(status, StatusCode::ACCEPTED);
-    let servers: i64 =
-        sqlx::query_scalar("select count(*) from servers where state = 'pending_spawn'")
-            .fetch_one(&env.pool)
-            .await
-            .unwrap();
+    let servers = env
+        .count("select count(*) from servers where state = 'pending_spawn'")
+        .await;
     assert_eq!(servers, 2);
 }
 
-#[tokio::test]
-async fn responses_carry_security_headers_and_cors_only_for_configured_origins() {
-    let env = TestEnv::start_with(&["--cors-origins", "https://portal.example"]).await;
+async fn responses_carry_security_headers_and_cors_only_for_configured_origins(backend: Backend) {
+    let env = TestEnv::on_with(backend, &["--cors-origins", "https://portal.example"]).await;
     let health = env
         .http()
         .get(format!("{}/health", env.base))
@@ -772,9 +754,8 @@ fn production_mode_refuses_to_start_without_a_signing_key_or_with_weak_secrets()
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_sso_hand_off_is_for_one_server_single_use_and_expires() {
-    let mut env = TestEnv::start().await;
+async fn an_sso_hand_off_is_for_one_server_single_use_and_expires(backend: Backend) {
+    let mut env = TestEnv::on(backend).await;
     env.start_worker(&[]);
     let ann = env.user("ann");
     let token = env.register(&ann, PASSWORD).await;
@@ -815,12 +796,11 @@ async fn an_sso_hand_off_is_for_one_server_single_use_and_expires() {
 
     // Expired: the clock is moved past its five minutes.
     let (_, sso) = as_user(&env, &token, Method::POST, &format!("{path}/sso"), None).await;
-    sqlx::query(
-        "update sso_tokens set expires_at = now() - interval '1 second' where used_at is null",
+    env.execute_at(
+        "update sso_tokens set expires_at = $1 where used_at is null",
+        chrono::Utc::now() - chrono::Duration::seconds(1),
     )
-    .execute(&env.pool)
-    .await
-    .unwrap();
+    .await;
     let check = json!({ "token": sso["token"] }).to_string();
     let (status, body) = verify(&env, &server_token, &check).await;
     assert_error(status, &body, StatusCode::UNAUTHORIZED, "unauthorized");
@@ -848,3 +828,16 @@ async fn an_sso_hand_off_is_for_one_server_single_use_and_expires() {
     .await;
     assert_error(status, &body, StatusCode::NOT_FOUND, "not_found");
 }
+
+on_both_stores!(
+    users_register_log_in_act_on_their_own_servers_and_log_out,
+    admins_page_users_change_roles_deactivate_and_delete,
+    expired_revoked_tampered_unsigned_and_foreign_tokens_get_401,
+    service_tokens_carry_scopes_are_shown_once_and_can_be_revoked,
+    login_throttling_starts_after_repeated_failures_and_clears,
+    fifty_concurrent_registrations_of_one_name_make_one_user,
+    bad_registrations_get_clear_errors_and_write_nothing,
+    a_user_past_the_per_user_server_limit_gets_429,
+    responses_carry_security_headers_and_cors_only_for_configured_origins,
+    an_sso_hand_off_is_for_one_server_single_use_and_expires,
+);

@@ -268,10 +268,10 @@ async fn an_admin_cancels_a_waiting_spawn_and_retries_it(backend: Backend) {
     assert_eq!(status, StatusCode::FORBIDDEN);
 }
 
-on_both_backends!(
-    spawn_progress_streams_from_the_request_to_ready,
-    an_admin_cancels_a_waiting_spawn_and_retries_it
-);
+on_every_store!(an_admin_cancels_a_waiting_spawn_and_retries_it);
+
+// Followed on a second API process: Postgres only.
+on_both_backends!(spawn_progress_streams_from_the_request_to_ready);
 
 /// chromedriver on a free port, ended with the test.
 struct Driver(std::process::Child, String);
@@ -603,7 +603,7 @@ async fn bulk_actions_cancel_the_selected_then_all_matching_and_retry_them() {
     let retries: Vec<(String,)> = sqlx::query_as(
         "select retry_of::text from jobs where retry_of is not null and state = 'queued'",
     )
-    .fetch_all(&env.pool)
+    .fetch_all(env.pool())
     .await
     .unwrap();
     let mut of: Vec<String> = retries.into_iter().map(|(r,)| r).collect();

@@ -87,7 +87,7 @@ async fn a_storm_of_200_spawns_on_3_workers_holds_both_limits(backend: Backend) 
     let expected: HashSet<String> = sqlx::query_scalar::<_, String>(
         "select 'berth-' || u.name from servers s join users u on u.id = s.user_id where s.state = 'running'",
     )
-    .fetch_all(&env.pool)
+    .fetch_all(env.pool())
     .await
     .unwrap()
     .into_iter()
@@ -267,19 +267,18 @@ async fn admins_change_limits_at_runtime_and_spawns_over_them_wait(backend: Back
     .await;
     assert_eq!(env.peak_spawns_in_flight().await, 2);
     let attempts = env
-        .count("select coalesce(max(attempts), 0)::int8 from jobs")
+        .count("select cast(coalesce(max(attempts), 0) as bigint) from jobs")
         .await;
     assert_eq!(attempts, 1, "waiting is not an attempt");
     // Oldest first: the two that found free slots started together; of the two that
     // waited, the younger never started while the older still waited (when both
     // slots free at once, both may go, in either order).
-    let starts: Vec<(String, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
-        "select j.user_name, a.started_at from spawn_attempts a join jobs j on j.id = a.job_id \
-         order by a.started_at",
-    )
-    .fetch_all(&env.pool)
-    .await
-    .unwrap();
+    let starts: Vec<(String, chrono::DateTime<chrono::Utc>)> = env
+        .rows(
+            "select j.user_name, a.started_at from spawn_attempts a join jobs j on j.id = a.job_id \
+             order by a.started_at",
+        )
+        .await;
     let order: Vec<String> = starts.iter().map(|(u, _)| u.clone()).collect();
     let first: HashSet<&String> = order[..2].iter().collect();
     assert_eq!(
@@ -387,7 +386,7 @@ async fn after_every_process_is_killed_and_restarted_reconciliation_makes_the_st
     docker(&["kill", &format!("berth-{}", users[1])]);
     sqlx::query("update servers set state = 'stopped' from users u where u.id = servers.user_id and u.name = $1")
         .bind(&users[2])
-        .execute(&env.pool)
+        .execute(env.pool())
         .await
         .unwrap();
     let stray = format!("berth-stray-{}", env.id);
@@ -515,11 +514,13 @@ async fn a_worker_rides_out_a_lost_database_connection(backend: Backend) {
     assert_eq!(env.containers().len(), 2);
 }
 
+on_every_store!(admins_change_limits_at_runtime_and_spawns_over_them_wait);
+
+// Several processes share the store in these: Postgres only.
 on_both_backends!(
     a_storm_of_200_spawns_on_3_workers_holds_both_limits,
     a_worker_killed_mid_spawn_is_taken_over_and_the_spawn_completes_once,
     sigterm_lets_the_spawn_in_flight_finish_and_exits_0,
-    admins_change_limits_at_runtime_and_spawns_over_them_wait,
     after_every_process_is_killed_and_restarted_reconciliation_makes_the_state_right,
     a_worker_rides_out_a_lost_database_connection,
 );

@@ -101,7 +101,7 @@ async fn a_nats_restart_during_a_burst_of_100_spawns_loses_and_doubles_nothing()
     // one container, and the outbox and the stream hold nothing more.
     let jobs: Vec<(String, i32, Option<String>)> =
         sqlx::query_as("select state, attempts, last_error from jobs where kind = 'spawn'")
-            .fetch_all(&env.pool)
+            .fetch_all(env.pool())
             .await
             .unwrap();
     assert_eq!(jobs.len(), 101);

@@ -89,7 +89,7 @@ async fn idle_servers_are_culled_and_active_and_pending_ones_kept(backend: Backe
         "{server}"
     );
     let stops: Vec<(String,)> = sqlx::query_as("select user_name from jobs where kind = 'stop'")
-        .fetch_all(&env.pool)
+        .fetch_all(env.pool())
         .await
         .unwrap();
     assert_eq!(
@@ -187,7 +187,7 @@ async fn two_scheduler_replicas_enqueue_each_tick_exactly_once() {
              extract(epoch from max(tick))::float8 from schedule_runs where schedule = $1",
         )
         .bind(schedule)
-        .fetch_one(&env.pool)
+        .fetch_one(env.pool())
         .await
         .unwrap();
         assert!(runs >= 4, "{schedule}: {runs} runs in 6 s");
@@ -202,7 +202,7 @@ async fn two_scheduler_replicas_enqueue_each_tick_exactly_once() {
         "select (select count(*) from jobs where kind in ('cull', 'expire_sessions')), \
                 (select count(*) from schedule_runs)",
     )
-    .fetch_one(&env.pool)
+    .fetch_one(env.pool())
     .await
     .unwrap();
     assert_eq!(jobs, runs, "one job per tick");
@@ -216,14 +216,14 @@ async fn ticks_missed_while_down_run_once_on_start_up() {
         "insert into schedules (name, expression, kind, registered_at) \
          values ('session_expiry', '0 0 2 * * *', 'expire_sessions', now() - interval '30 days')",
     )
-    .execute(&env.pool)
+    .execute(env.pool())
     .await
     .unwrap();
     sqlx::query(
         "insert into schedule_runs (schedule, tick, job_id) \
          values ('session_expiry', date_trunc('day', now()) - interval '4 days' + interval '2 hours', gen_random_uuid())",
     )
-    .execute(&env.pool)
+    .execute(env.pool())
     .await
     .unwrap();
     env.start_scheduler(&[
@@ -254,7 +254,7 @@ async fn ticks_missed_while_down_run_once_on_start_up() {
     let latest_is_due: bool = sqlx::query_scalar(
         "select max(tick) <= now() and max(tick) > now() - interval '1 day' from schedule_runs",
     )
-    .fetch_one(&env.pool)
+    .fetch_one(env.pool())
     .await
     .unwrap();
     assert!(latest_is_due, "the run is for the latest missed tick");
@@ -320,28 +320,28 @@ async fn archiving_moves_old_rows_to_files_once_and_expiry_removes_dead_sessions
            now() - interval '100 days' - (i % 3) * interval '1 day' \
          from generate_series(1, 2500) i",
     )
-    .execute(&env.pool)
+    .execute(env.pool())
     .await
     .unwrap();
     sqlx::query(
         "insert into jobs (id, kind, state, user_name, finished_at) \
          select gen_random_uuid(), 'stop', 'succeeded', 'new-user', now() from generate_series(1, 10)",
     )
-    .execute(&env.pool)
+    .execute(env.pool())
     .await
     .unwrap();
     sqlx::query(
         "insert into audit_log (at, action) select now() - interval '120 days', 'old_event' \
          from generate_series(1, 50)",
     )
-    .execute(&env.pool)
+    .execute(env.pool())
     .await
     .unwrap();
     sqlx::query(
         "insert into activity_log (user_name, at, recorded_at) \
          select 'old-user', now() - interval '95 days', now() - interval '95 days' from generate_series(1, 30)",
     )
-    .execute(&env.pool)
+    .execute(env.pool())
     .await
     .unwrap();
     let before_audit = env.count("select count(*) from audit_log").await;
@@ -419,7 +419,7 @@ async fn archiving_moves_old_rows_to_files_once_and_expiry_removes_dead_sessions
 
     // Session expiry: an expired and a long-revoked session go, a live one stays.
     let admin_id: i64 = sqlx::query_scalar("select id from users order by id limit 1")
-        .fetch_one(&env.pool)
+        .fetch_one(env.pool())
         .await
         .unwrap();
     for (expires, revoked) in [
@@ -430,7 +430,7 @@ async fn archiving_moves_old_rows_to_files_once_and_expiry_removes_dead_sessions
         sqlx::query(sqlx::AssertSqlSafe(format!(
             "insert into sessions (jti, user_id, expires_at, revoked_at) values (gen_random_uuid(), {admin_id}, {expires}, {revoked})"
         )))
-        .execute(&env.pool)
+        .execute(env.pool())
         .await
         .unwrap();
     }
@@ -541,7 +541,7 @@ async fn activity_reports_only_move_forward_and_refuse_the_future() {
     assert_eq!(status, StatusCode::FORBIDDEN);
 }
 
-on_both_backends!(
-    idle_servers_are_culled_and_active_and_pending_ones_kept,
-    max_age_stops_an_active_server_after_its_warning,
-);
+on_every_store!(max_age_stops_an_active_server_after_its_warning);
+
+// Two worker processes: Postgres only (`berth up` culls on SQLite in tests/up.rs).
+on_both_backends!(idle_servers_are_culled_and_active_and_pending_ones_kept);

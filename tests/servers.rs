@@ -321,10 +321,12 @@ async fn a_job_enqueued_while_the_worker_was_down_still_runs(backend: Backend) {
     assert_eq!(env.containers(), vec![format!("berth-{user}")]);
 }
 
-on_both_backends!(
+on_every_store!(
     spawn_stop_and_cleanup_follow_the_container_contract,
     twenty_concurrent_spawns_of_one_server_make_one_container,
     a_missing_image_fails_the_server_and_leaves_no_container,
     a_stop_during_a_spawn_wins,
-    a_job_enqueued_while_the_worker_was_down_still_runs,
 );
+
+// Worker processes come and go: Postgres only.
+on_both_backends!(a_job_enqueued_while_the_worker_was_down_still_runs);

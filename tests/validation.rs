@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{DbProxy, TOKEN, TestEnv};
+use common::{Backend, DbProxy, TOKEN, TestEnv};
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
 use sqlx::postgres::PgPoolOptions;
@@ -21,13 +21,15 @@ async fn rows(env: &TestEnv) -> (i64, i64, i64, i64) {
         env.count("select count(*) from users").await,
         env.count("select count(*) from servers").await,
         env.count("select count(*) from jobs").await,
-        env.count("select count(*) from apalis.jobs").await,
+        match env.backend {
+            Backend::Sqlite => env.count("select count(*) from queue").await,
+            _ => env.count("select count(*) from apalis.jobs").await,
+        },
     )
 }
 
-#[tokio::test]
-async fn bad_names_bodies_and_tokens_get_clear_errors_and_write_nothing() {
-    let env = TestEnv::start().await;
+async fn bad_names_bodies_and_tokens_get_clear_errors_and_write_nothing(backend: Backend) {
+    let env = TestEnv::on(backend).await;
     let user = env.user("fay");
     env.create_user(&user).await;
     let before = rows(&env).await;
@@ -181,9 +183,8 @@ async fn bad_names_bodies_and_tokens_get_clear_errors_and_write_nothing() {
     assert_eq!(names, expected, "{users}");
 }
 
-#[tokio::test]
-async fn health_ready_and_unknown_routes() {
-    let env = TestEnv::start().await;
+async fn health_ready_and_unknown_routes(backend: Backend) {
+    let env = TestEnv::on(backend).await;
     let (status, health) = env.call_with(Method::GET, "/health", None, None).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(health["status"], "ok");
@@ -213,7 +214,7 @@ async fn ready_answers_503_while_the_database_is_unreachable() {
         .await
         .unwrap();
     let (base, _api) = common::serve_api(
-        pool,
+        &common::Db::Postgres(pool),
         &schema::QueueSettings::Postgres,
         &common::new_signing_key(),
         &[],
@@ -240,3 +241,8 @@ async fn ready_answers_503_while_the_database_is_unreachable() {
         "liveness does not depend on the database"
     );
 }
+
+on_both_stores!(
+    bad_names_bodies_and_tokens_get_clear_errors_and_write_nothing,
+    health_ready_and_unknown_routes,
+);

@@ -97,6 +97,12 @@ pub struct ApiConfig {
     #[arg(long, env = "BERTH_SECURE_COOKIES", default_value_t = false, action = ArgAction::Set)]
     pub secure_cookies: bool,
 
+    /// Where the local-process spawner keeps servers' output
+    /// (`{BERTH_DATA_DIR}/{BERTH_INSTANCE}/logs`), for `GET …/server/log`; `berth up`
+    /// sets it. Unset: server logs are not shown (Docker keeps containers' output).
+    #[arg(long, env = "BERTH_SERVER_LOGS")]
+    pub server_logs: Option<std::path::PathBuf>,
+
     /// Platform limits as configured (set by the CLI from the shared flags).
     #[arg(skip = schema::Limits { concurrent_spawn_limit: 10, active_server_limit: 50 })]
     pub limits: schema::Limits,

@@ -9,7 +9,7 @@ use axum::{
     extract::{FromRequestParts, Path, State},
     http::{StatusCode, request::Parts},
     response::{IntoResponse, Response},
-    routing::post,
+    routing::{get, post},
 };
 use schema::{ServerName, ServerState, SpawnOutcome, SpawnRequest, StopOutcome, UserName};
 use serde::Deserialize;
@@ -34,6 +34,8 @@ pub fn router() -> Router<AppState> {
             "/users/{user}/servers/{name}",
             post(spawn).get(show).delete(stop),
         )
+        .route("/users/{user}/server/log", get(log))
+        .route("/users/{user}/servers/{name}/log", get(log))
         .route("/users/{user}/server/sso", post(sso))
         .route("/users/{user}/servers/{name}/sso", post(sso))
         .route("/sso/verify", post(verify_sso))
@@ -120,6 +122,67 @@ async fn show(
         None => Err(ApiError::NotFound(format!(
             "user {user:?} has no server {server:?}"
         ))),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogQuery {
+    /// How much of the end of the log, in bytes (at most 1 MiB).
+    bytes: Option<u64>,
+}
+
+const LOG_DEFAULT_BYTES: u64 = 64 * 1024;
+const LOG_MAX_BYTES: u64 = 1024 * 1024;
+
+/// The end of a local-process server's output (every run, each after a `--- `
+/// line), as text.
+async fn log(
+    State(state): State<AppState>,
+    principal: Principal,
+    ServerPath { user, server }: ServerPath,
+    query: Result<axum::extract::Query<LogQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Response> {
+    principal.may("servers:read", &user)?;
+    let axum::extract::Query(query) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let bytes = query.bytes.unwrap_or(LOG_DEFAULT_BYTES);
+    if bytes == 0 || bytes > LOG_MAX_BYTES {
+        return Err(ApiError::BadRequest(format!(
+            "bytes must be between 1 and {LOG_MAX_BYTES}"
+        )));
+    }
+    if state.store.get_server(&user, &server).await?.is_none() {
+        return Err(ApiError::NotFound(
+            if state.store.get_user(&user).await?.is_none() {
+                format!("no user named {user:?}")
+            } else {
+                format!("user {user:?} has no server {server:?}")
+            },
+        ));
+    }
+    let Some(logs) = &state.config.server_logs else {
+        return Err(ApiError::NotFound(
+            "server output is kept for local-process servers only (BERTH_SERVER_LOGS is not set)"
+                .into(),
+        ));
+    };
+    let path = schema::server_logs::path(logs, &user, &server);
+    let text = tokio::task::spawn_blocking(move || schema::server_logs::tail(&path, bytes))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    match text {
+        Ok(text) => Ok((
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "text/plain; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(ApiError::NotFound(format!(
+            "server {server:?} of {user:?} has no output yet"
+        ))),
+        Err(e) => Err(ApiError::Internal(format!("reading the server's log: {e}"))),
     }
 }
 

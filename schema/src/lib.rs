@@ -18,6 +18,7 @@ pub mod pg_platform;
 pub mod platform;
 pub mod queue;
 pub mod rows;
+pub mod server_logs;
 pub mod store;
 pub mod telemetry;
 

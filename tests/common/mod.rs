@@ -13,7 +13,7 @@ use std::{
 
 use clap::Parser;
 use reqwest::{Method, StatusCode};
-use schema::{PgStore, QueueSettings, nats::NatsSettings};
+use schema::{PgStore, QueueSettings, SqliteStore, nats::NatsSettings};
 use serde_json::Value;
 use sqlx::{PgPool, postgres::PgPoolOptions};
 use tokio::{net::TcpListener, task::JoinHandle, time::Instant};
@@ -39,11 +39,20 @@ fn nats_url() -> String {
     std::env::var("BERTH_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
 }
 
-/// The queue backend a test runs on.
+/// The store and queue backend a test runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
     Postgres,
     Nats,
+    /// The embedded store (`berth up` without a database): one process.
+    Sqlite,
+}
+
+/// Where a test's state lives.
+#[derive(Clone)]
+pub enum Db {
+    Postgres(PgPool),
+    Sqlite(SqliteStore),
 }
 
 /// Runs each listed `async fn(Backend)` test once per queue backend, as
@@ -60,6 +69,52 @@ macro_rules! on_both_backends {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
                 async fn nats() {
                     super::$name($crate::common::Backend::Nats).await
+                }
+            }
+        )*
+    };
+}
+
+/// Runs each listed `async fn(Backend)` test on both queue backends and on the
+/// embedded SQLite store: `name::postgres`, `name::nats` and `name::sqlite`. For
+/// tests that need no second process (the embedded store is one process's).
+#[macro_export]
+macro_rules! on_every_store {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn postgres() {
+                    super::$name($crate::common::Backend::Postgres).await
+                }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn nats() {
+                    super::$name($crate::common::Backend::Nats).await
+                }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn sqlite() {
+                    super::$name($crate::common::Backend::Sqlite).await
+                }
+            }
+        )*
+    };
+}
+
+/// Runs each listed `async fn(Backend)` test on Postgres and on the embedded
+/// SQLite store, for tests of the API and the store that run no job:
+/// `name::postgres` and `name::sqlite`.
+#[macro_export]
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn postgres() {
+                    super::$name($crate::common::Backend::Postgres).await
+                }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn sqlite() {
+                    super::$name($crate::common::Backend::Sqlite).await
                 }
             }
         )*
@@ -90,9 +145,9 @@ struct ApiFlags {
 pub const ADMIN_USER: &str = "root";
 pub const ADMIN_PASSWORD: &str = "correct horse battery staple";
 
-/// Serves the API over `pool` on a free port; returns its base URL.
+/// Serves the API over `db` on a free port; returns its base URL.
 pub async fn serve_api(
-    pool: PgPool,
+    db: &Db,
     queue: &QueueSettings,
     jwt_pem: &str,
     api_flags: &[&str],
@@ -118,16 +173,28 @@ pub async fn serve_api(
     let config = ApiFlags::try_parse_from(argv)
         .expect("api flags parse")
         .config;
-    let (queue, _) = queue
-        .open(&pool, CancellationToken::new())
-        .await
-        .expect("queue opens");
-    let store = Arc::new(PgStore::new(pool, queue));
-    let task = tokio::spawn(async move {
-        api::run(config, store, listener, CancellationToken::new())
-            .await
-            .expect("api runs");
-    });
+    let task = match db {
+        Db::Postgres(pool) => {
+            let (queue, _) = queue
+                .open(pool, CancellationToken::new())
+                .await
+                .expect("queue opens");
+            let store = Arc::new(PgStore::new(pool.clone(), queue));
+            tokio::spawn(async move {
+                api::run(config, store, listener, CancellationToken::new())
+                    .await
+                    .expect("api runs");
+            })
+        }
+        Db::Sqlite(store) => {
+            let store = Arc::new(store.clone());
+            tokio::spawn(async move {
+                api::run(config, store, listener, CancellationToken::new())
+                    .await
+                    .expect("api runs");
+            })
+        }
+    };
     // Ready once the admin account is bootstrapped and the port answers.
     let client = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -210,7 +277,7 @@ pub fn new_signing_key() -> String {
 pub struct TestEnv {
     /// Unique per test: names, labels, the network and the database derive from it.
     pub id: String,
-    pub pool: PgPool,
+    pub db: Db,
     pub base: String,
     pub db_url: String,
     /// The key the API signs access tokens with, for tests that forge their own.
@@ -247,6 +314,7 @@ impl TestEnv {
         match backend {
             Backend::Postgres => Self::on_queue(None, api_flags).await,
             Backend::Nats => Self::on_nats(|_| {}).await,
+            Backend::Sqlite => Self::on_sqlite(api_flags).await,
         }
     }
 
@@ -291,12 +359,13 @@ impl TestEnv {
             .expect("connect to test database");
         schema::migrate(&pool).await.expect("migrations run");
 
+        let db = Db::Postgres(pool);
         let jwt_pem = new_signing_key();
-        let (base, api_task) = serve_api(pool.clone(), &queue, &jwt_pem, api_flags).await;
+        let (base, api_task) = serve_api(&db, &queue, &jwt_pem, api_flags).await;
         let shutdown = CancellationToken::new();
         Self {
             id,
-            pool,
+            db,
             base,
             db_url,
             jwt_pem,
@@ -307,6 +376,39 @@ impl TestEnv {
             shutdown,
             tasks: vec![api_task],
             children: vec![],
+        }
+    }
+
+    /// The embedded store in a directory of this test's, and the API on it.
+    async fn on_sqlite(api_flags: &[&str]) -> Self {
+        let id = format!("t{:08x}", rand::random::<u32>());
+        let dir = sqlite_dir(&id);
+        let store = SqliteStore::open(&dir).await.expect("embedded store opens");
+        let db = Db::Sqlite(store);
+        let queue = QueueSettings::Postgres;
+        let jwt_pem = new_signing_key();
+        let (base, api_task) = serve_api(&db, &queue, &jwt_pem, api_flags).await;
+        Self {
+            id,
+            db,
+            base,
+            db_url: String::new(),
+            jwt_pem,
+            backend: Backend::Sqlite,
+            queue,
+            http: reqwest::Client::new(),
+            db_name: String::new(),
+            shutdown: CancellationToken::new(),
+            tasks: vec![api_task],
+            children: vec![],
+        }
+    }
+
+    /// This test's Postgres database; a test that calls it runs on Postgres only.
+    pub fn pool(&self) -> &PgPool {
+        match &self.db {
+            Db::Postgres(pool) => pool,
+            Db::Sqlite(_) => panic!("this test reads Postgres directly; run it on Postgres"),
         }
     }
 
@@ -354,18 +456,33 @@ impl TestEnv {
 
     /// Starts a worker inside the test process.
     pub fn start_worker(&mut self, extra: &[&str]) {
-        let pool = self.pool.clone();
-        self.start_worker_on(pool, extra);
+        match self.db.clone() {
+            Db::Postgres(pool) => self.start_worker_on(pool, extra),
+            Db::Sqlite(store) => {
+                let config = self.worker_config(extra);
+                let shutdown = self.shutdown.clone();
+                self.tasks.push(tokio::spawn(async move {
+                    workers::run_embedded(config, store, shutdown)
+                        .await
+                        .expect("worker runs");
+                }));
+            }
+        }
     }
 
-    /// Starts a worker inside the test process, on a pool of the test's choosing.
-    pub fn start_worker_on(&mut self, pool: PgPool, extra: &[&str]) {
+    fn worker_config(&self, extra: &[&str]) -> workers::WorkerConfig {
         let mut argv = vec!["worker".to_string()];
         argv.extend(self.worker_args(extra));
         let mut config = WorkerFlags::try_parse_from(argv)
             .expect("worker flags parse")
             .config;
         config.queue = self.queue.clone();
+        config
+    }
+
+    /// Starts a worker inside the test process, on a pool of the test's choosing.
+    pub fn start_worker_on(&mut self, pool: PgPool, extra: &[&str]) {
+        let config = self.worker_config(extra);
         let shutdown = self.shutdown.clone();
         self.tasks.push(tokio::spawn(async move {
             workers::run(config, pool, shutdown)
@@ -398,12 +515,14 @@ impl TestEnv {
             .config;
         config.queue = self.queue.clone();
         let stop = self.shutdown.child_token();
-        let pool = self.pool.clone();
         let token = stop.clone();
+        let db = self.db.clone();
         self.tasks.push(tokio::spawn(async move {
-            scheduler::run(config, pool, token)
-                .await
-                .expect("scheduler runs");
+            match db {
+                Db::Postgres(pool) => scheduler::run(config, pool, token).await,
+                Db::Sqlite(store) => scheduler::run_on(config, Arc::new(store), token).await,
+            }
+            .expect("scheduler runs");
         }));
         stop
     }
@@ -666,12 +785,12 @@ impl TestEnv {
 
     /// The most spawn slots ever held at one moment, from the record of every spawn.
     pub async fn peak_spawns_in_flight(&self) -> i64 {
-        let edges: Vec<(chrono::DateTime<chrono::Utc>, i64)> = sqlx::query_as(
-            "select started_at, 1::int8 from spawn_attempts \
-             union all select ended_at, -1::int8 from spawn_attempts where ended_at is not null",
-        )
-        .fetch_all(&self.pool)
-        .await
+        const EDGES: &str = "select started_at, cast(1 as bigint) from spawn_attempts \
+             union all select ended_at, cast(-1 as bigint) from spawn_attempts where ended_at is not null";
+        let edges: Vec<(chrono::DateTime<chrono::Utc>, i64)> = match &self.db {
+            Db::Postgres(pool) => sqlx::query_as(EDGES).fetch_all(pool).await,
+            Db::Sqlite(store) => sqlx::query_as(EDGES).fetch_all(store.pool()).await,
+        }
         .unwrap();
         let mut edges = edges;
         // At equal times an end comes before a start: the slot was free first.
@@ -707,11 +826,49 @@ impl TestEnv {
             .await
     }
 
+    /// Rows of a query that reads the same on Postgres and SQLite.
+    pub async fn rows<T>(&self, sql: &'static str) -> Vec<T>
+    where
+        T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>
+            + for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow>
+            + Send
+            + Unpin,
+    {
+        match &self.db {
+            Db::Postgres(pool) => sqlx::query_as::<_, T>(sql).fetch_all(pool).await,
+            Db::Sqlite(store) => sqlx::query_as::<_, T>(sql).fetch_all(store.pool()).await,
+        }
+        .unwrap()
+    }
+
+    /// Runs a statement that reads the same on Postgres and SQLite, with one
+    /// time bound as `$1`; the rows it changed.
+    pub async fn execute_at(&self, sql: &'static str, at: chrono::DateTime<chrono::Utc>) -> u64 {
+        match &self.db {
+            Db::Postgres(pool) => sqlx::query(sql)
+                .bind(at)
+                .execute(pool)
+                .await
+                .map(|r| r.rows_affected()),
+            Db::Sqlite(store) => sqlx::query(sql)
+                .bind(at)
+                .execute(store.pool())
+                .await
+                .map(|r| r.rows_affected()),
+        }
+        .unwrap()
+    }
+
     pub async fn count(&self, sql: &'static str) -> i64 {
-        sqlx::query_scalar::<_, i64>(sql)
-            .fetch_one(&self.pool)
-            .await
-            .unwrap()
+        match &self.db {
+            Db::Postgres(pool) => sqlx::query_scalar::<_, i64>(sql).fetch_one(pool).await,
+            Db::Sqlite(store) => {
+                sqlx::query_scalar::<_, i64>(sql)
+                    .fetch_one(store.pool())
+                    .await
+            }
+        }
+        .unwrap()
     }
 }
 
@@ -817,6 +974,11 @@ impl Drop for OwnNats {
     }
 }
 
+/// The data directory of a test on the embedded store.
+pub fn sqlite_dir(id: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("sqlite-{id}"))
+}
+
 fn docker_lines(args: &[&str]) -> Vec<String> {
     let out = Command::new("docker")
         .args(args)
@@ -860,6 +1022,10 @@ impl Drop for TestEnv {
             QueueSettings::Nats(nats) => Some(nats.clone()),
             QueueSettings::Postgres => None,
         };
+        if let Db::Sqlite(_) = &self.db {
+            let _ = std::fs::remove_dir_all(sqlite_dir(&self.id));
+            return;
+        }
         // The runtime may be gone by now: drop the database from a thread of its own.
         let admin_url = admin_database_url();
         let db = self.db_name.clone();

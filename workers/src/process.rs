@@ -1,13 +1,14 @@
 //! The local-process spawner (`BERTH_SPAWNER=process`): each server is a child
 //! process running `BERTH_SERVER_COMMAND` on a free loopback port, in its user's
 //! working directory under the data directory (kept across stops like a volume,
-//! removed with the user), its output appended to a log. For a laptop with no
+//! removed with the user), its output appended to a log under `{data}/{instance}/logs`
+//! (kept across stops, shown by the API, removed with the user). For a laptop with no
 //! container engine: processes get no memory or CPU limits and no isolation.
 //!
 //! What a restarted worker needs to find its servers again lives on disk, one
 //! directory per server under `{data}/{instance}/run/{container name}`: `pid` (the
 //! process id and its start time, so a reused pid is never mistaken for it),
-//! `server-id`, `log`, and `exit` once a child of this worker has exited. A server
+//! `server-id`, and `exit` once a child of this worker has exited. A server
 //! is started in its own process group and stopped with SIGTERM to the group, then
 //! SIGKILL after the stop timeout.
 
@@ -87,7 +88,7 @@ impl Pid {
 impl ProcessSpawner {
     pub fn new(config: Arc<DockerConfig>, process: &ProcessConfig) -> Result<Self, SpawnError> {
         let root = process.data_dir.join(&config.instance);
-        for dir in ["run", "home"] {
+        for dir in ["run", "home", "logs"] {
             std::fs::create_dir_all(root.join(dir)).map_err(|e| {
                 SpawnError::Engine(format!("creating {}: {e}", root.join(dir).display()))
             })?;
@@ -101,6 +102,10 @@ impl ProcessSpawner {
 
     fn run_dir(&self, name: &str) -> PathBuf {
         self.root.join("run").join(name)
+    }
+
+    fn log(&self, user: &UserName, server: &ServerName) -> PathBuf {
+        schema::server_logs::path(&self.root.join("logs"), user, server)
     }
 
     fn home(&self, user: &UserName) -> PathBuf {
@@ -163,11 +168,25 @@ impl ProcessSpawner {
             .replace("{user}", spec.user.as_str())
             .replace("{server}", spec.server.as_str());
         progress(40, format!("starting `{command}` on port {port}"));
-        let log = std::fs::OpenOptions::new()
+        let log_path = self.log(&spec.user, &spec.server);
+        if let Some(parent) = log_path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| io("creating the log directory", e))?;
+        }
+        let mut log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(dir.join("log"))
+            .open(&log_path)
             .map_err(|e| io("opening the log", e))?;
+        // Each run's output starts after a line of its own.
+        std::io::Write::write_all(
+            &mut log,
+            format!(
+                "--- {} berth: `{command}` on port {port}\n",
+                chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            )
+            .as_bytes(),
+        )
+        .map_err(|e| io("writing the log", e))?;
         let stderr = log.try_clone().map_err(|e| io("opening the log", e))?;
         let mut child = Command::new("sh")
             .arg("-c")
@@ -200,7 +219,7 @@ impl ProcessSpawner {
             let code = child.wait().await.ok().and_then(|s| s.code()).unwrap_or(-1);
             return Err(SpawnError::Exited(format!(
                 "exit code {code}; last output: {}",
-                tail(&dir.join("log"))
+                tail(&log_path)
             )));
         };
         std::fs::write(dir.join("pid"), format!("{} {}", pid.pid, pid.started))
@@ -218,7 +237,8 @@ impl ProcessSpawner {
             70,
             format!("waiting for the server to answer on port {port}"),
         );
-        self.wait_ready(dir, pid, port, still_wanted).await?;
+        self.wait_ready(dir, &log_path, pid, port, still_wanted)
+            .await?;
         Ok(Spawned {
             container_id: pid.id(),
             url: format!("http://127.0.0.1:{port}/"),
@@ -230,6 +250,7 @@ impl ProcessSpawner {
     async fn wait_ready(
         &self,
         dir: &Path,
+        log: &Path,
         pid: Pid,
         port: u16,
         still_wanted: &StillWanted<'_>,
@@ -244,7 +265,7 @@ impl ProcessSpawner {
             Ok(Some(format!(
                 "exit code {}; last output: {}",
                 code.trim(),
-                tail(&dir.join("log"))
+                tail(log)
             )))
         };
         wait_ready(
@@ -261,8 +282,14 @@ impl ProcessSpawner {
 
 /// The last lines of a log, for an error message.
 fn tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let text = schema::server_logs::tail(path, 8 * 1024).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
+    // This run's output: what follows its header line.
+    let this_run = lines
+        .iter()
+        .rposition(|l| l.starts_with("--- ") && l.contains(" berth: "))
+        .map_or(0, |i| i + 1);
+    let lines = &lines[this_run..];
     let last = lines[lines.len().saturating_sub(10)..].join("\n");
     if last.trim().is_empty() {
         "none".into()
@@ -337,13 +364,20 @@ impl Spawner for ProcessSpawner {
                 self.stop_dir(&dir).await?;
             }
         }
-        match tokio::fs::remove_dir_all(self.home(user)).await {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(SpawnError::Engine(format!(
-                "removing {user}'s directory: {e}"
-            ))),
+        let logs = schema::server_logs::user_dir(&self.root.join("logs"), user);
+        for dir in [self.home(user), logs] {
+            match tokio::fs::remove_dir_all(&dir).await {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(SpawnError::Engine(format!(
+                        "removing {}: {e}",
+                        dir.display()
+                    )));
+                }
+            }
         }
+        Ok(())
     }
 
     async fn list_managed(&self) -> Result<Vec<ManagedContainer>, SpawnError> {

@@ -1,0 +1,352 @@
+//! `berth up` with no database: the embedded store and local-process servers, in
+//! one process, from an empty data directory; and everything still there after a
+//! restart.
+
+mod common;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use common::wait_for;
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+/// One data directory and the `berth up` processes started on it; kills them and
+/// the servers they left, and removes the directory, also when the test fails.
+struct Up {
+    id: String,
+    data: PathBuf,
+    port: u16,
+    children: Vec<Child>,
+}
+
+impl Up {
+    fn new() -> Self {
+        let id = format!("t{:08x}", rand::random::<u32>());
+        let data = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("up-{id}"));
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        Self {
+            id,
+            data,
+            port,
+            children: vec![],
+        }
+    }
+
+    fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// `berth up` exactly as a newcomer types it, plus this test's instance, a
+    /// server command without Python, and culling every second.
+    fn command(&self, idle_timeout: &str, log: &str) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_berth"));
+        command
+            .arg("up")
+            .env_remove("BERTH_DATABASE_URL")
+            .env("BERTH_DATA_DIR", &self.data)
+            .env("BERTH_LISTEN", format!("127.0.0.1:{}", self.port))
+            .env("BERTH_INSTANCE", &self.id)
+            .env("BERTH_SPAWNER", "process")
+            .env(
+                "BERTH_SERVER_COMMAND",
+                "echo hello from {user}; exec busybox httpd -f -p 127.0.0.1:{port}",
+            )
+            .env("BERTH_CULL_SCHEDULE", "* * * * * *")
+            .env("BERTH_IDLE_TIMEOUT", idle_timeout)
+            .env("BERTH_CULL_EXEMPT_ADMINS", "true")
+            .env("BERTH_RECONCILE_INTERVAL", "1")
+            .env("BERTH_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(self.data.join(log)).unwrap());
+        command
+    }
+
+    /// Starts `berth up`; returns once the API answers.
+    async fn start(&mut self, idle_timeout: &str, log: &str) -> usize {
+        std::fs::create_dir_all(&self.data).unwrap();
+        let child = self
+            .command(idle_timeout, log)
+            .spawn()
+            .expect("start berth up");
+        self.children.push(child);
+        let health = format!("{}/health", self.base());
+        wait_for("berth up to answer", Duration::from_secs(30), async || {
+            reqwest::get(&health)
+                .await
+                .is_ok_and(|r| r.status().is_success())
+        })
+        .await;
+        self.children.len() - 1
+    }
+
+    async fn terminate(&mut self, index: usize) -> std::process::ExitStatus {
+        let child = &mut self.children[index];
+        let sent = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "berth up did not stop"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.data.join(name)).unwrap_or_default()
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let run = self.data.join(&self.id).join("run");
+        for dir in std::fs::read_dir(run).into_iter().flatten().flatten() {
+            if let Some(pid) = std::fs::read_to_string(dir.path().join("pid"))
+                .ok()
+                .and_then(|p| p.split_whitespace().next().map(str::to_owned))
+            {
+                let _ = Command::new("kill")
+                    .args(["-KILL", "--", &format!("-{pid}")])
+                    .status();
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.data);
+    }
+}
+
+async fn call(
+    base: &str,
+    token: &str,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let mut request = reqwest::Client::new()
+        .request(method, format!("{base}{path}"))
+        .bearer_auth(token);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request.send().await.expect("berth answers");
+    let status = response.status();
+    let text = response.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+async fn login(base: &str, password: &str) -> String {
+    let response = reqwest::Client::new()
+        .post(format!("{base}/api/v1/auth/login"))
+        .json(&json!({"username": "admin", "password": password}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let body: Value = response.json().await.unwrap();
+    body["access_token"].as_str().unwrap().to_owned()
+}
+
+async fn wait_state(base: &str, token: &str, path: &str, state: &str) -> Value {
+    let mut last = Value::Null;
+    wait_for(
+        &format!("{path} to be {state}"),
+        Duration::from_secs(30),
+        async || {
+            last = call(base, token, Method::GET, path, None).await.1;
+            last["state"] == state
+        },
+    )
+    .await;
+    last
+}
+
+async fn answers(url: &str) -> bool {
+    reqwest::get(url).await.is_ok()
+}
+
+/// Reads the embedded database from outside (WAL lets readers in while it runs).
+async fn count(data: &Path, sql: &'static str) -> i64 {
+    let options = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(data.join("berth.db"))
+        .read_only(true);
+    let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
+    let n = sqlx::query_scalar(sql).fetch_one(&pool).await.unwrap();
+    pool.close().await;
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn berth_up_runs_from_an_empty_data_directory_and_keeps_everything_across_a_restart() {
+    let mut up = Up::new();
+    let base = up.base();
+    let first = up.start("4", "first.log").await;
+
+    // The banner tells a newcomer where everything is and how to log in.
+    let password_file = up.data.join("admin-password");
+    wait_for("the banner", Duration::from_secs(10), async || {
+        up.log("first.log").contains("dashboard")
+    })
+    .await;
+    let banner = up.log("first.log");
+    assert!(banner.contains(&format!("{base}/api/v1")), "{banner}");
+    assert!(banner.contains(&format!("{base}/admin")), "{banner}");
+    assert!(
+        banner.contains(&password_file.display().to_string()),
+        "{banner}"
+    );
+    let password = std::fs::read_to_string(&password_file).unwrap();
+    let token = login(&base, password.trim()).await;
+
+    // A user's server: spawned as a local process, answering, its output shown.
+    let alice = format!("alice-{}", up.id);
+    let (status, _) = call(
+        &base,
+        &token,
+        Method::POST,
+        &format!("/api/v1/users/{alice}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let path = format!("/api/v1/users/{alice}/server");
+    let (status, spawned) = call(&base, &token, Method::POST, &path, None).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{spawned}");
+    let first_job = spawned["job_id"].as_str().unwrap().to_owned();
+    let running = wait_state(&base, &token, &path, "running").await;
+    let url = running["url"].as_str().unwrap().to_owned();
+    assert!(answers(&url).await, "the server answers at {url}");
+    let log = reqwest::Client::new()
+        .get(format!("{base}{path}/log"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(log.status(), StatusCode::OK);
+    let log = log.text().await.unwrap();
+    let hello = format!("hello from {alice}");
+    assert!(log.lines().any(|l| l == hello), "{log}");
+
+    // Stopped on request: the process is gone.
+    let (status, _) = call(&base, &token, Method::DELETE, &path, None).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    wait_state(&base, &token, &path, "stopped").await;
+    assert!(!answers(&url).await, "the stopped server still answers");
+
+    // Spawned again and left idle: the scheduler culls it.
+    let (status, _) = call(&base, &token, Method::POST, &path, None).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let again = wait_state(&base, &token, &path, "running").await;
+    let url = again["url"].as_str().unwrap().to_owned();
+    wait_state(&base, &token, &path, "stopped").await;
+    assert!(!answers(&url).await, "the culled server still answers");
+    let culls = count(
+        &up.data,
+        "select count(*) from jobs where kind = 'cull' and state = 'succeeded'",
+    )
+    .await;
+    assert!(culls >= 1, "culled by a cull job");
+    let log = call(&base, &token, Method::GET, &format!("{path}/log"), None)
+        .await
+        .1;
+    let log = log.as_str().unwrap_or_default().to_owned();
+    assert_eq!(
+        log.lines().filter(|l| *l == hello).count(),
+        2,
+        "each run's output is kept: {log}"
+    );
+
+    // An admin's server is exempt from culling and outlives the restart.
+    let bob = format!("bob-{}", up.id);
+    let (status, _) = call(
+        &base,
+        &token,
+        Method::POST,
+        &format!("/api/v1/users/{bob}"),
+        Some(json!({"admin": true})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let bob_path = format!("/api/v1/users/{bob}/server");
+    call(&base, &token, Method::POST, &bob_path, None).await;
+    let bob_server = wait_state(&base, &token, &bob_path, "running").await;
+    let bob_url = bob_server["url"].as_str().unwrap().to_owned();
+    let jobs_before = count(&up.data, "select count(*) from jobs").await;
+
+    // A second `berth up` on the same directory is refused while the first runs.
+    let second = up.command("4", "second.log").output().unwrap();
+    assert!(!second.status.success());
+    let refused = up.log("second.log");
+    assert!(refused.contains("another Berth process"), "{refused}");
+
+    // Restart: SIGTERM, then `berth up` again on the same directory.
+    assert!(
+        up.terminate(first).await.success(),
+        "berth up exits 0 on SIGTERM"
+    );
+    assert!(
+        answers(&bob_url).await,
+        "servers outlive a restart of berth up"
+    );
+    up.start("4", "third.log").await;
+    // The same session still works: the signing key and sessions were kept.
+    let (status, users) = call(&base, &token, Method::GET, "/api/v1/users", None).await;
+    assert_eq!(status, StatusCode::OK, "{users}");
+    let names: Vec<&str> = users
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&alice.as_str()) && names.contains(&bob.as_str()),
+        "{names:?}"
+    );
+    let (_, alice_server) = call(&base, &token, Method::GET, &path, None).await;
+    assert_eq!(alice_server["state"], "stopped", "{alice_server}");
+    // Reconciled after the restart and found alive: still running, still answering.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (_, bob_server) = call(&base, &token, Method::GET, &bob_path, None).await;
+    assert_eq!(bob_server["state"], "running", "{bob_server}");
+    assert_eq!(bob_server["url"], bob_url.as_str());
+    assert!(answers(&bob_url).await);
+    let (status, job) = call(
+        &base,
+        &token,
+        Method::GET,
+        &format!("/api/v1/jobs/{first_job}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert!(count(&up.data, "select count(*) from jobs").await >= jobs_before);
+    // The password file's login still works after the restart.
+    login(&base, password.trim()).await;
+
+    // Stopping through the restarted Berth ends the server it did not start.
+    let (status, _) = call(&base, &token, Method::DELETE, &bob_path, None).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    wait_state(&base, &token, &bob_path, "stopped").await;
+    assert!(!answers(&bob_url).await);
+}
