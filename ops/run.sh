@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Runs Berth on this machine: starts a local PostgreSQL when no BERTH_DATABASE_URL
-# is given (installing it from Debian's packages if missing), migrates, and runs
-# every role in one process (`berth up`). User servers run on the Docker engine when
+# Runs Berth on this machine on PostgreSQL (for several processes or NATS; plain
+# `berth up` needs no database, see the README): starts a local PostgreSQL when no
+# BERTH_DATABASE_URL is given (installing it from Debian's packages if missing),
+# migrates, and runs every role in one process (`berth up`). User servers run on the Docker engine when
 # one answers, else as local processes (`BERTH_SPAWNER=auto`).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -243,6 +243,13 @@ async fn main() -> anyhow::Result<()> {
         } => {
             api.limits = limits;
             worker.limits = limits;
+            api.server_logs.get_or_insert_with(|| {
+                worker
+                    .process
+                    .data_dir
+                    .join(&worker.docker.instance)
+                    .join("logs")
+            });
             // A newcomer's one command: local processes when no engine answers.
             worker
                 .process
