@@ -70,6 +70,9 @@ impl Drop for Run {
                 let _ = Command::new("docker").args(["rm", "-f"]).args(ids).output();
             }
         }
+        let _ = Command::new("docker")
+            .args(["network", "rm", &format!("berth-{}", self.instance)])
+            .output();
         let _ = std::fs::remove_dir_all(&self.data);
     }
 }
