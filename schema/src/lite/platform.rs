@@ -336,7 +336,9 @@ impl Platform for SqliteStore {
 
     async fn close_stale_attempts(&self) -> Result<u64, StoreError> {
         // An open record whose slot this process does not hold is from before a
-        // restart: the process that held it is gone.
+        // restart: the process that held it is gone. Read under the writers' turn: a
+        // slot is taken and its record written within one turn.
+        let mut tx = self.write().await?;
         let held: Vec<i32> = self
             .memory
             .slots
@@ -345,7 +347,6 @@ impl Platform for SqliteStore {
             .iter()
             .copied()
             .collect();
-        let mut tx = self.write().await?;
         let done = sqlx::query(
             "update spawn_attempts set ended_at = coalesce( \
                (select w.last_seen from workers w where w.name = spawn_attempts.worker), $2) \
