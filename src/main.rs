@@ -26,7 +26,8 @@ struct Cli {
 
 #[derive(Debug, clap::Args)]
 struct Common {
-    /// Postgres URL (`postgres://user:password@host/db`).
+    /// Postgres URL (`postgres://user:password@host/db`); required except by `berth up`,
+    /// which without one keeps everything in an embedded SQLite database.
     #[arg(
         long,
         env = "BERTH_DATABASE_URL",
@@ -178,7 +179,8 @@ enum Command {
     Worker(workers::WorkerConfig),
     /// Enqueue periodic work (culling, session expiry, archiving) on cron schedules.
     Scheduler(scheduler::SchedulerConfig),
-    /// Migrate, then run the API, a worker and the scheduler in one process.
+    /// Migrate, then run the API, a worker and the scheduler in one process. With no
+    /// database URL, on an embedded SQLite database in BERTH_DATA_DIR.
     Up {
         #[command(flatten)]
         api: api::ApiConfig,

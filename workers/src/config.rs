@@ -92,7 +92,8 @@ pub struct ProcessConfig {
     pub server_command: String,
 
     /// Where local-process servers keep their users' working directories, logs and
-    /// pid files.
+    /// pid files; and, for `berth up` with no database, the embedded database
+    /// (`berth.db`), its signing key and the admin's password.
     #[arg(long, env = "BERTH_DATA_DIR", default_value = "berth-data")]
     pub data_dir: std::path::PathBuf,
 }
