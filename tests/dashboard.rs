@@ -146,9 +146,8 @@ async fn metrics_text(env: &TestEnv) -> String {
     response.text().await.unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn metrics_counters_move_when_jobs_run() {
-    let mut env = TestEnv::start().await;
+async fn metrics_counters_move_when_jobs_run(backend: Backend) {
+    let mut env = TestEnv::on(backend).await;
     env.start_worker(&[]);
     let before = metrics_text(&env).await;
     let user = env.user("met");
@@ -269,6 +268,12 @@ async fn an_admin_cancels_a_waiting_spawn_and_retries_it(backend: Backend) {
 }
 
 on_every_store!(an_admin_cancels_a_waiting_spawn_and_retries_it);
+
+on_both_stores!(
+    metrics_counters_move_when_jobs_run,
+    the_dashboard_turns_away_strangers_non_admins_and_other_sites,
+    bulk_actions_cancel_the_selected_then_all_matching_and_retry_them,
+);
 
 // Followed on a second API process: Postgres only.
 on_both_backends!(spawn_progress_streams_from_the_request_to_ready);
@@ -465,9 +470,8 @@ async fn an_admin_watches_a_spawn_go_live_and_retries_a_failed_job_in_a_browser(
     browser.close().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_dashboard_turns_away_strangers_non_admins_and_other_sites() {
-    let env = TestEnv::start().await;
+async fn the_dashboard_turns_away_strangers_non_admins_and_other_sites(backend: Backend) {
+    let env = TestEnv::on(backend).await;
     let client = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()
@@ -540,9 +544,8 @@ async fn the_dashboard_turns_away_strangers_non_admins_and_other_sites() {
     assert!(wrong.headers().get("set-cookie").is_none());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn bulk_actions_cancel_the_selected_then_all_matching_and_retry_them() {
-    let env = TestEnv::start().await;
+async fn bulk_actions_cancel_the_selected_then_all_matching_and_retry_them(backend: Backend) {
+    let env = TestEnv::on(backend).await;
     let admin = env.login(ADMIN_USER, ADMIN_PASSWORD).await;
     let client = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
@@ -600,13 +603,10 @@ async fn bulk_actions_cancel_the_selected_then_all_matching_and_retry_them() {
     // Retrying every cancelled spawn makes three new queued jobs, each naming its original.
     let said = bulk("action=retry&scope=matching&f_state=cancelled&f_kind=spawn".into()).await;
     assert!(said.contains("Retried"), "{said}");
-    let retries: Vec<(String,)> = sqlx::query_as(
-        "select retry_of::text from jobs where retry_of is not null and state = 'queued'",
-    )
-    .fetch_all(env.pool())
-    .await
-    .unwrap();
-    let mut of: Vec<String> = retries.into_iter().map(|(r,)| r).collect();
+    let retries: Vec<(uuid::Uuid,)> = env
+        .rows("select retry_of from jobs where retry_of is not null and state = 'queued'")
+        .await;
+    let mut of: Vec<String> = retries.into_iter().map(|(r,)| r.to_string()).collect();
     of.sort();
     let mut expected = jobs.clone();
     expected.sort();

@@ -444,9 +444,8 @@ async fn archiving_moves_old_rows_to_files_once_and_expiry_removes_dead_sessions
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn activity_reports_only_move_forward_and_refuse_the_future() {
-    let mut env = TestEnv::start().await;
+async fn activity_reports_only_move_forward_and_refuse_the_future(backend: Backend) {
+    let mut env = TestEnv::on(backend).await;
     env.start_worker(&[]);
     let user = env.user("ava");
     env.create_user(&user).await;
@@ -542,6 +541,8 @@ async fn activity_reports_only_move_forward_and_refuse_the_future() {
 }
 
 on_every_store!(max_age_stops_an_active_server_after_its_warning);
+
+on_both_stores!(activity_reports_only_move_forward_and_refuse_the_future);
 
 // Two worker processes: Postgres only (`berth up` culls on SQLite in tests/up.rs).
 on_both_backends!(idle_servers_are_culled_and_active_and_pending_ones_kept);
