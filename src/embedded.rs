@@ -47,6 +47,10 @@ pub async fn up(
         })?);
     }
     let password_file = dir.join("admin-password");
+    let user = api
+        .admin_user
+        .clone()
+        .unwrap_or_else(|| DEFAULT_ADMIN.into());
     let login = match (&api.admin_user, &api.admin_password) {
         (None, None) => {
             let password = kept_secret(&password_file, || {
@@ -78,7 +82,9 @@ pub async fn up(
             if answers(address).await {
                 eprintln!(
                     "\nBerth is up on its embedded store {}.\n  API        http://{address}/api/v1\n  \
-                     dashboard  http://{address}/admin\n  log in as  {login}\n",
+                     dashboard  http://{address}/admin\n  log in as  {login}\n  \
+                     a token    curl -X POST http://{address}/api/v1/auth/login \
+                     -d '{{\"username\": \"{user}\", \"password\": \"…\"}}'\n",
                     store.path().display()
                 );
                 return;

@@ -89,29 +89,41 @@ async fn settle(ctx: &Context, store: &SqliteStore, d: Delivery) {
         .instrument(span.clone())
         .await;
     let _entered = span.enter();
-    let settled = match result {
-        Ok(()) => store.ack(job_id).await,
-        Err(HandlerError::HandOff) => store.hand_back(job_id, Duration::ZERO, None).await,
-        Err(HandlerError::Deferred(why)) => store.hand_back(job_id, DEFERRAL, Some(&why)).await,
+    let (delay, why) = match result {
+        Ok(()) => (None, None),
+        Err(HandlerError::HandOff) => (Some(Duration::ZERO), None),
+        Err(HandlerError::Deferred(why)) => (Some(DEFERRAL), Some(why)),
         Err(e) if d.delivery as usize >= MAX_DELIVERIES => {
             let why = format!("gave up after {} deliveries: {e}", d.delivery);
             match ctx.store.dead_letter(job_id, &why).await {
                 Ok(_) => {
                     tracing::error!(error = %why, "job dead-lettered");
-                    store.ack(job_id).await
+                    (None, None)
                 }
-                Err(e) => Err(e),
+                Err(e) => {
+                    tracing::error!(error = %e, "could not dead-letter the job");
+                    (Some(redelivery_delay(d.delivery.into())), Some(why))
+                }
             }
         }
-        Err(e) => {
-            let why = e.to_string();
-            store
-                .hand_back(job_id, redelivery_delay(d.delivery.into()), Some(&why))
-                .await
-        }
+        Err(e) => (
+            Some(redelivery_delay(d.delivery.into())),
+            Some(e.to_string()),
+        ),
     };
-    if let Err(e) = settled {
-        // Still taken: the next start of the process hands it out again.
-        tracing::error!(error = %e, "could not settle the job on the queue");
+    // A job left taken would wait for the next start of the process: try again.
+    for _ in 0..5 {
+        let settled = match delay {
+            None => store.ack(job_id).await,
+            Some(delay) => store.hand_back(job_id, delay, why.as_deref()).await,
+        };
+        match settled {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not settle the job on the queue; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
     }
+    tracing::error!("the job stays taken until Berth restarts");
 }
