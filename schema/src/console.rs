@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::{JobRow, ServerRow, StoreError, accounts::Page};
+use crate::{JobKind, JobRow, ServerRow, StoreError, accounts::Page};
 
 /// One step of a spawn, in JupyterHub's progress-event shape.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
@@ -45,9 +45,49 @@ impl ProgressStep {
             ..Default::default()
         }
     }
+
+    /// The last event of a spawn that failed.
+    pub fn failed(error: &str) -> Self {
+        Self {
+            progress: 100,
+            message: format!("spawn failed: {error}"),
+            failed: true,
+            ..Default::default()
+        }
+    }
 }
 
 /// The NOTIFY channel that announces a new progress event (payload: the job id).
+/// Refuses to cancel a job that has started, or a user's removal (its user is
+/// half gone already); both stores check this before they change anything.
+pub(crate) fn ensure_cancellable(job: &JobRow) -> Result<(), StoreError> {
+    if job.state != "queued" {
+        return Err(StoreError::Conflict(format!(
+            "the job is {}; only a job that has not started can be cancelled",
+            job.state
+        )));
+    }
+    if job.kind() == Some(JobKind::Cleanup) {
+        return Err(StoreError::Conflict(
+            "a user's removal cannot be cancelled once requested".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The kind of a job that is repeated as it was (the scheduled ones); a user's
+/// job is retried through the checks of a new request instead.
+pub(crate) fn repeatable_kind(of: &JobRow) -> Result<JobKind, StoreError> {
+    of.kind()
+        .filter(|k| {
+            matches!(
+                k,
+                JobKind::Cull | JobKind::ExpireSessions | JobKind::Archive
+            )
+        })
+        .ok_or_else(|| StoreError::Conflict(format!("a {} job is not repeated as it was", of.kind)))
+}
+
 pub const PROGRESS_CHANNEL: &str = "berth_progress";
 
 /// Which jobs a listing or a bulk action covers; every part is optional.

@@ -112,10 +112,6 @@ async fn server_in(tx: &mut PgConnection, id: i64) -> Result<ServerRow, sqlx::Er
         .await
 }
 
-fn user_not_found(user: &UserName) -> StoreError {
-    StoreError::NotFound(format!("no user named {user:?}"))
-}
-
 #[async_trait]
 impl Store for PgStore {
     async fn ping(&self) -> Result<(), StoreError> {
@@ -186,7 +182,7 @@ impl Store for PgStore {
         .bind(req.active_server_limit as i32)
         .fetch_optional(&mut *tx)
         .await?
-        .ok_or_else(|| user_not_found(&req.user))?;
+        .ok_or_else(|| StoreError::no_user(&req.user))?;
         if user_state == "deleting" {
             return Err(StoreError::Conflict(format!(
                 "user {:?} is being deleted",
@@ -326,7 +322,7 @@ impl Store for PgStore {
             .bind(user.as_str())
             .fetch_optional(&mut *tx)
             .await?
-            .ok_or_else(|| user_not_found(user))?;
+            .ok_or_else(|| StoreError::no_user(user))?;
         if let (Some(id), "deleting") = (row.cleanup_job_id, row.state.as_str()) {
             let job = sqlx::query_as::<_, JobRow>("select * from jobs where id = $1")
                 .bind(id)
@@ -425,7 +421,7 @@ impl Store for PgStore {
             release_admission(&mut tx, server).await?;
         }
         if ended.kind == JobKind::Spawn.as_str() {
-            insert_progress(&mut tx, id, &failed_step(error)).await?;
+            insert_progress(&mut tx, id, &ProgressStep::failed(error)).await?;
         }
         tx.commit().await?;
         count_end(&ended);
@@ -512,7 +508,7 @@ impl Store for PgStore {
         if done {
             end_job(&mut tx, job_id, "failed", Some(error)).await?;
             release_admission(&mut tx, server_id).await?;
-            insert_progress(&mut tx, job_id, &failed_step(error)).await?;
+            insert_progress(&mut tx, job_id, &ProgressStep::failed(error)).await?;
         }
         tx.commit().await?;
         Ok(done)
@@ -638,14 +634,4 @@ pub(crate) fn count_end(job: &JobRow) {
         job.started_at,
         job.finished_at.unwrap_or_else(chrono::Utc::now),
     );
-}
-
-/// The last event of a spawn that failed.
-fn failed_step(error: &str) -> ProgressStep {
-    ProgressStep {
-        progress: 100,
-        message: format!("spawn failed: {error}"),
-        failed: true,
-        ..Default::default()
-    }
 }

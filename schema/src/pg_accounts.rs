@@ -38,10 +38,6 @@ impl<T> ResultExt<T> for Result<T, sqlx::Error> {
     }
 }
 
-fn no_user(user: &UserName) -> StoreError {
-    StoreError::NotFound(format!("no user named {user:?}"))
-}
-
 #[async_trait]
 impl Accounts for PgStore {
     async fn register(&self, account: &NewAccount) -> Result<UserRow, StoreError> {
@@ -117,7 +113,7 @@ impl Accounts for PgStore {
             .bind(role.as_str())
             .fetch_optional(self.pool())
             .await?
-            .ok_or_else(|| no_user(user))
+            .ok_or_else(|| StoreError::no_user(user))
     }
 
     async fn set_active(&self, user: &UserName, active: bool) -> Result<UserRow, StoreError> {
@@ -129,7 +125,7 @@ impl Accounts for PgStore {
         .bind(active)
         .fetch_optional(&mut *tx)
         .await?
-        .ok_or_else(|| no_user(user))?;
+        .ok_or_else(|| StoreError::no_user(user))?;
         if !active {
             sqlx::query(
                 "update sessions set revoked_at = now() where user_id = $1 and revoked_at is null",

@@ -182,12 +182,7 @@ impl Console for PgStore {
             .fetch_optional(&mut *tx)
             .await?
             .ok_or_else(|| StoreError::NotFound(format!("no job {id}")))?;
-        if job.state != "queued" {
-            return Err(StoreError::Conflict(format!(
-                "the job is {}; only a job that has not started can be cancelled",
-                job.state
-            )));
-        }
+        crate::console::ensure_cancellable(&job)?;
         let reason = format!("cancelled by {by}");
         match job.kind() {
             Some(JobKind::Spawn) => {
@@ -238,11 +233,6 @@ impl Console for PgStore {
                     None => {}
                 }
             }
-            Some(JobKind::Cleanup) => {
-                return Err(StoreError::Conflict(
-                    "a user's removal cannot be cancelled once requested".into(),
-                ));
-            }
             _ => {}
         }
         let job = sqlx::query_as::<_, JobRow>(
@@ -268,17 +258,7 @@ impl Console for PgStore {
     }
 
     async fn repeat_job(&self, of: &JobRow) -> Result<JobRow, StoreError> {
-        let kind = of
-            .kind()
-            .filter(|k| {
-                matches!(
-                    k,
-                    JobKind::Cull | JobKind::ExpireSessions | JobKind::Archive
-                )
-            })
-            .ok_or_else(|| {
-                StoreError::Conflict(format!("a {} job is not repeated as it was", of.kind))
-            })?;
+        let kind = crate::console::repeatable_kind(of)?;
         let mut tx = self.pool().begin().await?;
         let job = self
             .insert_job(

@@ -26,14 +26,6 @@ const CLAIM_FRESH: &str = "5 seconds";
 /// NOTIFY channel on which a freed spawn slot is announced.
 pub const SLOT_FREED_CHANNEL: &str = "berth_slot_freed";
 
-fn change(c: LimitChange) -> (bool, Option<i32>) {
-    match c {
-        LimitChange::Keep => (false, None),
-        LimitChange::Set(v) => (true, Some(v)),
-        LimitChange::Reset => (true, None),
-    }
-}
-
 #[async_trait]
 impl Platform for PgStore {
     async fn limit_overrides(&self) -> Result<LimitOverrides, StoreError> {
@@ -51,8 +43,8 @@ impl Platform for PgStore {
         active: LimitChange,
         by: &str,
     ) -> Result<LimitOverrides, StoreError> {
-        let (set_spawn, spawn) = change(spawn);
-        let (set_active, active) = change(active);
+        let (set_spawn, spawn) = spawn.parts();
+        let (set_active, active) = active.parts();
         Ok(sqlx::query_as::<_, LimitOverrides>(
             "insert into platform_limits (id) values (true) on conflict (id) do update set \
                concurrent_spawn_limit = case when $1 then $2 else platform_limits.concurrent_spawn_limit end, \

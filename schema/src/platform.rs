@@ -48,6 +48,17 @@ pub enum LimitChange {
     Reset,
 }
 
+impl LimitChange {
+    /// As the stores bind it: whether to write the column, and its new value.
+    pub fn parts(self) -> (bool, Option<i32>) {
+        match self {
+            LimitChange::Keep => (false, None),
+            LimitChange::Set(v) => (true, Some(v)),
+            LimitChange::Reset => (true, None),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct Usage {
     pub spawns_in_flight: i64,

@@ -28,6 +28,13 @@ pub enum StoreError {
     Io(String),
 }
 
+impl StoreError {
+    /// The user a request names does not exist.
+    pub fn no_user(user: &UserName) -> Self {
+        StoreError::NotFound(format!("no user named {user:?}"))
+    }
+}
+
 /// What a spawn request led to.
 #[derive(Debug)]
 pub enum SpawnOutcome {

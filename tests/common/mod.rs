@@ -55,69 +55,48 @@ pub enum Db {
     Sqlite(SqliteStore),
 }
 
-/// Runs each listed `async fn(Backend)` test once per queue backend, as
-/// `name::postgres` and `name::nats`: one suite, two backends.
+/// Runs each listed `async fn(Backend)` test once per named backend, as
+/// `name::postgres`, `name::nats`, `name::sqlite`: one suite, several backends.
+#[macro_export]
+macro_rules! tests_on {
+    (@one $name:ident [$($test:ident => $backend:ident),+]) => {
+        mod $name {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $test() {
+                    super::$name($crate::common::Backend::$backend).await
+                }
+            )+
+        }
+    };
+    ($backends:tt $($name:ident),* $(,)?) => {
+        $( $crate::tests_on!(@one $name $backends); )*
+    };
+}
+
+/// On both queue backends (Postgres with apalis, NATS JetStream).
 #[macro_export]
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {
-        $(
-            mod $name {
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn postgres() {
-                    super::$name($crate::common::Backend::Postgres).await
-                }
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn nats() {
-                    super::$name($crate::common::Backend::Nats).await
-                }
-            }
-        )*
+        $crate::tests_on!([postgres => Postgres, nats => Nats] $($name),*);
     };
 }
 
-/// Runs each listed `async fn(Backend)` test on both queue backends and on the
-/// embedded SQLite store: `name::postgres`, `name::nats` and `name::sqlite`. For
-/// tests that need no second process (the embedded store is one process's).
+/// On both queue backends and on the embedded SQLite store: for tests that need
+/// no second process (the embedded store is one process's).
 #[macro_export]
 macro_rules! on_every_store {
     ($($name:ident),* $(,)?) => {
-        $(
-            mod $name {
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn postgres() {
-                    super::$name($crate::common::Backend::Postgres).await
-                }
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn nats() {
-                    super::$name($crate::common::Backend::Nats).await
-                }
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn sqlite() {
-                    super::$name($crate::common::Backend::Sqlite).await
-                }
-            }
-        )*
+        $crate::tests_on!([postgres => Postgres, nats => Nats, sqlite => Sqlite] $($name),*);
     };
 }
 
-/// Runs each listed `async fn(Backend)` test on Postgres and on the embedded
-/// SQLite store, for tests of the API and the store that run no job:
-/// `name::postgres` and `name::sqlite`.
+/// On Postgres and on the embedded SQLite store, for tests of the API and the
+/// store that run no job.
 #[macro_export]
 macro_rules! on_both_stores {
     ($($name:ident),* $(,)?) => {
-        $(
-            mod $name {
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn postgres() {
-                    super::$name($crate::common::Backend::Postgres).await
-                }
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn sqlite() {
-                    super::$name($crate::common::Backend::Sqlite).await
-                }
-            }
-        )*
+        $crate::tests_on!([postgres => Postgres, sqlite => Sqlite] $($name),*);
     };
 }
 

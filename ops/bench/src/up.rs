@@ -33,6 +33,9 @@ struct Args {
     berth: String,
 }
 
+mod measure;
+use measure::{percentile, rss_kib};
+
 const TOKEN: &str = "bench-admin-token-0123456789";
 
 struct Run {
@@ -75,24 +78,6 @@ impl Drop for Run {
             .output();
         let _ = std::fs::remove_dir_all(&self.data);
     }
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        })
-        .unwrap_or(0)
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
 fn size_kib(path: &std::path::Path) -> u64 {

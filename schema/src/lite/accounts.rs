@@ -16,10 +16,6 @@ use crate::{
     store::StoreError,
 };
 
-fn no_user(user: &UserName) -> StoreError {
-    StoreError::NotFound(format!("no user named {user:?}"))
-}
-
 /// An API token as stored: its scopes are a JSON array.
 #[derive(sqlx::FromRow)]
 struct TokenRow {
@@ -136,7 +132,7 @@ impl Accounts for SqliteStore {
                 .bind(role.as_str())
                 .fetch_optional(&mut *tx.tx)
                 .await?
-                .ok_or_else(|| no_user(user))?;
+                .ok_or_else(|| StoreError::no_user(user))?;
         self.commit(tx).await?;
         Ok(row)
     }
@@ -150,7 +146,7 @@ impl Accounts for SqliteStore {
         .bind(active)
         .fetch_optional(&mut *tx.tx)
         .await?
-        .ok_or_else(|| no_user(user))?;
+        .ok_or_else(|| StoreError::no_user(user))?;
         if !active {
             sqlx::query(
                 "update sessions set revoked_at = $2 where user_id = $1 and revoked_at is null",

@@ -22,14 +22,6 @@ const CLAIM_FRESH: chrono::TimeDelta = chrono::TimeDelta::seconds(5);
 /// The reconciler's lock: no server has id 0.
 const RECONCILER: i64 = 0;
 
-fn change(c: LimitChange) -> (bool, Option<i32>) {
-    match c {
-        LimitChange::Keep => (false, None),
-        LimitChange::Set(v) => (true, Some(v)),
-        LimitChange::Reset => (true, None),
-    }
-}
-
 struct MemoryLock {
     _guard: tokio::sync::OwnedMutexGuard<()>,
 }
@@ -79,8 +71,8 @@ impl Platform for SqliteStore {
         active: LimitChange,
         by: &str,
     ) -> Result<LimitOverrides, StoreError> {
-        let (set_spawn, spawn) = change(spawn);
-        let (set_active, active) = change(active);
+        let (set_spawn, spawn) = spawn.parts();
+        let (set_active, active) = active.parts();
         let mut tx = self.write().await?;
         let row = sqlx::query_as::<_, LimitOverrides>(
             "update platform_limits set \

@@ -14,10 +14,6 @@ use crate::{
     telemetry,
 };
 
-fn user_not_found(user: &UserName) -> StoreError {
-    StoreError::NotFound(format!("no user named {user:?}"))
-}
-
 pub(crate) async fn server_in(tx: &mut Tx, id: i64) -> Result<ServerRow, sqlx::Error> {
     sqlx::query_as::<_, ServerRow>(select_servers!("where s.id = $1"))
         .bind(id)
@@ -83,15 +79,6 @@ pub(crate) async fn end_job(
         count_end(&job);
     }
     Ok(())
-}
-
-pub(crate) fn failed_step(error: &str) -> ProgressStep {
-    ProgressStep {
-        progress: 100,
-        message: format!("spawn failed: {error}"),
-        failed: true,
-        ..Default::default()
-    }
 }
 
 #[async_trait]
@@ -166,7 +153,7 @@ impl Store for SqliteStore {
         .bind(req.active_server_limit as i32)
         .fetch_optional(&mut *tx.tx)
         .await?
-        .ok_or_else(|| user_not_found(&req.user))?;
+        .ok_or_else(|| StoreError::no_user(&req.user))?;
         if user_state == "deleting" {
             return Err(StoreError::Conflict(format!(
                 "user {:?} is being deleted",
@@ -307,7 +294,7 @@ impl Store for SqliteStore {
             .bind(user.as_str())
             .fetch_optional(&mut *tx.tx)
             .await?
-            .ok_or_else(|| user_not_found(user))?;
+            .ok_or_else(|| StoreError::no_user(user))?;
         if let (Some(id), "deleting") = (row.cleanup_job_id, row.state.as_str()) {
             let job = sqlx::query_as::<_, JobRow>("select * from jobs where id = $1")
                 .bind(id)
@@ -408,7 +395,7 @@ impl Store for SqliteStore {
             release_admission(&mut tx, server).await?;
         }
         if ended.kind == JobKind::Spawn.as_str() {
-            Self::insert_progress(&mut tx, id, &failed_step(error)).await?;
+            Self::insert_progress(&mut tx, id, &ProgressStep::failed(error)).await?;
         }
         self.commit(tx).await?;
         count_end(&ended);
@@ -500,7 +487,7 @@ impl Store for SqliteStore {
         if done {
             end_job(&mut tx, job_id, "failed", Some(error)).await?;
             release_admission(&mut tx, server_id).await?;
-            Self::insert_progress(&mut tx, job_id, &failed_step(error)).await?;
+            Self::insert_progress(&mut tx, job_id, &ProgressStep::failed(error)).await?;
         }
         self.commit(tx).await?;
         Ok(done)
