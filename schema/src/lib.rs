@@ -17,6 +17,7 @@ mod pg_maintenance;
 pub mod pg_platform;
 pub mod platform;
 pub mod queue;
+mod reads;
 pub mod rows;
 pub mod server_logs;
 pub mod store;

@@ -131,20 +131,11 @@ impl Store for PgStore {
     }
 
     async fn get_user(&self, name: &UserName) -> Result<Option<UserRow>, StoreError> {
-        Ok(
-            sqlx::query_as::<_, UserRow>("select * from users where name = $1")
-                .bind(name.as_str())
-                .fetch_optional(&self.pool)
-                .await?,
-        )
+        crate::reads::pg::get_user(self.pool(), name).await
     }
 
     async fn list_users(&self) -> Result<Vec<UserRow>, StoreError> {
-        Ok(
-            sqlx::query_as::<_, UserRow>("select * from users order by name")
-                .fetch_all(&self.pool)
-                .await?,
-        )
+        crate::reads::pg::list_users(self.pool()).await
     }
 
     async fn servers_of(&self, user_ids: &[i64]) -> Result<Vec<ServerRow>, StoreError> {
@@ -161,13 +152,7 @@ impl Store for PgStore {
         user: &UserName,
         server: &ServerName,
     ) -> Result<Option<ServerRow>, StoreError> {
-        Ok(
-            sqlx::query_as::<_, ServerRow>(select_servers!("where u.name = $1 and s.name = $2"))
-                .bind(user.as_str())
-                .bind(server.as_str())
-                .fetch_optional(&self.pool)
-                .await?,
-        )
+        crate::reads::pg::get_server(self.pool(), user, server).await
     }
 
     async fn request_spawn(&self, req: SpawnRequest) -> Result<SpawnOutcome, StoreError> {
@@ -357,12 +342,7 @@ impl Store for PgStore {
     }
 
     async fn get_job(&self, id: Uuid) -> Result<Option<JobRow>, StoreError> {
-        Ok(
-            sqlx::query_as::<_, JobRow>("select * from jobs where id = $1")
-                .bind(id)
-                .fetch_optional(&self.pool)
-                .await?,
-        )
+        crate::reads::pg::get_job(self.pool(), id).await
     }
 
     async fn begin_job(&self, id: Uuid, worker: &str) -> Result<Option<JobRow>, StoreError> {
@@ -442,12 +422,7 @@ impl Store for PgStore {
     }
 
     async fn server_by_id(&self, server_id: i64) -> Result<Option<ServerRow>, StoreError> {
-        Ok(
-            sqlx::query_as::<_, ServerRow>(select_servers!("where s.id = $1"))
-                .bind(server_id)
-                .fetch_optional(&self.pool)
-                .await?,
-        )
+        crate::reads::pg::server_by_id(self.pool(), server_id).await
     }
 
     async fn servers_of_user(&self, user_id: i64) -> Result<Vec<ServerRow>, StoreError> {

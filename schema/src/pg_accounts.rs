@@ -62,24 +62,11 @@ impl Accounts for PgStore {
     }
 
     async fn find_login(&self, login: &str) -> Result<Option<UserRow>, StoreError> {
-        let sql = if login.contains('@') {
-            "select * from users where lower(email) = lower($1)"
-        } else {
-            "select * from users where name = $1"
-        };
-        Ok(sqlx::query_as::<_, UserRow>(sql)
-            .bind(login)
-            .fetch_optional(self.pool())
-            .await?)
+        crate::reads::pg::find_login(self.pool(), login).await
     }
 
     async fn user_by_id(&self, id: i64) -> Result<Option<UserRow>, StoreError> {
-        Ok(
-            sqlx::query_as::<_, UserRow>("select * from users where id = $1")
-                .bind(id)
-                .fetch_optional(self.pool())
-                .await?,
-        )
+        crate::reads::pg::user_by_id(self.pool(), id).await
     }
 
     async fn users_page(
@@ -266,16 +253,7 @@ impl Accounts for PgStore {
     }
 
     async fn server_by_token(&self, token_hash: &str) -> Result<Option<ServerRow>, StoreError> {
-        Ok(sqlx::query_as::<_, ServerRow>(
-            "select s.id, s.user_id, u.name as user_name, s.name, s.state, s.image, \
-             s.spawn_job_id, s.stop_job_id, s.container_id, s.url, s.error, s.requested_at, \
-             s.started_at, s.stopped_at, s.last_activity, s.warning \
-             from servers s join users u on u.id = s.user_id \
-             where s.token_hash = $1 and s.state = 'running'",
-        )
-        .bind(token_hash)
-        .fetch_optional(self.pool())
-        .await?)
+        crate::reads::pg::server_by_token(self.pool(), token_hash).await
     }
 
     async fn create_sso(
@@ -366,17 +344,7 @@ impl Accounts for PgStore {
     }
 
     async fn audit_page(&self, offset: i64, limit: i64) -> Result<Page<AuditRow>, StoreError> {
-        let items = sqlx::query_as::<_, AuditRow>(
-            "select * from audit_log order by id desc offset $1 limit $2",
-        )
-        .bind(offset)
-        .bind(limit)
-        .fetch_all(self.pool())
-        .await?;
-        let total = sqlx::query_scalar("select count(*) from audit_log")
-            .fetch_one(self.pool())
-            .await?;
-        Ok(Page { items, total })
+        crate::reads::pg::audit_page(self.pool(), offset, limit).await
     }
 }
 

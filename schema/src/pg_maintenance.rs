@@ -183,14 +183,7 @@ impl Maintenance for PgStore {
         idle_before: DateTime<Utc>,
         exempt_admins: bool,
     ) -> Result<Vec<ServerRow>, StoreError> {
-        Ok(sqlx::query_as::<_, ServerRow>(select_servers!(
-            "where s.state = 'running' and coalesce(s.last_activity, s.started_at) < $1 \
-             and not ($2 and u.role = 'admin')"
-        ))
-        .bind(idle_before)
-        .bind(exempt_admins)
-        .fetch_all(self.pool())
-        .await?)
+        crate::reads::pg::idle_servers(self.pool(), idle_before, exempt_admins).await
     }
 
     async fn warn_old_servers(
@@ -221,15 +214,8 @@ impl Maintenance for PgStore {
         warned_before: DateTime<Utc>,
         exempt_admins: bool,
     ) -> Result<Vec<ServerRow>, StoreError> {
-        Ok(sqlx::query_as::<_, ServerRow>(select_servers!(
-            "where s.state = 'running' and s.started_at < $1 and s.warned_at < $2 \
-             and not ($3 and u.role = 'admin')"
-        ))
-        .bind(started_before)
-        .bind(warned_before)
-        .bind(exempt_admins)
-        .fetch_all(self.pool())
-        .await?)
+        crate::reads::pg::expired_servers(self.pool(), started_before, warned_before, exempt_admins)
+            .await
     }
 
     async fn expire_sessions(&self) -> Result<Expired, StoreError> {

@@ -29,12 +29,7 @@ pub const SLOT_FREED_CHANNEL: &str = "berth_slot_freed";
 #[async_trait]
 impl Platform for PgStore {
     async fn limit_overrides(&self) -> Result<LimitOverrides, StoreError> {
-        Ok(sqlx::query_as::<_, LimitOverrides>(
-            "select concurrent_spawn_limit, active_server_limit, updated_at, updated_by from platform_limits",
-        )
-        .fetch_optional(self.pool())
-        .await?
-        .unwrap_or_default())
+        crate::reads::pg::limit_overrides(self.pool()).await
     }
 
     async fn set_limits(
@@ -196,13 +191,7 @@ impl Platform for PgStore {
     }
 
     async fn within_active_limit(&self, server_id: i64, limit: u32) -> Result<bool, StoreError> {
-        let place: Option<i32> =
-            sqlx::query_scalar("select slot from admission_tokens where server_id = $1")
-                .bind(server_id)
-                .fetch_optional(self.pool())
-                .await?;
-        // A place at or above the limit was granted before an admin lowered it.
-        Ok(place.is_some_and(|p| i64::from(p) < i64::from(limit)))
+        crate::reads::pg::within_active_limit(self.pool(), server_id, limit).await
     }
 
     async fn register_worker(&self, w: &WorkerInfo) -> Result<(), StoreError> {
@@ -247,11 +236,7 @@ impl Platform for PgStore {
     }
 
     async fn list_workers(&self) -> Result<Vec<WorkerRow>, StoreError> {
-        Ok(
-            sqlx::query_as::<_, WorkerRow>("select * from workers order by started_at desc")
-                .fetch_all(self.pool())
-                .await?,
-        )
+        crate::reads::pg::list_workers(self.pool()).await
     }
 
     async fn try_reconcile_lock(&self) -> Result<Option<Box<dyn ServerLock>>, StoreError> {
@@ -266,15 +251,7 @@ impl Platform for PgStore {
     }
 
     async fn live_servers(&self) -> Result<Vec<ServerRow>, StoreError> {
-        Ok(sqlx::query_as::<_, ServerRow>(
-            "select s.id, s.user_id, u.name as user_name, s.name, s.state, s.image, \
-             s.spawn_job_id, s.stop_job_id, s.container_id, s.url, s.error, s.requested_at, \
-             s.started_at, s.stopped_at, s.last_activity, s.warning \
-             from servers s join users u on u.id = s.user_id \
-             where s.state in ('pending_spawn', 'running', 'pending_stop')",
-        )
-        .fetch_all(self.pool())
-        .await?)
+        crate::reads::pg::live_servers(self.pool()).await
     }
 
     async fn mark_lost(

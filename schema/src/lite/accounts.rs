@@ -79,24 +79,11 @@ impl Accounts for SqliteStore {
     }
 
     async fn find_login(&self, login: &str) -> Result<Option<UserRow>, StoreError> {
-        let sql = if login.contains('@') {
-            "select * from users where lower(email) = lower($1)"
-        } else {
-            "select * from users where name = $1"
-        };
-        Ok(sqlx::query_as::<_, UserRow>(sql)
-            .bind(login)
-            .fetch_optional(self.pool())
-            .await?)
+        crate::reads::lite::find_login(self.pool(), login).await
     }
 
     async fn user_by_id(&self, id: i64) -> Result<Option<UserRow>, StoreError> {
-        Ok(
-            sqlx::query_as::<_, UserRow>("select * from users where id = $1")
-                .bind(id)
-                .fetch_optional(self.pool())
-                .await?,
-        )
+        crate::reads::lite::user_by_id(self.pool(), id).await
     }
 
     async fn users_page(
@@ -306,12 +293,7 @@ impl Accounts for SqliteStore {
     }
 
     async fn server_by_token(&self, token_hash: &str) -> Result<Option<ServerRow>, StoreError> {
-        Ok(sqlx::query_as::<_, ServerRow>(select_servers!(
-            "where s.token_hash = $1 and s.state = 'running'"
-        ))
-        .bind(token_hash)
-        .fetch_optional(self.pool())
-        .await?)
+        crate::reads::lite::server_by_token(self.pool(), token_hash).await
     }
 
     async fn create_sso(
@@ -431,16 +413,6 @@ impl Accounts for SqliteStore {
     }
 
     async fn audit_page(&self, offset: i64, limit: i64) -> Result<Page<AuditRow>, StoreError> {
-        let items = sqlx::query_as::<_, AuditRow>(
-            "select * from audit_log order by id desc limit $2 offset $1",
-        )
-        .bind(offset)
-        .bind(limit)
-        .fetch_all(self.pool())
-        .await?;
-        let total = sqlx::query_scalar("select count(*) from audit_log")
-            .fetch_one(self.pool())
-            .await?;
-        Ok(Page { items, total })
+        crate::reads::lite::audit_page(self.pool(), offset, limit).await
     }
 }

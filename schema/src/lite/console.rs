@@ -66,13 +66,7 @@ impl Console for SqliteStore {
         job_id: Uuid,
         after: i64,
     ) -> Result<Vec<SpawnEvent>, StoreError> {
-        Ok(sqlx::query_as::<_, SpawnEvent>(
-            "select * from spawn_events where job_id = $1 and id > $2 order by id",
-        )
-        .bind(job_id)
-        .bind(after)
-        .fetch_all(self.pool())
-        .await?)
+        crate::reads::lite::progress_after(self.pool(), job_id, after).await
     }
 
     async fn jobs_page(
@@ -117,28 +111,15 @@ impl Console for SqliteStore {
     }
 
     async fn job_counts(&self) -> Result<Vec<JobCount>, StoreError> {
-        Ok(sqlx::query_as::<_, JobCount>(
-            "select kind, state, count(*) as count from jobs group by kind, state order by kind, state",
-        )
-        .fetch_all(self.pool())
-        .await?)
+        crate::reads::lite::job_counts(self.pool()).await
     }
 
     async fn server_counts(&self) -> Result<Vec<StateCount>, StoreError> {
-        Ok(sqlx::query_as::<_, StateCount>(
-            "select state, count(*) as count from servers group by state order by state",
-        )
-        .fetch_all(self.pool())
-        .await?)
+        crate::reads::lite::server_counts(self.pool()).await
     }
 
     async fn failures_since(&self, since: DateTime<Utc>) -> Result<i64, StoreError> {
-        Ok(sqlx::query_scalar(
-            "select count(*) from jobs where finished_at >= $1 and state = 'failed'",
-        )
-        .bind(since)
-        .fetch_one(self.pool())
-        .await?)
+        crate::reads::lite::failures_since(self.pool(), since).await
     }
 
     async fn cancel_job(&self, id: Uuid, by: &str) -> Result<JobRow, StoreError> {

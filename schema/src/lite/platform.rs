@@ -57,12 +57,7 @@ impl SqliteStore {
 #[async_trait]
 impl Platform for SqliteStore {
     async fn limit_overrides(&self) -> Result<LimitOverrides, StoreError> {
-        Ok(sqlx::query_as::<_, LimitOverrides>(
-            "select concurrent_spawn_limit, active_server_limit, updated_at, updated_by from platform_limits",
-        )
-        .fetch_optional(self.pool())
-        .await?
-        .unwrap_or_default())
+        crate::reads::lite::limit_overrides(self.pool()).await
     }
 
     async fn set_limits(
@@ -224,12 +219,7 @@ impl Platform for SqliteStore {
     }
 
     async fn within_active_limit(&self, server_id: i64, limit: u32) -> Result<bool, StoreError> {
-        let place: Option<i32> =
-            sqlx::query_scalar("select slot from admission_tokens where server_id = $1")
-                .bind(server_id)
-                .fetch_optional(self.pool())
-                .await?;
-        Ok(place.is_some_and(|p| i64::from(p) < i64::from(limit)))
+        crate::reads::lite::within_active_limit(self.pool(), server_id, limit).await
     }
 
     async fn register_worker(&self, w: &WorkerInfo) -> Result<(), StoreError> {
@@ -275,11 +265,7 @@ impl Platform for SqliteStore {
     }
 
     async fn list_workers(&self) -> Result<Vec<WorkerRow>, StoreError> {
-        Ok(
-            sqlx::query_as::<_, WorkerRow>("select * from workers order by started_at desc")
-                .fetch_all(self.pool())
-                .await?,
-        )
+        crate::reads::lite::list_workers(self.pool()).await
     }
 
     async fn try_reconcile_lock(&self) -> Result<Option<Box<dyn ServerLock>>, StoreError> {
@@ -294,11 +280,7 @@ impl Platform for SqliteStore {
     }
 
     async fn live_servers(&self) -> Result<Vec<ServerRow>, StoreError> {
-        Ok(sqlx::query_as::<_, ServerRow>(select_servers!(
-            "where s.state in ('pending_spawn', 'running', 'pending_stop')"
-        ))
-        .fetch_all(self.pool())
-        .await?)
+        crate::reads::lite::live_servers(self.pool()).await
     }
 
     async fn mark_lost(
