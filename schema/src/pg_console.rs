@@ -15,24 +15,6 @@ use crate::{
     pg::release_admission,
 };
 
-/// The filter every job listing and bulk action shares; `$1…$5` are kind, state,
-/// user, since and until, each ignored when null.
-const JOB_FILTER: &str = "($1::text is null or kind = $1) and ($2::text is null or state = $2) \
-     and ($3::text is null or user_name = $3) and ($4::timestamptz is null or created_at >= $4) \
-     and ($5::timestamptz is null or created_at < $5)";
-
-fn bind_filter<'q, O>(
-    query: sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
-    f: &'q JobFilter,
-) -> sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments> {
-    query
-        .bind(&f.kind)
-        .bind(&f.state)
-        .bind(&f.user)
-        .bind(f.since)
-        .bind(f.until)
-}
-
 /// Appends a progress event in the caller's transaction (or connection) and
 /// announces it to every listener once that commits.
 pub(crate) async fn insert_progress(
@@ -109,39 +91,11 @@ impl Console for PgStore {
         offset: i64,
         limit: i64,
     ) -> Result<Page<JobRow>, StoreError> {
-        let items = bind_filter(
-            sqlx::query_as::<_, JobRow>(sqlx::AssertSqlSafe(format!(
-                "select * from jobs where {JOB_FILTER} \
-                 order by created_at desc, id desc offset $6 limit $7"
-            ))),
-            filter,
-        )
-        .bind(offset)
-        .bind(limit)
-        .fetch_all(self.pool())
-        .await?;
-        let (total,): (i64,) = bind_filter(
-            sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                "select count(*) from jobs where {JOB_FILTER}"
-            ))),
-            filter,
-        )
-        .fetch_one(self.pool())
-        .await?;
-        Ok(Page { items, total })
+        crate::reads::pg::jobs_page(self.pool(), filter, offset, limit).await
     }
 
     async fn job_ids(&self, filter: &JobFilter, limit: i64) -> Result<Vec<Uuid>, StoreError> {
-        let rows: Vec<(Uuid,)> = bind_filter(
-            sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                "select id from jobs where {JOB_FILTER} order by created_at desc, id desc limit $6"
-            ))),
-            filter,
-        )
-        .bind(limit)
-        .fetch_all(self.pool())
-        .await?;
-        Ok(rows.into_iter().map(|(id,)| id).collect())
+        crate::reads::pg::job_ids(self.pool(), filter, limit).await
     }
 
     async fn job_counts(&self) -> Result<Vec<JobCount>, StoreError> {

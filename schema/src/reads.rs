@@ -4,13 +4,16 @@
 //! stays in each store.
 
 macro_rules! shared_reads {
-    ($pool:ty) => {
+    ($db:ty) => {
+        type Pool = sqlx::Pool<$db>;
+        type QueryAs<'q, O> = sqlx::query::QueryAs<'q, $db, O, <$db as sqlx::Database>::Arguments>;
+
         use chrono::{DateTime, Utc};
         use uuid::Uuid;
 
         use crate::{
             accounts::{AuditRow, Page},
-            console::{JobCount, SpawnEvent, StateCount},
+            console::{JobCount, JobFilter, SpawnEvent, StateCount},
             jobs::JobRow,
             names::{ServerName, UserName},
             platform::{LimitOverrides, WorkerRow},
@@ -19,7 +22,7 @@ macro_rules! shared_reads {
         };
 
         pub(crate) async fn get_user(
-            pool: &$pool,
+            pool: &Pool,
             name: &UserName,
         ) -> Result<Option<UserRow>, StoreError> {
             Ok(
@@ -31,7 +34,7 @@ macro_rules! shared_reads {
         }
 
         pub(crate) async fn user_by_id(
-            pool: &$pool,
+            pool: &Pool,
             id: i64,
         ) -> Result<Option<UserRow>, StoreError> {
             Ok(
@@ -44,7 +47,7 @@ macro_rules! shared_reads {
 
         /// By name, or by email (any case) when the login has an `@`.
         pub(crate) async fn find_login(
-            pool: &$pool,
+            pool: &Pool,
             login: &str,
         ) -> Result<Option<UserRow>, StoreError> {
             let sql = if login.contains('@') {
@@ -58,7 +61,7 @@ macro_rules! shared_reads {
                 .await?)
         }
 
-        pub(crate) async fn list_users(pool: &$pool) -> Result<Vec<UserRow>, StoreError> {
+        pub(crate) async fn list_users(pool: &Pool) -> Result<Vec<UserRow>, StoreError> {
             Ok(
                 sqlx::query_as::<_, UserRow>("select * from users order by name")
                     .fetch_all(pool)
@@ -67,7 +70,7 @@ macro_rules! shared_reads {
         }
 
         pub(crate) async fn get_server(
-            pool: &$pool,
+            pool: &Pool,
             user: &UserName,
             server: &ServerName,
         ) -> Result<Option<ServerRow>, StoreError> {
@@ -83,7 +86,7 @@ macro_rules! shared_reads {
         }
 
         pub(crate) async fn server_by_id(
-            pool: &$pool,
+            pool: &Pool,
             id: i64,
         ) -> Result<Option<ServerRow>, StoreError> {
             Ok(
@@ -96,7 +99,7 @@ macro_rules! shared_reads {
 
         /// The running server a server's own token belongs to.
         pub(crate) async fn server_by_token(
-            pool: &$pool,
+            pool: &Pool,
             token_hash: &str,
         ) -> Result<Option<ServerRow>, StoreError> {
             Ok(sqlx::query_as::<_, ServerRow>(select_servers!(
@@ -107,7 +110,7 @@ macro_rules! shared_reads {
             .await?)
         }
 
-        pub(crate) async fn live_servers(pool: &$pool) -> Result<Vec<ServerRow>, StoreError> {
+        pub(crate) async fn live_servers(pool: &Pool) -> Result<Vec<ServerRow>, StoreError> {
             Ok(sqlx::query_as::<_, ServerRow>(select_servers!(
                 "where s.state in ('pending_spawn', 'running', 'pending_stop')"
             ))
@@ -117,7 +120,7 @@ macro_rules! shared_reads {
 
         /// Running servers without activity since `idle_before`.
         pub(crate) async fn idle_servers(
-            pool: &$pool,
+            pool: &Pool,
             idle_before: DateTime<Utc>,
             exempt_admins: bool,
         ) -> Result<Vec<ServerRow>, StoreError> {
@@ -133,7 +136,7 @@ macro_rules! shared_reads {
 
         /// Running servers past their maximum age whose warning has run out.
         pub(crate) async fn expired_servers(
-            pool: &$pool,
+            pool: &Pool,
             started_before: DateTime<Utc>,
             warned_before: DateTime<Utc>,
             exempt_admins: bool,
@@ -149,7 +152,7 @@ macro_rules! shared_reads {
             .await?)
         }
 
-        pub(crate) async fn get_job(pool: &$pool, id: Uuid) -> Result<Option<JobRow>, StoreError> {
+        pub(crate) async fn get_job(pool: &Pool, id: Uuid) -> Result<Option<JobRow>, StoreError> {
             Ok(
                 sqlx::query_as::<_, JobRow>("select * from jobs where id = $1")
                     .bind(id)
@@ -158,8 +161,71 @@ macro_rules! shared_reads {
             )
         }
 
+        /// The filter every job listing and bulk action shares; `$1…$5` are kind,
+        /// state, user, since and until, each ignored when null.
+        const JOB_FILTER: &str = "($1 is null or kind = $1) and ($2 is null or state = $2) \
+             and ($3 is null or user_name = $3) and ($4 is null or created_at >= $4) \
+             and ($5 is null or created_at < $5)";
+
+        fn bind_filter<'q, O>(query: QueryAs<'q, O>, f: &'q JobFilter) -> QueryAs<'q, O> {
+            query
+                .bind(&f.kind)
+                .bind(&f.state)
+                .bind(&f.user)
+                .bind(f.since)
+                .bind(f.until)
+        }
+
+        /// A page of the jobs matching the filter, newest first, and how many match.
+        pub(crate) async fn jobs_page(
+            pool: &Pool,
+            filter: &JobFilter,
+            offset: i64,
+            limit: i64,
+        ) -> Result<Page<JobRow>, StoreError> {
+            let items = bind_filter(
+                sqlx::query_as::<_, JobRow>(sqlx::AssertSqlSafe(format!(
+                    "select * from jobs where {JOB_FILTER} \
+                     order by created_at desc, id desc limit $7 offset $6"
+                ))),
+                filter,
+            )
+            .bind(offset)
+            .bind(limit)
+            .fetch_all(pool)
+            .await?;
+            let (total,): (i64,) = bind_filter(
+                sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "select count(*) from jobs where {JOB_FILTER}"
+                ))),
+                filter,
+            )
+            .fetch_one(pool)
+            .await?;
+            Ok(Page { items, total })
+        }
+
+        /// The ids of the newest `limit` jobs matching the filter (bulk actions).
+        pub(crate) async fn job_ids(
+            pool: &Pool,
+            filter: &JobFilter,
+            limit: i64,
+        ) -> Result<Vec<Uuid>, StoreError> {
+            let rows: Vec<(Uuid,)> = bind_filter(
+                sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "select id from jobs where {JOB_FILTER} \
+                     order by created_at desc, id desc limit $6"
+                ))),
+                filter,
+            )
+            .bind(limit)
+            .fetch_all(pool)
+            .await?;
+            Ok(rows.into_iter().map(|(id,)| id).collect())
+        }
+
         pub(crate) async fn progress_after(
-            pool: &$pool,
+            pool: &Pool,
             job_id: Uuid,
             after: i64,
         ) -> Result<Vec<SpawnEvent>, StoreError> {
@@ -172,7 +238,7 @@ macro_rules! shared_reads {
             .await?)
         }
 
-        pub(crate) async fn job_counts(pool: &$pool) -> Result<Vec<JobCount>, StoreError> {
+        pub(crate) async fn job_counts(pool: &Pool) -> Result<Vec<JobCount>, StoreError> {
             Ok(sqlx::query_as::<_, JobCount>(
                 "select kind, state, count(*) as count from jobs group by kind, state \
                  order by kind, state",
@@ -181,7 +247,7 @@ macro_rules! shared_reads {
             .await?)
         }
 
-        pub(crate) async fn server_counts(pool: &$pool) -> Result<Vec<StateCount>, StoreError> {
+        pub(crate) async fn server_counts(pool: &Pool) -> Result<Vec<StateCount>, StoreError> {
             Ok(sqlx::query_as::<_, StateCount>(
                 "select state, count(*) as count from servers group by state order by state",
             )
@@ -190,7 +256,7 @@ macro_rules! shared_reads {
         }
 
         pub(crate) async fn failures_since(
-            pool: &$pool,
+            pool: &Pool,
             since: DateTime<Utc>,
         ) -> Result<i64, StoreError> {
             Ok(sqlx::query_scalar(
@@ -202,7 +268,7 @@ macro_rules! shared_reads {
         }
 
         pub(crate) async fn audit_page(
-            pool: &$pool,
+            pool: &Pool,
             offset: i64,
             limit: i64,
         ) -> Result<Page<AuditRow>, StoreError> {
@@ -219,7 +285,7 @@ macro_rules! shared_reads {
             Ok(Page { items, total })
         }
 
-        pub(crate) async fn limit_overrides(pool: &$pool) -> Result<LimitOverrides, StoreError> {
+        pub(crate) async fn limit_overrides(pool: &Pool) -> Result<LimitOverrides, StoreError> {
             Ok(sqlx::query_as::<_, LimitOverrides>(
                 "select concurrent_spawn_limit, active_server_limit, updated_at, updated_by \
                  from platform_limits",
@@ -232,7 +298,7 @@ macro_rules! shared_reads {
         /// Whether the server holds an admission place below `limit` (one at or
         /// above it was granted before an admin lowered the limit).
         pub(crate) async fn within_active_limit(
-            pool: &$pool,
+            pool: &Pool,
             server_id: i64,
             limit: u32,
         ) -> Result<bool, StoreError> {
@@ -244,7 +310,7 @@ macro_rules! shared_reads {
             Ok(place.is_some_and(|p| i64::from(p) < i64::from(limit)))
         }
 
-        pub(crate) async fn list_workers(pool: &$pool) -> Result<Vec<WorkerRow>, StoreError> {
+        pub(crate) async fn list_workers(pool: &Pool) -> Result<Vec<WorkerRow>, StoreError> {
             Ok(
                 sqlx::query_as::<_, WorkerRow>("select * from workers order by started_at desc")
                     .fetch_all(pool)
@@ -255,9 +321,9 @@ macro_rules! shared_reads {
 }
 
 pub(crate) mod pg {
-    shared_reads!(sqlx::PgPool);
+    shared_reads!(sqlx::Postgres);
 }
 
 pub(crate) mod lite {
-    shared_reads!(sqlx::SqlitePool);
+    shared_reads!(sqlx::Sqlite);
 }

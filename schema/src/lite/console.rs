@@ -16,24 +16,6 @@ use crate::{
     pg_accounts::like_pattern,
 };
 
-/// The filter every job listing and bulk action shares; `$1…$5` are kind, state,
-/// user, since and until, each ignored when null.
-const JOB_FILTER: &str = "($1 is null or kind = $1) and ($2 is null or state = $2) \
-     and ($3 is null or user_name = $3) and ($4 is null or created_at >= $4) \
-     and ($5 is null or created_at < $5)";
-
-type LiteQueryAs<'q, O> =
-    sqlx::query::QueryAs<'q, sqlx::Sqlite, O, <sqlx::Sqlite as sqlx::Database>::Arguments>;
-
-fn bind_filter<'q, O>(query: LiteQueryAs<'q, O>, f: &'q JobFilter) -> LiteQueryAs<'q, O> {
-    query
-        .bind(&f.kind)
-        .bind(&f.state)
-        .bind(&f.user)
-        .bind(f.since)
-        .bind(f.until)
-}
-
 #[async_trait]
 impl Console for SqliteStore {
     async fn record_progress(&self, job_id: Uuid, step: &ProgressStep) -> Result<(), StoreError> {
@@ -75,39 +57,11 @@ impl Console for SqliteStore {
         offset: i64,
         limit: i64,
     ) -> Result<Page<JobRow>, StoreError> {
-        let items = bind_filter(
-            sqlx::query_as::<_, JobRow>(sqlx::AssertSqlSafe(format!(
-                "select * from jobs where {JOB_FILTER} \
-                 order by created_at desc, id desc limit $7 offset $6"
-            ))),
-            filter,
-        )
-        .bind(offset)
-        .bind(limit)
-        .fetch_all(self.pool())
-        .await?;
-        let (total,): (i64,) = bind_filter(
-            sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                "select count(*) from jobs where {JOB_FILTER}"
-            ))),
-            filter,
-        )
-        .fetch_one(self.pool())
-        .await?;
-        Ok(Page { items, total })
+        crate::reads::lite::jobs_page(self.pool(), filter, offset, limit).await
     }
 
     async fn job_ids(&self, filter: &JobFilter, limit: i64) -> Result<Vec<Uuid>, StoreError> {
-        let rows: Vec<(Uuid,)> = bind_filter(
-            sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                "select id from jobs where {JOB_FILTER} order by created_at desc, id desc limit $6"
-            ))),
-            filter,
-        )
-        .bind(limit)
-        .fetch_all(self.pool())
-        .await?;
-        Ok(rows.into_iter().map(|(id,)| id).collect())
+        crate::reads::lite::job_ids(self.pool(), filter, limit).await
     }
 
     async fn job_counts(&self) -> Result<Vec<JobCount>, StoreError> {
