@@ -4,7 +4,8 @@
 //!
 //!     cargo run --release -p bench --bin dashboard -- --jobs 100000 --rounds 20
 //!
-//! Needs Postgres (BERTH_BENCH_DATABASE_URL, a superuser URL).
+//! Needs Postgres (BERTH_BENCH_DATABASE_URL, a superuser URL); with `--store sqlite`,
+//! the same on the embedded store in a temporary directory instead.
 
 use std::{
     sync::Arc,
@@ -25,6 +26,9 @@ struct Args {
     users: i64,
     #[arg(long, default_value_t = 20)]
     rounds: usize,
+    /// `postgres`, or `sqlite` for the embedded store (`berth up` without a database).
+    #[arg(long, default_value = "postgres")]
+    store: String,
     #[arg(
         long,
         env = "BERTH_BENCH_DATABASE_URL",
@@ -45,6 +49,12 @@ const PASSWORD: &str = "a bench password that is long";
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.store == "sqlite" {
+        let dir = std::env::temp_dir().join(format!("berth-bench-d-{:08x}", rand::random::<u32>()));
+        let result = measure_sqlite(&args, &dir).await;
+        let _ = std::fs::remove_dir_all(&dir);
+        return result;
+    }
     let db = format!("berth_bench_d_{:08x}", rand::random::<u32>());
     let admin = PgPool::connect(&args.database_url)
         .await
@@ -119,16 +129,103 @@ async fn measure(args: &Args, url: &str) -> anyhow::Result<()> {
         .await?;
     schema::migrate(&pool).await?;
     seed(&pool, args).await?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let base = format!("http://{}", listener.local_addr()?);
-    let config =
-        ApiFlags::try_parse_from(["api", "--admin-user", ADMIN, "--admin-password", PASSWORD])?
-            .config;
+    let (some_job,): (uuid::Uuid,) =
+        sqlx::query_as("select id from jobs where state = 'failed' limit 1")
+            .fetch_one(&pool)
+            .await?;
     let shutdown = CancellationToken::new();
     let (queue, _) = QueueSettings::Postgres
         .open(&pool, shutdown.clone())
         .await?;
     let store = Arc::new(PgStore::new(pool.clone(), queue));
+    time_pages(args, store, some_job, shutdown).await?;
+    pool.close().await;
+    Ok(())
+}
+
+/// The same seed on the embedded store.
+async fn measure_sqlite(args: &Args, dir: &std::path::Path) -> anyhow::Result<()> {
+    let store = schema::SqliteStore::open(dir).await?;
+    let pool = store.pool();
+    let started = Instant::now();
+    // Times as Berth writes them: RFC 3339 text in UTC.
+    let at = |offset: &str| format!("strftime('%Y-%m-%dT%H:%M:%f+00:00', 'now', {offset})");
+    sqlx::query(
+        "with recursive n(g) as (select 1 union all select g + 1 from n where g < $1) \
+         insert into users (name, created_at) select 'u' || g, $2 from n",
+    )
+    .bind(args.users)
+    .bind(chrono::Utc::now())
+    .execute(pool)
+    .await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "insert into servers (user_id, name, state, started_at, last_activity, container_id, \
+           requested_at, created_at, updated_at) \
+         select id, '', case id % 3 when 0 then 'running' when 1 then 'stopped' else 'failed' end, \
+           {two_hours}, {idle}, hex(randomblob(8)), {two_hours}, {two_hours}, {two_hours} from users",
+        two_hours = at("'-2 hours'"),
+        idle = at("'-' || (id % 120) || ' minutes'"),
+    )))
+    .execute(pool)
+    .await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "with recursive n(g) as (select 1 union all select g + 1 from n where g < $1) \
+         insert into jobs (id, kind, state, user_name, server_name, attempts, last_error, worker, \
+           created_at, started_at, finished_at) \
+         select randomblob(16), \
+           case (g % 20 = 0) * 3 + g % 2 when 0 then 'spawn' when 1 then 'stop' when 3 then 'cull' \
+             else 'expire_sessions' end, \
+           case g % 6 when 3 then 'failed' when 4 then 'cancelled' when 5 then 'queued' \
+             else 'succeeded' end, \
+           'u' || (1 + g % $2), '', 1 + g % 3, \
+           case when g % 6 = 3 then 'image berth-missing: could not be pulled' end, 'bench-worker', \
+           {created}, {started}, case when g % 6 <> 5 then {finished} end from n",
+        created = at("'-' || (g * 25) || ' seconds'"),
+        started = at("'-' || (g * 25 - 1) || ' seconds'"),
+        finished = at("'-' || (g * 25 - 3) || ' seconds'"),
+    )))
+    .bind(args.jobs)
+    .bind(args.users)
+    .execute(pool)
+    .await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "with recursive n(g) as (select 1 union all select g + 1 from n where g < 20000) \
+         insert into audit_log (actor, action, target, client_addr, detail, at) \
+         select 'user:u' || g % 50, 'login_succeeded', 'u' || g % 50, '127.0.0.1', '{{}}', {now} from n",
+        now = at("'-0 seconds'"),
+    )))
+    .execute(pool)
+    .await?;
+    sqlx::query("analyze").execute(pool).await?;
+    println!(
+        "seeded {} jobs, {} users and servers, 20000 audit rows on SQLite in {:.1} s",
+        args.jobs,
+        args.users,
+        started.elapsed().as_secs_f64()
+    );
+    let (some_job,): (uuid::Uuid,) =
+        sqlx::query_as("select id from jobs where state = 'failed' limit 1")
+            .fetch_one(pool)
+            .await?;
+    let store = Arc::new(store);
+    time_pages(args, store, some_job, CancellationToken::new()).await
+}
+
+/// Serves the API on `store`, logs in through the form and times each page.
+async fn time_pages<S>(
+    args: &Args,
+    store: Arc<S>,
+    some_job: uuid::Uuid,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()>
+where
+    S: schema::Store + schema::Accounts + schema::Platform + schema::Maintenance + schema::Console,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let config =
+        ApiFlags::try_parse_from(["api", "--admin-user", ADMIN, "--admin-password", PASSWORD])?
+            .config;
     let server = tokio::spawn(api::run(config, store, listener, shutdown.clone()));
     let http = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
@@ -156,10 +253,6 @@ async fn measure(args: &Args, url: &str) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let cookie = cookie.context("logging in")?;
-    let (some_job,): (uuid::Uuid,) =
-        sqlx::query_as("select id from jobs where state = 'failed' limit 1")
-            .fetch_one(&pool)
-            .await?;
     let day_ago = (chrono::Utc::now() - chrono::Duration::hours(24)).format("%Y-%m-%dT%H:%M");
     let pages = [
         "/admin".to_owned(),
@@ -206,6 +299,5 @@ async fn measure(args: &Args, url: &str) -> anyhow::Result<()> {
     }
     shutdown.cancel();
     let _ = server.await;
-    pool.close().await;
     Ok(())
 }
