@@ -19,7 +19,16 @@ pub async fn up(
     mut scheduler: scheduler::SchedulerConfig,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let dir = worker.process.data_dir.clone();
+    if let schema::QueueSettings::Nats(_) = common.queue() {
+        anyhow::bail!(
+            "BERTH_QUEUE=nats needs Postgres (its outbox lives there): set BERTH_DATABASE_URL, \
+             or leave BERTH_QUEUE unset for the embedded store"
+        );
+    }
+    // Absolute, so that what is printed and what the roles use cannot drift.
+    let dir = std::path::absolute(&worker.process.data_dir)
+        .with_context(|| format!("the data directory {}", worker.process.data_dir.display()))?;
+    worker.process.data_dir = dir.clone();
     let store = schema::SqliteStore::open(&dir)
         .await
         .with_context(|| format!("the embedded database in {}", dir.display()))?;
