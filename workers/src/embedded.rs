@@ -26,10 +26,39 @@ pub async fn consume(
     concurrency: usize,
     shutdown: CancellationToken,
 ) -> Result<(), WorkerError> {
+    let taker = format!("{}/{queue}", ctx.worker_name);
+    let settling = store.clone();
+    consume_with(
+        store,
+        queue,
+        concurrency,
+        taker,
+        shutdown,
+        move |delivery| {
+            let (ctx, store) = (ctx.clone(), settling.clone());
+            async move { settle(&ctx, &store, delivery).await }
+        },
+    )
+    .await
+}
+
+/// The consumer loop with the handling of a delivery (run, then settle) left to
+/// `handle`: the worker's is `settle`; a benchmark's may do nothing.
+pub async fn consume_with<F, Fut>(
+    store: SqliteStore,
+    queue: &'static str,
+    concurrency: usize,
+    taker: String,
+    shutdown: CancellationToken,
+    handle: F,
+) -> Result<(), WorkerError>
+where
+    F: Fn(Delivery) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let concurrency = concurrency.max(1);
     let permits = Arc::new(Semaphore::new(concurrency));
     let wake = store.enqueued();
-    let taker = format!("{}/{queue}", ctx.worker_name);
     while !shutdown.is_cancelled() {
         let free = permits.available_permits();
         if free == 0 {
@@ -61,9 +90,9 @@ pub async fn consume(
                 .acquire_owned()
                 .await
                 .expect("the semaphore is never closed");
-            let (ctx, store) = (ctx.clone(), store.clone());
+            let handled = handle(delivery);
             tokio::spawn(async move {
-                settle(&ctx, &store, delivery).await;
+                handled.await;
                 drop(permit);
             });
         }

@@ -7,7 +7,10 @@
 //!     cargo run --release -p bench --bin queues -- --jobs 5000 --workers 4
 //!
 //! Needs Postgres (BERTH_BENCH_DATABASE_URL, a superuser URL) and a nats-server
-//! with JetStream (BERTH_BENCH_NATS_URL).
+//! with JetStream (BERTH_BENCH_NATS_URL). The backends `sqlite`, `sqlite-normal` and
+//! `sqlite-off` run the embedded store's queue (a job row and its queue entry per
+//! transaction, as its requests write them; drained by its consumer loop) with
+//! `synchronous` FULL (Berth's choice), NORMAL or OFF, in a temporary directory.
 
 use std::{
     collections::HashMap,
@@ -91,7 +94,7 @@ async fn main() -> anyhow::Result<()> {
         args.jobs, args.producers, args.workers, args.concurrency
     );
     println!(
-        "{:<9} {:>14} {:>12} {:>9} {:>9} {:>9}",
+        "{:<13} {:>10} {:>12} {:>9} {:>9} {:>9}",
         "backend", "enqueue/s", "jobs/s", "p50 ms", "p99 ms", "max ms"
     );
     for backend in &args.backends {
@@ -101,6 +104,18 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: &Args, backend: &str) -> anyhow::Result<()> {
+    let durability = match backend {
+        "sqlite" => Some(schema::lite::Durability::Full),
+        "sqlite-normal" => Some(schema::lite::Durability::Normal),
+        "sqlite-off" => Some(schema::lite::Durability::Off),
+        _ => None,
+    };
+    if let Some(durability) = durability {
+        let dir = std::env::temp_dir().join(format!("berth-bench-q-{:08x}", rand::random::<u32>()));
+        let result = measure_sqlite(args, backend, &dir, durability).await;
+        let _ = std::fs::remove_dir_all(&dir);
+        return result;
+    }
     let tag = format!("{:08x}", rand::random::<u32>());
     let db = format!("berth_bench_q_{tag}");
     let admin = PgPool::connect(&args.database_url)
@@ -229,11 +244,23 @@ async fn measure(args: &Args, backend: &str, url: &str, tag: &str) -> anyhow::Re
             .await;
     }
 
+    report(args, backend, &record, enqueued_in, drained_in);
+    pool.close().await;
+    Ok(())
+}
+
+fn report(
+    args: &Args,
+    backend: &str,
+    record: &Record,
+    enqueued_in: Duration,
+    drained_in: Duration,
+) {
     let mut latencies = std::mem::take(&mut *record.latencies.lock().unwrap());
     latencies.sort();
     let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e3;
     println!(
-        "{:<9} {:>14.0} {:>12.0} {:>9.1} {:>9.1} {:>9.1}",
+        "{:<13} {:>10.0} {:>12.0} {:>9.1} {:>9.1} {:>9.1}",
         backend,
         args.jobs as f64 / enqueued_in.as_secs_f64(),
         args.jobs as f64 / drained_in.as_secs_f64(),
@@ -241,7 +268,74 @@ async fn measure(args: &Args, backend: &str, url: &str, tag: &str) -> anyhow::Re
         at(0.99),
         at(1.0),
     );
-    pool.close().await;
+}
+
+/// The embedded store's queue: producers write a job and its queue entry per
+/// transaction; W consumer loops of `berth up` (`workers::embedded::consume_with`)
+/// take them and acknowledge at once.
+async fn measure_sqlite(
+    args: &Args,
+    backend: &str,
+    dir: &std::path::Path,
+    durability: schema::lite::Durability,
+) -> anyhow::Result<()> {
+    let store = schema::SqliteStore::open_with(dir, durability).await?;
+    let record = Arc::new(Record {
+        expected: args.jobs,
+        ..Default::default()
+    });
+    let stop = CancellationToken::new();
+    let mut consumers = Vec::new();
+    for w in 0..args.workers {
+        let (store, record) = (store.clone(), record.clone());
+        let acking = store.clone();
+        consumers.push(tokio::spawn(workers::embedded::consume_with(
+            store,
+            SPAWN_QUEUE,
+            args.concurrency,
+            format!("bench-{w}"),
+            stop.clone(),
+            move |delivery| {
+                let (record, store) = (record.clone(), acking.clone());
+                async move {
+                    record.start(delivery.envelope.job_id);
+                    let _ = store.ack(delivery.envelope.job_id).await;
+                }
+            },
+        )));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let next = Arc::new(AtomicUsize::new(0));
+    let began = Instant::now();
+    let producers: Vec<_> = (0..args.producers)
+        .map(|_| {
+            let (store, record, next) = (store.clone(), record.clone(), next.clone());
+            let jobs = args.jobs;
+            tokio::spawn(async move {
+                while next.fetch_add(1, Ordering::SeqCst) < jobs {
+                    let id = Uuid::now_v7();
+                    record.enqueued.lock().unwrap().insert(id, Instant::now());
+                    store
+                        .enqueue(id, JobKind::Spawn, "bench", serde_json::json!({}))
+                        .await?;
+                }
+                anyhow::Ok(())
+            })
+        })
+        .collect();
+    for producer in producers {
+        producer.await??;
+    }
+    let enqueued_in = began.elapsed();
+    tokio::time::timeout(Duration::from_secs(600), record.all_started.notified())
+        .await
+        .context("not every job started within 10 minutes")?;
+    let drained_in = record.last_start.lock().unwrap().expect("a start") - began;
+    stop.cancel();
+    for consumer in consumers {
+        let _ = consumer.await;
+    }
+    report(args, backend, &record, enqueued_in, drained_in);
     Ok(())
 }
 

@@ -93,9 +93,27 @@ pub enum OpenError {
     Migrate(PathBuf, sqlx::migrate::MigrateError),
 }
 
+/// When a commit is on disk. Berth runs with `Full`: a 202 means the job survives a
+/// power cut. The others exist to measure what that costs (`ops/bench/queues`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// WAL synced at every commit.
+    #[default]
+    Full,
+    /// WAL synced at checkpoints: a power cut may lose the last commits.
+    Normal,
+    /// Never synced: the operating system decides.
+    Off,
+}
+
 impl SqliteStore {
     /// Opens (creating and migrating when needed) the database in `dir`.
     pub async fn open(dir: &Path) -> Result<Self, OpenError> {
+        Self::open_with(dir, Durability::Full).await
+    }
+
+    /// `open` with a durability of the caller's choosing.
+    pub async fn open_with(dir: &Path, durability: Durability) -> Result<Self, OpenError> {
         std::fs::create_dir_all(dir).map_err(|e| OpenError::Dir(dir.into(), e))?;
         let lock_path = dir.join("berth.lock");
         let owner = std::fs::OpenOptions::new()
@@ -113,7 +131,11 @@ impl SqliteStore {
             .filename(&path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full)
+            .synchronous(match durability {
+                Durability::Full => SqliteSynchronous::Full,
+                Durability::Normal => SqliteSynchronous::Normal,
+                Durability::Off => SqliteSynchronous::Off,
+            })
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(10));
         let pool = SqlitePoolOptions::new()

@@ -18,6 +18,24 @@ pub struct Delivery {
 }
 
 impl SqliteStore {
+    /// A job (with the caller's time-ordered id) and its queue entry in one
+    /// transaction of their own: what the store's requests do inside theirs, for
+    /// jobs that change nothing else.
+    pub async fn enqueue(
+        &self,
+        id: Uuid,
+        kind: JobKind,
+        user: &str,
+        payload: serde_json::Value,
+    ) -> Result<crate::jobs::JobRow, StoreError> {
+        let mut tx = self.write().await?;
+        let job = self
+            .insert_job_as(&mut tx, id, kind, user, None, payload)
+            .await?;
+        self.commit(tx).await?;
+        Ok(job)
+    }
+
     /// Hands everything back at start-up: the process that had taken it is gone.
     pub async fn release_taken(&self) -> Result<u64, StoreError> {
         let mut tx = self.write().await?;
