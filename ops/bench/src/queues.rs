@@ -210,29 +210,12 @@ async fn measure(args: &Args, backend: &str, url: &str, tag: &str) -> anyhow::Re
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
 
-    let next = Arc::new(AtomicUsize::new(0));
-    let began = Instant::now();
-    let producers: Vec<_> = (0..args.producers)
-        .map(|_| {
-            let (pool, queue, record, next) =
-                (pool.clone(), queue.clone(), record.clone(), next.clone());
-            let jobs = args.jobs;
-            tokio::spawn(async move {
-                while next.fetch_add(1, Ordering::SeqCst) < jobs {
-                    enqueue(&pool, queue.as_ref(), &record).await?;
-                }
-                anyhow::Ok(())
-            })
-        })
-        .collect();
-    for producer in producers {
-        producer.await??;
-    }
-    let enqueued_in = began.elapsed();
-    tokio::time::timeout(Duration::from_secs(600), record.all_started.notified())
-        .await
-        .context("not every job started within 10 minutes")?;
-    let drained_in = record.last_start.lock().unwrap().expect("a start") - began;
+    let producing = (pool.clone(), queue.clone());
+    let (enqueued_in, drained_in) = produce_and_drain(args, &record, move |record| {
+        let (pool, queue) = producing.clone();
+        async move { enqueue(&pool, queue.as_ref(), &record).await }
+    })
+    .await?;
     stop.cancel();
     for worker in workers {
         let _ = worker.await;
@@ -305,19 +288,47 @@ async fn measure_sqlite(
         )));
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
+    let (enqueued_in, drained_in) = produce_and_drain(args, &record, move |record| {
+        let store = store.clone();
+        async move {
+            let id = Uuid::now_v7();
+            record.enqueued.lock().unwrap().insert(id, Instant::now());
+            store
+                .enqueue(id, JobKind::Spawn, "bench", serde_json::json!({}))
+                .await?;
+            anyhow::Ok(())
+        }
+    })
+    .await?;
+    stop.cancel();
+    for consumer in consumers {
+        let _ = consumer.await;
+    }
+    report(args, backend, &record, enqueued_in, drained_in);
+    Ok(())
+}
+
+/// `args.jobs` jobs enqueued by `args.producers` producers at once, each through
+/// `enqueue_one`; returns how long enqueueing took and how long until the last job
+/// started (both from the first enqueue).
+async fn produce_and_drain<F, Fut>(
+    args: &Args,
+    record: &Arc<Record>,
+    enqueue_one: F,
+) -> anyhow::Result<(Duration, Duration)>
+where
+    F: Fn(Arc<Record>) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = anyhow::Result<()>> + Send,
+{
     let next = Arc::new(AtomicUsize::new(0));
     let began = Instant::now();
     let producers: Vec<_> = (0..args.producers)
         .map(|_| {
-            let (store, record, next) = (store.clone(), record.clone(), next.clone());
+            let (record, next, enqueue_one) = (record.clone(), next.clone(), enqueue_one.clone());
             let jobs = args.jobs;
             tokio::spawn(async move {
                 while next.fetch_add(1, Ordering::SeqCst) < jobs {
-                    let id = Uuid::now_v7();
-                    record.enqueued.lock().unwrap().insert(id, Instant::now());
-                    store
-                        .enqueue(id, JobKind::Spawn, "bench", serde_json::json!({}))
-                        .await?;
+                    enqueue_one(record.clone()).await?;
                 }
                 anyhow::Ok(())
             })
@@ -331,12 +342,7 @@ async fn measure_sqlite(
         .await
         .context("not every job started within 10 minutes")?;
     let drained_in = record.last_start.lock().unwrap().expect("a start") - began;
-    stop.cancel();
-    for consumer in consumers {
-        let _ = consumer.await;
-    }
-    report(args, backend, &record, enqueued_in, drained_in);
-    Ok(())
+    Ok((enqueued_in, drained_in))
 }
 
 /// One job, as the API enqueues it: a transaction through the `Queue`, a commit,
