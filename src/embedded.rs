@@ -34,13 +34,7 @@ pub async fn up(
         .with_context(|| format!("the embedded database in {}", dir.display()))?;
     tracing::info!(database = %store.path().display(), "embedded store ready");
 
-    let limits = common.limits();
-    api.limits = limits;
-    worker.limits = limits;
-    worker
-        .process
-        .spawner
-        .get_or_insert(workers::SpawnerKind::Auto);
+    crate::prepare_up(common.limits(), &mut api, &mut worker);
     // Relative places land in the data directory, with everything else of this Berth.
     if Path::new(&scheduler.archive_dir).is_relative() {
         scheduler.archive_dir = dir
@@ -48,8 +42,6 @@ pub async fn up(
             .to_string_lossy()
             .into_owned();
     }
-    api.server_logs
-        .get_or_insert_with(|| dir.join(&worker.docker.instance).join("logs"));
     if api.jwt_private_key.is_none() {
         api.jwt_private_key = Some(kept_secret(&dir.join("jwt-key.pem"), || {
             api::tokens::JwtKeys::generate_pem().map_err(anyhow::Error::msg)
@@ -79,12 +71,6 @@ pub async fn up(
         .with_context(|| format!("binding {}", api.listen))?;
     let address = listener.local_addr()?;
     let store = Arc::new(store);
-    let stop_all = |result: anyhow::Result<()>| {
-        if result.is_err() {
-            shutdown.cancel();
-        }
-        result
-    };
     let announce = async {
         // Once the API answers /health: its admin account exists by then.
         for _ in 0..600 {
@@ -101,34 +87,25 @@ pub async fn up(
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
     };
-    let (a, w, s, ()) = tokio::join!(
+    let roles = crate::all_roles(
+        &shutdown,
         async {
-            stop_all(
-                api::run(api, store.clone(), listener, shutdown.clone())
-                    .await
-                    .map_err(Into::into),
-            )
+            api::run(api, store.clone(), listener, shutdown.clone())
+                .await
+                .map_err(Into::into)
         },
         async {
-            stop_all(
-                workers::run_embedded(worker, store.as_ref().clone(), shutdown.clone())
-                    .await
-                    .map_err(Into::into),
-            )
+            workers::run_embedded(worker, store.as_ref().clone(), shutdown.clone())
+                .await
+                .map_err(Into::into)
         },
         async {
-            stop_all(
-                scheduler::run_on(scheduler, store.clone(), shutdown.clone())
-                    .await
-                    .map_err(Into::into),
-            )
+            scheduler::run_on(scheduler, store.clone(), shutdown.clone())
+                .await
+                .map_err(Into::into)
         },
-        announce,
     );
-    a?;
-    w?;
-    s?;
-    Ok(())
+    tokio::join!(roles, announce).0
 }
 
 /// A secret kept in `path` (mode 0600): read when there, else made and written.

@@ -243,54 +243,74 @@ async fn main() -> anyhow::Result<()> {
             mut worker,
             mut scheduler,
         } => {
-            api.limits = limits;
-            worker.limits = limits;
-            api.server_logs.get_or_insert_with(|| {
-                worker
-                    .process
-                    .data_dir
-                    .join(&worker.docker.instance)
-                    .join("logs")
-            });
-            // A newcomer's one command: local processes when no engine answers.
-            worker
-                .process
-                .spawner
-                .get_or_insert(workers::SpawnerKind::Auto);
+            prepare_up(limits, &mut api, &mut worker);
             worker.queue = queue.clone();
             scheduler.queue = queue.clone();
             schema::migrate(&pool).await?;
-            // Whichever role fails first takes the others down with it.
-            let stop_all = |result: anyhow::Result<()>| {
-                if result.is_err() {
-                    shutdown.cancel();
-                }
-                result
-            };
             let (api_pool, worker_pool) = (pool.clone(), pool.clone());
-            let (a, w, s) = tokio::join!(
-                async { stop_all(serve_api(api, api_pool, &queue, shutdown.clone()).await) },
+            all_roles(
+                &shutdown,
+                serve_api(api, api_pool, &queue, shutdown.clone()),
                 async {
-                    stop_all(
-                        workers::run(worker, worker_pool, shutdown.clone())
-                            .await
-                            .map_err(Into::into),
-                    )
+                    workers::run(worker, worker_pool, shutdown.clone())
+                        .await
+                        .map_err(Into::into)
                 },
                 async {
-                    stop_all(
-                        scheduler::run(scheduler, pool, shutdown.clone())
-                            .await
-                            .map_err(Into::into),
-                    )
+                    scheduler::run(scheduler, pool, shutdown.clone())
+                        .await
+                        .map_err(Into::into)
                 },
-            );
-            a?;
-            w?;
-            s?;
+            )
+            .await?;
         }
     }
     Ok(())
+}
+
+/// What `berth up` sets on its roles, on either store: the shared limits; local
+/// processes when no engine answers (a newcomer's one command); the API shows the
+/// local-process servers' logs.
+fn prepare_up(
+    limits: schema::Limits,
+    api: &mut api::ApiConfig,
+    worker: &mut workers::WorkerConfig,
+) {
+    api.limits = limits;
+    worker.limits = limits;
+    worker
+        .process
+        .spawner
+        .get_or_insert(workers::SpawnerKind::Auto);
+    api.server_logs.get_or_insert_with(|| {
+        worker
+            .process
+            .data_dir
+            .join(&worker.docker.instance)
+            .join("logs")
+    });
+}
+
+/// Runs the API, worker and scheduler of `berth up` together until all have
+/// stopped; whichever fails first takes the others down with it.
+async fn all_roles(
+    shutdown: &CancellationToken,
+    api: impl Future<Output = anyhow::Result<()>>,
+    worker: impl Future<Output = anyhow::Result<()>>,
+    scheduler: impl Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    let stop_all = |result: anyhow::Result<()>| {
+        if result.is_err() {
+            shutdown.cancel();
+        }
+        result
+    };
+    let (a, w, s) = tokio::join!(
+        async { stop_all(api.await) },
+        async { stop_all(worker.await) },
+        async { stop_all(scheduler.await) },
+    );
+    a.and(w).and(s)
 }
 
 async fn serve_api(
