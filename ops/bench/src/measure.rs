@@ -1,4 +1,7 @@
-//! What the benchmarks measure alike: memory of a process, percentiles.
+//! What the benchmarks do and measure alike: users and a burst of spawn requests
+//! against an API, memory of a process, percentiles.
+
+use std::time::{Duration, Instant};
 
 /// Resident memory of a process, KiB (0 when it is gone).
 pub fn rss_kib(pid: u32) -> u64 {
@@ -18,4 +21,70 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
         return 0.0;
     }
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Creates the users through the API, 50 requests at a time.
+pub async fn create_users(
+    client: &reqwest::Client,
+    api: &str,
+    token: &str,
+    users: &[String],
+) -> anyhow::Result<()> {
+    for chunk in users.chunks(50) {
+        futures::future::try_join_all(chunk.iter().map(|u| {
+            client
+                .post(format!("{api}/users/{u}"))
+                .bearer_auth(token)
+                .send()
+        }))
+        .await?;
+    }
+    Ok(())
+}
+
+/// What a burst of spawn requests got.
+pub struct Burst {
+    /// From the first request to the last answer.
+    pub answered_in: Duration,
+    /// Each request's time to its answer, ms, sorted.
+    pub latencies: Vec<f64>,
+    pub accepted: usize,
+    pub refused: usize,
+}
+
+/// Every user asks for their default server at the same moment.
+pub async fn spawn_burst(
+    client: &reqwest::Client,
+    api: &str,
+    token: &str,
+    users: &[String],
+) -> Burst {
+    let first = Instant::now();
+    let answers = futures::future::join_all(users.iter().map(|u| {
+        let client = client.clone();
+        let url = format!("{api}/users/{u}/server");
+        async move {
+            let sent = Instant::now();
+            let status = client
+                .post(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .map(|r| r.status().as_u16());
+            (status, sent.elapsed())
+        }
+    }))
+    .await;
+    let answered_in = first.elapsed();
+    let mut latencies: Vec<f64> = answers
+        .iter()
+        .map(|(_, d)| d.as_secs_f64() * 1000.0)
+        .collect();
+    latencies.sort_by(f64::total_cmp);
+    Burst {
+        answered_in,
+        latencies,
+        accepted: answers.iter().filter(|(s, _)| matches!(s, Ok(202))).count(),
+        refused: answers.iter().filter(|(s, _)| matches!(s, Ok(429))).count(),
+    }
 }

@@ -49,7 +49,7 @@ struct Args {
 }
 
 mod measure;
-use measure::{percentile, rss_kib};
+use measure::{Burst, create_users, percentile, rss_kib, spawn_burst};
 
 const TOKEN: &str = "bench-admin-token-0123456789";
 
@@ -270,15 +270,7 @@ async fn run(args: &Args, tag: &str, url: &str, network: &str) -> anyhow::Result
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let users: Vec<String> = (0..args.users).map(|i| format!("u{i}-{tag}")).collect();
-    for chunk in users.chunks(50) {
-        futures::future::try_join_all(chunk.iter().map(|u| {
-            client
-                .post(format!("{api_base}/users/{u}"))
-                .bearer_auth(TOKEN)
-                .send()
-        }))
-        .await?;
-    }
+    create_users(&client, &api_base, TOKEN, &users).await?;
     // Let the workers settle (reconcile, listeners) before measuring idle memory.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let pids: Vec<u32> = processes.0.iter().map(Child::id).collect();
@@ -286,29 +278,12 @@ async fn run(args: &Args, tag: &str, url: &str, network: &str) -> anyhow::Result
 
     let pool = PgPool::connect(url).await?;
     let first_request = Instant::now();
-    let answers = futures::future::join_all(users.iter().map(|u| {
-        let client = client.clone();
-        let url = format!("{api_base}/users/{u}/server");
-        async move {
-            let sent = Instant::now();
-            let status = client
-                .post(url)
-                .bearer_auth(TOKEN)
-                .send()
-                .await
-                .map(|r| r.status().as_u16());
-            (status, sent.elapsed())
-        }
-    }))
-    .await;
-    let answered_all = first_request.elapsed();
-    let mut latencies: Vec<f64> = answers
-        .iter()
-        .map(|(_, d)| d.as_secs_f64() * 1000.0)
-        .collect();
-    latencies.sort_by(f64::total_cmp);
-    let accepted = answers.iter().filter(|(s, _)| matches!(s, Ok(202))).count();
-    let refused = answers.iter().filter(|(s, _)| matches!(s, Ok(429))).count();
+    let Burst {
+        answered_in: answered_all,
+        latencies,
+        accepted,
+        refused,
+    } = spawn_burst(&client, &api_base, TOKEN, &users).await;
 
     if args.workers == 0 {
         println!(

@@ -34,7 +34,7 @@ struct Args {
 }
 
 mod measure;
-use measure::{percentile, rss_kib};
+use measure::{Burst, create_users, percentile, rss_kib, spawn_burst};
 
 const TOKEN: &str = "bench-admin-token-0123456789";
 
@@ -137,41 +137,18 @@ async fn main() -> anyhow::Result<()> {
     let users: Vec<String> = (0..args.users)
         .map(|i| format!("u{i}-{instance}"))
         .collect();
-    for chunk in users.chunks(50) {
-        futures::future::try_join_all(chunk.iter().map(|u| {
-            client
-                .post(format!("{base}/api/v1/users/{u}"))
-                .bearer_auth(TOKEN)
-                .send()
-        }))
-        .await?;
-    }
+    let api = format!("{base}/api/v1");
+    create_users(&client, &api, TOKEN, &users).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let idle_rss = rss_kib(pid);
 
     let first = Instant::now();
-    let answers = futures::future::join_all(users.iter().map(|u| {
-        let client = client.clone();
-        let url = format!("{base}/api/v1/users/{u}/server");
-        async move {
-            let sent = Instant::now();
-            let status = client
-                .post(url)
-                .bearer_auth(TOKEN)
-                .send()
-                .await
-                .map(|r| r.status().as_u16());
-            (status, sent.elapsed())
-        }
-    }))
-    .await;
-    let answered = first.elapsed();
-    let mut latencies: Vec<f64> = answers
-        .iter()
-        .map(|(_, d)| d.as_secs_f64() * 1000.0)
-        .collect();
-    latencies.sort_by(f64::total_cmp);
-    let accepted = answers.iter().filter(|(s, _)| matches!(s, Ok(202))).count();
+    let Burst {
+        answered_in: answered,
+        latencies,
+        accepted,
+        refused,
+    } = spawn_burst(&client, &api, TOKEN, &users).await;
 
     let options = sqlx::sqlite::SqliteConnectOptions::new()
         .filename(data.join("berth.db"))
@@ -213,7 +190,7 @@ async fn main() -> anyhow::Result<()> {
         up_in.as_secs_f64() * 1000.0
     );
     println!(
-        "answers: {accepted} accepted of {}, all within {:.0} ms; latency p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        "answers: {accepted} accepted, {refused} refused of {}, all within {:.0} ms; latency p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
         args.users,
         answered.as_secs_f64() * 1000.0,
         percentile(&latencies, 0.5),
