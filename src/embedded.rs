@@ -70,7 +70,7 @@ pub async fn up(
         .await
         .with_context(|| format!("binding {}", api.listen))?;
     let address = listener.local_addr()?;
-    let store = Arc::new(store);
+    let db = Arc::new(schema::Db::from(store.clone()));
     let announce = async {
         // Once the API answers /health: its admin account exists by then.
         for _ in 0..600 {
@@ -90,17 +90,17 @@ pub async fn up(
     let roles = crate::all_roles(
         &shutdown,
         async {
-            api::run(api, store.clone(), listener, shutdown.clone())
+            api::run(api, db.clone(), listener, shutdown.clone())
                 .await
                 .map_err(Into::into)
         },
         async {
-            workers::run_embedded(worker, store.as_ref().clone(), shutdown.clone())
+            workers::run_embedded(worker, store.clone(), shutdown.clone())
                 .await
                 .map_err(Into::into)
         },
         async {
-            scheduler::run_on(scheduler, store.clone(), shutdown.clone())
+            scheduler::run_on(scheduler, db.clone(), shutdown.clone())
                 .await
                 .map_err(Into::into)
         },

@@ -323,7 +323,7 @@ async fn serve_api(
         .await
         .with_context(|| format!("binding {}", config.listen))?;
     let (queue, _broker) = queue.open(&pool, shutdown.clone()).await?;
-    let store = Arc::new(PgStore::new(pool, queue));
+    let store = Arc::new(schema::Db::from(PgStore::new(pool, queue)));
     api::run(config, store, listener, shutdown).await?;
     Ok(())
 }

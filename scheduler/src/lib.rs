@@ -172,7 +172,7 @@ pub async fn run(
         .open(&pool, shutdown.clone())
         .await
         .map_err(|e| SchedulerError::Queue(e.to_string()))?;
-    let store = Arc::new(PgStore::new(pool, queue));
+    let store = Arc::new(schema::Db::from(PgStore::new(pool, queue)));
     run_on(config, store, shutdown).await
 }
 

@@ -6,7 +6,13 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::{JobKind, JobRow, ServerRow, StoreError, accounts::Page};
+use crate::{
+    JobKind, JobRow, ServerRow, StoreError,
+    accounts::Page,
+    db::{Db, Dialect, each, locking, now, read},
+    pg_accounts::like_pattern,
+    servers::{count_end, release_admission},
+};
 
 /// One step of a spawn, in JupyterHub's progress-event shape.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
@@ -177,4 +183,239 @@ pub trait Console: Send + Sync + 'static {
         offset: i64,
         limit: i64,
     ) -> Result<Page<ServerListing>, StoreError>;
+}
+
+#[async_trait]
+impl Console for Db {
+    async fn record_progress(&self, job_id: Uuid, step: &ProgressStep) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
+        tx.insert_progress(job_id, step).await?;
+        tx.commit().await
+    }
+
+    async fn relay_progress(
+        &self,
+        to: tokio::sync::broadcast::Sender<Uuid>,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
+        match self.on() {
+            Dialect::Pg(s) => relay_notifications(s.pool(), to, shutdown).await,
+            Dialect::Lite(s) => {
+                let mut heard = s.progress();
+                loop {
+                    tokio::select! {
+                        job = heard.recv() => match job {
+                            Ok(job) => { let _ = to.send(job); }
+                            // Missed some: the streams poll every second anyway.
+                            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                        },
+                        _ = shutdown.cancelled() => return,
+                    }
+                }
+            }
+        }
+    }
+
+    async fn progress_after(
+        &self,
+        job_id: Uuid,
+        after: i64,
+    ) -> Result<Vec<SpawnEvent>, StoreError> {
+        read!(self.pool(), progress_after(job_id, after))
+    }
+
+    async fn jobs_page(
+        &self,
+        filter: &JobFilter,
+        offset: i64,
+        limit: i64,
+    ) -> Result<Page<JobRow>, StoreError> {
+        read!(self.pool(), jobs_page(filter, offset, limit))
+    }
+
+    async fn job_ids(&self, filter: &JobFilter, limit: i64) -> Result<Vec<Uuid>, StoreError> {
+        read!(self.pool(), job_ids(filter, limit))
+    }
+
+    async fn job_counts(&self) -> Result<Vec<JobCount>, StoreError> {
+        read!(self.pool(), job_counts())
+    }
+
+    async fn server_counts(&self) -> Result<Vec<StateCount>, StoreError> {
+        read!(self.pool(), server_counts())
+    }
+
+    async fn failures_since(&self, since: DateTime<Utc>) -> Result<i64, StoreError> {
+        read!(self.pool(), failures_since(since))
+    }
+
+    async fn cancel_job(&self, id: Uuid, by: &str) -> Result<JobRow, StoreError> {
+        let at = now();
+        let mut tx = self.begin().await?;
+        let job: Option<JobRow> = locking!(
+            tx,
+            "select * from jobs where id = $1",
+            "for update",
+            |c, sql| sqlx::query_as(sql).bind(id).fetch_optional(c).await
+        )?;
+        let job = job.ok_or_else(|| StoreError::NotFound(format!("no job {id}")))?;
+        ensure_cancellable(&job)?;
+        let reason = format!("cancelled by {by}");
+        match job.kind() {
+            Some(JobKind::Spawn) => {
+                // The server was waiting on this spawn: it is stopped, its place given back.
+                let servers: Vec<i64> = each!(tx.conn(), c => sqlx::query_scalar(
+                    "update servers set state = 'stopped', stopped_at = $2, updated_at = $2 \
+                     where spawn_job_id = $1 and state = 'pending_spawn' returning id",
+                )
+                .bind(id)
+                .bind(at)
+                .fetch_all(c)
+                .await)?;
+                for server in servers {
+                    release_admission(&mut tx, server).await?;
+                }
+                let step = ProgressStep {
+                    progress: 100,
+                    message: format!("the spawn was {reason}"),
+                    failed: true,
+                    ..Default::default()
+                };
+                tx.insert_progress(id, &step).await?;
+            }
+            Some(JobKind::Stop) => {
+                // A stop of a running server is undone; one that interrupts a spawn is not
+                // (the spawn has already seen it and is giving up).
+                let server: Option<(i64, bool)> = locking!(
+                    tx,
+                    "select id, container_id is not null and started_at is not null \
+                     from servers where stop_job_id = $1 and state = 'pending_stop'",
+                    "for update",
+                    |c, sql| sqlx::query_as(sql).bind(id).fetch_optional(c).await
+                )?;
+                match server {
+                    Some((server, true)) => {
+                        each!(tx.conn(), c => sqlx::query(
+                            "update servers set state = 'running', stop_job_id = null, \
+                             updated_at = $2 where id = $1",
+                        )
+                        .bind(server)
+                        .bind(at)
+                        .execute(c)
+                        .await
+                        .map(|r| r.rows_affected()))?;
+                    }
+                    Some((_, false)) => {
+                        return Err(StoreError::Conflict(
+                            "this stop interrupts a spawn and cannot be cancelled".into(),
+                        ));
+                    }
+                    None => {}
+                }
+            }
+            _ => {}
+        }
+        let job = each!(tx.conn(), c => sqlx::query_as::<_, JobRow>(
+            "update jobs set state = 'cancelled', last_error = $2, finished_at = $3 \
+             where id = $1 returning *",
+        )
+        .bind(id)
+        .bind(&reason)
+        .bind(at)
+        .fetch_one(c)
+        .await)?;
+        self.queue().withdraw(tx.conn(), id).await?;
+        tx.commit().await?;
+        count_end(&job);
+        Ok(job)
+    }
+
+    async fn link_retry(&self, retry: Uuid, of: Uuid) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
+        each!(tx.conn(), c => sqlx::query("update jobs set retry_of = $2 where id = $1")
+            .bind(retry)
+            .bind(of)
+            .execute(c)
+            .await
+            .map(|r| r.rows_affected()))?;
+        tx.commit().await
+    }
+
+    async fn repeat_job(&self, of: &JobRow) -> Result<JobRow, StoreError> {
+        let kind = repeatable_kind(of)?;
+        let mut tx = self.begin().await?;
+        let job = self
+            .insert_job(
+                &mut tx,
+                kind,
+                &of.user_name,
+                of.server_name.as_deref(),
+                of.payload.clone(),
+            )
+            .await?;
+        tx.commit().await?;
+        Ok(job)
+    }
+
+    async fn servers_page(
+        &self,
+        filter: &ServerFilter,
+        offset: i64,
+        limit: i64,
+    ) -> Result<Page<ServerListing>, StoreError> {
+        let pattern = filter.user.as_deref().map(like_pattern);
+        let items = each!(self.pool(), p => sqlx::query_as::<_, ServerListing>(select_servers!(
+            "where ($1 is null or s.state = $1) and ($2 is null or u.name like $2 escape '\\') \
+             order by s.updated_at desc, s.id desc limit $4 offset $3"
+        ))
+        .bind(&filter.state)
+        .bind(&pattern)
+        .bind(offset)
+        .bind(limit)
+        .fetch_all(p)
+        .await)?;
+        let total: i64 = each!(self.pool(), p => sqlx::query_scalar(
+            "select count(*) from servers s join users u on u.id = s.user_id \
+             where ($1 is null or s.state = $1) and ($2 is null or u.name like $2 escape '\\')",
+        )
+        .bind(&filter.state)
+        .bind(&pattern)
+        .fetch_one(p)
+        .await)?;
+        Ok(Page { items, total })
+    }
+}
+
+/// Postgres's progress notifications, relayed to `to` until `shutdown`; a lost
+/// listener is connected again after a second.
+async fn relay_notifications(
+    pool: &sqlx::PgPool,
+    to: tokio::sync::broadcast::Sender<Uuid>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    while !shutdown.is_cancelled() {
+        let relay = async {
+            let mut listener = sqlx::postgres::PgListener::connect_with(pool).await?;
+            listener.listen(PROGRESS_CHANNEL).await?;
+            loop {
+                let note = listener.recv().await?;
+                if let Ok(job) = note.payload().parse::<Uuid>() {
+                    let _ = to.send(job);
+                }
+            }
+            #[allow(unreachable_code)]
+            Ok::<(), sqlx::Error>(())
+        };
+        tokio::select! {
+            result = relay => if let Err(e) = result {
+                tracing::warn!(error = %e, "progress notifications lost; streams poll until they resume");
+            },
+            _ = shutdown.cancelled() => return,
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
 }

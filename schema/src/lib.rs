@@ -1,30 +1,33 @@
 //! The contract shared by every Berth process: migrations, names, rows, job types,
 //! and the store and queue interfaces.
 
+#[macro_use]
+pub mod rows;
 pub mod accounts;
 pub mod console;
+pub mod db;
+mod interim;
 pub mod jobs;
+pub mod lite;
 pub mod maintenance;
 pub mod names;
 pub mod nats;
-#[macro_use]
 pub mod pg;
-pub mod lite;
 pub mod pg_accounts;
-mod pg_console;
 mod pg_locks;
 mod pg_maintenance;
 pub mod pg_platform;
 pub mod platform;
 pub mod queue;
 mod reads;
-pub mod rows;
 pub mod server_logs;
+pub(crate) mod servers;
 pub mod store;
 pub mod telemetry;
 
 pub use accounts::{Accounts, NewAccount, Role};
 pub use console::Console;
+pub use db::Db;
 pub use jobs::{JobEnvelope, JobKind, JobOutcome, JobRow, JobState};
 pub use lite::SqliteStore;
 pub use maintenance::Maintenance;

@@ -2,11 +2,16 @@
 //! periodic jobs read and remove (idle servers, expired sessions, old rows).
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SecondsFormat, TimeDelta, Utc};
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::{JobKind, ServerRow, StoreError};
+use crate::{
+    JobKind, ServerRow, StoreError,
+    db::{Db, Dialect, each, now, read},
+    jobs::SYSTEM_USER,
+    pg_maintenance::ARCHIVE_BATCH,
+};
 
 /// A schedule as registered, with its latest run.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
@@ -126,4 +131,342 @@ pub trait Maintenance: Send + Sync + 'static {
     async fn purge_queue(&self, before: DateTime<Utc>) -> Result<u64, StoreError>;
     /// Keeps what a job did on its row.
     async fn record_result(&self, job: Uuid, result: &serde_json::Value) -> Result<(), StoreError>;
+}
+
+#[async_trait]
+impl Maintenance for Db {
+    async fn register_schedule(
+        &self,
+        name: &str,
+        expression: &str,
+        kind: JobKind,
+        payload: &serde_json::Value,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.begin().await?;
+        let existed: bool = each!(tx.conn(), c => sqlx::query_scalar(
+            "select exists (select 1 from schedules where name = $1)",
+        )
+        .bind(name)
+        .fetch_one(c)
+        .await)?;
+        each!(tx.conn(), c => sqlx::query(
+            "insert into schedules (name, expression, kind, payload, registered_at) \
+             values ($1, $2, $3, $4, $5) \
+             on conflict (name) do update set expression = $2, kind = $3, payload = $4",
+        )
+        .bind(name)
+        .bind(expression)
+        .bind(kind.as_str())
+        .bind(payload)
+        .bind(now())
+        .execute(c)
+        .await
+        .map(|r| r.rows_affected()))?;
+        tx.commit().await?;
+        Ok(!existed)
+    }
+
+    async fn set_next_run(&self, name: &str, at: Option<DateTime<Utc>>) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
+        each!(tx.conn(), c => sqlx::query("update schedules set next_run_at = $2 where name = $1")
+            .bind(name)
+            .bind(at)
+            .execute(c)
+            .await
+            .map(|r| r.rows_affected()))?;
+        tx.commit().await
+    }
+
+    async fn schedule_baseline(&self, name: &str) -> Result<DateTime<Utc>, StoreError> {
+        let (registered, last): (DateTime<Utc>, Option<DateTime<Utc>>) = each!(self.pool(), p => sqlx::query_as(
+                "select s.registered_at, (select max(tick) from schedule_runs r \
+                   where r.schedule = s.name and not r.manual) \
+                 from schedules s where s.name = $1",
+            )
+            .bind(name)
+            .fetch_one(p)
+            .await)?;
+        Ok(last.map_or(registered, |last| last.max(registered)))
+    }
+
+    async fn enqueue_tick(
+        &self,
+        name: &str,
+        tick: DateTime<Utc>,
+        manual: bool,
+    ) -> Result<Option<Uuid>, StoreError> {
+        let mut tx = self.begin().await?;
+        let schedule: Option<(String, serde_json::Value)> = each!(tx.conn(), c => sqlx::query_as(
+            "select kind, payload from schedules where name = $1",
+        )
+        .bind(name)
+        .fetch_optional(c)
+        .await)?;
+        let Some((kind, payload)) = schedule else {
+            return Err(StoreError::NotFound(format!("no schedule named {name:?}")));
+        };
+        let kind: JobKind = serde_json::from_value(serde_json::Value::String(kind))
+            .map_err(|e| StoreError::Conflict(format!("schedule {name:?}: {e}")))?;
+        let id = Uuid::now_v7();
+        // The tick's row first: a replica that loses the race stops here (the
+        // unique key), and one that comes late for an older tick too.
+        let claimed = each!(tx.conn(), c => sqlx::query(
+            "insert into schedule_runs (schedule, tick, manual, job_id, created_at) \
+             select $1, $2, $3, $4, $5 where $3 or not exists \
+               (select 1 from schedule_runs where schedule = $1 and not manual and tick >= $2) \
+             on conflict (schedule, tick) do nothing",
+        )
+        .bind(name)
+        .bind(tick)
+        .bind(manual)
+        .bind(id)
+        .bind(now())
+        .execute(c)
+        .await
+        .map(|r| r.rows_affected()))?;
+        if claimed == 0 {
+            return Ok(None);
+        }
+        self.insert_job_as(&mut tx, id, kind, SYSTEM_USER, None, payload)
+            .await?;
+        tx.commit().await?;
+        Ok(Some(id))
+    }
+
+    async fn schedules(&self) -> Result<Vec<ScheduleView>, StoreError> {
+        Ok(each!(self.pool(), p => sqlx::query_as::<_, ScheduleView>(
+            "select s.name, s.expression, s.kind, s.payload, s.next_run_at, \
+               r.created_at as last_run_at, r.job_id as last_job_id, j.state as last_state, \
+               j.result as last_result, j.last_error \
+             from schedules s \
+             left join schedule_runs r on r.id = (select x.id from schedule_runs x \
+               where x.schedule = s.name order by x.created_at desc, x.id desc limit 1) \
+             left join jobs j on j.id = r.job_id \
+             order by s.name",
+        )
+        .fetch_all(p)
+        .await)?)
+    }
+
+    async fn record_activity(
+        &self,
+        user: &crate::UserName,
+        user_at: Option<DateTime<Utc>>,
+        servers: &[(crate::ServerName, DateTime<Utc>)],
+    ) -> Result<(), StoreError> {
+        let recorded = now();
+        let mut tx = self.begin().await?;
+        let latest = servers.iter().map(|(_, at)| *at).chain(user_at).max();
+        // Only forward: the later of the two, whichever is null.
+        let found = each!(tx.conn(), c => sqlx::query(
+            "update users set last_activity = case when last_activity is null \
+               or last_activity < $2 then $2 else last_activity end where name = $1",
+        )
+        .bind(user.as_str())
+        .bind(latest)
+        .execute(c)
+        .await
+        .map(|r| r.rows_affected()))?;
+        if found == 0 {
+            return Err(StoreError::no_user(user));
+        }
+        for (server, at) in servers {
+            let found = each!(tx.conn(), c => sqlx::query(
+                "update servers set last_activity = case when last_activity is null \
+                   or last_activity < $3 then $3 else last_activity end \
+                 where name = $2 and user_id = (select id from users where name = $1)",
+            )
+            .bind(user.as_str())
+            .bind(server.as_str())
+            .bind(at)
+            .execute(c)
+            .await
+            .map(|r| r.rows_affected()))?;
+            if found == 0 {
+                return Err(StoreError::NotFound(format!(
+                    "user {user:?} has no server {server:?}"
+                )));
+            }
+            each!(tx.conn(), c => sqlx::query(
+                "insert into activity_log (user_name, server_name, at, recorded_at) \
+                 values ($1, $2, $3, $4)",
+            )
+            .bind(user.as_str())
+            .bind(server.as_str())
+            .bind(at)
+            .bind(recorded)
+            .execute(c)
+            .await
+            .map(|r| r.rows_affected()))?;
+        }
+        if servers.is_empty()
+            && let Some(at) = user_at
+        {
+            each!(tx.conn(), c => sqlx::query(
+                "insert into activity_log (user_name, at, recorded_at) values ($1, $2, $3)",
+            )
+            .bind(user.as_str())
+            .bind(at)
+            .bind(recorded)
+            .execute(c)
+            .await
+            .map(|r| r.rows_affected()))?;
+        }
+        tx.commit().await
+    }
+
+    async fn idle_servers(
+        &self,
+        idle_before: DateTime<Utc>,
+        exempt_admins: bool,
+    ) -> Result<Vec<ServerRow>, StoreError> {
+        read!(self.pool(), idle_servers(idle_before, exempt_admins))
+    }
+
+    async fn warn_old_servers(
+        &self,
+        started_before: DateTime<Utc>,
+        max_age_secs: i64,
+        exempt_admins: bool,
+    ) -> Result<u64, StoreError> {
+        let at = now();
+        let mut tx = self.begin().await?;
+        let due: Vec<(i64, DateTime<Utc>)> = each!(tx.conn(), c => sqlx::query_as(
+            "select s.id, s.started_at from servers s join users u on u.id = s.user_id \
+             where s.state = 'running' and s.started_at < $1 and s.warned_at is null \
+             and not ($2 and u.role = 'admin')",
+        )
+        .bind(started_before)
+        .bind(exempt_admins)
+        .fetch_all(c)
+        .await)?;
+        for (id, started) in &due {
+            let stop_at = (*started + TimeDelta::seconds(max_age_secs))
+                .to_rfc3339_opts(SecondsFormat::Secs, true);
+            let warning =
+                format!("this server reaches its maximum age and will be stopped at {stop_at}");
+            each!(tx.conn(), c => sqlx::query(
+                "update servers set warned_at = $2, warning = $3 where id = $1",
+            )
+            .bind(id)
+            .bind(at)
+            .bind(&warning)
+            .execute(c)
+            .await
+            .map(|r| r.rows_affected()))?;
+        }
+        tx.commit().await?;
+        Ok(due.len() as u64)
+    }
+
+    async fn expired_servers(
+        &self,
+        started_before: DateTime<Utc>,
+        warned_before: DateTime<Utc>,
+        exempt_admins: bool,
+    ) -> Result<Vec<ServerRow>, StoreError> {
+        read!(
+            self.pool(),
+            expired_servers(started_before, warned_before, exempt_admins)
+        )
+    }
+
+    async fn expire_sessions(&self) -> Result<Expired, StoreError> {
+        let at = now();
+        let (day, hour) = (at - TimeDelta::days(1), at - TimeDelta::hours(1));
+        let mut tx = self.begin().await?;
+        // A revoked session is kept a day, so that its token reads as revoked
+        // (not unknown) in the audit trail of that day.
+        let sessions = each!(tx.conn(), c => sqlx::query(
+            "delete from sessions where expires_at < $1 or revoked_at < $2",
+        )
+        .bind(at)
+        .bind(day)
+        .execute(c)
+        .await
+        .map(|r| r.rows_affected()))?;
+        let sso_tokens = each!(tx.conn(), c => sqlx::query(
+            "delete from sso_tokens where expires_at < $1",
+        )
+        .bind(hour)
+        .execute(c)
+        .await
+        .map(|r| r.rows_affected()))?;
+        let api_tokens = each!(tx.conn(), c => sqlx::query(
+            "delete from api_tokens where revoked_at < $1 or expires_at < $1",
+        )
+        .bind(day)
+        .execute(c)
+        .await
+        .map(|r| r.rows_affected()))?;
+        let login_throttle = each!(tx.conn(), c => sqlx::query(
+            "delete from login_throttle where window_start < $1",
+        )
+        .bind(day)
+        .execute(c)
+        .await
+        .map(|r| r.rows_affected()))?;
+        tx.commit().await?;
+        Ok(Expired {
+            sessions,
+            sso_tokens,
+            api_tokens,
+            login_throttle,
+        })
+    }
+
+    async fn archive(
+        &self,
+        table: ArchiveTable,
+        before: DateTime<Utc>,
+        dir: &std::path::Path,
+    ) -> Result<u64, StoreError> {
+        let mut moved = 0;
+        loop {
+            let n = match self.on() {
+                Dialect::Pg(s) => s.archive_batch(table, before, dir).await?,
+                Dialect::Lite(s) => s.archive_batch(table, before, dir).await?,
+            };
+            moved += n;
+            if n < ARCHIVE_BATCH as u64 {
+                return Ok(moved);
+            }
+        }
+    }
+
+    async fn purge_queue(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
+        let mut tx = self.begin().await?;
+        let purged = match tx.conn() {
+            Dialect::Pg(p) => sqlx::query(
+                "delete from apalis.jobs where status in ('Done', 'Failed', 'Killed') \
+                 and coalesce(done_at, run_at) < $1",
+            )
+            .bind(before)
+            .execute(p)
+            .await?
+            .rows_affected(),
+            // A queue entry goes when its job ends; only an entry whose job was ended
+            // another way (an operator's cancel of a job already handed out) stays.
+            Dialect::Lite(p) => sqlx::query(
+                "delete from queue where taken_by is null and job_id in \
+                 (select id from jobs where state in ('succeeded', 'failed', 'cancelled'))",
+            )
+            .execute(p)
+            .await?
+            .rows_affected(),
+        };
+        tx.commit().await?;
+        Ok(purged)
+    }
+
+    async fn record_result(&self, job: Uuid, result: &serde_json::Value) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
+        each!(tx.conn(), c => sqlx::query("update jobs set result = $2 where id = $1")
+            .bind(job)
+            .bind(result)
+            .execute(c)
+            .await
+            .map(|r| r.rows_affected()))?;
+        tx.commit().await
+    }
 }

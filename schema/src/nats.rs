@@ -20,7 +20,7 @@ use std::{
 
 use async_nats::jetstream::{self, consumer::PullConsumer, stream::Stream};
 use async_trait::async_trait;
-use sqlx::{PgConnection, PgPool};
+use sqlx::PgPool;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -228,7 +228,17 @@ impl NatsQueue {
 
 #[async_trait]
 impl Queue for NatsQueue {
-    async fn enqueue(&self, tx: &mut PgConnection, job: &JobEnvelope) -> Result<(), QueueError> {
+    async fn enqueue(
+        &self,
+        tx: crate::db::Conn<'_>,
+        job: &JobEnvelope,
+        _at: chrono::DateTime<chrono::Utc>,
+    ) -> Result<(), QueueError> {
+        let crate::db::Dialect::Pg(tx) = tx else {
+            return Err(QueueError::Backend(
+                "the NATS outbox lives in Postgres".into(),
+            ));
+        };
         sqlx::query("insert into outbox (job_id, queue, payload) values ($1, $2, $3)")
             .bind(job.job_id)
             .bind(job.kind.queue())

@@ -2,9 +2,12 @@
 //! that records the request, so a 202 always means the job is durable.
 
 use async_trait::async_trait;
-use sqlx::PgConnection;
+use chrono::{DateTime, Utc};
 
-use crate::jobs::JobEnvelope;
+use crate::{
+    db::{Conn, Dialect},
+    jobs::JobEnvelope,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
@@ -19,12 +22,24 @@ pub enum QueueError {
 /// publishes from (brokers outside the database).
 #[async_trait]
 pub trait Queue: Send + Sync + 'static {
-    async fn enqueue(&self, tx: &mut PgConnection, job: &JobEnvelope) -> Result<(), QueueError>;
+    /// Records `job` through the caller's transaction; `at` is the job's creation time.
+    async fn enqueue(
+        &self,
+        tx: Conn<'_>,
+        job: &JobEnvelope,
+        at: DateTime<Utc>,
+    ) -> Result<(), QueueError>;
 
     /// Called once the transaction that enqueued has committed: a backend outside
     /// the database hands the jobs to its broker here. Never fails: the jobs are
     /// durable already, and a relay retries what this could not do.
     async fn flush(&self) {}
+
+    /// A job cancelled before it ran: a backend that can take it back does (the
+    /// others deliver it, and its handler finds it ended).
+    async fn withdraw(&self, _tx: Conn<'_>, _job_id: uuid::Uuid) -> Result<(), QueueError> {
+        Ok(())
+    }
 }
 
 /// How often the backend hands a job out when its handler errs before giving up.
@@ -37,7 +52,15 @@ pub struct ApalisQueue;
 
 #[async_trait]
 impl Queue for ApalisQueue {
-    async fn enqueue(&self, tx: &mut PgConnection, job: &JobEnvelope) -> Result<(), QueueError> {
+    async fn enqueue(
+        &self,
+        tx: Conn<'_>,
+        job: &JobEnvelope,
+        _at: DateTime<Utc>,
+    ) -> Result<(), QueueError> {
+        let Dialect::Pg(tx) = tx else {
+            return Err(QueueError::Backend("apalis-postgres needs Postgres".into()));
+        };
         let bytes = serde_json::to_vec(job)?;
         let task = apalis::prelude::TaskBuilder::new(bytes)
             .idempotency_key(job.job_id.to_string())

@@ -4,6 +4,19 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use uuid::Uuid;
 
+/// A static query over servers joined with their owner; `$tail` filters and orders.
+macro_rules! select_servers {
+    ($tail:literal) => {
+        concat!(
+            "select s.id, s.user_id, u.name as user_name, s.name, s.state, s.image, ",
+            "s.spawn_job_id, s.stop_job_id, s.container_id, s.url, s.error, s.requested_at, ",
+            "s.started_at, s.stopped_at, s.last_activity, s.warning, s.mem_limit, s.cpu_limit ",
+            "from servers s join users u on u.id = s.user_id ",
+            $tail
+        )
+    };
+}
+
 /// `pending_spawn → running → pending_stop → stopped`, and `failed` from a spawn
 /// that did not become ready. A server in `stopped` or `failed` can be spawned again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -36,8 +36,9 @@ fn rand_suffix() -> u32 {
 
 async fn spawn(store: &SqliteStore, user: &str) -> uuid::Uuid {
     let name = UserName::parse(user).unwrap();
-    store.create_user(&name, false).await.unwrap();
-    let outcome = store
+    let db = schema::Db::from(store.clone());
+    db.create_user(&name, false).await.unwrap();
+    let outcome = db
         .request_spawn(SpawnRequest {
             user: name,
             server: ServerName::default_server(),
@@ -117,7 +118,10 @@ async fn archiving_moves_old_finished_jobs_to_day_files_once() {
     let mut ended = vec![];
     for user in ["a-one", "a-two", "a-three"] {
         let job = spawn(&store, user).await;
-        store.finish_job(job, &JobOutcome::Succeeded).await.unwrap();
+        schema::Db::from(store.clone())
+            .finish_job(job, &JobOutcome::Succeeded)
+            .await
+            .unwrap();
         ended.push(job);
     }
     let open = spawn(&store, "a-open").await;
@@ -132,7 +136,7 @@ async fn archiving_moves_old_finished_jobs_to_day_files_once() {
     }
     let out = dir.0.join("archive");
     let before = Utc::now() - TimeDelta::days(90);
-    let moved = store
+    let moved = schema::Db::from(store.clone())
         .archive(ArchiveTable::Jobs, before, &out)
         .await
         .unwrap();
@@ -166,7 +170,7 @@ async fn archiving_moves_old_finished_jobs_to_day_files_once() {
         );
     }
     assert_eq!(
-        store
+        schema::Db::from(store.clone())
             .archive(ArchiveTable::Jobs, before, &out)
             .await
             .unwrap(),

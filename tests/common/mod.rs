@@ -158,7 +158,7 @@ pub async fn serve_api(
                 .open(pool, CancellationToken::new())
                 .await
                 .expect("queue opens");
-            let store = Arc::new(PgStore::new(pool.clone(), queue));
+            let store = Arc::new(schema::Db::from(PgStore::new(pool.clone(), queue)));
             tokio::spawn(async move {
                 api::run(config, store, listener, CancellationToken::new())
                     .await
@@ -166,7 +166,7 @@ pub async fn serve_api(
             })
         }
         Db::Sqlite(store) => {
-            let store = Arc::new(store.clone());
+            let store = Arc::new(schema::Db::from(store.clone()));
             tokio::spawn(async move {
                 api::run(config, store, listener, CancellationToken::new())
                     .await
@@ -499,7 +499,9 @@ impl TestEnv {
         self.tasks.push(tokio::spawn(async move {
             match db {
                 Db::Postgres(pool) => scheduler::run(config, pool, token).await,
-                Db::Sqlite(store) => scheduler::run_on(config, Arc::new(store), token).await,
+                Db::Sqlite(store) => {
+                    scheduler::run_on(config, Arc::new(schema::Db::from(store)), token).await
+                }
             }
             .expect("scheduler runs");
         }));

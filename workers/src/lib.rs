@@ -74,7 +74,7 @@ pub async fn run(
             .await
             .map_err(|e| WorkerError::Queue(e.to_string()))?;
     }
-    let store = Arc::new(PgStore::new(pool.clone(), queue));
+    let store = Arc::new(schema::Db::from(PgStore::new(pool.clone(), queue)));
     let ctx = context(store, spawner, worker_name.clone(), &config, &shutdown);
     let slots = tokio::spawn(slot_notifications(
         ctx.clone(),
@@ -124,7 +124,7 @@ pub async fn run_embedded(
             "jobs taken before the last stop are on the queue again"
         );
     }
-    let shared = Arc::new(store.clone());
+    let shared = Arc::new(schema::Db::from(store.clone()));
     let ctx = context(shared, spawner, worker_name, &config, &shutdown);
     let slots = tokio::spawn({
         let (ctx, freed, done) = (ctx.clone(), store.slot_freed(), jobs_done.clone());

@@ -137,7 +137,7 @@ async fn measure(args: &Args, url: &str) -> anyhow::Result<()> {
     let (queue, _) = QueueSettings::Postgres
         .open(&pool, shutdown.clone())
         .await?;
-    let store = Arc::new(PgStore::new(pool.clone(), queue));
+    let store = Arc::new(schema::Db::from(PgStore::new(pool.clone(), queue)));
     time_pages(args, store, some_job, shutdown).await?;
     pool.close().await;
     Ok(())
@@ -207,7 +207,7 @@ async fn measure_sqlite(args: &Args, dir: &std::path::Path) -> anyhow::Result<()
         sqlx::query_as("select id from jobs where state = 'failed' limit 1")
             .fetch_one(pool)
             .await?;
-    let store = Arc::new(store);
+    let store = Arc::new(schema::Db::from(store));
     time_pages(args, store, some_job, CancellationToken::new()).await
 }
 

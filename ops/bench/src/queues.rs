@@ -288,13 +288,13 @@ async fn measure_sqlite(
         )));
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
+    let db = schema::Db::from(store.clone());
     let (enqueued_in, drained_in) = produce_and_drain(args, &record, move |record| {
-        let store = store.clone();
+        let db = db.clone();
         async move {
             let id = Uuid::now_v7();
             record.enqueued.lock().unwrap().insert(id, Instant::now());
-            store
-                .enqueue(id, JobKind::Spawn, "bench", serde_json::json!({}))
+            db.enqueue(id, JobKind::Spawn, "bench", serde_json::json!({}))
                 .await?;
             anyhow::Ok(())
         }
@@ -358,7 +358,9 @@ async fn enqueue(pool: &PgPool, queue: &dyn Queue, record: &Record) -> anyhow::R
         .unwrap()
         .insert(job.job_id, Instant::now());
     let mut tx = pool.begin().await?;
-    queue.enqueue(&mut tx, &job).await?;
+    queue
+        .enqueue(schema::db::Dialect::Pg(&mut *tx), &job, chrono::Utc::now())
+        .await?;
     tx.commit().await?;
     queue.flush().await;
     Ok(())

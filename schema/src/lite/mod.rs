@@ -10,7 +10,6 @@
 //! a 202 means the job survives a power cut, as it does on Postgres.
 
 mod accounts;
-mod console;
 mod maintenance;
 mod platform;
 pub mod queue;
@@ -31,12 +30,7 @@ use sqlx::{
 };
 use uuid::Uuid;
 
-use crate::{
-    console::ProgressStep,
-    jobs::{JobKind, JobRow},
-    store::StoreError,
-    telemetry,
-};
+use crate::store::StoreError;
 
 /// Berth's migrations for the embedded store.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations_sqlite");
@@ -171,6 +165,11 @@ impl SqliteStore {
         &self.path
     }
 
+    /// Hears of every progress event once its transaction has committed.
+    pub(crate) fn progress(&self) -> tokio::sync::broadcast::Receiver<Uuid> {
+        self.progress.subscribe()
+    }
+
     /// Notified whenever a spawn slot is given back.
     pub fn slot_freed(&self) -> Arc<tokio::sync::Notify> {
         self.slot_freed.clone()
@@ -185,7 +184,6 @@ impl SqliteStore {
             tx,
             _guard: guard,
             progress: vec![],
-            enqueued: false,
         })
     }
 
@@ -195,85 +193,12 @@ impl SqliteStore {
             tx,
             _guard,
             progress,
-            enqueued,
         } = tx;
         tx.commit().await?;
         drop(_guard);
         for job in progress {
             let _ = self.progress.send(job);
         }
-        if enqueued {
-            self.enqueued.notify_waiters();
-        }
-        Ok(())
-    }
-
-    pub(crate) async fn insert_job(
-        &self,
-        tx: &mut Tx,
-        kind: JobKind,
-        user: &str,
-        server: Option<&str>,
-        payload: serde_json::Value,
-    ) -> Result<JobRow, StoreError> {
-        self.insert_job_as(tx, Uuid::now_v7(), kind, user, server, payload)
-            .await
-    }
-
-    /// A job row and its queue entry, in the caller's transaction.
-    pub(crate) async fn insert_job_as(
-        &self,
-        tx: &mut Tx,
-        id: Uuid,
-        kind: JobKind,
-        user: &str,
-        server: Option<&str>,
-        payload: serde_json::Value,
-    ) -> Result<JobRow, StoreError> {
-        let at = now();
-        let job = sqlx::query_as::<_, JobRow>(
-            "insert into jobs (id, kind, user_name, server_name, payload, created_at) \
-             values ($1, $2, $3, $4, $5, $6) returning *",
-        )
-        .bind(id)
-        .bind(kind.as_str())
-        .bind(user)
-        .bind(server)
-        .bind(payload)
-        .bind(at)
-        .fetch_one(&mut *tx.tx)
-        .await?;
-        sqlx::query("insert into queue (job_id, queue, run_at) values ($1, $2, $3)")
-            .bind(id)
-            .bind(kind.queue())
-            .bind(at)
-            .execute(&mut *tx.tx)
-            .await?;
-        tx.enqueued = true;
-        telemetry::job_enqueued(kind.as_str());
-        Ok(job)
-    }
-
-    /// Appends a progress event in `tx`; listeners hear of it once it commits.
-    pub(crate) async fn insert_progress(
-        tx: &mut Tx,
-        job_id: Uuid,
-        step: &ProgressStep,
-    ) -> Result<(), StoreError> {
-        sqlx::query(
-            "insert into spawn_events (job_id, progress, message, ready, failed, url, created_at) \
-             values ($1, $2, $3, $4, $5, $6, $7)",
-        )
-        .bind(job_id)
-        .bind(step.progress.clamp(0, 100))
-        .bind(&step.message)
-        .bind(step.ready)
-        .bind(step.failed)
-        .bind(&step.url)
-        .bind(Utc::now())
-        .execute(&mut *tx.tx)
-        .await?;
-        tx.progress.push(job_id);
         Ok(())
     }
 }
@@ -282,8 +207,7 @@ impl SqliteStore {
 pub(crate) struct Tx {
     pub(crate) tx: Transaction<'static, Sqlite>,
     _guard: tokio::sync::OwnedMutexGuard<()>,
-    progress: Vec<Uuid>,
-    enqueued: bool,
+    pub(crate) progress: Vec<Uuid>,
 }
 
 /// The error of a unique constraint on `what` (SQLite names the columns or the

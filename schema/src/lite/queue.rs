@@ -18,24 +18,6 @@ pub struct Delivery {
 }
 
 impl SqliteStore {
-    /// A job (with the caller's time-ordered id) and its queue entry in one
-    /// transaction of their own: what the store's requests do inside theirs, for
-    /// jobs that change nothing else.
-    pub async fn enqueue(
-        &self,
-        id: Uuid,
-        kind: JobKind,
-        user: &str,
-        payload: serde_json::Value,
-    ) -> Result<crate::jobs::JobRow, StoreError> {
-        let mut tx = self.write().await?;
-        let job = self
-            .insert_job_as(&mut tx, id, kind, user, None, payload)
-            .await?;
-        self.commit(tx).await?;
-        Ok(job)
-    }
-
     /// Hands everything back at start-up: the process that had taken it is gone.
     pub async fn release_taken(&self) -> Result<u64, StoreError> {
         let mut tx = self.write().await?;
@@ -118,5 +100,60 @@ impl SqliteStore {
     /// Resolves when a job may have been enqueued (or handed back) since the call.
     pub fn enqueued(&self) -> std::sync::Arc<tokio::sync::Notify> {
         self.enqueued.clone()
+    }
+}
+
+/// The embedded queue as a [`crate::queue::Queue`]: a `queue` row written in the
+/// caller's transaction; the consumer of this process is woken after the commit.
+pub struct EmbeddedQueue {
+    enqueued: std::sync::Arc<tokio::sync::Notify>,
+}
+
+impl EmbeddedQueue {
+    pub(crate) fn new(enqueued: std::sync::Arc<tokio::sync::Notify>) -> Self {
+        Self { enqueued }
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::queue::Queue for EmbeddedQueue {
+    async fn enqueue(
+        &self,
+        tx: crate::db::Conn<'_>,
+        job: &JobEnvelope,
+        at: DateTime<Utc>,
+    ) -> Result<(), crate::queue::QueueError> {
+        let crate::db::Dialect::Lite(tx) = tx else {
+            return Err(crate::queue::QueueError::Backend(
+                "the embedded queue lives in SQLite".into(),
+            ));
+        };
+        sqlx::query("insert into queue (job_id, queue, run_at) values ($1, $2, $3)")
+            .bind(job.job_id)
+            .bind(job.kind.queue())
+            .bind(at)
+            .execute(tx)
+            .await
+            .map_err(|e| crate::queue::QueueError::Backend(e.to_string()))?;
+        Ok(())
+    }
+
+    async fn flush(&self) {
+        self.enqueued.notify_waiters();
+    }
+
+    async fn withdraw(
+        &self,
+        tx: crate::db::Conn<'_>,
+        job_id: Uuid,
+    ) -> Result<(), crate::queue::QueueError> {
+        if let crate::db::Dialect::Lite(tx) = tx {
+            sqlx::query("delete from queue where job_id = $1")
+                .bind(job_id)
+                .execute(tx)
+                .await
+                .map_err(|e| crate::queue::QueueError::Backend(e.to_string()))?;
+        }
+        Ok(())
     }
 }

@@ -1,0 +1,300 @@
+//! Which database runs a statement. Berth's store logic is written once, over
+//! [`Db`]; a statement runs on whichever database the store was opened on through
+//! [`each!`], which type-checks the same code against both drivers. Where the
+//! dialects really differ (arrays, row locks), the two statements sit side by side
+//! in a `match` on [`Dialect`].
+//!
+//! The seams below the logic are three: the database a statement runs on (this
+//! module, with [`Tx`] carrying the work to do after a commit), coordination (server
+//! locks and spawn slots: advisory locks on Postgres, memory in the one embedded
+//! process) and enqueueing ([`crate::queue::Queue`], which writes through the same
+//! transaction).
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgConnection, PgPool, Postgres, SqliteConnection, SqlitePool};
+use uuid::Uuid;
+
+use crate::{
+    PgStore, SqliteStore,
+    console::{PROGRESS_CHANNEL, ProgressStep},
+    jobs::{JobEnvelope, JobKind, JobRow},
+    queue::Queue,
+    store::StoreError,
+    telemetry,
+};
+
+/// One thing in either dialect: a pool, a connection, a store.
+#[derive(Clone, Copy, Debug)]
+pub enum Dialect<P, L> {
+    Pg(P),
+    Lite(L),
+}
+
+/// Runs `$body` with `$c` bound to whichever side `$on` is. The body is written
+/// once and compiled for both drivers, so it must be valid SQL in both.
+#[macro_export]
+#[doc(hidden)]
+macro_rules! each {
+    ($on:expr, $c:ident => $body:expr) => {
+        match $on {
+            $crate::db::Dialect::Pg($c) => $body,
+            $crate::db::Dialect::Lite($c) => $body,
+        }
+    };
+}
+pub(crate) use each;
+
+/// A read that locks its rows on Postgres (`$lock` appended to the statement) and
+/// needs no lock on SQLite, whose writers take turns. `$sql` is a literal.
+macro_rules! locking {
+    ($tx:expr, $sql:expr, $lock:literal, |$c:ident, $q:ident| $body:expr) => {
+        match $tx.conn() {
+            $crate::db::Dialect::Pg($c) => {
+                let $q = concat!($sql, " ", $lock);
+                $body
+            }
+            $crate::db::Dialect::Lite($c) => {
+                let $q = $sql;
+                $body
+            }
+        }
+    };
+}
+pub(crate) use locking;
+
+/// One of the reads in `crate::reads`, on whichever pool `$pool` is.
+macro_rules! read {
+    ($pool:expr, $f:ident($($arg:expr),*)) => {
+        match $pool {
+            $crate::db::Dialect::Pg(p) => $crate::reads::pg::$f(p, $($arg),*).await,
+            $crate::db::Dialect::Lite(p) => $crate::reads::lite::$f(p, $($arg),*).await,
+        }
+    };
+}
+pub(crate) use read;
+
+/// A connection of either dialect, for one statement.
+pub type Conn<'a> = Dialect<&'a mut PgConnection, &'a mut SqliteConnection>;
+/// A pool of either dialect, for reads outside a transaction.
+pub(crate) type Pool<'a> = Dialect<&'a PgPool, &'a SqlitePool>;
+
+/// The current time as Berth stores it: whole microseconds, the resolution of a
+/// Postgres timestamp. Every time is bound from Rust, on both dialects, so the
+/// caller decides what "now" is and SQLite's text times order as times.
+pub fn now() -> DateTime<Utc> {
+    use chrono::DurationRound;
+    let now = Utc::now();
+    now.duration_trunc(chrono::TimeDelta::microseconds(1))
+        .unwrap_or(now)
+}
+
+/// The store over either database; cheap to clone.
+#[derive(Clone)]
+pub struct Db {
+    on: Dialect<PgStore, SqliteStore>,
+    queue: Arc<dyn Queue>,
+}
+
+impl From<PgStore> for Db {
+    fn from(store: PgStore) -> Self {
+        let queue = store.queue_handle();
+        Self {
+            on: Dialect::Pg(store),
+            queue,
+        }
+    }
+}
+
+impl From<SqliteStore> for Db {
+    fn from(store: SqliteStore) -> Self {
+        let queue = Arc::new(crate::lite::queue::EmbeddedQueue::new(store.enqueued()));
+        Self {
+            on: Dialect::Lite(store),
+            queue,
+        }
+    }
+}
+
+impl Db {
+    pub(crate) fn pool(&self) -> Pool<'_> {
+        match &self.on {
+            Dialect::Pg(s) => Dialect::Pg(s.pool()),
+            Dialect::Lite(s) => Dialect::Lite(s.pool()),
+        }
+    }
+
+    pub(crate) fn queue(&self) -> &dyn Queue {
+        self.queue.as_ref()
+    }
+
+    pub(crate) fn on(&self) -> &Dialect<PgStore, SqliteStore> {
+        &self.on
+    }
+
+    /// A write transaction. On SQLite writers take turns (`BEGIN IMMEDIATE` behind
+    /// one mutex), so what Postgres does with `for update` is serialised there.
+    pub(crate) async fn begin(&self) -> Result<Tx, StoreError> {
+        let inner = match &self.on {
+            Dialect::Pg(s) => Dialect::Pg(s.pool().begin().await?),
+            Dialect::Lite(s) => Dialect::Lite(s.write().await?),
+        };
+        Ok(Tx {
+            inner,
+            store: self.clone(),
+            enqueued: false,
+        })
+    }
+
+    /// A job row and its queue entry in `tx`, with a fresh time-ordered id.
+    pub(crate) async fn insert_job(
+        &self,
+        tx: &mut Tx,
+        kind: JobKind,
+        user: &str,
+        server: Option<&str>,
+        payload: serde_json::Value,
+    ) -> Result<JobRow, StoreError> {
+        self.insert_job_as(tx, Uuid::now_v7(), kind, user, server, payload)
+            .await
+    }
+
+    /// A job (with the caller's time-ordered id) and its queue entry in one
+    /// transaction of their own: what the requests do inside theirs, for jobs that
+    /// change nothing else (benchmarks of the queue).
+    pub async fn enqueue(
+        &self,
+        id: Uuid,
+        kind: JobKind,
+        user: &str,
+        payload: serde_json::Value,
+    ) -> Result<JobRow, StoreError> {
+        let mut tx = self.begin().await?;
+        let job = self
+            .insert_job_as(&mut tx, id, kind, user, None, payload)
+            .await?;
+        tx.commit().await?;
+        Ok(job)
+    }
+
+    /// `insert_job` with an id chosen beforehand (a schedule's tick names its job).
+    pub(crate) async fn insert_job_as(
+        &self,
+        tx: &mut Tx,
+        id: Uuid,
+        kind: JobKind,
+        user: &str,
+        server: Option<&str>,
+        payload: serde_json::Value,
+    ) -> Result<JobRow, StoreError> {
+        let at = now();
+        let job = each!(tx.conn(), c => sqlx::query_as::<_, JobRow>(
+            "insert into jobs (id, kind, user_name, server_name, payload, created_at) \
+             values ($1, $2, $3, $4, $5, $6) returning *",
+        )
+        .bind(id)
+        .bind(kind.as_str())
+        .bind(user)
+        .bind(server)
+        .bind(&payload)
+        .bind(at)
+        .fetch_one(c)
+        .await)?;
+        self.queue
+            .enqueue(tx.conn(), &JobEnvelope { job_id: id, kind }, at)
+            .await?;
+        tx.enqueued = true;
+        telemetry::job_enqueued(kind.as_str());
+        Ok(job)
+    }
+}
+
+/// A write transaction on either database, with what to do once it commits:
+/// hand enqueued jobs to the broker, wake the embedded store's waiters.
+pub(crate) struct Tx {
+    inner: Dialect<sqlx::Transaction<'static, Postgres>, crate::lite::Tx>,
+    store: Db,
+    enqueued: bool,
+}
+
+impl Tx {
+    pub(crate) fn conn(&mut self) -> Conn<'_> {
+        match &mut self.inner {
+            Dialect::Pg(tx) => Dialect::Pg(&mut **tx),
+            Dialect::Lite(tx) => Dialect::Lite(&mut *tx.tx),
+        }
+    }
+
+    /// Appends a spawn's progress event; its listeners hear of it after the commit
+    /// (on Postgres the NOTIFY is part of the transaction, on SQLite the
+    /// transaction remembers it).
+    pub(crate) async fn insert_progress(
+        &mut self,
+        job_id: Uuid,
+        step: &ProgressStep,
+    ) -> Result<(), StoreError> {
+        let at = now();
+        match &mut self.inner {
+            Dialect::Pg(tx) => {
+                sqlx::query(
+                    "with e as (insert into spawn_events \
+                       (job_id, progress, message, ready, failed, url, created_at) \
+                       values ($1, $2, $3, $4, $5, $6, $8) returning job_id) \
+                     select pg_notify($7, job_id::text) from e",
+                )
+                .bind(job_id)
+                .bind(step.progress.clamp(0, 100))
+                .bind(&step.message)
+                .bind(step.ready)
+                .bind(step.failed)
+                .bind(&step.url)
+                .bind(PROGRESS_CHANNEL)
+                .bind(at)
+                .execute(&mut **tx)
+                .await?;
+            }
+            Dialect::Lite(tx) => {
+                sqlx::query(
+                    "insert into spawn_events \
+                       (job_id, progress, message, ready, failed, url, created_at) \
+                     values ($1, $2, $3, $4, $5, $6, $7)",
+                )
+                .bind(job_id)
+                .bind(step.progress.clamp(0, 100))
+                .bind(&step.message)
+                .bind(step.ready)
+                .bind(step.failed)
+                .bind(&step.url)
+                .bind(at)
+                .execute(&mut *tx.tx)
+                .await?;
+                tx.progress.push(job_id);
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn commit(self) -> Result<(), StoreError> {
+        let Tx {
+            inner,
+            store,
+            enqueued,
+        } = self;
+        match (inner, &store.on) {
+            (Dialect::Pg(tx), _) => tx.commit().await?,
+            (Dialect::Lite(tx), Dialect::Lite(lite)) => lite.commit(tx).await?,
+            (Dialect::Lite(_), Dialect::Pg(_)) => unreachable!("a transaction of its own store"),
+        }
+        if enqueued {
+            store.queue.flush().await;
+        }
+        Ok(())
+    }
+}
+
+/// Each item as a JSON array, for SQLite's `in (select value from json_each($n))`
+/// where Postgres takes an array (`= any($n)`).
+pub(crate) fn json_list<T: serde::Serialize>(items: &[T]) -> String {
+    serde_json::to_string(items).expect("a list serialises")
+}

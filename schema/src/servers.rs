@@ -1,0 +1,626 @@
+//! Servers and their jobs: the requests (spawn, stop, a user's removal) and the
+//! workers' transitions, written once for both databases.
+
+use async_trait::async_trait;
+use uuid::Uuid;
+
+use crate::{
+    console::ProgressStep,
+    db::{Db, Dialect, Tx, each, json_list, locking, now, read},
+    jobs::{CleanupJob, JobKind, JobOutcome, JobRow, ServerJob},
+    names::{ServerName, UserName},
+    rows::{ServerRow, ServerState, UserRow},
+    store::{Running, ServerLock, SpawnOutcome, SpawnRequest, StopOutcome, Store, StoreError},
+    telemetry,
+};
+
+/// The columns of a `ServerRow` after `returning`, with the owner's name bound as `$name`.
+macro_rules! server_columns {
+    ($name:literal) => {
+        concat!(
+            "returning id, user_id, ",
+            $name,
+            " as user_name, name, state, image, spawn_job_id, stop_job_id, container_id, url, \
+             error, requested_at, started_at, stopped_at, last_activity, warning"
+        )
+    };
+}
+
+/// Gives a server's admission place back.
+pub(crate) async fn release_admission(tx: &mut Tx, server_id: i64) -> Result<(), StoreError> {
+    each!(tx.conn(), c => sqlx::query("update admission_tokens set server_id = null where server_id = $1")
+        .bind(server_id)
+        .execute(c)
+        .await
+        .map(|r| r.rows_affected()))?;
+    Ok(())
+}
+
+/// Creates the admission places below `limit` that do not exist yet.
+pub(crate) async fn provision_admission(tx: &mut Tx, limit: i32) -> Result<(), StoreError> {
+    each!(tx.conn(), c => sqlx::query(
+        "with recursive n(slot) as (select 0 union all select slot + 1 from n where slot + 1 < $1) \
+         insert into admission_tokens (slot) select slot from n where $1 > 0 \
+         on conflict (slot) do nothing",
+    )
+    .bind(limit)
+    .execute(c)
+    .await
+    .map(|r| r.rows_affected()))?;
+    Ok(())
+}
+
+/// Claims the lowest free place below `limit` for the server. On Postgres
+/// concurrent claims skip each other's rows instead of queueing; on SQLite writers
+/// take turns, so the first free place is free for this one.
+async fn claim_admission(tx: &mut Tx, server_id: i64, limit: i32) -> Result<bool, StoreError> {
+    for provisioned in [false, true] {
+        let claimed: Option<i32> = match tx.conn() {
+            Dialect::Pg(c) => {
+                sqlx::query_scalar(
+                    "update admission_tokens set server_id = $1 where slot = ( \
+                       select slot from admission_tokens where server_id is null and slot < $2 \
+                       order by slot limit 1 for update skip locked) returning slot",
+                )
+                .bind(server_id)
+                .bind(limit)
+                .fetch_optional(c)
+                .await?
+            }
+            Dialect::Lite(c) => {
+                sqlx::query_scalar(
+                    "update admission_tokens set server_id = $1 where slot = ( \
+                       select slot from admission_tokens where server_id is null and slot < $2 \
+                       order by slot limit 1) returning slot",
+                )
+                .bind(server_id)
+                .bind(limit)
+                .fetch_optional(c)
+                .await?
+            }
+        };
+        if claimed.is_some() {
+            return Ok(true);
+        }
+        if provisioned {
+            break;
+        }
+        let places: i64 = each!(tx.conn(), c => sqlx::query_scalar(
+            "select count(*) from admission_tokens where slot < $1",
+        )
+        .bind(limit)
+        .fetch_one(c)
+        .await)?;
+        if places >= i64::from(limit) {
+            break;
+        }
+        provision_admission(tx, limit).await?;
+    }
+    Ok(false)
+}
+
+/// Ends a job that has not ended yet. The workers' server transitions end their
+/// job in the same transaction, so nobody ever sees a running server whose spawn
+/// job still runs; the handler's own report afterwards changes nothing.
+pub(crate) async fn end_job(
+    tx: &mut Tx,
+    id: Uuid,
+    state: &str,
+    error: Option<&str>,
+) -> Result<(), StoreError> {
+    let ended = each!(tx.conn(), c => sqlx::query_as::<_, JobRow>(
+        "update jobs set state = $2, last_error = coalesce($3, last_error), finished_at = $4 \
+         where id = $1 and state in ('queued', 'running') returning *",
+    )
+    .bind(id)
+    .bind(state)
+    .bind(error)
+    .bind(now())
+    .fetch_optional(c)
+    .await)?;
+    if let Some(job) = ended {
+        count_end(&job);
+    }
+    Ok(())
+}
+
+/// Counts a job that has just reached its final state.
+pub(crate) fn count_end(job: &JobRow) {
+    telemetry::job_ended(
+        &job.kind,
+        &job.state,
+        job.created_at,
+        job.started_at,
+        job.finished_at.unwrap_or_else(chrono::Utc::now),
+    );
+}
+
+impl Db {
+    /// Runs `tx`'s work and commits it; an error rolls it back.
+    async fn write<T>(
+        &self,
+        work: impl AsyncFnOnce(&mut Tx) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut tx = self.begin().await?;
+        let out = work(&mut tx).await?;
+        tx.commit().await?;
+        Ok(out)
+    }
+}
+
+#[async_trait]
+impl Store for Db {
+    async fn ping(&self) -> Result<(), StoreError> {
+        each!(self.pool(), p => sqlx::query("select 1").execute(p).await.map(|r| r.rows_affected()))?;
+        Ok(())
+    }
+
+    async fn create_user(&self, name: &UserName, admin: bool) -> Result<UserRow, StoreError> {
+        let row = self
+            .write(async |tx| {
+                Ok(each!(tx.conn(), c => sqlx::query_as::<_, UserRow>(
+                    "insert into users (name, role, created_at) values ($1, $2, $3) \
+                     on conflict (name) do nothing returning *",
+                )
+                .bind(name.as_str())
+                .bind(if admin { "admin" } else { "user" })
+                .bind(now())
+                .fetch_optional(c)
+                .await)?)
+            })
+            .await?;
+        row.ok_or_else(|| StoreError::Conflict(format!("user {name:?} already exists")))
+    }
+
+    async fn get_user(&self, name: &UserName) -> Result<Option<UserRow>, StoreError> {
+        read!(self.pool(), get_user(name))
+    }
+
+    async fn list_users(&self) -> Result<Vec<UserRow>, StoreError> {
+        read!(self.pool(), list_users())
+    }
+
+    async fn servers_of(&self, user_ids: &[i64]) -> Result<Vec<ServerRow>, StoreError> {
+        Ok(match self.pool() {
+            Dialect::Pg(p) => {
+                sqlx::query_as::<_, ServerRow>(select_servers!(
+                    "where s.user_id = any($1) order by s.user_id, s.name"
+                ))
+                .bind(user_ids)
+                .fetch_all(p)
+                .await?
+            }
+            Dialect::Lite(p) => sqlx::query_as::<_, ServerRow>(select_servers!(
+                "where s.user_id in (select value from json_each($1)) order by s.user_id, s.name"
+            ))
+            .bind(json_list(user_ids))
+            .fetch_all(p)
+            .await?,
+        })
+    }
+
+    async fn get_server(
+        &self,
+        user: &UserName,
+        server: &ServerName,
+    ) -> Result<Option<ServerRow>, StoreError> {
+        read!(self.pool(), get_server(user, server))
+    }
+
+    async fn request_spawn(&self, req: SpawnRequest) -> Result<SpawnOutcome, StoreError> {
+        let mut tx = self.begin().await?;
+        let at = now();
+        // Locking the user serialises one user's spawn requests, so the per-user
+        // count below is exact, and keeps a concurrent delete from slipping in.
+        let user: Option<(i64, String, i32)> = locking!(
+            tx,
+            "select u.id, u.state, coalesce((select active_server_limit from platform_limits), $2) \
+             from users u where u.name = $1",
+            "for update of u",
+            |c, sql| sqlx::query_as(sql)
+                .bind(req.user.as_str())
+                .bind(req.active_server_limit as i32)
+                .fetch_optional(c)
+                .await
+        )?;
+        let (user_id, user_state, limit) = user.ok_or_else(|| StoreError::no_user(&req.user))?;
+        if user_state == "deleting" {
+            return Err(StoreError::Conflict(format!(
+                "user {:?} is being deleted",
+                req.user.as_str()
+            )));
+        }
+        // Creates the row on first use and locks it either way, in one statement.
+        let server = each!(tx.conn(), c => sqlx::query_as::<_, ServerRow>(concat!(
+            "insert into servers (user_id, name, state, requested_at, created_at, updated_at) \
+             values ($1, $2, 'stopped', $4, $4, $4) \
+             on conflict (user_id, name) do update set updated_at = servers.updated_at ",
+            server_columns!("$3")
+        ))
+        .bind(user_id)
+        .bind(req.server.as_str())
+        .bind(req.user.as_str())
+        .bind(at)
+        .fetch_one(c)
+        .await)?;
+        match server.state() {
+            ServerState::PendingSpawn => return Ok(SpawnOutcome::AlreadyPending(server)),
+            ServerState::Running => return Ok(SpawnOutcome::AlreadyRunning(server)),
+            ServerState::PendingStop => {
+                return Err(StoreError::Conflict(
+                    "the server is stopping; start it again once it has stopped".into(),
+                ));
+            }
+            ServerState::Stopped | ServerState::Failed => {}
+        }
+        if let Some(most) = req.max_servers_per_user {
+            let live: i64 = each!(tx.conn(), c => sqlx::query_scalar(
+                "select count(*) from servers where user_id = $1 \
+                 and state in ('pending_spawn', 'running', 'pending_stop')",
+            )
+            .bind(user_id)
+            .fetch_one(c)
+            .await)?;
+            if live >= i64::from(most) {
+                return Err(StoreError::Limit(format!(
+                    "user {:?} already has {live} servers, the most allowed per user is {most}; \
+                     stop one first",
+                    req.user.as_str()
+                )));
+            }
+        }
+        if !claim_admission(&mut tx, server.id, limit).await? {
+            let active: i64 = each!(tx.conn(), c => sqlx::query_scalar(
+                "select count(*) from admission_tokens where server_id is not null",
+            )
+            .fetch_one(c)
+            .await)?;
+            return Err(StoreError::Limit(format!(
+                "the platform is full: {active} of {limit} servers are active; try again when one stops"
+            )));
+        }
+        let payload = serde_json::to_value(ServerJob {
+            server_id: server.id,
+        })
+        .expect("payload serialises");
+        let job = self
+            .insert_job(
+                &mut tx,
+                JobKind::Spawn,
+                req.user.as_str(),
+                Some(req.server.as_str()),
+                payload,
+            )
+            .await?;
+        let server = each!(tx.conn(), c => sqlx::query_as::<_, ServerRow>(concat!(
+            "update servers set state = 'pending_spawn', spawn_job_id = $2, stop_job_id = null, \
+             image = $3, error = null, url = null, container_id = null, started_at = null, \
+             stopped_at = null, requested_at = $5, updated_at = $5 where id = $1 ",
+            server_columns!("$4")
+        ))
+        .bind(server.id)
+        .bind(job.id)
+        .bind(&req.image)
+        .bind(req.user.as_str())
+        .bind(at)
+        .fetch_one(c)
+        .await)?;
+        tx.insert_progress(
+            job.id,
+            &ProgressStep::at(0, "server requested; waiting for a worker"),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(SpawnOutcome::Enqueued(server))
+    }
+
+    async fn request_stop(
+        &self,
+        user: &UserName,
+        server: &ServerName,
+    ) -> Result<StopOutcome, StoreError> {
+        let mut tx = self.begin().await?;
+        let row: Option<ServerRow> = locking!(
+            tx,
+            select_servers!("where u.name = $1 and s.name = $2"),
+            "for update of s",
+            |c, sql| sqlx::query_as(sql)
+                .bind(user.as_str())
+                .bind(server.as_str())
+                .fetch_optional(c)
+                .await
+        )?;
+        let row = row.ok_or_else(|| {
+            StoreError::NotFound(format!("user {user:?} has no server {server:?}"))
+        })?;
+        match row.state() {
+            ServerState::Stopped | ServerState::Failed => return Ok(StopOutcome::NotRunning(row)),
+            ServerState::PendingStop => return Ok(StopOutcome::AlreadyStopping(row)),
+            ServerState::PendingSpawn | ServerState::Running => {}
+        }
+        let payload = serde_json::to_value(ServerJob { server_id: row.id }).expect("serialises");
+        let job = self
+            .insert_job(
+                &mut tx,
+                JobKind::Stop,
+                user.as_str(),
+                Some(server.as_str()),
+                payload,
+            )
+            .await?;
+        let row = each!(tx.conn(), c => sqlx::query_as::<_, ServerRow>(concat!(
+            "update servers set state = 'pending_stop', stop_job_id = $2, updated_at = $3 \
+             where id = $1 ",
+            server_columns!("$4")
+        ))
+        .bind(row.id)
+        .bind(job.id)
+        .bind(now())
+        .bind(user.as_str())
+        .fetch_one(c)
+        .await)?;
+        tx.commit().await?;
+        Ok(StopOutcome::Enqueued(row))
+    }
+
+    async fn request_user_removal(&self, user: &UserName) -> Result<JobRow, StoreError> {
+        let mut tx = self.begin().await?;
+        let row: Option<UserRow> = locking!(
+            tx,
+            "select * from users where name = $1",
+            "for update",
+            |c, sql| sqlx::query_as(sql)
+                .bind(user.as_str())
+                .fetch_optional(c)
+                .await
+        )?;
+        let row = row.ok_or_else(|| StoreError::no_user(user))?;
+        if let (Some(id), "deleting") = (row.cleanup_job_id, row.state.as_str()) {
+            let job = each!(tx.conn(), c => sqlx::query_as::<_, JobRow>("select * from jobs where id = $1")
+                .bind(id)
+                .fetch_optional(c)
+                .await)?;
+            // A removal still under way is the answer; one that failed (or was
+            // archived) is requested anew below.
+            if let Some(job) = job.filter(|j| j.state == "queued" || j.state == "running") {
+                return Ok(job);
+            }
+        }
+        let payload = serde_json::to_value(CleanupJob { user_id: row.id }).expect("serialises");
+        let job = self
+            .insert_job(&mut tx, JobKind::Cleanup, user.as_str(), None, payload)
+            .await?;
+        each!(tx.conn(), c => sqlx::query("update users set state = 'deleting', cleanup_job_id = $2 where id = $1")
+            .bind(row.id)
+            .bind(job.id)
+            .execute(c)
+            .await
+            .map(|r| r.rows_affected()))?;
+        // Stop wins over any spawn in flight: it sees the state change and gives up.
+        each!(tx.conn(), c => sqlx::query(
+            "update servers set state = 'pending_stop', updated_at = $2 \
+             where user_id = $1 and state in ('pending_spawn', 'running')",
+        )
+        .bind(row.id)
+        .bind(now())
+        .execute(c)
+        .await
+        .map(|r| r.rows_affected()))?;
+        tx.commit().await?;
+        Ok(job)
+    }
+
+    async fn get_job(&self, id: Uuid) -> Result<Option<JobRow>, StoreError> {
+        read!(self.pool(), get_job(id))
+    }
+
+    async fn begin_job(&self, id: Uuid, worker: &str) -> Result<Option<JobRow>, StoreError> {
+        let job = self
+            .write(async |tx| {
+                Ok(each!(tx.conn(), c => sqlx::query_as::<_, JobRow>(
+                    "update jobs set state = 'running', attempts = attempts + 1, worker = $2, \
+                     started_at = coalesce(started_at, $3) \
+                     where id = $1 and state in ('queued', 'running') returning *",
+                )
+                .bind(id)
+                .bind(worker)
+                .bind(now())
+                .fetch_optional(c)
+                .await)?)
+            })
+            .await?;
+        if let Some(job) = job.as_ref().filter(|j| j.attempts == 1) {
+            telemetry::job_started(&job.kind);
+        }
+        Ok(job)
+    }
+
+    async fn finish_job(&self, id: Uuid, outcome: &JobOutcome) -> Result<(), StoreError> {
+        let (state, error) = match outcome {
+            JobOutcome::Succeeded => ("succeeded", None),
+            JobOutcome::Cancelled(why) => ("cancelled", Some(why.as_str())),
+            JobOutcome::Failed(why) => ("failed", Some(why.as_str())),
+        };
+        self.write(async |tx| end_job(tx, id, state, error).await)
+            .await
+    }
+
+    async fn dead_letter(&self, id: Uuid, error: &str) -> Result<bool, StoreError> {
+        let mut tx = self.begin().await?;
+        let at = now();
+        let ended = each!(tx.conn(), c => sqlx::query_as::<_, JobRow>(
+            "update jobs set state = 'failed', last_error = $2, finished_at = $3 \
+             where id = $1 and state in ('queued', 'running') returning *",
+        )
+        .bind(id)
+        .bind(error)
+        .bind(at)
+        .fetch_optional(c)
+        .await)?;
+        let Some(ended) = ended else {
+            return Ok(false);
+        };
+        // The server this job was to move on is stuck without it: it fails, keeping
+        // the error, and the reconciler removes any container it has left.
+        let servers: Vec<i64> = each!(tx.conn(), c => sqlx::query_scalar(
+            "update servers set state = 'failed', error = $2, updated_at = $3, \
+             stopped_at = $3, url = null \
+             where (spawn_job_id = $1 and state = 'pending_spawn') \
+                or (stop_job_id = $1 and state = 'pending_stop') \
+             returning id",
+        )
+        .bind(id)
+        .bind(error)
+        .bind(at)
+        .fetch_all(c)
+        .await)?;
+        for server in servers {
+            release_admission(&mut tx, server).await?;
+        }
+        if ended.kind == JobKind::Spawn.as_str() {
+            tx.insert_progress(id, &ProgressStep::failed(error)).await?;
+        }
+        tx.commit().await?;
+        count_end(&ended);
+        Ok(true)
+    }
+
+    async fn note_retry(&self, id: Uuid, error: &str) -> Result<(), StoreError> {
+        self.write(async |tx| {
+            each!(tx.conn(), c => sqlx::query(
+                "update jobs set attempts = attempts + 1, last_error = $2 \
+                 where id = $1 and state = 'running'",
+            )
+            .bind(id)
+            .bind(error)
+            .execute(c)
+            .await
+            .map(|r| r.rows_affected()))?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn lock_server(&self, server_id: i64) -> Result<Box<dyn ServerLock>, StoreError> {
+        match self.on() {
+            Dialect::Pg(s) => s.lock_server(server_id).await,
+            Dialect::Lite(s) => Ok(s.memory_lock(server_id).await),
+        }
+    }
+
+    async fn server_by_id(&self, server_id: i64) -> Result<Option<ServerRow>, StoreError> {
+        read!(self.pool(), server_by_id(server_id))
+    }
+
+    async fn servers_of_user(&self, user_id: i64) -> Result<Vec<ServerRow>, StoreError> {
+        self.servers_of(&[user_id]).await
+    }
+
+    async fn mark_running(&self, r: &Running) -> Result<bool, StoreError> {
+        let mut tx = self.begin().await?;
+        let done = each!(tx.conn(), c => sqlx::query(
+            "update servers set state = 'running', container_id = $3, url = $4, token_hash = $5, \
+             started_at = $8, last_activity = $8, error = null, warning = null, warned_at = null, \
+             mem_limit = $6, cpu_limit = $7, updated_at = $8 \
+             where id = $1 and spawn_job_id = $2 and state = 'pending_spawn'",
+        )
+        .bind(r.server_id)
+        .bind(r.job_id)
+        .bind(&r.container_id)
+        .bind(&r.url)
+        .bind(&r.token_hash)
+        .bind(r.mem_limit)
+        .bind(r.cpu_limit)
+        .bind(now())
+        .execute(c)
+        .await
+        .map(|r| r.rows_affected()))?;
+        let done = done == 1;
+        if done {
+            end_job(&mut tx, r.job_id, "succeeded", None).await?;
+            let ready = ProgressStep {
+                progress: 100,
+                message: format!("server ready at {}", r.url),
+                ready: true,
+                url: Some(r.url.clone()),
+                ..Default::default()
+            };
+            tx.insert_progress(r.job_id, &ready).await?;
+        }
+        tx.commit().await?;
+        Ok(done)
+    }
+
+    async fn mark_spawn_failed(
+        &self,
+        server_id: i64,
+        job_id: Uuid,
+        error: &str,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.begin().await?;
+        let done = each!(tx.conn(), c => sqlx::query(
+            "update servers set state = 'failed', error = $3, url = null, container_id = null, \
+             stopped_at = $4, updated_at = $4 \
+             where id = $1 and spawn_job_id = $2 and state = 'pending_spawn'",
+        )
+        .bind(server_id)
+        .bind(job_id)
+        .bind(error)
+        .bind(now())
+        .execute(c)
+        .await
+        .map(|r| r.rows_affected()))?;
+        let done = done == 1;
+        if done {
+            end_job(&mut tx, job_id, "failed", Some(error)).await?;
+            release_admission(&mut tx, server_id).await?;
+            tx.insert_progress(job_id, &ProgressStep::failed(error))
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(done)
+    }
+
+    async fn mark_stopped(
+        &self,
+        server_id: i64,
+        stop_job: Option<Uuid>,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.begin().await?;
+        let done = each!(tx.conn(), c => sqlx::query(
+            "update servers set state = 'stopped', url = null, container_id = null, \
+             token_hash = null, stopped_at = $3, updated_at = $3 \
+             where id = $1 and state = 'pending_stop' and ($2 is null or stop_job_id = $2)",
+        )
+        .bind(server_id)
+        .bind(stop_job)
+        .bind(now())
+        .execute(c)
+        .await
+        .map(|r| r.rows_affected()))?;
+        let done = done == 1;
+        if done {
+            release_admission(&mut tx, server_id).await?;
+        }
+        if let (true, Some(job)) = (done, stop_job) {
+            end_job(&mut tx, job, "succeeded", None).await?;
+        }
+        tx.commit().await?;
+        Ok(done)
+    }
+
+    async fn delete_user(&self, user_id: i64, job_id: Uuid) -> Result<bool, StoreError> {
+        self.write(async |tx| {
+            let done = each!(tx.conn(), c => sqlx::query(
+                "delete from users where id = $1 and cleanup_job_id = $2",
+            )
+            .bind(user_id)
+            .bind(job_id)
+            .execute(c)
+            .await
+            .map(|r| r.rows_affected()))?;
+            Ok(done == 1)
+        })
+        .await
+    }
+}
