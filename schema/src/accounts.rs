@@ -1,10 +1,12 @@
 //! Accounts: login sessions, service tokens, SSO hand-off, throttling and audit.
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
+use sqlx::types::Json;
 use uuid::Uuid;
 
 use crate::{
+    db::{Db, Dialect, apply, each, execute, json_list, now, read},
     names::UserName,
     rows::{ServerRow, UserRow},
     store::StoreError,
@@ -41,7 +43,7 @@ pub struct NewAccount {
     pub role: Role,
 }
 
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone)]
 pub struct ApiTokenRow {
     pub id: Uuid,
     pub name: String,
@@ -164,4 +166,440 @@ pub trait Accounts: Send + Sync + 'static {
 
     async fn audit(&self, event: AuditEvent<'_>) -> Result<(), StoreError>;
     async fn audit_page(&self, offset: i64, limit: i64) -> Result<Page<AuditRow>, StoreError>;
+}
+
+/// An API token as stored: its scopes are a JSON array.
+#[derive(sqlx::FromRow)]
+struct TokenRow {
+    id: Uuid,
+    name: String,
+    scopes: Json<Vec<String>>,
+    created_by: Option<String>,
+    created_at: DateTime<Utc>,
+    expires_at: Option<DateTime<Utc>>,
+    last_used_at: Option<DateTime<Utc>>,
+    revoked_at: Option<DateTime<Utc>>,
+}
+
+impl From<TokenRow> for ApiTokenRow {
+    fn from(t: TokenRow) -> Self {
+        ApiTokenRow {
+            id: t.id,
+            name: t.name,
+            scopes: t.scopes.0,
+            created_by: t.created_by,
+            created_at: t.created_at,
+            expires_at: t.expires_at,
+            last_used_at: t.last_used_at,
+            revoked_at: t.revoked_at,
+        }
+    }
+}
+
+macro_rules! token_columns {
+    () => {
+        "id, name, scopes, created_by, created_at, expires_at, last_used_at, revoked_at"
+    };
+}
+
+/// A `like` pattern that matches `part` anywhere, its wildcards taken literally.
+pub(crate) fn like_pattern(part: &str) -> String {
+    format!(
+        "%{}%",
+        part.replace('\\', "\\\\")
+            .replace('%', "\\%")
+            .replace('_', "\\_")
+    )
+}
+
+/// Whether `e` violates the unique constraint that Postgres names `constraint`
+/// (SQLite names the index, or the table and column, in its message: `sqlite`).
+fn violates(e: &sqlx::Error, constraint: &str, sqlite: &str) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.is_unique_violation()
+        && (db.constraint() == Some(constraint) || db.message().contains(sqlite)))
+}
+
+/// Users whose name or email contains `$1` (all when it is null).
+macro_rules! user_search {
+    () => {
+        "from users where $1 is null or name like $1 escape '\\' or lower(email) like lower($1) escape '\\'"
+    };
+}
+
+#[async_trait]
+impl Accounts for Db {
+    async fn register(&self, account: &NewAccount) -> Result<UserRow, StoreError> {
+        self.write(async |tx| {
+            each!(tx.conn(), c => sqlx::query_as::<_, UserRow>(
+                "insert into users (name, email, password_hash, role, created_at) \
+                 values ($1, $2, $3, $4, $5) returning *",
+            )
+            .bind(account.name.as_str())
+            .bind(&account.email)
+            .bind(&account.password_hash)
+            .bind(account.role.as_str())
+            .bind(now())
+            .fetch_one(c)
+            .await)
+            .map_err(|e| {
+                if violates(&e, "users_name_key", "users.name") {
+                    StoreError::Conflict(format!("user {:?} already exists", account.name))
+                } else if violates(&e, "users_email_key", "users_email_key") {
+                    StoreError::Conflict(format!(
+                        "email {:?} is already registered",
+                        account.email.clone().unwrap_or_default()
+                    ))
+                } else {
+                    StoreError::Database(e)
+                }
+            })
+        })
+        .await
+    }
+
+    async fn find_login(&self, login: &str) -> Result<Option<UserRow>, StoreError> {
+        read!(self.pool(), find_login(login))
+    }
+
+    async fn user_by_id(&self, id: i64) -> Result<Option<UserRow>, StoreError> {
+        read!(self.pool(), user_by_id(id))
+    }
+
+    async fn users_page(
+        &self,
+        search: Option<&str>,
+        offset: i64,
+        limit: i64,
+    ) -> Result<Page<UserRow>, StoreError> {
+        let pattern = search.map(like_pattern);
+        each!(self.pool(), p => {
+            let items = sqlx::query_as::<_, UserRow>(concat!(
+                "select * ", user_search!(), " order by name limit $3 offset $2"
+            ))
+            .bind(&pattern)
+            .bind(offset)
+            .bind(limit)
+            .fetch_all(p)
+            .await?;
+            let total: i64 = sqlx::query_scalar(concat!("select count(*) ", user_search!()))
+                .bind(&pattern)
+                .fetch_one(p)
+                .await?;
+            Ok(Page { items, total })
+        })
+    }
+
+    async fn set_role(&self, user: &UserName, role: Role) -> Result<UserRow, StoreError> {
+        self.write(async |tx| {
+            each!(tx.conn(), c => sqlx::query_as::<_, UserRow>(
+                "update users set role = $2 where name = $1 returning *",
+            )
+            .bind(user.as_str())
+            .bind(role.as_str())
+            .fetch_optional(c)
+            .await)?
+            .ok_or_else(|| StoreError::no_user(user))
+        })
+        .await
+    }
+
+    async fn set_active(&self, user: &UserName, active: bool) -> Result<UserRow, StoreError> {
+        self.write(async |tx| {
+            let row = each!(tx.conn(), c => sqlx::query_as::<_, UserRow>(
+                "update users set active = $2 where name = $1 returning *",
+            )
+            .bind(user.as_str())
+            .bind(active)
+            .fetch_optional(c)
+            .await)?
+            .ok_or_else(|| StoreError::no_user(user))?;
+            if !active {
+                revoke_sessions(tx, row.id, None).await?;
+            }
+            Ok(row)
+        })
+        .await
+    }
+
+    async fn set_password(
+        &self,
+        user_id: i64,
+        hash: &str,
+        keep: Option<Uuid>,
+    ) -> Result<(), StoreError> {
+        self.write(async |tx| {
+            execute!(
+                tx.conn(),
+                "update users set password_hash = $2 where id = $1",
+                user_id,
+                hash
+            )?;
+            revoke_sessions(tx, user_id, keep).await
+        })
+        .await
+    }
+
+    async fn bootstrap_admin(
+        &self,
+        name: &UserName,
+        password_hash: &str,
+    ) -> Result<UserRow, StoreError> {
+        // An existing account keeps its password: configuration never resets one.
+        self.write(async |tx| {
+            Ok(each!(tx.conn(), c => sqlx::query_as::<_, UserRow>(
+                "insert into users (name, password_hash, role, created_at) values ($1, $2, 'admin', $3) \
+                 on conflict (name) do update set role = 'admin', active = true returning *",
+            )
+            .bind(name.as_str())
+            .bind(password_hash)
+            .bind(now())
+            .fetch_one(c)
+            .await)?)
+        })
+        .await
+    }
+
+    async fn create_session(
+        &self,
+        jti: Uuid,
+        user_id: i64,
+        expires_at: DateTime<Utc>,
+        client_addr: Option<&str>,
+    ) -> Result<(), StoreError> {
+        apply!(
+            self,
+            "insert into sessions (jti, user_id, issued_at, expires_at, client_addr) \
+                 values ($1, $2, $5, $3, $4)",
+            jti,
+            user_id,
+            expires_at,
+            client_addr,
+            now()
+        )
+        .map(drop)
+    }
+
+    async fn session_user(&self, jti: Uuid) -> Result<Option<UserRow>, StoreError> {
+        Ok(each!(self.pool(), p => sqlx::query_as::<_, UserRow>(
+            "select u.* from sessions s join users u on u.id = s.user_id \
+             where s.jti = $1 and s.revoked_at is null and s.expires_at > $2 and u.active",
+        )
+        .bind(jti)
+        .bind(now())
+        .fetch_optional(p)
+        .await)?)
+    }
+
+    async fn revoke_session(&self, jti: Uuid) -> Result<(), StoreError> {
+        apply!(
+            self,
+            "update sessions set revoked_at = coalesce(revoked_at, $2) where jti = $1",
+            jti,
+            now()
+        )
+        .map(drop)
+    }
+
+    async fn create_api_token(
+        &self,
+        row: &ApiTokenRow,
+        token_hash: &str,
+    ) -> Result<(), StoreError> {
+        apply!(
+            self,
+            "insert into api_tokens \
+               (id, name, token_hash, scopes, created_by, expires_at, created_at) \
+             values ($1, $2, $3, $4, $5, $6, $7)",
+            row.id,
+            &row.name,
+            token_hash,
+            Json(&row.scopes),
+            &row.created_by,
+            row.expires_at,
+            now()
+        )
+        .map(drop)
+    }
+
+    async fn use_api_token(&self, token_hash: &str) -> Result<Option<ApiTokenRow>, StoreError> {
+        let row = self
+            .write(async |tx| {
+                Ok(each!(tx.conn(), c => sqlx::query_as::<_, TokenRow>(concat!(
+                    "update api_tokens set last_used_at = $2 \
+                     where token_hash = $1 and revoked_at is null \
+                     and (expires_at is null or expires_at > $2) returning ",
+                    token_columns!()
+                ))
+                .bind(token_hash)
+                .bind(now())
+                .fetch_optional(c)
+                .await)?)
+            })
+            .await?;
+        Ok(row.map(Into::into))
+    }
+
+    async fn list_api_tokens(&self) -> Result<Vec<ApiTokenRow>, StoreError> {
+        let rows = each!(self.pool(), p => sqlx::query_as::<_, TokenRow>(concat!(
+            "select ", token_columns!(), " from api_tokens order by created_at"
+        ))
+        .fetch_all(p)
+        .await)?;
+        Ok(rows.into_iter().map(Into::into).collect())
+    }
+
+    async fn revoke_api_token(&self, id: Uuid) -> Result<bool, StoreError> {
+        self.write(async |tx| {
+            Ok(execute!(
+                tx.conn(),
+                "update api_tokens set revoked_at = $2 where id = $1 and revoked_at is null",
+                id,
+                now()
+            )? == 1)
+        })
+        .await
+    }
+
+    async fn server_by_token(&self, token_hash: &str) -> Result<Option<ServerRow>, StoreError> {
+        read!(self.pool(), server_by_token(token_hash))
+    }
+
+    async fn create_sso(
+        &self,
+        token_hash: &str,
+        user_id: i64,
+        server_name: &str,
+        expires_at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        apply!(
+            self,
+            "insert into sso_tokens (token_hash, user_id, server_name, expires_at, created_at) \
+                 values ($1, $2, $3, $4, $5)",
+            token_hash,
+            user_id,
+            server_name,
+            expires_at,
+            now()
+        )
+        .map(drop)
+    }
+
+    async fn consume_sso(&self, token_hash: &str) -> Result<Option<SsoGrant>, StoreError> {
+        // One statement: of two concurrent uses, exactly one sees `used_at is null`.
+        self.write(async |tx| {
+            Ok(each!(tx.conn(), c => sqlx::query_as::<_, SsoGrant>(
+                "update sso_tokens set used_at = $2 \
+                 where token_hash = $1 and used_at is null and expires_at > $2 \
+                 and exists (select 1 from users u where u.id = user_id and u.active) \
+                 returning (select name from users u where u.id = user_id) as user_name, \
+                   server_name, expires_at",
+            )
+            .bind(token_hash)
+            .bind(now())
+            .fetch_optional(c)
+            .await)?)
+        })
+        .await
+    }
+
+    async fn throttled(&self, keys: &[String]) -> Result<Option<i64>, StoreError> {
+        let at = now();
+        let until: Option<DateTime<Utc>> = match self.pool() {
+            Dialect::Pg(p) => {
+                sqlx::query_scalar(
+                    "select max(locked_until) from login_throttle \
+                 where key = any($1) and locked_until > $2",
+                )
+                .bind(keys)
+                .bind(at)
+                .fetch_one(p)
+                .await?
+            }
+            Dialect::Lite(p) => {
+                sqlx::query_scalar(
+                    "select max(locked_until) from login_throttle \
+                 where key in (select value from json_each($1)) and locked_until > $2",
+                )
+                .bind(json_list(keys))
+                .bind(at)
+                .fetch_one(p)
+                .await?
+            }
+        };
+        Ok(until.map(|u| {
+            let secs = (u - at).num_milliseconds() as f64 / 1000.0;
+            secs.ceil().max(1.0) as i64
+        }))
+    }
+
+    async fn record_failure(&self, key: &str, rule: ThrottleRule) -> Result<(), StoreError> {
+        // A fixed window per key: failures count from the first one, and reaching the
+        // limit locks the key until the window ends.
+        let at = now();
+        let window = TimeDelta::seconds(rule.window_secs);
+        self.write(async |tx| {
+            let (failures, start): (i32, DateTime<Utc>) = each!(tx.conn(), c => sqlx::query_as(
+                "insert into login_throttle as t (key, failures, window_start) values ($1, 1, $2) \
+                 on conflict (key) do update set \
+                   failures = case when t.window_start < $3 then 1 else t.failures + 1 end, \
+                   window_start = case when t.window_start < $3 then $2 else t.window_start end \
+                 returning failures, window_start",
+            )
+            .bind(key)
+            .bind(at)
+            .bind(at - window)
+            .fetch_one(c)
+            .await)?;
+            if failures >= rule.max_failures {
+                execute!(
+                    tx.conn(),
+                    "update login_throttle set locked_until = $2 where key = $1",
+                    key,
+                    start + window
+                )?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn clear_failures(&self, key: &str) -> Result<(), StoreError> {
+        apply!(self, "delete from login_throttle where key = $1", key).map(drop)
+    }
+
+    async fn audit(&self, event: AuditEvent<'_>) -> Result<(), StoreError> {
+        apply!(
+            self,
+            "insert into audit_log (actor, action, target, client_addr, detail, at) \
+                 values ($1, $2, $3, $4, $5, $6)",
+            event.actor,
+            event.action,
+            event.target,
+            event.client_addr,
+            event.detail,
+            now()
+        )
+        .map(drop)
+    }
+
+    async fn audit_page(&self, offset: i64, limit: i64) -> Result<Page<AuditRow>, StoreError> {
+        read!(self.pool(), audit_page(offset, limit))
+    }
+}
+
+/// Ends the user's open sessions, but `keep`.
+async fn revoke_sessions(
+    tx: &mut crate::db::Tx,
+    user_id: i64,
+    keep: Option<Uuid>,
+) -> Result<(), StoreError> {
+    execute!(
+        tx.conn(),
+        "update sessions set revoked_at = $3 \
+         where user_id = $1 and revoked_at is null and ($2 is null or jti <> $2)",
+        user_id,
+        keep,
+        now()
+    )?;
+    Ok(())
 }

@@ -9,8 +9,8 @@ use uuid::Uuid;
 use crate::{
     JobKind, JobRow, ServerRow, StoreError,
     accounts::Page,
-    db::{Db, Dialect, each, locking, now, read},
-    pg_accounts::like_pattern,
+    accounts::like_pattern,
+    db::{Db, Dialect, each, execute, locking, now, read},
     servers::{count_end, release_admission},
 };
 
@@ -296,15 +296,13 @@ impl Console for Db {
                 )?;
                 match server {
                     Some((server, true)) => {
-                        each!(tx.conn(), c => sqlx::query(
+                        execute!(
+                            tx.conn(),
                             "update servers set state = 'running', stop_job_id = null, \
                              updated_at = $2 where id = $1",
-                        )
-                        .bind(server)
-                        .bind(at)
-                        .execute(c)
-                        .await
-                        .map(|r| r.rows_affected()))?;
+                            server,
+                            at
+                        )?;
                     }
                     Some((_, false)) => {
                         return Err(StoreError::Conflict(
@@ -333,12 +331,12 @@ impl Console for Db {
 
     async fn link_retry(&self, retry: Uuid, of: Uuid) -> Result<(), StoreError> {
         let mut tx = self.begin().await?;
-        each!(tx.conn(), c => sqlx::query("update jobs set retry_of = $2 where id = $1")
-            .bind(retry)
-            .bind(of)
-            .execute(c)
-            .await
-            .map(|r| r.rows_affected()))?;
+        execute!(
+            tx.conn(),
+            "update jobs set retry_of = $2 where id = $1",
+            retry,
+            of
+        )?;
         tx.commit().await
     }
 

@@ -46,6 +46,28 @@ macro_rules! each {
 }
 pub(crate) use each;
 
+/// Runs one statement, `$sql` with each `$arg` bound in turn, on either side of
+/// `$conn`; the number of rows it changed.
+macro_rules! execute {
+    ($conn:expr, $sql:expr $(, $arg:expr)* $(,)?) => {
+        $crate::db::each!($conn, c => sqlx::query($sql)
+            $(.bind($arg))*
+            .execute(c)
+            .await
+            .map(|r| r.rows_affected()))
+    };
+}
+pub(crate) use execute;
+
+/// `execute!` in a write transaction of its own, on the store `$db`.
+macro_rules! apply {
+    ($db:expr, $sql:expr $(, $arg:expr)* $(,)?) => {
+        $db.write(async |tx| Ok($crate::db::execute!(tx.conn(), $sql $(, $arg)*)?))
+            .await
+    };
+}
+pub(crate) use apply;
+
 /// A read that locks its rows on Postgres (`$lock` appended to the statement) and
 /// needs no lock on SQLite, whose writers take turns. `$sql` is a literal.
 macro_rules! locking {
@@ -145,6 +167,17 @@ impl Db {
             store: self.clone(),
             enqueued: false,
         })
+    }
+
+    /// Runs `work` in a write transaction and commits it; an error rolls it back.
+    pub(crate) async fn write<T>(
+        &self,
+        work: impl AsyncFnOnce(&mut Tx) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut tx = self.begin().await?;
+        let out = work(&mut tx).await?;
+        tx.commit().await?;
+        Ok(out)
     }
 
     /// A job row and its queue entry in `tx`, with a fresh time-ordered id.

@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use crate::{
     JobKind, ServerRow, StoreError,
-    db::{Db, Dialect, each, now, read},
+    db::{Db, Dialect, each, execute, now, read},
     jobs::SYSTEM_USER,
     pg_maintenance::ARCHIVE_BATCH,
 };
@@ -149,31 +149,29 @@ impl Maintenance for Db {
         .bind(name)
         .fetch_one(c)
         .await)?;
-        each!(tx.conn(), c => sqlx::query(
+        execute!(
+            tx.conn(),
             "insert into schedules (name, expression, kind, payload, registered_at) \
              values ($1, $2, $3, $4, $5) \
              on conflict (name) do update set expression = $2, kind = $3, payload = $4",
-        )
-        .bind(name)
-        .bind(expression)
-        .bind(kind.as_str())
-        .bind(payload)
-        .bind(now())
-        .execute(c)
-        .await
-        .map(|r| r.rows_affected()))?;
+            name,
+            expression,
+            kind.as_str(),
+            payload,
+            now()
+        )?;
         tx.commit().await?;
         Ok(!existed)
     }
 
     async fn set_next_run(&self, name: &str, at: Option<DateTime<Utc>>) -> Result<(), StoreError> {
         let mut tx = self.begin().await?;
-        each!(tx.conn(), c => sqlx::query("update schedules set next_run_at = $2 where name = $1")
-            .bind(name)
-            .bind(at)
-            .execute(c)
-            .await
-            .map(|r| r.rows_affected()))?;
+        execute!(
+            tx.conn(),
+            "update schedules set next_run_at = $2 where name = $1",
+            name,
+            at
+        )?;
         tx.commit().await
     }
 
@@ -210,20 +208,18 @@ impl Maintenance for Db {
         let id = Uuid::now_v7();
         // The tick's row first: a replica that loses the race stops here (the
         // unique key), and one that comes late for an older tick too.
-        let claimed = each!(tx.conn(), c => sqlx::query(
+        let claimed = execute!(
+            tx.conn(),
             "insert into schedule_runs (schedule, tick, manual, job_id, created_at) \
              select $1, $2, $3, $4, $5 where $3 or not exists \
                (select 1 from schedule_runs where schedule = $1 and not manual and tick >= $2) \
              on conflict (schedule, tick) do nothing",
-        )
-        .bind(name)
-        .bind(tick)
-        .bind(manual)
-        .bind(id)
-        .bind(now())
-        .execute(c)
-        .await
-        .map(|r| r.rows_affected()))?;
+            name,
+            tick,
+            manual,
+            id,
+            now()
+        )?;
         if claimed == 0 {
             return Ok(None);
         }
@@ -258,59 +254,51 @@ impl Maintenance for Db {
         let mut tx = self.begin().await?;
         let latest = servers.iter().map(|(_, at)| *at).chain(user_at).max();
         // Only forward: the later of the two, whichever is null.
-        let found = each!(tx.conn(), c => sqlx::query(
+        let found = execute!(
+            tx.conn(),
             "update users set last_activity = case when last_activity is null \
                or last_activity < $2 then $2 else last_activity end where name = $1",
-        )
-        .bind(user.as_str())
-        .bind(latest)
-        .execute(c)
-        .await
-        .map(|r| r.rows_affected()))?;
+            user.as_str(),
+            latest
+        )?;
         if found == 0 {
             return Err(StoreError::no_user(user));
         }
         for (server, at) in servers {
-            let found = each!(tx.conn(), c => sqlx::query(
+            let found = execute!(
+                tx.conn(),
                 "update servers set last_activity = case when last_activity is null \
                    or last_activity < $3 then $3 else last_activity end \
                  where name = $2 and user_id = (select id from users where name = $1)",
-            )
-            .bind(user.as_str())
-            .bind(server.as_str())
-            .bind(at)
-            .execute(c)
-            .await
-            .map(|r| r.rows_affected()))?;
+                user.as_str(),
+                server.as_str(),
+                at
+            )?;
             if found == 0 {
                 return Err(StoreError::NotFound(format!(
                     "user {user:?} has no server {server:?}"
                 )));
             }
-            each!(tx.conn(), c => sqlx::query(
+            execute!(
+                tx.conn(),
                 "insert into activity_log (user_name, server_name, at, recorded_at) \
                  values ($1, $2, $3, $4)",
-            )
-            .bind(user.as_str())
-            .bind(server.as_str())
-            .bind(at)
-            .bind(recorded)
-            .execute(c)
-            .await
-            .map(|r| r.rows_affected()))?;
+                user.as_str(),
+                server.as_str(),
+                at,
+                recorded
+            )?;
         }
         if servers.is_empty()
             && let Some(at) = user_at
         {
-            each!(tx.conn(), c => sqlx::query(
+            execute!(
+                tx.conn(),
                 "insert into activity_log (user_name, at, recorded_at) values ($1, $2, $3)",
-            )
-            .bind(user.as_str())
-            .bind(at)
-            .bind(recorded)
-            .execute(c)
-            .await
-            .map(|r| r.rows_affected()))?;
+                user.as_str(),
+                at,
+                recorded
+            )?;
         }
         tx.commit().await
     }
@@ -345,15 +333,13 @@ impl Maintenance for Db {
                 .to_rfc3339_opts(SecondsFormat::Secs, true);
             let warning =
                 format!("this server reaches its maximum age and will be stopped at {stop_at}");
-            each!(tx.conn(), c => sqlx::query(
+            execute!(
+                tx.conn(),
                 "update servers set warned_at = $2, warning = $3 where id = $1",
-            )
-            .bind(id)
-            .bind(at)
-            .bind(&warning)
-            .execute(c)
-            .await
-            .map(|r| r.rows_affected()))?;
+                id,
+                at,
+                &warning
+            )?;
         }
         tx.commit().await?;
         Ok(due.len() as u64)
@@ -377,35 +363,27 @@ impl Maintenance for Db {
         let mut tx = self.begin().await?;
         // A revoked session is kept a day, so that its token reads as revoked
         // (not unknown) in the audit trail of that day.
-        let sessions = each!(tx.conn(), c => sqlx::query(
+        let sessions = execute!(
+            tx.conn(),
             "delete from sessions where expires_at < $1 or revoked_at < $2",
-        )
-        .bind(at)
-        .bind(day)
-        .execute(c)
-        .await
-        .map(|r| r.rows_affected()))?;
-        let sso_tokens = each!(tx.conn(), c => sqlx::query(
+            at,
+            day
+        )?;
+        let sso_tokens = execute!(
+            tx.conn(),
             "delete from sso_tokens where expires_at < $1",
-        )
-        .bind(hour)
-        .execute(c)
-        .await
-        .map(|r| r.rows_affected()))?;
-        let api_tokens = each!(tx.conn(), c => sqlx::query(
+            hour
+        )?;
+        let api_tokens = execute!(
+            tx.conn(),
             "delete from api_tokens where revoked_at < $1 or expires_at < $1",
-        )
-        .bind(day)
-        .execute(c)
-        .await
-        .map(|r| r.rows_affected()))?;
-        let login_throttle = each!(tx.conn(), c => sqlx::query(
+            day
+        )?;
+        let login_throttle = execute!(
+            tx.conn(),
             "delete from login_throttle where window_start < $1",
-        )
-        .bind(day)
-        .execute(c)
-        .await
-        .map(|r| r.rows_affected()))?;
+            day
+        )?;
         tx.commit().await?;
         Ok(Expired {
             sessions,
@@ -461,12 +439,12 @@ impl Maintenance for Db {
 
     async fn record_result(&self, job: Uuid, result: &serde_json::Value) -> Result<(), StoreError> {
         let mut tx = self.begin().await?;
-        each!(tx.conn(), c => sqlx::query("update jobs set result = $2 where id = $1")
-            .bind(job)
-            .bind(result)
-            .execute(c)
-            .await
-            .map(|r| r.rows_affected()))?;
+        execute!(
+            tx.conn(),
+            "update jobs set result = $2 where id = $1",
+            job,
+            result
+        )?;
         tx.commit().await
     }
 }

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use sqlx::{PgConnection, PgPool};
+use sqlx::PgPool;
 
 use crate::{
     pg_locks::{SERVER_LOCK_SPACE, SessionLock, lock_key},
@@ -35,16 +35,4 @@ impl PgStore {
     ) -> Result<Box<dyn ServerLock>, StoreError> {
         SessionLock::take(&self.pool, SERVER_LOCK_SPACE, lock_key(server_id)).await
     }
-}
-
-/// Gives a server's admission place back.
-pub(crate) async fn release_admission(
-    conn: &mut PgConnection,
-    server_id: i64,
-) -> Result<(), StoreError> {
-    sqlx::query("update admission_tokens set server_id = null where server_id = $1")
-        .bind(server_id)
-        .execute(conn)
-        .await?;
-    Ok(())
 }

@@ -6,9 +6,19 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::{
+    db::{Conn, Db, Dialect, apply, each, execute, now, read},
+    pg_locks::{RECONCILE_SPACE, SERVER_LOCK_SPACE, SLOT_SPACE, SessionLock, lock_key},
     rows::ServerRow,
+    servers::{provision_admission, release_admission},
     store::{ServerLock, StoreError},
 };
+
+/// A waiting delivery renews its claim on every try (at least every 500 ms); one
+/// not renewed for this long belonged to a delivery that is gone.
+const CLAIM_FRESH: chrono::TimeDelta = chrono::TimeDelta::seconds(5);
+
+/// The embedded store's reconciler lock: no server has id 0.
+const RECONCILER: i64 = 0;
 
 /// The limits in force: the configured ones unless an admin overrode them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -159,4 +169,367 @@ pub trait Platform: Send + Sync + 'static {
     ) -> Result<bool, StoreError>;
     /// Closes slot records left open by workers that died.
     async fn close_stale_attempts(&self) -> Result<u64, StoreError>;
+}
+
+/// Records that `worker` took `slot` for the job.
+async fn record_attempt(
+    c: Conn<'_>,
+    job_id: Uuid,
+    worker: &str,
+    slot: i32,
+) -> Result<i64, StoreError> {
+    Ok(each!(c, c => sqlx::query_scalar(
+        "insert into spawn_attempts (job_id, worker, slot, started_at) values ($1, $2, $3, $4) \
+         returning id",
+    )
+    .bind(job_id)
+    .bind(worker)
+    .bind(slot)
+    .bind(now())
+    .fetch_one(c)
+    .await)?)
+}
+
+impl Db {
+    /// Spawn slots below `below` held right now, platform-wide.
+    async fn held_slots(&self, below: u32) -> Result<i64, StoreError> {
+        Ok(match self.on() {
+            Dialect::Pg(s) => crate::pg_locks::held_slots(s.pool(), i64::from(below)).await?,
+            Dialect::Lite(s) => s
+                .held_slots()
+                .iter()
+                .filter(|k| i64::from(**k) < i64::from(below))
+                .count() as i64,
+        })
+    }
+
+    async fn try_lock(
+        &self,
+        space: i32,
+        key: i64,
+    ) -> Result<Option<Box<dyn ServerLock>>, StoreError> {
+        match self.on() {
+            Dialect::Pg(s) => SessionLock::try_take(s.pool(), space, lock_key(key)).await,
+            Dialect::Lite(s) => Ok(s.try_memory_lock(key)),
+        }
+    }
+}
+
+#[async_trait]
+impl Platform for Db {
+    async fn limit_overrides(&self) -> Result<LimitOverrides, StoreError> {
+        read!(self.pool(), limit_overrides())
+    }
+
+    async fn set_limits(
+        &self,
+        spawn: LimitChange,
+        active: LimitChange,
+        by: &str,
+    ) -> Result<LimitOverrides, StoreError> {
+        let (set_spawn, spawn) = spawn.parts();
+        let (set_active, active) = active.parts();
+        self.write(async |tx| {
+            // The one row exists on SQLite from its migration; on Postgres the
+            // first change creates it.
+            Ok(each!(tx.conn(), c => sqlx::query_as::<_, LimitOverrides>(
+                "insert into platform_limits (id) values (true) on conflict (id) do update set \
+                   concurrent_spawn_limit = case when $1 then $2 else platform_limits.concurrent_spawn_limit end, \
+                   active_server_limit = case when $3 then $4 else platform_limits.active_server_limit end, \
+                   updated_at = $6, updated_by = $5 \
+                 returning concurrent_spawn_limit, active_server_limit, updated_at, updated_by",
+            )
+            .bind(set_spawn)
+            .bind(spawn)
+            .bind(set_active)
+            .bind(active)
+            .bind(by)
+            .bind(now())
+            .fetch_one(c)
+            .await)?)
+        })
+        .await
+    }
+
+    async fn usage(&self) -> Result<Usage, StoreError> {
+        let (active_servers, waiting_spawns): (i64, i64) = each!(self.pool(), p => sqlx::query_as(
+            "select (select count(*) from admission_tokens where server_id is not null), \
+               (select count(*) from jobs where kind = 'spawn' and state = 'queued')",
+        )
+        .fetch_one(p)
+        .await)?;
+        Ok(Usage {
+            spawns_in_flight: self.held_slots(u32::MAX).await?,
+            active_servers,
+            waiting_spawns,
+        })
+    }
+
+    async fn ensure_admission_places(&self, limit: u32) -> Result<(), StoreError> {
+        self.write(async |tx| provision_admission(tx, limit as i32).await)
+            .await
+    }
+
+    async fn mark_fetched(&self, job_id: Uuid) -> Result<(), StoreError> {
+        // An unowned claim: any delivery may take it over, and until then the
+        // slot order counts the job as waiting.
+        let at = now();
+        apply!(
+            self,
+            "update jobs set claimed_by = null, claimed_at = $2 where id = $1 and state = 'queued' \
+                 and (claimed_by is null or claimed_at < $3)",
+            job_id,
+            at,
+            at - CLAIM_FRESH
+        )
+        .map(drop)
+    }
+
+    async fn try_spawn_slot(
+        &self,
+        job_id: Uuid,
+        created_at: DateTime<Utc>,
+        limit: u32,
+        worker: &str,
+        delivery: Uuid,
+    ) -> Result<SlotAnswer, StoreError> {
+        let at = now();
+        let mut tx = self.begin().await?;
+        // Claim the job for this delivery, or renew the claim; a live claim of
+        // another delivery (renewed within CLAIM_FRESH) makes this one a duplicate.
+        let claimed = execute!(
+            tx.conn(),
+            "update jobs set claimed_by = $2, claimed_at = $3 where id = $1 \
+             and state in ('queued', 'running') \
+             and (claimed_by is null or claimed_by = $2 or claimed_at < $4)",
+            job_id,
+            delivery,
+            at,
+            at - CLAIM_FRESH
+        )?;
+        if claimed == 0 {
+            let queued: bool = each!(tx.conn(), c => sqlx::query_scalar(
+                "select exists (select 1 from jobs where id = $1 and state = 'queued')",
+            )
+            .bind(job_id)
+            .fetch_one(c)
+            .await)?;
+            tx.commit().await?;
+            // Not queued any more: the caller's next look at the server tells why.
+            return Ok(if queued {
+                SlotAnswer::Duplicate
+            } else {
+                SlotAnswer::Wait
+            });
+        }
+        // Is it this job's turn: fewer older waiting spawns than free slots? A
+        // waiter is a queued spawn that a delivery is waiting with (a fresh claim)
+        // or that a worker has just fetched (its queue task is taken, its first
+        // claim may not be made yet); a job still in the queue never holds younger
+        // ones back. The slots keep the limit exact; this only orders who gets one.
+        let older: i64 = match tx.conn() {
+            Dialect::Pg(c) => {
+                sqlx::query_scalar(
+                    "select count(*) from jobs j left join apalis.jobs a \
+                   on a.job_type = $3 and a.idempotency_key = j.id::text \
+                 where j.kind = 'spawn' and j.state = 'queued' and (j.created_at, j.id) < ($2, $1) \
+                 and (a.status in ('Queued', 'Running') or j.claimed_at > $4)",
+                )
+                .bind(job_id)
+                .bind(created_at)
+                .bind(crate::jobs::SPAWN_QUEUE)
+                .bind(at - CLAIM_FRESH)
+                .fetch_one(c)
+                .await?
+            }
+            Dialect::Lite(c) => {
+                sqlx::query_scalar(
+                    "select count(*) from jobs j left join queue q on q.job_id = j.id \
+                 where j.kind = 'spawn' and j.state = 'queued' \
+                 and (j.created_at < $2 or (j.created_at = $2 and j.id < $1)) \
+                 and (q.taken_by is not null or j.claimed_at > $3)",
+                )
+                .bind(job_id)
+                .bind(created_at)
+                .bind(at - CLAIM_FRESH)
+                .fetch_one(c)
+                .await?
+            }
+        };
+        if older >= i64::from(limit) - self.held_slots(limit).await? {
+            tx.commit().await?;
+            return Ok(SlotAnswer::Wait);
+        }
+        let slot = match self.on() {
+            Dialect::Pg(s) => {
+                tx.commit().await?;
+                crate::pg_locks::take_slot(s.pool(), limit, async |c, slot| {
+                    record_attempt(Dialect::Pg(c), job_id, worker, slot).await
+                })
+                .await?
+            }
+            // Taken and recorded in one writers' turn, which is what
+            // `close_stale_attempts` reads under.
+            Dialect::Lite(s) => match s.take_memory_slot(limit) {
+                None => {
+                    tx.commit().await?;
+                    None
+                }
+                Some(slot) => {
+                    let recorded = match record_attempt(tx.conn(), job_id, worker, slot).await {
+                        Ok(attempt) => tx.commit().await.map(|()| attempt),
+                        Err(e) => Err(e),
+                    };
+                    match recorded {
+                        Ok(attempt) => Some(s.spawn_slot(slot, attempt)),
+                        Err(e) => {
+                            s.free_slot(slot);
+                            return Err(e);
+                        }
+                    }
+                }
+            },
+        };
+        Ok(slot.map_or(SlotAnswer::Wait, SlotAnswer::Granted))
+    }
+
+    async fn within_active_limit(&self, server_id: i64, limit: u32) -> Result<bool, StoreError> {
+        read!(self.pool(), within_active_limit(server_id, limit))
+    }
+
+    async fn register_worker(&self, w: &WorkerInfo) -> Result<(), StoreError> {
+        apply!(
+            self,
+            "insert into workers (name, host, pid, backend, version, started_at, last_seen) \
+                 values ($1, $2, $3, $4, $5, $6, $6) \
+                 on conflict (name) do update set host = $2, pid = $3, backend = $4, version = $5, \
+                 started_at = $6, last_seen = $6, jobs_in_flight = 0, stopped_at = null",
+            &w.name,
+            &w.host,
+            w.pid,
+            &w.backend,
+            &w.version,
+            now()
+        )
+        .map(drop)
+    }
+
+    async fn worker_heartbeat(&self, name: &str, jobs_in_flight: i32) -> Result<(), StoreError> {
+        apply!(
+            self,
+            "update workers set last_seen = $3, jobs_in_flight = $2 where name = $1",
+            name,
+            jobs_in_flight,
+            now()
+        )
+        .map(drop)
+    }
+
+    async fn worker_stopped(&self, name: &str) -> Result<(), StoreError> {
+        const STOPPED: &str = "update workers set stopped_at = $2, last_seen = $2, \
+                               jobs_in_flight = 0 where name = $1";
+        match self.on() {
+            Dialect::Pg(s) => {
+                // On a connection of its own: at shutdown the queue consumer's
+                // futures are dropped, and one was seen to hand a pooled connection
+                // back inside an open transaction ("there is already a transaction
+                // in progress"), so an update made through the pool then was never
+                // committed.
+                use sqlx::Connection;
+                let mut conn =
+                    sqlx::PgConnection::connect_with(&s.pool().connect_options()).await?;
+                sqlx::query(STOPPED)
+                    .bind(name)
+                    .bind(now())
+                    .execute(&mut conn)
+                    .await?;
+                conn.close().await?;
+                Ok(())
+            }
+            Dialect::Lite(_) => apply!(self, STOPPED, name, now()).map(drop),
+        }
+    }
+
+    async fn list_workers(&self) -> Result<Vec<WorkerRow>, StoreError> {
+        read!(self.pool(), list_workers())
+    }
+
+    async fn try_reconcile_lock(&self) -> Result<Option<Box<dyn ServerLock>>, StoreError> {
+        self.try_lock(RECONCILE_SPACE, RECONCILER).await
+    }
+
+    async fn try_lock_server(
+        &self,
+        server_id: i64,
+    ) -> Result<Option<Box<dyn ServerLock>>, StoreError> {
+        self.try_lock(SERVER_LOCK_SPACE, server_id).await
+    }
+
+    async fn live_servers(&self) -> Result<Vec<ServerRow>, StoreError> {
+        read!(self.pool(), live_servers())
+    }
+
+    async fn mark_lost(
+        &self,
+        server_id: i64,
+        failed: bool,
+        error: &str,
+    ) -> Result<bool, StoreError> {
+        self.write(async |tx| {
+            let state = if failed { "failed" } else { "stopped" };
+            let done = execute!(
+                tx.conn(),
+                "update servers set state = $2, error = $3, url = null, container_id = null, \
+                 token_hash = null, stopped_at = $4, updated_at = $4 \
+                 where id = $1 and state = 'running'",
+                server_id,
+                state,
+                error,
+                now()
+            )? == 1;
+            if done {
+                release_admission(tx, server_id).await?;
+            }
+            Ok(done)
+        })
+        .await
+    }
+
+    async fn close_stale_attempts(&self) -> Result<u64, StoreError> {
+        // An open record whose slot nobody holds belonged to a worker that died
+        // (on SQLite: to the process before a restart); it ended when its worker
+        // was last seen.
+        let at = now();
+        self.write(async |tx| {
+            Ok(match (tx.conn(), self.on()) {
+                (Dialect::Pg(c), _) => sqlx::query(
+                    "update spawn_attempts a set ended_at = coalesce(w.last_seen, $2) \
+                     from spawn_attempts x left join workers w on w.name = x.worker \
+                     where a.id = x.id and a.ended_at is null and not exists ( \
+                       select 1 from pg_locks l where l.locktype = 'advisory' and l.granted \
+                       and l.classid::bigint = $1 and l.objsubid = 2 and l.objid::bigint = a.slot \
+                       and l.database = (select oid from pg_database where datname = current_database()))",
+                )
+                .bind(i64::from(SLOT_SPACE))
+                .bind(at)
+                .execute(c)
+                .await?
+                .rows_affected(),
+                // Read under the writers' turn: a slot is taken and its record
+                // written within one turn.
+                (Dialect::Lite(c), Dialect::Lite(s)) => sqlx::query(
+                    "update spawn_attempts set ended_at = coalesce( \
+                       (select w.last_seen from workers w where w.name = spawn_attempts.worker), $2) \
+                     where ended_at is null and slot not in (select value from json_each($1))",
+                )
+                .bind(crate::db::json_list(&s.held_slots()))
+                .bind(at)
+                .execute(c)
+                .await?
+                .rows_affected(),
+                (Dialect::Lite(_), Dialect::Pg(_)) => unreachable!("a transaction of its own store"),
+            })
+        })
+        .await
+    }
 }

@@ -6,7 +6,7 @@ use uuid::Uuid;
 
 use crate::{
     console::ProgressStep,
-    db::{Db, Dialect, Tx, each, json_list, locking, now, read},
+    db::{Db, Dialect, Tx, apply, each, execute, json_list, locking, now, read},
     jobs::{CleanupJob, JobKind, JobOutcome, JobRow, ServerJob},
     names::{ServerName, UserName},
     rows::{ServerRow, ServerState, UserRow},
@@ -28,25 +28,23 @@ macro_rules! server_columns {
 
 /// Gives a server's admission place back.
 pub(crate) async fn release_admission(tx: &mut Tx, server_id: i64) -> Result<(), StoreError> {
-    each!(tx.conn(), c => sqlx::query("update admission_tokens set server_id = null where server_id = $1")
-        .bind(server_id)
-        .execute(c)
-        .await
-        .map(|r| r.rows_affected()))?;
+    execute!(
+        tx.conn(),
+        "update admission_tokens set server_id = null where server_id = $1",
+        server_id
+    )?;
     Ok(())
 }
 
 /// Creates the admission places below `limit` that do not exist yet.
 pub(crate) async fn provision_admission(tx: &mut Tx, limit: i32) -> Result<(), StoreError> {
-    each!(tx.conn(), c => sqlx::query(
+    execute!(
+        tx.conn(),
         "with recursive n(slot) as (select 0 union all select slot + 1 from n where slot + 1 < $1) \
          insert into admission_tokens (slot) select slot from n where $1 > 0 \
          on conflict (slot) do nothing",
-    )
-    .bind(limit)
-    .execute(c)
-    .await
-    .map(|r| r.rows_affected()))?;
+        limit
+    )?;
     Ok(())
 }
 
@@ -133,19 +131,6 @@ pub(crate) fn count_end(job: &JobRow) {
         job.started_at,
         job.finished_at.unwrap_or_else(chrono::Utc::now),
     );
-}
-
-impl Db {
-    /// Runs `tx`'s work and commits it; an error rolls it back.
-    async fn write<T>(
-        &self,
-        work: impl AsyncFnOnce(&mut Tx) -> Result<T, StoreError>,
-    ) -> Result<T, StoreError> {
-        let mut tx = self.begin().await?;
-        let out = work(&mut tx).await?;
-        tx.commit().await?;
-        Ok(out)
-    }
 }
 
 #[async_trait]
@@ -390,22 +375,20 @@ impl Store for Db {
         let job = self
             .insert_job(&mut tx, JobKind::Cleanup, user.as_str(), None, payload)
             .await?;
-        each!(tx.conn(), c => sqlx::query("update users set state = 'deleting', cleanup_job_id = $2 where id = $1")
-            .bind(row.id)
-            .bind(job.id)
-            .execute(c)
-            .await
-            .map(|r| r.rows_affected()))?;
+        execute!(
+            tx.conn(),
+            "update users set state = 'deleting', cleanup_job_id = $2 where id = $1",
+            row.id,
+            job.id
+        )?;
         // Stop wins over any spawn in flight: it sees the state change and gives up.
-        each!(tx.conn(), c => sqlx::query(
+        execute!(
+            tx.conn(),
             "update servers set state = 'pending_stop', updated_at = $2 \
              where user_id = $1 and state in ('pending_spawn', 'running')",
-        )
-        .bind(row.id)
-        .bind(now())
-        .execute(c)
-        .await
-        .map(|r| r.rows_affected()))?;
+            row.id,
+            now()
+        )?;
         tx.commit().await?;
         Ok(job)
     }
@@ -486,19 +469,14 @@ impl Store for Db {
     }
 
     async fn note_retry(&self, id: Uuid, error: &str) -> Result<(), StoreError> {
-        self.write(async |tx| {
-            each!(tx.conn(), c => sqlx::query(
-                "update jobs set attempts = attempts + 1, last_error = $2 \
+        apply!(
+            self,
+            "update jobs set attempts = attempts + 1, last_error = $2 \
                  where id = $1 and state = 'running'",
-            )
-            .bind(id)
-            .bind(error)
-            .execute(c)
-            .await
-            .map(|r| r.rows_affected()))?;
-            Ok(())
-        })
-        .await
+            id,
+            error
+        )
+        .map(drop)
     }
 
     async fn lock_server(&self, server_id: i64) -> Result<Box<dyn ServerLock>, StoreError> {
@@ -518,23 +496,21 @@ impl Store for Db {
 
     async fn mark_running(&self, r: &Running) -> Result<bool, StoreError> {
         let mut tx = self.begin().await?;
-        let done = each!(tx.conn(), c => sqlx::query(
+        let done = execute!(
+            tx.conn(),
             "update servers set state = 'running', container_id = $3, url = $4, token_hash = $5, \
              started_at = $8, last_activity = $8, error = null, warning = null, warned_at = null, \
              mem_limit = $6, cpu_limit = $7, updated_at = $8 \
              where id = $1 and spawn_job_id = $2 and state = 'pending_spawn'",
-        )
-        .bind(r.server_id)
-        .bind(r.job_id)
-        .bind(&r.container_id)
-        .bind(&r.url)
-        .bind(&r.token_hash)
-        .bind(r.mem_limit)
-        .bind(r.cpu_limit)
-        .bind(now())
-        .execute(c)
-        .await
-        .map(|r| r.rows_affected()))?;
+            r.server_id,
+            r.job_id,
+            &r.container_id,
+            &r.url,
+            &r.token_hash,
+            r.mem_limit,
+            r.cpu_limit,
+            now()
+        )?;
         let done = done == 1;
         if done {
             end_job(&mut tx, r.job_id, "succeeded", None).await?;
@@ -558,18 +534,16 @@ impl Store for Db {
         error: &str,
     ) -> Result<bool, StoreError> {
         let mut tx = self.begin().await?;
-        let done = each!(tx.conn(), c => sqlx::query(
+        let done = execute!(
+            tx.conn(),
             "update servers set state = 'failed', error = $3, url = null, container_id = null, \
              stopped_at = $4, updated_at = $4 \
              where id = $1 and spawn_job_id = $2 and state = 'pending_spawn'",
-        )
-        .bind(server_id)
-        .bind(job_id)
-        .bind(error)
-        .bind(now())
-        .execute(c)
-        .await
-        .map(|r| r.rows_affected()))?;
+            server_id,
+            job_id,
+            error,
+            now()
+        )?;
         let done = done == 1;
         if done {
             end_job(&mut tx, job_id, "failed", Some(error)).await?;
@@ -587,17 +561,15 @@ impl Store for Db {
         stop_job: Option<Uuid>,
     ) -> Result<bool, StoreError> {
         let mut tx = self.begin().await?;
-        let done = each!(tx.conn(), c => sqlx::query(
+        let done = execute!(
+            tx.conn(),
             "update servers set state = 'stopped', url = null, container_id = null, \
              token_hash = null, stopped_at = $3, updated_at = $3 \
              where id = $1 and state = 'pending_stop' and ($2 is null or stop_job_id = $2)",
-        )
-        .bind(server_id)
-        .bind(stop_job)
-        .bind(now())
-        .execute(c)
-        .await
-        .map(|r| r.rows_affected()))?;
+            server_id,
+            stop_job,
+            now()
+        )?;
         let done = done == 1;
         if done {
             release_admission(&mut tx, server_id).await?;
@@ -611,14 +583,12 @@ impl Store for Db {
 
     async fn delete_user(&self, user_id: i64, job_id: Uuid) -> Result<bool, StoreError> {
         self.write(async |tx| {
-            let done = each!(tx.conn(), c => sqlx::query(
+            let done = execute!(
+                tx.conn(),
                 "delete from users where id = $1 and cleanup_job_id = $2",
-            )
-            .bind(user_id)
-            .bind(job_id)
-            .execute(c)
-            .await
-            .map(|r| r.rows_affected()))?;
+                user_id,
+                job_id
+            )?;
             Ok(done == 1)
         })
         .await

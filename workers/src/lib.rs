@@ -26,7 +26,7 @@ use schema::{
     JobEnvelope, JobKind, PgStore,
     jobs::{CONTROL_QUEUE, SPAWN_QUEUE},
     nats::Broker,
-    pg_platform::SLOT_FREED_CHANNEL,
+    pg_locks::SLOT_FREED_CHANNEL,
     platform::WorkerInfo,
     queue::MAX_DELIVERIES,
 };

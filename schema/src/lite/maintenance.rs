@@ -5,7 +5,8 @@ use std::path::Path;
 use chrono::{DateTime, NaiveDate, Utc};
 use serde_json::json;
 
-use super::{SqliteStore, json_list};
+use super::SqliteStore;
+use crate::db::json_list;
 use crate::{
     JobRow, StoreError,
     accounts::AuditRow,

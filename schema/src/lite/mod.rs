@@ -9,11 +9,9 @@
 //! read the WAL concurrently. Commits are synchronous (`synchronous = FULL`), so
 //! a 202 means the job survives a power cut, as it does on Postgres.
 
-mod accounts;
 mod maintenance;
-mod platform;
+mod memory;
 pub mod queue;
-mod store;
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -23,7 +21,6 @@ use std::{
     time::Duration,
 };
 
-use chrono::{DateTime, Utc};
 use sqlx::{
     Sqlite, SqlitePool, Transaction,
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
@@ -37,19 +34,6 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations_sqli
 
 /// The file name of the database inside the data directory.
 pub const DATABASE_FILE: &str = "berth.db";
-
-/// The current time as Berth writes it: whole microseconds, as on Postgres.
-pub(crate) fn now() -> DateTime<Utc> {
-    use chrono::DurationRound;
-    let now = Utc::now();
-    now.duration_trunc(chrono::TimeDelta::microseconds(1))
-        .unwrap_or(now)
-}
-
-/// Each item as a JSON array, for `in (select value from json_each($n))`.
-pub(crate) fn json_list<T: serde::Serialize>(items: &[T]) -> String {
-    serde_json::to_string(items).expect("a list serialises")
-}
 
 #[derive(Default)]
 pub(crate) struct Memory {
@@ -208,10 +192,4 @@ pub(crate) struct Tx {
     pub(crate) tx: Transaction<'static, Sqlite>,
     _guard: tokio::sync::OwnedMutexGuard<()>,
     pub(crate) progress: Vec<Uuid>,
-}
-
-/// The error of a unique constraint on `what` (SQLite names the columns or the
-/// index in its message: "UNIQUE constraint failed: users.name").
-pub(crate) fn is_unique(e: &sqlx::Error, what: &str) -> bool {
-    matches!(e, sqlx::Error::Database(db) if db.is_unique_violation() && db.message().contains(what))
 }

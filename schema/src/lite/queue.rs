@@ -7,7 +7,8 @@ use std::time::Duration;
 use chrono::{DateTime, TimeDelta, Utc};
 use uuid::Uuid;
 
-use super::{SqliteStore, now};
+use super::SqliteStore;
+use crate::db::now;
 use crate::{jobs::JobEnvelope, jobs::JobKind, store::StoreError};
 
 /// A job handed to a worker: which delivery this is, counted from 1.
