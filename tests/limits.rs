@@ -514,6 +514,91 @@ async fn a_worker_rides_out_a_lost_database_connection(backend: Backend) {
     assert_eq!(env.containers().len(), 2);
 }
 
+async fn spawns_waiting_for_slots_end_as_asked_after_the_database_restarts(backend: Backend) {
+    let postgres = common::OwnPostgres::start().await;
+    let mut nats = match backend {
+        Backend::Nats => Some(common::OwnNats::start().await),
+        _ => None,
+    };
+    let mut env = TestEnv::on_own(backend, &postgres, nats.as_ref()).await;
+    let body = json!({ "concurrent_spawn_limit": 2 }).to_string();
+    let (status, limits) = env
+        .call(Method::PATCH, "/api/v1/admin/limits", Some(&body))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{limits}");
+    for _ in 0..2 {
+        env.start_worker_process(&[
+            "--heartbeat",
+            "1",
+            "--poll-interval-ms",
+            "100",
+            "--server-env",
+            "BERTH_TEST_START_DELAY=4",
+        ]);
+    }
+    let users: Vec<String> = (0..10).map(|i| env.user(&format!("r{i}"))).collect();
+    for u in &users {
+        env.create_user(u).await;
+    }
+    let path = |u: &str| format!("/api/v1/users/{u}/server");
+    for u in &users {
+        let (status, body) = env.call(Method::POST, &path(u), None).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    }
+
+    // Two spawns run, eight wait for a slot: the database (and the broker) restart.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    postgres.restart();
+    if let Some(nats) = nats.as_mut() {
+        nats.restart().await;
+    }
+
+    // The last request for the first three is a stop, made once the API answers.
+    let (stopped, running) = users.split_at(3);
+    for u in stopped {
+        wait_for(
+            "the API to answer again",
+            Duration::from_secs(30),
+            async || {
+                let (status, _) = env.call(Method::DELETE, &path(u), None).await;
+                status == StatusCode::ACCEPTED
+            },
+        )
+        .await;
+    }
+    for u in running {
+        env.wait_server(&path(u), Duration::from_secs(80), |s| {
+            s["state"] == "running"
+        })
+        .await;
+    }
+    for u in stopped {
+        env.wait_server(&path(u), Duration::from_secs(60), |s| {
+            s["state"] == "stopped"
+        })
+        .await;
+    }
+    wait_for(
+        "one container per running server",
+        Duration::from_secs(30),
+        async || env.containers().len() == running.len(),
+    )
+    .await;
+    let (_, limits) = env.call(Method::GET, "/api/v1/admin/limits", None).await;
+    assert_eq!(limits["usage"]["waiting_spawns"], 0, "{limits}");
+    // Jobs dropped with a failed consumer are not counted as in flight for ever.
+    wait_for(
+        "both workers to report no job in flight",
+        Duration::from_secs(10),
+        async || {
+            let (_, workers) = env.call(Method::GET, "/api/v1/admin/workers", None).await;
+            let workers = workers["workers"].as_array().cloned().unwrap_or_default();
+            workers.len() == 2 && workers.iter().all(|w| w["jobs_in_flight"] == 0)
+        },
+    )
+    .await;
+}
+
 on_every_store!(admins_change_limits_at_runtime_and_spawns_over_them_wait);
 
 // Several processes share the store in these: Postgres only.
@@ -523,4 +608,5 @@ on_both_backends!(
     sigterm_lets_the_spawn_in_flight_finish_and_exits_0,
     after_every_process_is_killed_and_restarted_reconciliation_makes_the_state_right,
     a_worker_rides_out_a_lost_database_connection,
+    spawns_waiting_for_slots_end_as_asked_after_the_database_restarts,
 );

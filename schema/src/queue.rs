@@ -79,6 +79,23 @@ pub async fn setup_apalis(pool: &sqlx::PgPool) -> Result<(), QueueError> {
         .map_err(|e| QueueError::Backend(e.to_string()))
 }
 
+/// Hands back to the queue the tasks that apalis consumer `worker` had taken.
+/// For a consumer that is known to be gone (its future was dropped when it
+/// failed): apalis itself hands a consumer's tasks back only once its heartbeats
+/// stop, and a consumer rebuilt under the same id would keep them alive forever.
+pub async fn hand_back_apalis_tasks(pool: &sqlx::PgPool, worker: &str) -> Result<u64, QueueError> {
+    sqlx::query(
+        "update apalis.jobs set status = 'Pending', lock_by = null, lock_at = null, \
+           last_result = '{\"Err\": \"handed back: its consumer failed\"}' \
+         where lock_by = $1 and status in ('Queued', 'Running')",
+    )
+    .bind(worker)
+    .execute(pool)
+    .await
+    .map(|r| r.rows_affected())
+    .map_err(|e| QueueError::Backend(e.to_string()))
+}
+
 /// Which queue backend a process uses.
 #[derive(Debug, Clone, Default)]
 pub enum QueueSettings {

@@ -308,6 +308,28 @@ impl TestEnv {
     }
 
     async fn on_queue(nats: Option<NatsSettings>, api_flags: &[&str]) -> Self {
+        Self::on_postgres(&admin_database_url(), nats, api_flags).await
+    }
+
+    /// On a Postgres of the test's own (and, on NATS, a broker of its own too), so
+    /// that the test may restart them.
+    pub async fn on_own(backend: Backend, postgres: &OwnPostgres, nats: Option<&OwnNats>) -> Self {
+        let nats = match backend {
+            Backend::Postgres => None,
+            Backend::Nats => {
+                let mut settings = NatsSettings::new(
+                    nats.expect("a NATS test brings its broker").url.clone(),
+                    String::new(),
+                );
+                settings.ack_wait = Duration::from_secs(3);
+                Some(settings)
+            }
+            Backend::Sqlite => panic!("the embedded store has no database server to restart"),
+        };
+        Self::on_postgres(&postgres.admin_url, nats, &[]).await
+    }
+
+    async fn on_postgres(admin_url: &str, nats: Option<NatsSettings>, api_flags: &[&str]) -> Self {
         let id = format!("t{:08x}", rand::random::<u32>());
         let queue = match nats {
             None => QueueSettings::Postgres,
@@ -320,8 +342,7 @@ impl TestEnv {
             QueueSettings::Postgres => Backend::Postgres,
             QueueSettings::Nats(_) => Backend::Nats,
         };
-        let admin_url = admin_database_url();
-        let admin = PgPool::connect(&admin_url)
+        let admin = PgPool::connect(admin_url)
             .await
             .expect("test Postgres is reachable");
         let db_name = format!("berth_{id}");
@@ -330,7 +351,7 @@ impl TestEnv {
             .await
             .expect("create test database");
         admin.close().await;
-        let db_url = database_url(&admin_url, &db_name);
+        let db_url = database_url(admin_url, &db_name);
         let pool = PgPoolOptions::new()
             .max_connections(40)
             .connect(&db_url)
@@ -951,6 +972,118 @@ impl OwnNats {
 impl Drop for OwnNats {
     fn drop(&mut self) {
         self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A Postgres cluster of a test's own, which it may restart: initialised in a
+/// temporary directory, listening on a free port of 127.0.0.1, run as the
+/// `postgres` OS user when the tests run as root (Postgres refuses root).
+pub struct OwnPostgres {
+    /// A superuser URL (trust authentication on loopback).
+    pub admin_url: String,
+    dir: std::path::PathBuf,
+    bin: std::path::PathBuf,
+}
+
+impl OwnPostgres {
+    pub async fn start() -> Self {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .expect("PostgreSQL is installed (ops/test.sh installs it)")
+            .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+            .filter(|bin| bin.join("postgres").exists())
+            .max_by_key(|bin| {
+                bin.parent()
+                    .and_then(|v| v.file_name()?.to_str()?.parse::<u32>().ok())
+                    .unwrap_or(0)
+            })
+            .expect("a PostgreSQL server binary");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir =
+            std::env::temp_dir().join(format!("berth-pg-{port}-{:08x}", rand::random::<u32>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pg = Self {
+            admin_url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+            dir,
+            bin,
+        };
+        if pg.as_root() {
+            let owned = Command::new("chown")
+                .args(["postgres:postgres"])
+                .arg(&pg.dir)
+                .status()
+                .expect("chown");
+            assert!(owned.success(), "the postgres OS user exists");
+        }
+        pg.run(
+            "initdb",
+            &["-U", "postgres", "--auth=trust", "--no-sync", "-D", "data"],
+        );
+        let options = format!(
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c max_connections=300 -c fsync=off",
+            pg.dir.display()
+        );
+        pg.run(
+            "pg_ctl",
+            &["-D", "data", "-l", "log", "-w", "-o", &options, "start"],
+        );
+        pg
+    }
+
+    /// `pg_ctl restart -m fast`: every session ends, as in a real restart.
+    pub fn restart(&self) {
+        self.run(
+            "pg_ctl",
+            &["-D", "data", "-l", "log", "-w", "-m", "fast", "restart"],
+        );
+    }
+
+    fn as_root(&self) -> bool {
+        Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| o.stdout.trim_ascii() == b"0")
+    }
+
+    /// A PostgreSQL tool, run in the cluster's directory as the cluster's owner.
+    fn tool(&self, tool: &str) -> Command {
+        let binary = self.bin.join(tool);
+        let mut command = if self.as_root() {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(binary);
+            c
+        } else {
+            Command::new(binary)
+        };
+        command.current_dir(&self.dir);
+        command
+    }
+
+    fn run(&self, tool: &str, args: &[&str]) {
+        let out = self
+            .tool(tool)
+            .args(args)
+            .output()
+            .expect("run a PostgreSQL tool");
+        assert!(
+            out.status.success(),
+            "{tool} {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for OwnPostgres {
+    fn drop(&mut self) {
+        let _ = self
+            .tool("pg_ctl")
+            .args(["-D", "data", "-m", "immediate", "stop"])
+            .output();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -88,6 +88,13 @@ impl Context {
         self.in_flight.load(Ordering::Relaxed)
     }
 
+    /// Counts a job in flight until the guard drops, also when its future is
+    /// dropped unfinished (a queue consumer that failed drops its jobs).
+    pub fn count_in_flight(&self) -> InFlight<'_> {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(&self.in_flight)
+    }
+
     /// Runs `attempt` until it succeeds, fails for good, or has been tried
     /// `max_attempts` times; transient engine errors wait 0.5, 1, 2, 4… seconds.
     pub async fn with_retries<T, F, Fut>(
@@ -255,4 +262,13 @@ async fn claim(
 /// Whether a job row still needs doing; a final one is a duplicate delivery.
 pub fn still_open(job: &JobRow) -> bool {
     !is_final(&job.state)
+}
+
+/// A job counted in flight; see [`Context::count_in_flight`].
+pub struct InFlight<'a>(&'a AtomicI32);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }

@@ -13,10 +13,7 @@ pub mod spawn;
 pub mod spawner;
 pub mod stop;
 
-use std::{
-    sync::{Arc, atomic::Ordering},
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use apalis::prelude::{
     Attempt, BoxDynError, Data, PollWith, Strategy, WorkerBuilder, WorkerBuilderExt,
@@ -318,9 +315,8 @@ fn apalis_consumers(
         let build = {
             let pool = pool.clone();
             let ctx = ctx.clone();
-            let worker_name = worker_name.to_owned();
             let config = config.clone();
-            move || {
+            move |id: &str| {
                 let queue_config = apalis_config(
                     queue,
                     config.concurrency,
@@ -337,7 +333,7 @@ fn apalis_consumers(
                     PostgresStorage::<JobEnvelope>::new(&pool).with_config(queue_config),
                     strategy,
                 );
-                WorkerBuilder::new(format!("{worker_name}/{queue}"))
+                WorkerBuilder::new(id)
                     .backend(storage)
                     .data(ctx.clone())
                     .concurrency(config.concurrency)
@@ -345,10 +341,14 @@ fn apalis_consumers(
             }
         };
         let shutdown = shutdown.clone();
+        let (pool, worker_name) = (pool.clone(), worker_name.to_owned());
         async move {
-            loop {
+            // Each consumer has an id of its own: the tasks of one that failed are
+            // handed back, not mistaken for its successor's.
+            for incarnation in 0u64.. {
+                let id = format!("{worker_name}/{queue}/{incarnation}");
                 let stop = shutdown.clone();
-                let ran = build()
+                let ran = build(&id)
                     .run_until(async move {
                         stop.cancelled().await;
                         Ok::<(), std::io::Error>(())
@@ -362,10 +362,25 @@ fn apalis_consumers(
                             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                             _ = shutdown.cancelled() => return Ok(()),
                         }
+                        // Its jobs' futures were dropped with it. Should the database
+                        // not answer yet, apalis hands them back once the failed
+                        // consumer's heartbeats are overdue.
+                        match schema::queue::hand_back_apalis_tasks(&pool, &id).await {
+                            Ok(0) => {}
+                            Ok(n) => tracing::info!(
+                                queue,
+                                jobs = n,
+                                "the failed consumer's jobs are on the queue again"
+                            ),
+                            Err(e) => {
+                                tracing::warn!(queue, error = %e, "could not hand back the failed consumer's jobs; they return when its heartbeats are overdue")
+                            }
+                        }
                     }
                     Err(e) => return Err(WorkerError::Queue(e.to_string())),
                 }
             }
+            Ok(())
         }
     };
     let (spawns, control) = (consume(SPAWN_QUEUE), consume(CONTROL_QUEUE));
@@ -503,7 +518,7 @@ pub(crate) async fn run_job(envelope: JobEnvelope, ctx: &Context) -> Result<(), 
     if let Some(server) = &job.server_name {
         span.record("server", server.as_str());
     }
-    ctx.in_flight.fetch_add(1, Ordering::Relaxed);
+    let _counted = ctx.count_in_flight();
     let result = match envelope.kind {
         JobKind::Spawn => spawn::run(ctx, &job).await,
         JobKind::Stop => stop::run(ctx, &job).await,
@@ -512,7 +527,7 @@ pub(crate) async fn run_job(envelope: JobEnvelope, ctx: &Context) -> Result<(), 
             maintenance::run(ctx, &job, envelope.kind).await
         }
     };
-    ctx.in_flight.fetch_sub(1, Ordering::Relaxed);
+    drop(_counted);
     match result {
         Ok(()) => Ok(()),
         Err(HandlerError::HandOff) => {
