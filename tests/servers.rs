@@ -135,6 +135,18 @@ async fn spawn_stop_and_cleanup_follow_the_container_contract(backend: Backend) 
     );
     assert!(env.containers().is_empty(), "{:?}", env.containers());
     assert_eq!(env.volumes(), vec![format!("berth-user-{user}")]);
+    // An API stop is audited as the dashboard's is: who stopped what, with the job.
+    let (_, audit) = env
+        .call(Method::GET, "/api/v1/admin/audit?per_page=500", None)
+        .await;
+    let target = format!("{user}/");
+    let entry = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["action"] == "server_stopped" && e["target"] == target.as_str())
+        .unwrap_or_else(|| panic!("no server_stopped for {target} in {audit}"));
+    assert_eq!(entry["detail"]["job_id"], stop_job.as_str(), "{entry}");
 
     // A stop of a stopped server is a no-op.
     let (status, _) = env

@@ -195,7 +195,7 @@ pub(crate) async fn log_in(
     state.accounts.clear_failures(&account_key).await?;
     let (token, claims) = state
         .keys
-        .issue(&user.name, &user.role, state.config.token_ttl)
+        .issue(&user.name, user.role.as_str(), state.config.token_ttl)
         .map_err(ApiError::Internal)?;
     state
         .accounts

@@ -10,7 +10,7 @@ use axum::{
 use serde_json::json;
 use uuid::Uuid;
 
-use schema::{JobKind, JobRow, ServerName, SpawnOutcome, SpawnRequest, StopOutcome, UserName};
+use schema::{JobKind, JobRow, JobState, ServerName, SpawnOutcome, StopOutcome, UserName};
 
 use crate::{
     AppState,
@@ -110,7 +110,7 @@ pub(crate) async fn retry_job(
     id: Uuid,
 ) -> ApiResult<JobRow> {
     let job = find(state, id).await?;
-    if job.state != "failed" && job.state != "cancelled" {
+    if !matches!(job.state, JobState::Failed | JobState::Cancelled) {
         return Err(ApiError::Conflict(format!(
             "the job is {}; only a failed or cancelled job can be retried",
             job.state
@@ -118,50 +118,35 @@ pub(crate) async fn retry_job(
     }
     let moved_on =
         |what: &str| ApiError::Conflict(format!("the server is {what} now; nothing to retry"));
-    let new_id = match job.kind() {
-        Some(JobKind::Spawn) => {
+    let new_id = match job.kind {
+        JobKind::Spawn => {
             let (user, server) = names(&job)?;
             let image = state
                 .store
                 .get_server(&user, &server)
                 .await?
                 .and_then(|s| s.image);
-            let limit = state.config.max_servers_per_user;
-            match state
-                .store
-                .request_spawn(SpawnRequest {
-                    user,
-                    server,
-                    image,
-                    max_servers_per_user: (limit > 0).then_some(limit),
-                    active_server_limit: state.config.limits.active_server_limit,
-                })
-                .await?
-            {
+            match crate::servers::request_spawn(state, user, server, image).await? {
                 SpawnOutcome::Enqueued(row) => row.spawn_job_id,
                 SpawnOutcome::AlreadyPending(_) => return Err(moved_on("starting")),
                 SpawnOutcome::AlreadyRunning(_) => return Err(moved_on("running")),
             }
         }
-        Some(JobKind::Stop) => {
+        JobKind::Stop => {
             let (user, server) = names(&job)?;
-            match state.store.request_stop(&user, &server).await? {
+            match crate::servers::request_stop(state, actor, addr, &user, &server).await? {
                 StopOutcome::Enqueued(row) => row.stop_job_id,
                 StopOutcome::AlreadyStopping(_) => return Err(moved_on("stopping")),
-                StopOutcome::NotRunning(row) => return Err(moved_on(&row.state)),
+                StopOutcome::NotRunning(row) => return Err(moved_on(row.state.as_str())),
             }
         }
-        Some(JobKind::Cleanup) => {
+        JobKind::Cleanup => {
             let user = UserName::parse(&job.user_name)?;
             let removal = state.store.request_user_removal(&user).await?;
             Some(removal.id).filter(|new| *new != job.id)
         }
-        Some(_) => Some(state.console.repeat_job(&job).await?.id),
-        None => {
-            return Err(ApiError::Conflict(format!(
-                "unknown job kind {:?}",
-                job.kind
-            )));
+        JobKind::Cull | JobKind::ExpireSessions | JobKind::Archive => {
+            Some(state.console.repeat_job(&job).await?.id)
         }
     };
     let new_id = new_id.ok_or_else(|| ApiError::Conflict("nothing was enqueued".into()))?;

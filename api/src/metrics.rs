@@ -14,7 +14,6 @@ use axum::{
     routing::get,
 };
 use chrono::Utc;
-use schema::JobKind;
 
 use crate::{
     AppState,
@@ -79,11 +78,8 @@ async fn platform_gauges(state: &AppState) -> ApiResult<()> {
         (schema::jobs::CONTROL_QUEUE, 0),
     ];
     for count in state.console.job_counts().await? {
-        let queued = count.state == "queued";
-        let queue = serde_json::from_value::<JobKind>(serde_json::Value::String(count.kind))
-            .map(JobKind::queue);
-        if let (true, Ok(queue)) = (queued, queue)
-            && let Some(entry) = depth.iter_mut().find(|(q, _)| *q == queue)
+        if count.state == schema::JobState::Queued
+            && let Some(entry) = depth.iter_mut().find(|(q, _)| *q == count.kind.queue())
         {
             entry.1 += count.count;
         }

@@ -45,7 +45,7 @@ async fn progress(
     // state is the one answer (an old spawn's history would mislead).
     let job = row
         .spawn_job_id
-        .filter(|_| row.state() == ServerState::PendingSpawn);
+        .filter(|_| row.state == ServerState::PendingSpawn);
     let follow = Follow {
         wake: state.progress.subscribe(),
         state,
@@ -117,12 +117,12 @@ impl Follow {
             );
         };
         // A newer spawn replaced the one followed: follow that one.
-        if server.spawn_job_id != self.job && server.state() == ServerState::PendingSpawn {
+        if server.spawn_job_id != self.job && server.state == ServerState::PendingSpawn {
             self.job = server.spawn_job_id;
             self.last = 0;
             return None;
         }
-        let end = match server.state() {
+        let end = match server.state {
             ServerState::PendingSpawn => None,
             ServerState::Running => Some(json!({
                 "progress": 100, "ready": true, "url": server.url,

@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 
 use crate::{
     AppState,
-    auth::Principal,
+    auth::{ClientAddr, Principal},
     body::{JsonBody, OptionalJson},
     error::{ApiError, ApiResult},
     tokens::{hash_opaque, new_opaque},
@@ -86,25 +86,16 @@ async fn spawn(
             state.config.allowed_images
         )));
     }
-    let limit = state.config.max_servers_per_user;
-    let outcome = state
-        .store
-        .request_spawn(SpawnRequest {
-            user,
-            server,
-            image: body.image,
-            max_servers_per_user: (limit > 0).then_some(limit),
-            active_server_limit: state.config.limits.active_server_limit,
-        })
-        .await?;
-    Ok(match outcome {
-        SpawnOutcome::Enqueued(row) | SpawnOutcome::AlreadyPending(row) => {
-            (StatusCode::ACCEPTED, Json(ServerView::with_job(&row))).into_response()
-        }
-        SpawnOutcome::AlreadyRunning(row) => {
-            (StatusCode::OK, Json(ServerView::from_row(&row))).into_response()
-        }
-    })
+    Ok(
+        match request_spawn(&state, user, server, body.image).await? {
+            SpawnOutcome::Enqueued(row) | SpawnOutcome::AlreadyPending(row) => {
+                (StatusCode::ACCEPTED, Json(ServerView::with_job(&row))).into_response()
+            }
+            SpawnOutcome::AlreadyRunning(row) => {
+                (StatusCode::OK, Json(ServerView::from_row(&row))).into_response()
+            }
+        },
+    )
 }
 
 async fn show(
@@ -186,19 +177,67 @@ async fn log(
     }
 }
 
+/// A spawn as every caller requests it (the API, an operator's retry): with the
+/// configured per-user and platform limits.
+pub(crate) async fn request_spawn(
+    state: &AppState,
+    user: UserName,
+    server: ServerName,
+    image: Option<String>,
+) -> ApiResult<SpawnOutcome> {
+    let limit = state.config.max_servers_per_user;
+    Ok(state
+        .store
+        .request_spawn(SpawnRequest {
+            user,
+            server,
+            image,
+            max_servers_per_user: (limit > 0).then_some(limit),
+            active_server_limit: state.config.limits.active_server_limit,
+        })
+        .await?)
+}
+
+/// A stop as every caller requests it (the API, the dashboard, an operator's
+/// retry); one that enqueued a stop is audited with who asked.
+pub(crate) async fn request_stop(
+    state: &AppState,
+    actor: &str,
+    addr: &ClientAddr,
+    user: &UserName,
+    server: &ServerName,
+) -> ApiResult<StopOutcome> {
+    let outcome = state.store.request_stop(user, server).await?;
+    if let StopOutcome::Enqueued(row) = &outcome {
+        state
+            .audit(
+                Some(actor),
+                "server_stopped",
+                Some(&format!("{user}/{server}")),
+                addr,
+                json!({ "job_id": row.stop_job_id }),
+            )
+            .await;
+    }
+    Ok(outcome)
+}
+
 /// 202 with the stop job, or 204 when there is nothing to stop.
 async fn stop(
     State(state): State<AppState>,
     principal: Principal,
+    addr: ClientAddr,
     ServerPath { user, server }: ServerPath,
 ) -> ApiResult<Response> {
     principal.may("servers:write", &user)?;
-    Ok(match state.store.request_stop(&user, &server).await? {
-        StopOutcome::Enqueued(row) | StopOutcome::AlreadyStopping(row) => {
-            (StatusCode::ACCEPTED, Json(ServerView::with_job(&row))).into_response()
-        }
-        StopOutcome::NotRunning(_) => StatusCode::NO_CONTENT.into_response(),
-    })
+    Ok(
+        match request_stop(&state, &principal.actor(), &addr, &user, &server).await? {
+            StopOutcome::Enqueued(row) | StopOutcome::AlreadyStopping(row) => {
+                (StatusCode::ACCEPTED, Json(ServerView::with_job(&row))).into_response()
+            }
+            StopOutcome::NotRunning(_) => StatusCode::NO_CONTENT.into_response(),
+        },
+    )
 }
 
 /// A URL that carries a 5-minute, single-use token for this user and server only,
@@ -214,7 +253,7 @@ async fn sso(
         .get_server(&user, &server)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("user {user:?} has no server {server:?}")))?;
-    let url = match (row.state(), &row.url) {
+    let url = match (row.state, &row.url) {
         (ServerState::Running, Some(url)) => url.clone(),
         _ => {
             return Err(ApiError::Conflict(format!(

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use schema::{JobRow, ServerRow, ServerState, UserRow};
+use schema::{JobKind, JobRow, JobState, Role, ServerRow, ServerState, UserRow, UserState};
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -27,7 +27,7 @@ pub struct ServerView {
 
 impl ServerView {
     pub fn from_row(row: &ServerRow) -> Self {
-        let state = row.state();
+        let state = row.state;
         Self {
             name: row.name.clone(),
             state,
@@ -50,7 +50,7 @@ impl ServerView {
     /// The view with the job that is working on the server.
     pub fn with_job(row: &ServerRow) -> Self {
         let mut view = Self::from_row(row);
-        view.job_id = match row.state() {
+        view.job_id = match row.state {
             ServerState::PendingStop => row.stop_job_id,
             _ => row.spawn_job_id,
         };
@@ -63,12 +63,12 @@ pub struct UserView {
     pub name: String,
     pub email: Option<String>,
     /// `user` or `admin`.
-    pub role: String,
+    pub role: Role,
     pub admin: bool,
     /// False once an admin deactivated the account.
     pub active: bool,
     /// `active`, or `deleting` while the cleanup job runs.
-    pub state: String,
+    pub state: UserState,
     pub created: DateTime<Utc>,
     pub last_activity: Option<DateTime<Utc>>,
     /// The user's servers by name; `""` is the default server.
@@ -80,10 +80,10 @@ impl UserView {
         Self {
             name: user.name.clone(),
             email: user.email.clone(),
-            role: user.role.clone(),
+            role: user.role,
             admin: user.is_admin(),
             active: user.active,
-            state: user.state.clone(),
+            state: user.state,
             created: user.created_at,
             last_activity: user.last_activity,
             servers: servers
@@ -98,8 +98,8 @@ impl UserView {
 #[derive(Debug, Serialize)]
 pub struct JobView {
     pub id: Uuid,
-    pub kind: String,
-    pub state: String,
+    pub kind: JobKind,
+    pub state: JobState,
     pub user: String,
     pub server: Option<String>,
     pub attempts: i32,

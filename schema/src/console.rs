@@ -7,7 +7,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::{
-    JobKind, JobRow, ServerRow, StoreError,
+    JobKind, JobRow, JobState, ServerRow, StoreError,
     accounts::Page,
     accounts::like_pattern,
     db::{Db, Dialect, each, execute, locking, now, read},
@@ -67,13 +67,13 @@ impl ProgressStep {
 /// Refuses to cancel a job that has started, or a user's removal (its user is
 /// half gone already); both stores check this before they change anything.
 pub(crate) fn ensure_cancellable(job: &JobRow) -> Result<(), StoreError> {
-    if job.state != "queued" {
+    if job.state != JobState::Queued {
         return Err(StoreError::Conflict(format!(
             "the job is {}; only a job that has not started can be cancelled",
             job.state
         )));
     }
-    if job.kind() == Some(JobKind::Cleanup) {
+    if job.kind == JobKind::Cleanup {
         return Err(StoreError::Conflict(
             "a user's removal cannot be cancelled once requested".into(),
         ));
@@ -84,14 +84,13 @@ pub(crate) fn ensure_cancellable(job: &JobRow) -> Result<(), StoreError> {
 /// The kind of a job that is repeated as it was (the scheduled ones); a user's
 /// job is retried through the checks of a new request instead.
 pub(crate) fn repeatable_kind(of: &JobRow) -> Result<JobKind, StoreError> {
-    of.kind()
-        .filter(|k| {
-            matches!(
-                k,
-                JobKind::Cull | JobKind::ExpireSessions | JobKind::Archive
-            )
-        })
-        .ok_or_else(|| StoreError::Conflict(format!("a {} job is not repeated as it was", of.kind)))
+    match of.kind {
+        JobKind::Cull | JobKind::ExpireSessions | JobKind::Archive => Ok(of.kind),
+        JobKind::Spawn | JobKind::Stop | JobKind::Cleanup => Err(StoreError::Conflict(format!(
+            "a {} job is not repeated as it was",
+            of.kind
+        ))),
+    }
 }
 
 pub const PROGRESS_CHANNEL: &str = "berth_progress";
@@ -117,15 +116,15 @@ pub struct ServerFilter {
 /// How many jobs of a kind are in a state.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct JobCount {
-    pub kind: String,
-    pub state: String,
+    pub kind: JobKind,
+    pub state: JobState,
     pub count: i64,
 }
 
 /// How many servers are in a state.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct StateCount {
-    pub state: String,
+    pub state: crate::ServerState,
     pub count: i64,
 }
 
@@ -262,8 +261,8 @@ impl Console for Db {
         let job = job.ok_or_else(|| StoreError::NotFound(format!("no job {id}")))?;
         ensure_cancellable(&job)?;
         let reason = format!("cancelled by {by}");
-        match job.kind() {
-            Some(JobKind::Spawn) => {
+        match job.kind {
+            JobKind::Spawn => {
                 // The server was waiting on this spawn: it is stopped, its place given back.
                 let servers: Vec<i64> = each!(tx.conn(), c => sqlx::query_scalar(
                     "update servers set state = 'stopped', stopped_at = $2, updated_at = $2 \
@@ -284,7 +283,7 @@ impl Console for Db {
                 };
                 tx.insert_progress(id, &step).await?;
             }
-            Some(JobKind::Stop) => {
+            JobKind::Stop => {
                 // A stop of a running server is undone; one that interrupts a spawn is not
                 // (the spawn has already seen it and is giving up).
                 let server: Option<(i64, bool)> = locking!(

@@ -151,7 +151,7 @@ impl Db {
         self.queue.as_ref()
     }
 
-    pub(crate) fn on(&self) -> &Dialect<PgStore, SqliteStore> {
+    pub fn on(&self) -> &Dialect<PgStore, SqliteStore> {
         &self.on
     }
 
@@ -238,7 +238,7 @@ impl Db {
             .enqueue(tx.conn(), &JobEnvelope { job_id: id, kind }, at)
             .await?;
         tx.enqueued = true;
-        telemetry::job_enqueued(kind.as_str());
+        telemetry::job_enqueued(kind);
         Ok(job)
     }
 }

@@ -4,32 +4,21 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum JobKind {
-    Spawn,
-    Stop,
-    Cleanup,
-    /// Stop idle servers and servers past their maximum age (scheduled).
-    Cull,
-    /// Remove expired sessions, SSO tokens and revoked tokens (scheduled).
-    ExpireSessions,
-    /// Move old job, audit and activity rows to archive files (scheduled).
-    Archive,
+text_enum! {
+    pub enum JobKind {
+        Spawn = "spawn",
+        Stop = "stop",
+        Cleanup = "cleanup",
+        /// Stop idle servers and servers past their maximum age (scheduled).
+        Cull = "cull",
+        /// Remove expired sessions, SSO tokens and revoked tokens (scheduled).
+        ExpireSessions = "expire_sessions",
+        /// Move old job, audit and activity rows to archive files (scheduled).
+        Archive = "archive",
+    }
 }
 
 impl JobKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            JobKind::Spawn => "spawn",
-            JobKind::Stop => "stop",
-            JobKind::Cleanup => "cleanup",
-            JobKind::Cull => "cull",
-            JobKind::ExpireSessions => "expire_sessions",
-            JobKind::Archive => "archive",
-        }
-    }
-
     /// Spawns wait in their own queue so that a wave of them never delays a stop.
     pub fn queue(self) -> &'static str {
         match self {
@@ -54,25 +43,20 @@ pub struct JobEnvelope {
     pub kind: JobKind,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum JobState {
-    Queued,
-    Running,
-    Succeeded,
-    Failed,
-    Cancelled,
+text_enum! {
+    pub enum JobState {
+        Queued = "queued",
+        Running = "running",
+        Succeeded = "succeeded",
+        Failed = "failed",
+        Cancelled = "cancelled",
+    }
 }
 
 impl JobState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            JobState::Queued => "queued",
-            JobState::Running => "running",
-            JobState::Succeeded => "succeeded",
-            JobState::Failed => "failed",
-            JobState::Cancelled => "cancelled",
-        }
+    /// Queued or running: not ended yet.
+    pub fn is_open(self) -> bool {
+        matches!(self, JobState::Queued | JobState::Running)
     }
 }
 
@@ -104,8 +88,8 @@ pub struct ArchiveJob {
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct JobRow {
     pub id: Uuid,
-    pub kind: String,
-    pub state: String,
+    pub kind: JobKind,
+    pub state: JobState,
     pub user_name: String,
     pub server_name: Option<String>,
     pub payload: serde_json::Value,
@@ -118,12 +102,6 @@ pub struct JobRow {
     pub result: Option<serde_json::Value>,
     /// The job this one retries (an operator's retry).
     pub retry_of: Option<Uuid>,
-}
-
-impl JobRow {
-    pub fn kind(&self) -> Option<JobKind> {
-        serde_json::from_value(serde_json::Value::String(self.kind.clone())).ok()
-    }
 }
 
 /// How a job ended, as a worker reports it.

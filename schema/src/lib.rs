@@ -2,8 +2,12 @@
 //! and the store and queue interfaces.
 
 #[macro_use]
+mod text;
+#[macro_use]
 pub mod rows;
 pub mod accounts;
+mod archive;
+mod backend;
 pub mod console;
 pub mod db;
 pub mod jobs;
@@ -13,7 +17,6 @@ pub mod names;
 pub mod nats;
 pub mod pg;
 pub mod pg_locks;
-mod pg_maintenance;
 pub mod platform;
 pub mod queue;
 mod reads;
@@ -23,6 +26,7 @@ pub mod store;
 pub mod telemetry;
 
 pub use accounts::{Accounts, NewAccount, Role};
+pub use backend::QueueSettings;
 pub use console::Console;
 pub use db::Db;
 pub use jobs::{JobEnvelope, JobKind, JobOutcome, JobRow, JobState};
@@ -31,8 +35,8 @@ pub use maintenance::Maintenance;
 pub use names::{InvalidName, ServerName, UserName, container_name};
 pub use pg::PgStore;
 pub use platform::{Limits, Platform};
-pub use queue::{ApalisQueue, Queue, QueueError, QueueSettings};
-pub use rows::{ServerRow, ServerState, UserRow};
+pub use queue::{ApalisQueue, Queue, QueueError};
+pub use rows::{ServerRow, ServerState, UserRow, UserState};
 pub use store::{Running, ServerLock, SpawnOutcome, SpawnRequest, StopOutcome, Store, StoreError};
 
 /// Berth's own migrations.

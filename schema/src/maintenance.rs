@@ -8,9 +8,9 @@ use uuid::Uuid;
 
 use crate::{
     JobKind, ServerRow, StoreError,
+    archive::ARCHIVE_BATCH,
     db::{Db, Dialect, each, execute, now, read},
     jobs::SYSTEM_USER,
-    pg_maintenance::ARCHIVE_BATCH,
 };
 
 /// A schedule as registered, with its latest run.
@@ -29,29 +29,7 @@ pub struct ScheduleView {
     pub payload: serde_json::Value,
 }
 
-/// The tables archiving moves to files.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ArchiveTable {
-    /// Finished jobs, by `finished_at`.
-    Jobs,
-    /// The audit log, by `at`.
-    AuditLog,
-    /// Activity reports, by `recorded_at`.
-    ActivityLog,
-}
-
-impl ArchiveTable {
-    pub const ALL: [ArchiveTable; 3] = [Self::Jobs, Self::AuditLog, Self::ActivityLog];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Jobs => "jobs",
-            Self::AuditLog => "audit_log",
-            Self::ActivityLog => "activity_log",
-        }
-    }
-}
+pub use crate::archive::ArchiveTable;
 
 /// What expiring sessions removed.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
@@ -194,7 +172,7 @@ impl Maintenance for Db {
         manual: bool,
     ) -> Result<Option<Uuid>, StoreError> {
         let mut tx = self.begin().await?;
-        let schedule: Option<(String, serde_json::Value)> = each!(tx.conn(), c => sqlx::query_as(
+        let schedule: Option<(JobKind, serde_json::Value)> = each!(tx.conn(), c => sqlx::query_as(
             "select kind, payload from schedules where name = $1",
         )
         .bind(name)
@@ -203,8 +181,6 @@ impl Maintenance for Db {
         let Some((kind, payload)) = schedule else {
             return Err(StoreError::NotFound(format!("no schedule named {name:?}")));
         };
-        let kind: JobKind = serde_json::from_value(serde_json::Value::String(kind))
-            .map_err(|e| StoreError::Conflict(format!("schedule {name:?}: {e}")))?;
         let id = Uuid::now_v7();
         // The tick's row first: a replica that loses the race stops here (the
         // unique key), and one that comes late for an older tick too.
@@ -401,10 +377,7 @@ impl Maintenance for Db {
     ) -> Result<u64, StoreError> {
         let mut moved = 0;
         loop {
-            let n = match self.on() {
-                Dialect::Pg(s) => s.archive_batch(table, before, dir).await?,
-                Dialect::Lite(s) => s.archive_batch(table, before, dir).await?,
-            };
+            let n = crate::archive::batch(self, table, before, dir).await?;
             moved += n;
             if n < ARCHIVE_BATCH as u64 {
                 return Ok(moved);

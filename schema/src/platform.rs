@@ -8,7 +8,7 @@ use uuid::Uuid;
 use crate::{
     db::{Conn, Db, Dialect, apply, each, execute, now, read},
     pg_locks::{RECONCILE_SPACE, SERVER_LOCK_SPACE, SLOT_SPACE, SessionLock, lock_key},
-    rows::ServerRow,
+    rows::{ServerRow, ServerState},
     servers::{provision_admission, release_admission},
     store::{ServerLock, StoreError},
 };
@@ -476,7 +476,11 @@ impl Platform for Db {
         error: &str,
     ) -> Result<bool, StoreError> {
         self.write(async |tx| {
-            let state = if failed { "failed" } else { "stopped" };
+            let state = if failed {
+                ServerState::Failed
+            } else {
+                ServerState::Stopped
+            };
             let done = execute!(
                 tx.conn(),
                 "update servers set state = $2, error = $3, url = null, container_id = null, \

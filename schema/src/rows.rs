@@ -1,8 +1,9 @@
 //! Rows of users and servers, and the server state machine.
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
 use uuid::Uuid;
+
+use crate::accounts::Role;
 
 /// A static query over servers joined with their owner; `$tail` filters and orders.
 macro_rules! select_servers {
@@ -17,38 +18,23 @@ macro_rules! select_servers {
     };
 }
 
-/// `pending_spawn → running → pending_stop → stopped`, and `failed` from a spawn
-/// that did not become ready. A server in `stopped` or `failed` can be spawned again.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ServerState {
-    PendingSpawn,
-    Running,
-    PendingStop,
-    Stopped,
-    Failed,
+text_enum! {
+    /// `pending_spawn → running → pending_stop → stopped`, and `failed` from a spawn
+    /// that did not become ready. A server in `stopped` or `failed` can be spawned again.
+    pub enum ServerState {
+        PendingSpawn = "pending_spawn",
+        Running = "running",
+        PendingStop = "pending_stop",
+        Stopped = "stopped",
+        Failed = "failed",
+    }
 }
 
-impl ServerState {
-    pub fn parse(value: &str) -> Option<Self> {
-        Some(match value {
-            "pending_spawn" => Self::PendingSpawn,
-            "running" => Self::Running,
-            "pending_stop" => Self::PendingStop,
-            "stopped" => Self::Stopped,
-            "failed" => Self::Failed,
-            _ => return None,
-        })
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::PendingSpawn => "pending_spawn",
-            Self::Running => "running",
-            Self::PendingStop => "pending_stop",
-            Self::Stopped => "stopped",
-            Self::Failed => "failed",
-        }
+text_enum! {
+    /// An account is `active` until its removal is requested.
+    pub enum UserState {
+        Active = "active",
+        Deleting = "deleting",
     }
 }
 
@@ -56,8 +42,8 @@ impl ServerState {
 pub struct UserRow {
     pub id: i64,
     pub name: String,
-    pub role: String,
-    pub state: String,
+    pub role: Role,
+    pub state: UserState,
     pub cleanup_job_id: Option<Uuid>,
     pub created_at: DateTime<Utc>,
     pub last_activity: Option<DateTime<Utc>>,
@@ -68,7 +54,7 @@ pub struct UserRow {
 
 impl UserRow {
     pub fn is_admin(&self) -> bool {
-        self.role == "admin"
+        self.role == Role::Admin
     }
 }
 
@@ -79,7 +65,7 @@ pub struct ServerRow {
     pub user_id: i64,
     pub user_name: String,
     pub name: String,
-    pub state: String,
+    pub state: ServerState,
     pub image: Option<String>,
     pub spawn_job_id: Option<Uuid>,
     pub stop_job_id: Option<Uuid>,
@@ -92,11 +78,4 @@ pub struct ServerRow {
     pub last_activity: Option<DateTime<Utc>>,
     /// Set when the server nears its maximum age: when it will be stopped.
     pub warning: Option<String>,
-}
-
-impl ServerRow {
-    pub fn state(&self) -> ServerState {
-        // The column has a check constraint, so anything else is a schema bug.
-        ServerState::parse(&self.state).unwrap_or(ServerState::Failed)
-    }
 }

@@ -5,11 +5,12 @@ use async_trait::async_trait;
 use uuid::Uuid;
 
 use crate::{
+    accounts::Role,
     console::ProgressStep,
     db::{Db, Dialect, Tx, apply, each, execute, json_list, locking, now, read},
-    jobs::{CleanupJob, JobKind, JobOutcome, JobRow, ServerJob},
+    jobs::{CleanupJob, JobKind, JobOutcome, JobRow, JobState, ServerJob},
     names::{ServerName, UserName},
-    rows::{ServerRow, ServerState, UserRow},
+    rows::{ServerRow, ServerState, UserRow, UserState},
     store::{Running, ServerLock, SpawnOutcome, SpawnRequest, StopOutcome, Store, StoreError},
     telemetry,
 };
@@ -103,7 +104,7 @@ async fn claim_admission(tx: &mut Tx, server_id: i64, limit: i32) -> Result<bool
 pub(crate) async fn end_job(
     tx: &mut Tx,
     id: Uuid,
-    state: &str,
+    state: JobState,
     error: Option<&str>,
 ) -> Result<(), StoreError> {
     let ended = each!(tx.conn(), c => sqlx::query_as::<_, JobRow>(
@@ -125,8 +126,8 @@ pub(crate) async fn end_job(
 /// Counts a job that has just reached its final state.
 pub(crate) fn count_end(job: &JobRow) {
     telemetry::job_ended(
-        &job.kind,
-        &job.state,
+        job.kind,
+        job.state,
         job.created_at,
         job.started_at,
         job.finished_at.unwrap_or_else(chrono::Utc::now),
@@ -148,7 +149,7 @@ impl Store for Db {
                      on conflict (name) do nothing returning *",
                 )
                 .bind(name.as_str())
-                .bind(if admin { "admin" } else { "user" })
+                .bind(if admin { Role::Admin } else { Role::User })
                 .bind(now())
                 .fetch_optional(c)
                 .await)?)
@@ -197,7 +198,7 @@ impl Store for Db {
         let at = now();
         // Locking the user serialises one user's spawn requests, so the per-user
         // count below is exact, and keeps a concurrent delete from slipping in.
-        let user: Option<(i64, String, i32)> = locking!(
+        let user: Option<(i64, UserState, i32)> = locking!(
             tx,
             "select u.id, u.state, coalesce((select active_server_limit from platform_limits), $2) \
              from users u where u.name = $1",
@@ -209,7 +210,7 @@ impl Store for Db {
                 .await
         )?;
         let (user_id, user_state, limit) = user.ok_or_else(|| StoreError::no_user(&req.user))?;
-        if user_state == "deleting" {
+        if user_state == UserState::Deleting {
             return Err(StoreError::Conflict(format!(
                 "user {:?} is being deleted",
                 req.user.as_str()
@@ -228,7 +229,7 @@ impl Store for Db {
         .bind(at)
         .fetch_one(c)
         .await)?;
-        match server.state() {
+        match server.state {
             ServerState::PendingSpawn => return Ok(SpawnOutcome::AlreadyPending(server)),
             ServerState::Running => return Ok(SpawnOutcome::AlreadyRunning(server)),
             ServerState::PendingStop => {
@@ -318,7 +319,7 @@ impl Store for Db {
         let row = row.ok_or_else(|| {
             StoreError::NotFound(format!("user {user:?} has no server {server:?}"))
         })?;
-        match row.state() {
+        match row.state {
             ServerState::Stopped | ServerState::Failed => return Ok(StopOutcome::NotRunning(row)),
             ServerState::PendingStop => return Ok(StopOutcome::AlreadyStopping(row)),
             ServerState::PendingSpawn | ServerState::Running => {}
@@ -360,14 +361,14 @@ impl Store for Db {
                 .await
         )?;
         let row = row.ok_or_else(|| StoreError::no_user(user))?;
-        if let (Some(id), "deleting") = (row.cleanup_job_id, row.state.as_str()) {
+        if let (Some(id), UserState::Deleting) = (row.cleanup_job_id, row.state) {
             let job = each!(tx.conn(), c => sqlx::query_as::<_, JobRow>("select * from jobs where id = $1")
                 .bind(id)
                 .fetch_optional(c)
                 .await)?;
             // A removal still under way is the answer; one that failed (or was
             // archived) is requested anew below.
-            if let Some(job) = job.filter(|j| j.state == "queued" || j.state == "running") {
+            if let Some(job) = job.filter(|j| j.state.is_open()) {
                 return Ok(job);
             }
         }
@@ -413,16 +414,16 @@ impl Store for Db {
             })
             .await?;
         if let Some(job) = job.as_ref().filter(|j| j.attempts == 1) {
-            telemetry::job_started(&job.kind);
+            telemetry::job_started(job.kind);
         }
         Ok(job)
     }
 
     async fn finish_job(&self, id: Uuid, outcome: &JobOutcome) -> Result<(), StoreError> {
         let (state, error) = match outcome {
-            JobOutcome::Succeeded => ("succeeded", None),
-            JobOutcome::Cancelled(why) => ("cancelled", Some(why.as_str())),
-            JobOutcome::Failed(why) => ("failed", Some(why.as_str())),
+            JobOutcome::Succeeded => (JobState::Succeeded, None),
+            JobOutcome::Cancelled(why) => (JobState::Cancelled, Some(why.as_str())),
+            JobOutcome::Failed(why) => (JobState::Failed, Some(why.as_str())),
         };
         self.write(async |tx| end_job(tx, id, state, error).await)
             .await
@@ -460,7 +461,7 @@ impl Store for Db {
         for server in servers {
             release_admission(&mut tx, server).await?;
         }
-        if ended.kind == JobKind::Spawn.as_str() {
+        if ended.kind == JobKind::Spawn {
             tx.insert_progress(id, &ProgressStep::failed(error)).await?;
         }
         tx.commit().await?;
@@ -513,7 +514,7 @@ impl Store for Db {
         )?;
         let done = done == 1;
         if done {
-            end_job(&mut tx, r.job_id, "succeeded", None).await?;
+            end_job(&mut tx, r.job_id, JobState::Succeeded, None).await?;
             let ready = ProgressStep {
                 progress: 100,
                 message: format!("server ready at {}", r.url),
@@ -546,7 +547,7 @@ impl Store for Db {
         )?;
         let done = done == 1;
         if done {
-            end_job(&mut tx, job_id, "failed", Some(error)).await?;
+            end_job(&mut tx, job_id, JobState::Failed, Some(error)).await?;
             release_admission(&mut tx, server_id).await?;
             tx.insert_progress(job_id, &ProgressStep::failed(error))
                 .await?;
@@ -575,7 +576,7 @@ impl Store for Db {
             release_admission(&mut tx, server_id).await?;
         }
         if let (true, Some(job)) = (done, stop_job) {
-            end_job(&mut tx, job, "succeeded", None).await?;
+            end_job(&mut tx, job, JobState::Succeeded, None).await?;
         }
         tx.commit().await?;
         Ok(done)

@@ -7,6 +7,8 @@ use std::{sync::OnceLock, time::Duration};
 use chrono::{DateTime, Utc};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
+use crate::jobs::{JobKind, JobState};
+
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// Seconds: from a few milliseconds (HTTP) to minutes (slow spawns).
@@ -36,34 +38,34 @@ pub fn install() -> PrometheusHandle {
         .clone()
 }
 
-pub(crate) fn job_enqueued(kind: &str) {
-    metrics::counter!("berth_jobs_enqueued_total", "kind" => kind.to_owned()).increment(1);
+pub(crate) fn job_enqueued(kind: JobKind) {
+    metrics::counter!("berth_jobs_enqueued_total", "kind" => kind.as_str()).increment(1);
 }
 
-pub(crate) fn job_started(kind: &str) {
-    metrics::counter!("berth_jobs_started_total", "kind" => kind.to_owned()).increment(1);
+pub(crate) fn job_started(kind: JobKind) {
+    metrics::counter!("berth_jobs_started_total", "kind" => kind.as_str()).increment(1);
 }
 
 /// A job reached a final state here: counted by kind and state, with its run time
 /// and, for a spawn that succeeded, the time from request to ready.
 pub(crate) fn job_ended(
-    kind: &str,
-    state: &str,
+    kind: JobKind,
+    state: JobState,
     created: DateTime<Utc>,
     started: Option<DateTime<Utc>>,
     finished: DateTime<Utc>,
 ) {
     let name = match state {
-        "succeeded" => "berth_jobs_succeeded_total",
-        "failed" => "berth_jobs_failed_total",
-        _ => "berth_jobs_cancelled_total",
+        JobState::Succeeded => "berth_jobs_succeeded_total",
+        JobState::Failed => "berth_jobs_failed_total",
+        JobState::Cancelled | JobState::Queued | JobState::Running => "berth_jobs_cancelled_total",
     };
-    metrics::counter!(name, "kind" => kind.to_owned()).increment(1);
+    metrics::counter!(name, "kind" => kind.as_str()).increment(1);
     if let Some(started) = started {
-        metrics::histogram!("berth_job_duration_seconds", "kind" => kind.to_owned())
+        metrics::histogram!("berth_job_duration_seconds", "kind" => kind.as_str())
             .record(seconds(finished - started));
     }
-    if kind == "spawn" && state == "succeeded" {
+    if kind == JobKind::Spawn && state == JobState::Succeeded {
         metrics::histogram!("berth_spawn_latency_seconds").record(seconds(finished - created));
     }
 }

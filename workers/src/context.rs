@@ -9,8 +9,8 @@ use std::{
 };
 
 use schema::{
-    Console, JobOutcome, JobRow, JobState, Limits, Maintenance, Platform, ServerName, ServerRow,
-    ServerState, Store, StoreError, UserName, jobs::ServerJob,
+    Console, JobOutcome, JobRow, Limits, Maintenance, Platform, ServerName, ServerRow, ServerState,
+    Store, StoreError, UserName, jobs::ServerJob,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -175,12 +175,6 @@ pub fn server_payload(job: &JobRow) -> Result<ServerJob, JobOutcome> {
         .map_err(|e| JobOutcome::Failed(format!("malformed {} payload: {e}", job.kind)))
 }
 
-fn is_final(state: &str) -> bool {
-    [JobState::Succeeded, JobState::Failed, JobState::Cancelled]
-        .iter()
-        .any(|s| s.as_str() == state)
-}
-
 /// The steps every server job shares. Under the server's lock: skip a job that has
 /// already ended (a duplicate delivery), count the attempt, check that the server
 /// is still in `expected` on behalf of this very job (else the job is moot), run
@@ -247,7 +241,7 @@ async fn claim(
         ServerState::PendingStop => server.stop_job_id,
         _ => server.spawn_job_id,
     };
-    if server.state() != expected || owner != Some(job.id) {
+    if server.state != expected || owner != Some(job.id) {
         return Ok(Err(JobOutcome::Cancelled(format!(
             "the server is {} now; this {} is no longer wanted",
             server.state, job.kind
@@ -261,7 +255,7 @@ async fn claim(
 
 /// Whether a job row still needs doing; a final one is a duplicate delivery.
 pub fn still_open(job: &JobRow) -> bool {
-    !is_final(&job.state)
+    job.state.is_open()
 }
 
 /// A job counted in flight; see [`Context::count_in_flight`].

@@ -17,12 +17,7 @@ use bollard::{
 };
 use futures::StreamExt;
 use schema::{ServerName, UserName, container_name};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-    sync::OnceCell,
-    time::timeout,
-};
+use tokio::sync::OnceCell;
 
 use crate::{
     config::{DockerConfig, PullPolicy},
@@ -368,28 +363,6 @@ impl DockerSpawner {
             cpu_limit: Some(self.config.cpu_limit),
         })
     }
-}
-
-/// One HTTP request; any HTTP answer, whatever its status, means the server is up.
-/// `HEAD`, and the answer read to its end: a probe that hung up mid-body made
-/// servers log a reset connection (Python's `http.server` printed a traceback into
-/// the server's log on every spawn).
-pub(crate) async fn probe_http(ip: &str, port: u16) -> bool {
-    let attempt = async {
-        let mut stream = TcpStream::connect((ip, port)).await.ok()?;
-        let request =
-            format!("HEAD / HTTP/1.0\r\nHost: {ip}:{port}\r\nUser-Agent: berth-probe\r\n\r\n");
-        stream.write_all(request.as_bytes()).await.ok()?;
-        let mut head = [0u8; 5];
-        stream.read_exact(&mut head).await.ok()?;
-        let mut rest = Vec::new();
-        let _ = timeout(Duration::from_millis(200), stream.read_to_end(&mut rest)).await;
-        Some(&head == b"HTTP/")
-    };
-    matches!(
-        timeout(Duration::from_secs(1), attempt).await,
-        Ok(Some(true))
-    )
 }
 
 #[async_trait]

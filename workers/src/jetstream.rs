@@ -292,7 +292,7 @@ async fn in_hand(ctx: &Context, job_id: uuid::Uuid) -> bool {
     let Ok(payload) = crate::context::server_payload(&job) else {
         return false;
     };
-    if job.state != "running" {
+    if job.state != schema::JobState::Running {
         return false;
     }
     match ctx.platform.try_lock_server(payload.server_id).await {

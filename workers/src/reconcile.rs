@@ -50,7 +50,7 @@ async fn reconcile_locked(ctx: &Context) -> Result<Report, HandlerError> {
         let server = container.server_id.and_then(|id| live.get(&id));
         let healthy = match server {
             // A spawn or stop is under way: its job owns the container.
-            Some(s) if s.state() != ServerState::Running => true,
+            Some(s) if s.state != ServerState::Running => true,
             Some(s) => {
                 container.running && s.container_id.as_deref() == Some(container.id.as_str())
             }
@@ -79,10 +79,10 @@ async fn reconcile_locked(ctx: &Context) -> Result<Report, HandlerError> {
             None => None,
         };
         let owned = now.as_ref().is_some_and(|s| {
-            s.state() != ServerState::Running
-                && s.state() != ServerState::Stopped
-                && s.state() != ServerState::Failed
-                || (s.state() == ServerState::Running
+            s.state != ServerState::Running
+                && s.state != ServerState::Stopped
+                && s.state != ServerState::Failed
+                || (s.state == ServerState::Running
                     && s.container_id.as_deref() == Some(container.id.as_str()))
         });
         let state_now = ctx
@@ -91,7 +91,7 @@ async fn reconcile_locked(ctx: &Context) -> Result<Report, HandlerError> {
             .await
             .map_err(|e| HandlerError::Transient(e.to_string()))?;
         if let Some(server) = now.filter(|_| owned) {
-            if let (ServerState::Running, Some((false, exit_code))) = (server.state(), state_now) {
+            if let (ServerState::Running, Some((false, exit_code))) = (server.state, state_now) {
                 let code = exit_code.unwrap_or(-1);
                 let failed = code != 0;
                 let why = format!("the server exited with code {code}");
@@ -113,7 +113,7 @@ async fn reconcile_locked(ctx: &Context) -> Result<Report, HandlerError> {
 
     for server in live
         .values()
-        .filter(|s| s.state() == ServerState::Running && !seen.contains(&s.id))
+        .filter(|s| s.state == ServerState::Running && !seen.contains(&s.id))
     {
         let Some(lock) = ctx.platform.try_lock_server(server.id).await? else {
             continue;
@@ -129,7 +129,7 @@ async fn reconcile_locked(ctx: &Context) -> Result<Report, HandlerError> {
             None => None,
         };
         let vanished =
-            now.is_some_and(|s| s.state() == ServerState::Running) && container_now.is_none();
+            now.is_some_and(|s| s.state == ServerState::Running) && container_now.is_none();
         if vanished
             && ctx
                 .platform

@@ -35,7 +35,7 @@ pub async fn run(ctx: &Context, job: &JobRow) -> Result<(), HandlerError> {
         // rather than take a slot for nothing) or it died (the lock is free: take
         // over). Asked on every try, since the other delivery may begin meanwhile.
         match ctx.store.get_job(job.id).await? {
-            Some(current) if current.state == "running" => {
+            Some(current) if current.state == schema::JobState::Running => {
                 if let Some(lock) = ctx.platform.try_lock_server(server_id).await? {
                     lock.release().await;
                 } else {
@@ -106,7 +106,7 @@ async fn still_wanted(ctx: &Context, job: &JobRow, server_id: i64) -> Result<boo
         .store
         .server_by_id(server_id)
         .await?
-        .is_some_and(|s| s.state() == ServerState::PendingSpawn && s.spawn_job_id == Some(job.id)))
+        .is_some_and(|s| s.state == ServerState::PendingSpawn && s.spawn_job_id == Some(job.id)))
 }
 
 async fn spawn(ctx: &Context, job: &JobRow, claimed: Claimed) -> HandlerResult {
@@ -165,7 +165,7 @@ async fn spawn(ctx: &Context, job: &JobRow, claimed: Claimed) -> HandlerResult {
             Box::pin(async move {
                 match store.server_by_id(server_id).await {
                     Ok(Some(s)) => {
-                        s.state() == ServerState::PendingSpawn && s.spawn_job_id == Some(job_id)
+                        s.state == ServerState::PendingSpawn && s.spawn_job_id == Some(job_id)
                     }
                     Ok(None) => false,
                     // The database is unreachable for a moment: keep going, the final

@@ -71,7 +71,7 @@ where
     let mut next_check = Instant::now() + RECHECK_EVERY;
     let mut next_exit_check = Instant::now() + exit_check;
     loop {
-        if crate::docker::probe_http(host, port).await {
+        if probe_http(host, port).await {
             return Ok(());
         }
         if Instant::now() >= deadline {
@@ -148,4 +148,31 @@ pub trait Spawner: Send + Sync + 'static {
 
     /// Removes one container by id, whatever it runs; a missing one is not an error.
     async fn remove(&self, container_id: &str) -> Result<(), SpawnError>;
+}
+
+/// One HTTP request; any HTTP answer, whatever its status, means the server is up.
+/// `HEAD`, and the answer read to its end: a probe that hung up mid-body made
+/// servers log a reset connection (Python's `http.server` printed a traceback into
+/// the server's log on every spawn).
+async fn probe_http(ip: &str, port: u16) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let attempt = async {
+        let mut stream = tokio::net::TcpStream::connect((ip, port)).await.ok()?;
+        let request =
+            format!("HEAD / HTTP/1.0\r\nHost: {ip}:{port}\r\nUser-Agent: berth-probe\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut head = [0u8; 5];
+        stream.read_exact(&mut head).await.ok()?;
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_millis(200),
+            stream.read_to_end(&mut rest),
+        )
+        .await;
+        Some(&head == b"HTTP/")
+    };
+    matches!(
+        tokio::time::timeout(std::time::Duration::from_secs(1), attempt).await,
+        Ok(Some(true))
+    )
 }

@@ -27,15 +27,8 @@ use crate::{
 const PER_PAGE: i64 = 50;
 /// The most jobs one bulk action over "all matching" touches.
 const BULK_MAX: i64 = 10_000;
-const KINDS: [&str; 6] = [
-    "spawn",
-    "stop",
-    "cleanup",
-    "cull",
-    "expire_sessions",
-    "archive",
-];
-const STATES: [&str; 5] = ["queued", "running", "succeeded", "failed", "cancelled"];
+const KINDS: &[&str] = schema::JobKind::WORDS;
+const STATES: &[&str] = schema::JobState::WORDS;
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -69,8 +62,8 @@ fn filter_from(get: impl Fn(&str) -> Option<String>) -> Result<JobFilter, String
         }
     };
     Ok(JobFilter {
-        kind: pick("kind", &KINDS)?,
-        state: pick("state", &STATES)?,
+        kind: pick("kind", KINDS)?,
+        state: pick("state", STATES)?,
         user: get("user").filter(|v| !v.is_empty()),
         since: time("since")?,
         until: time("until")?,
@@ -104,8 +97,8 @@ async fn list(
             &query,
             html! {
                 form.filters method="get" action="/admin/jobs" {
-                    label { "Kind" select name="kind" { option value="" { "any" } @for k in KINDS { option value=(k) selected[value("kind") == k] { (k) } } } }
-                    label { "State" select name="state" { option value="" { "any" } @for s in STATES { option value=(s) selected[value("state") == s] { (s) } } } }
+                    label { "Kind" select name="kind" { option value="" { "any" } @for k in KINDS { option value=(k) selected[value("kind") == *k] { (k) } } } }
+                    label { "State" select name="state" { option value="" { "any" } @for s in STATES { option value=(s) selected[value("state") == *s] { (s) } } } }
                     label { "User" input name="user" value=(value("user")) size="14"; }
                     label { "From (UTC)" input name="since" type="datetime-local" value=(value("since")); }
                     label { "To (UTC)" input name="until" type="datetime-local" value=(value("until")); }
@@ -136,7 +129,7 @@ fn job_row(job: &JobRow) -> Markup {
             td { input type="checkbox" name="ids" value=(job.id); }
             td { a href=(format!("/admin/jobs/{}", job.id)) { code { (short(job.id)) } } }
             td { (job.kind) }
-            td.state { (badge(&job.state)) }
+            td.state { (badge(job.state.as_str())) }
             td { (job.user_name) }
             td { (job.server_name.as_deref().unwrap_or("")) }
             td { (job.attempts) }
@@ -183,7 +176,7 @@ async fn detail(
         }
         Err(e) => return crate::error::ApiError::from(e).into_response(),
     };
-    let events = if job.kind == "spawn" {
+    let events = if job.kind == schema::JobKind::Spawn {
         state
             .console
             .progress_after(id, 0)
@@ -198,12 +191,12 @@ async fn detail(
         .as_ref()
         .map(|r| serde_json::to_string_pretty(r).unwrap_or_default());
     layout("Jobs", &operator, &query, html! {
-        h2 { (job.kind) " job " code { (job.id) } " " (badge(&job.state)) }
+        h2 { (job.kind) " job " code { (job.id) } " " (badge(job.state.as_str())) }
         div.actions {
-            @if job.state == "failed" || job.state == "cancelled" {
+            @if matches!(job.state, schema::JobState::Failed | schema::JobState::Cancelled) {
                 form method="post" action=(format!("/admin/jobs/{id}/retry")) { button #retry type="submit" { "Retry" } }
             }
-            @if job.state == "queued" {
+            @if job.state == schema::JobState::Queued {
                 form method="post" action=(format!("/admin/jobs/{id}/cancel")) { button #cancel type="submit" { "Cancel" } }
             }
         }

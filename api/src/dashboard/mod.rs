@@ -442,15 +442,14 @@ pub async fn snapshot(state: &AppState) -> Result<Value, ApiError> {
     let counts = state.console.job_counts().await?;
     let mut queues = serde_json::Map::new();
     for c in &counts {
-        let queue = serde_json::from_value::<schema::JobKind>(Value::String(c.kind.clone()))
-            .map_or("other", schema::JobKind::queue);
         let entry = queues
-            .entry(queue.to_owned())
+            .entry(c.kind.queue().to_owned())
             .or_insert_with(|| json!({}))
             .as_object_mut()
             .expect("an object");
-        let n = entry.get(&c.state).and_then(Value::as_i64).unwrap_or(0) + c.count;
-        entry.insert(c.state.clone(), json!(n));
+        let state = c.state.as_str();
+        let n = entry.get(state).and_then(Value::as_i64).unwrap_or(0) + c.count;
+        entry.insert(state.to_owned(), json!(n));
     }
     let now = Utc::now();
     let workers = state.platform.list_workers().await?;
@@ -470,7 +469,7 @@ pub async fn snapshot(state: &AppState) -> Result<Value, ApiError> {
         "waiting_spawns": usage.waiting_spawns,
         "workers_alive": alive,
         "failures_last_hour": failures,
-        "servers": servers.into_iter().map(|c| (c.state, json!(c.count))).collect::<serde_json::Map<_, _>>(),
+        "servers": servers.into_iter().map(|c| (c.state.as_str().to_owned(), json!(c.count))).collect::<serde_json::Map<_, _>>(),
     }))
 }
 

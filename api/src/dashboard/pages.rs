@@ -50,7 +50,7 @@ pub async fn overview(
         Err(e) => return failure(e),
     };
     let n = |v: &Value| v.as_i64().unwrap_or(0);
-    let states = ["queued", "running", "succeeded", "failed", "cancelled"];
+    let states = schema::JobState::WORDS;
     let queues = [schema::jobs::SPAWN_QUEUE, schema::jobs::CONTROL_QUEUE];
     layout("Overview", &operator, &query, html! {
         section.cards {
@@ -108,7 +108,7 @@ async fn servers(
             tr data-server=(format!("{}/{}", s.user_name, s.name)) {
                 td { (s.user_name) }
                 td { @if s.name.is_empty() { span.muted { "(default)" } } @else { (s.name) } }
-                td.state { (badge(&s.state)) }
+                td.state { (badge(s.state.as_str())) }
                 td { (when(s.started_at)) }
                 td { (when(s.last_activity)) }
                 td { code { (s.container_id.as_deref().map_or("—", |c| &c[..c.len().min(12)])) } }
@@ -135,7 +135,7 @@ async fn servers(
             &query,
             html! {
                 form.filters method="get" action="/admin/servers" {
-                    label { "State" select name="state" { option value="" { "any" } @for st in ["pending_spawn", "running", "pending_stop", "stopped", "failed"] { option value=(st) selected[value("state") == st] { (st) } } } }
+                    label { "State" select name="state" { option value="" { "any" } @for st in schema::ServerState::WORDS { option value=(st) selected[value("state") == *st] { (st) } } } }
                     label { "User" input name="user" value=(value("user")) size="14"; }
                     button type="submit" { "Filter" }
                 }
@@ -174,19 +174,10 @@ async fn stop_server(
         Ok(n) => n,
         Err(e) => return back("/admin/servers", Err(e.to_string())),
     };
-    match state.store.request_stop(&user, &server).await {
+    match crate::servers::request_stop(&state, &operator.actor(), &addr, &user, &server).await {
         Ok(outcome) => {
             let text = match outcome {
-                StopOutcome::Enqueued(row) => {
-                    state
-                        .audit(
-                            Some(&operator.actor()),
-                            "server_stopped",
-                            Some(&format!("{user}/{server}")),
-                            &addr,
-                            json!({ "job_id": row.stop_job_id }),
-                        )
-                        .await;
+                StopOutcome::Enqueued(_) => {
                     format!("Stopping {user}'s server {:?}", server.as_str())
                 }
                 StopOutcome::AlreadyStopping(_) => "That server is stopping already".into(),
@@ -194,7 +185,7 @@ async fn stop_server(
             };
             back("/admin/servers", Ok(text))
         }
-        Err(e) => back("/admin/servers", Err(say(e.into()))),
+        Err(e) => back("/admin/servers", Err(say(e))),
     }
 }
 
@@ -237,7 +228,10 @@ async fn stop_idle(
         }) else {
             continue;
         };
-        if let Ok(StopOutcome::Enqueued(_)) = state.store.request_stop(&user, &name).await {
+        let actor = operator.actor();
+        if let Ok(StopOutcome::Enqueued(_)) =
+            crate::servers::request_stop(&state, &actor, &addr, &user, &name).await
+        {
             stopped += 1;
         }
     }
@@ -381,7 +375,7 @@ async fn users(
     let rows = html! {
         @for u in &list.items {
             tr data-user=(u.name) {
-                td { (u.name) } td { (u.email.as_deref().unwrap_or("")) } td { (badge(&u.role)) }
+                td { (u.name) } td { (u.email.as_deref().unwrap_or("")) } td { (badge(u.role.as_str())) }
                 td { @if u.active { (badge("active")) } @else { (badge("deactivated")) } }
                 td { (when(Some(u.created_at))) } td { (when(u.last_activity)) }
                 td.actions {

@@ -9,7 +9,6 @@
 //! read the WAL concurrently. Commits are synchronous (`synchronous = FULL`), so
 //! a 202 means the job survives a power cut, as it does on Postgres.
 
-mod maintenance;
 mod memory;
 pub mod queue;
 

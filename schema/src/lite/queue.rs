@@ -37,7 +37,7 @@ impl SqliteStore {
         worker: &str,
     ) -> Result<Vec<Delivery>, StoreError> {
         let mut tx = self.write().await?;
-        let rows: Vec<(Uuid, String, i32)> = sqlx::query_as(
+        let rows: Vec<(Uuid, JobKind, i32)> = sqlx::query_as(
             "update queue set taken_by = $3, deliveries = deliveries + 1 where job_id in ( \
                select q.job_id from queue q where q.queue = $1 and q.taken_by is null \
                and q.run_at <= $4 order by q.run_at, q.job_id limit $2) \
@@ -52,12 +52,9 @@ impl SqliteStore {
         self.commit(tx).await?;
         let mut taken: Vec<Delivery> = rows
             .into_iter()
-            .filter_map(|(job_id, kind, delivery)| {
-                let kind: JobKind = serde_json::from_value(serde_json::Value::String(kind)).ok()?;
-                Some(Delivery {
-                    envelope: JobEnvelope { job_id, kind },
-                    delivery,
-                })
+            .map(|(job_id, kind, delivery)| Delivery {
+                envelope: JobEnvelope { job_id, kind },
+                delivery,
             })
             .collect();
         // In the order they were enqueued (ids are time-ordered).

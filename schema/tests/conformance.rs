@@ -1,0 +1,319 @@
+//! The store's contract, run against both dialects: each test runs once on a fresh
+//! Postgres database (`BERTH_TEST_DATABASE_URL`, a superuser URL) and once on a
+//! fresh SQLite file, through the same `schema::Db`. A rule written once must
+//! behave the same on both; a new store operation adds its test here.
+
+use std::{path::PathBuf, sync::Arc};
+
+use schema::{
+    Accounts, Db, JobKind, JobOutcome, NewAccount, PgStore, Platform, Role, ServerName,
+    ServerState, SpawnOutcome, SpawnRequest, SqliteStore, Store, StoreError, UserName,
+    accounts::ThrottleRule,
+    platform::{LimitChange, SlotAnswer},
+};
+
+/// A store on a fresh database of one dialect, removed when dropped.
+struct Fresh {
+    db: Db,
+    cleanup: Cleanup,
+}
+
+enum Cleanup {
+    Postgres { admin_url: String, name: String },
+    Sqlite(PathBuf),
+}
+
+impl Drop for Fresh {
+    fn drop(&mut self) {
+        match &self.cleanup {
+            Cleanup::Sqlite(dir) => {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+            Cleanup::Postgres { admin_url, name } => {
+                // A runtime of its own: drop runs outside the test's.
+                let (admin_url, name) = (admin_url.clone(), name.clone());
+                let _ = std::thread::spawn(move || {
+                    tokio::runtime::Runtime::new().unwrap().block_on(async {
+                        if let Ok(admin) = sqlx::PgPool::connect(&admin_url).await {
+                            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                                "drop database if exists {name} with (force)"
+                            )))
+                            .execute(&admin)
+                            .await;
+                        }
+                    })
+                })
+                .join();
+            }
+        }
+    }
+}
+
+fn suffix() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..12].to_owned()
+}
+
+async fn on_postgres() -> Fresh {
+    let admin_url = std::env::var("BERTH_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432/postgres".into());
+    let name = format!("berth_conf_{}", suffix());
+    let admin = sqlx::PgPool::connect(&admin_url)
+        .await
+        .expect("the test Postgres is reachable (BERTH_TEST_DATABASE_URL)");
+    sqlx::query(sqlx::AssertSqlSafe(format!("create database {name}")))
+        .execute(&admin)
+        .await
+        .unwrap();
+    admin.close().await;
+    let base = admin_url
+        .rsplit_once('/')
+        .map_or(admin_url.as_str(), |(b, _)| b);
+    let pool = sqlx::PgPool::connect(&format!("{base}/{name}"))
+        .await
+        .unwrap();
+    schema::migrate(&pool).await.unwrap();
+    Fresh {
+        db: Db::from(PgStore::new(pool, Arc::new(schema::ApalisQueue))),
+        cleanup: Cleanup::Postgres { admin_url, name },
+    }
+}
+
+async fn on_sqlite() -> Fresh {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("conf-{}", suffix()));
+    let store = SqliteStore::open(&dir).await.unwrap();
+    Fresh {
+        db: Db::from(store),
+        cleanup: Cleanup::Sqlite(dir),
+    }
+}
+
+/// Runs each `async fn(&Db)` contract as `name::postgres` and `name::sqlite`.
+macro_rules! contracts {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                let fresh = super::on_postgres().await;
+                super::$name(&fresh.db).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                let fresh = super::on_sqlite().await;
+                super::$name(&fresh.db).await;
+            }
+        }
+    )*};
+}
+
+fn user(name: &str) -> UserName {
+    UserName::parse(name).unwrap()
+}
+
+fn spawn_request(name: &str) -> SpawnRequest {
+    SpawnRequest {
+        user: user(name),
+        server: ServerName::default_server(),
+        image: None,
+        max_servers_per_user: None,
+        active_server_limit: 2,
+    }
+}
+
+async fn states_kinds_and_roles_read_back_typed_and_unknown_words_are_errors(db: &Db) {
+    let ann = db.create_user(&user("ann"), true).await.unwrap();
+    assert_eq!(ann.role, Role::Admin);
+    let SpawnOutcome::Enqueued(server) = db.request_spawn(spawn_request("ann")).await.unwrap()
+    else {
+        panic!("a first spawn is enqueued");
+    };
+    assert_eq!(server.state, ServerState::PendingSpawn);
+    let job = db
+        .get_job(server.spawn_job_id.unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(job.kind, JobKind::Spawn);
+    assert!(job.state.is_open());
+
+    // A word no variant has is refused, not mapped to a default.
+    let read = match db_pool(db) {
+        Pool::Pg(p) => sqlx::query_scalar::<_, ServerState>("select 'flying'")
+            .fetch_one(&p)
+            .await
+            .map(|_| ()),
+        Pool::Lite(p) => sqlx::query_scalar::<_, ServerState>("select 'flying'")
+            .fetch_one(&p)
+            .await
+            .map(|_| ()),
+    };
+    let error = read.expect_err("an unknown state is an error").to_string();
+    assert!(error.contains("unknown ServerState \"flying\""), "{error}");
+}
+
+enum Pool {
+    Pg(sqlx::PgPool),
+    Lite(sqlx::SqlitePool),
+}
+
+/// The raw pool under a store, for the few contracts that write behind its back.
+fn db_pool(db: &Db) -> Pool {
+    match db.on() {
+        schema::db::Dialect::Pg(s) => Pool::Pg(s.pool().clone()),
+        schema::db::Dialect::Lite(s) => Pool::Lite(s.pool().clone()),
+    }
+}
+
+async fn a_taken_name_or_email_is_a_conflict_that_says_which(db: &Db) {
+    let account = |name: &str, email: &str| NewAccount {
+        name: user(name),
+        email: Some(email.into()),
+        password_hash: None,
+        role: Role::User,
+    };
+    db.register(&account("bob", "bob@example.org"))
+        .await
+        .unwrap();
+    let name = db.register(&account("bob", "other@example.org")).await;
+    assert!(
+        matches!(&name, Err(StoreError::Conflict(m)) if m.contains("already exists")),
+        "{name:?}"
+    );
+    let email = db.register(&account("rob", "BOB@example.org")).await;
+    assert!(
+        matches!(&email, Err(StoreError::Conflict(m)) if m.contains("already registered")),
+        "{email:?}"
+    );
+    let page = db.users_page(Some("EXAMPLE"), 0, 10).await.unwrap();
+    assert_eq!(page.total, 1, "emails match without regard to case");
+    let page = db.users_page(Some("b_b"), 0, 10).await.unwrap();
+    assert_eq!(page.total, 0, "a search's wildcards are taken literally");
+}
+
+async fn failures_lock_a_key_at_the_limit_until_the_window_ends(db: &Db) {
+    let rule = ThrottleRule {
+        max_failures: 3,
+        window_secs: 60,
+    };
+    let keys = vec!["login:cat".to_string(), "addr:10.0.0.1".to_string()];
+    for _ in 0..2 {
+        db.record_failure("login:cat", rule).await.unwrap();
+    }
+    assert_eq!(db.throttled(&keys).await.unwrap(), None, "below the limit");
+    db.record_failure("login:cat", rule).await.unwrap();
+    let wait = db
+        .throttled(&keys)
+        .await
+        .unwrap()
+        .expect("locked at the limit");
+    assert!(
+        (59..=60).contains(&wait),
+        "locked until the window ends: {wait}"
+    );
+    db.clear_failures("login:cat").await.unwrap();
+    assert_eq!(db.throttled(&keys).await.unwrap(), None);
+}
+
+async fn an_sso_token_is_consumed_once(db: &Db) {
+    let dan = db.create_user(&user("dan"), false).await.unwrap();
+    let expires = chrono::Utc::now() + chrono::TimeDelta::minutes(1);
+    db.create_sso("hash-1", dan.id, "", expires).await.unwrap();
+    let (a, b) = tokio::join!(db.consume_sso("hash-1"), db.consume_sso("hash-1"));
+    let grants: Vec<_> = [a.unwrap(), b.unwrap()].into_iter().flatten().collect();
+    assert_eq!(grants.len(), 1, "exactly one use succeeds");
+    assert_eq!(grants[0].user_name, "dan");
+    db.create_sso(
+        "hash-2",
+        dan.id,
+        "",
+        chrono::Utc::now() - chrono::TimeDelta::seconds(1),
+    )
+    .await
+    .unwrap();
+    assert!(db.consume_sso("hash-2").await.unwrap().is_none(), "expired");
+}
+
+async fn spawn_slots_hold_the_limit_and_go_to_the_oldest_waiter(db: &Db) {
+    let mut jobs = vec![];
+    for name in ["s1", "s2", "s3"] {
+        db.create_user(&user(name), false).await.unwrap();
+        let SpawnOutcome::Enqueued(server) = db
+            .request_spawn(SpawnRequest {
+                active_server_limit: 10,
+                ..spawn_request(name)
+            })
+            .await
+            .unwrap()
+        else {
+            panic!("enqueued");
+        };
+        jobs.push(
+            db.get_job(server.spawn_job_id.unwrap())
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    let ask = async |i: usize, delivery: uuid::Uuid| {
+        db.try_spawn_slot(jobs[i].id, jobs[i].created_at, 1, "w", delivery)
+            .await
+            .unwrap()
+    };
+    let [d0, d1, d2] = [(); 3].map(|()| uuid::Uuid::new_v4());
+    let SlotAnswer::Granted(first) = ask(0, d0).await else {
+        panic!("the first spawn to ask gets the one slot");
+    };
+    assert!(
+        matches!(ask(2, d2).await, SlotAnswer::Wait),
+        "the limit is 1"
+    );
+    assert!(matches!(ask(1, d1).await, SlotAnswer::Wait), "still full");
+    assert!(
+        matches!(ask(2, uuid::Uuid::new_v4()).await, SlotAnswer::Duplicate),
+        "another delivery holds a live claim on the job"
+    );
+    assert_eq!(db.usage().await.unwrap().spawns_in_flight, 1);
+    // The spawn runs under its slot and ends; then it waits for nothing.
+    assert!(db.begin_job(jobs[0].id, "w").await.unwrap().is_some());
+    db.finish_job(jobs[0].id, &JobOutcome::Succeeded)
+        .await
+        .unwrap();
+    first.release().await;
+    assert_eq!(db.usage().await.unwrap().spawns_in_flight, 0);
+    assert!(
+        matches!(ask(2, d2).await, SlotAnswer::Wait),
+        "an older spawn waits with a claim: it goes first"
+    );
+    let SlotAnswer::Granted(second) = ask(1, d1).await else {
+        panic!("the oldest waiter gets the freed slot");
+    };
+    second.release().await;
+}
+
+async fn limit_overrides_set_and_reset(db: &Db) {
+    let set = db
+        .set_limits(LimitChange::Set(3), LimitChange::Keep, "admin")
+        .await
+        .unwrap();
+    assert_eq!(set.concurrent_spawn_limit, Some(3));
+    assert_eq!(set.active_server_limit, None);
+    assert_eq!(set.updated_by.as_deref(), Some("admin"));
+    let reset = db
+        .set_limits(LimitChange::Reset, LimitChange::Set(7), "root")
+        .await
+        .unwrap();
+    assert_eq!(reset.concurrent_spawn_limit, None);
+    assert_eq!(reset.active_server_limit, Some(7));
+    let read = db.limit_overrides().await.unwrap();
+    assert_eq!(read.active_server_limit, Some(7));
+    assert_eq!(read.updated_by.as_deref(), Some("root"));
+}
+
+contracts!(
+    states_kinds_and_roles_read_back_typed_and_unknown_words_are_errors,
+    a_taken_name_or_email_is_a_conflict_that_says_which,
+    failures_lock_a_key_at_the_limit_until_the_window_ends,
+    an_sso_token_is_consumed_once,
+    spawn_slots_hold_the_limit_and_go_to_the_oldest_waiter,
+    limit_overrides_set_and_reset,
+);
