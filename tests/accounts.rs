@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
-use common::{ADMIN_PASSWORD, ADMIN_USER, Backend, TestEnv};
+use common::{ADMIN_PASSWORD, ADMIN_USER, Backend, TestEnv, wait_for};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -829,7 +829,78 @@ async fn an_sso_hand_off_is_for_one_server_single_use_and_expires(backend: Backe
     assert_error(status, &body, StatusCode::NOT_FOUND, "not_found");
 }
 
+async fn a_registered_admin_name_is_not_promoted_at_restart(backend: Backend) {
+    let mut env = TestEnv::on(backend).await;
+    env.start_worker(&[]);
+    let admin_path = format!("/api/v1/users/{ADMIN_USER}");
+    let (status, body) = env.call(Method::DELETE, &admin_path, None).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    wait_for(
+        "the admin account to be gone",
+        Duration::from_secs(30),
+        async || env.call(Method::GET, &admin_path, None).await.0 == StatusCode::NOT_FOUND,
+    )
+    .await;
+
+    // Nobody may register the bootstrap name for themselves.
+    let body = json!({ "username": ADMIN_USER, "password": PASSWORD }).to_string();
+    let (status, refused) = env
+        .call_with(Method::POST, "/api/v1/auth/register", Some(&body), None)
+        .await;
+    assert_error(status, &refused, StatusCode::FORBIDDEN, "forbidden");
+    assert!(
+        refused["message"].as_str().unwrap().contains("reserved"),
+        "{refused}"
+    );
+
+    // An ordinary account of that name (an admin made it) stays ordinary at restart.
+    env.create_user(ADMIN_USER).await;
+    env.start_another_api().await;
+    let (_, user) = env.call(Method::GET, &admin_path, None).await;
+    assert_eq!(user["role"], "user", "{user}");
+    let login = json!({ "username": ADMIN_USER, "password": ADMIN_PASSWORD }).to_string();
+    let (status, _) = env
+        .call_with(Method::POST, "/api/v1/auth/login", Some(&login), None)
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::UNAUTHORIZED,
+        "the configured password is not given to it"
+    );
+}
+
+async fn a_deactivated_admin_stays_deactivated_at_restart(backend: Backend) {
+    let mut env = TestEnv::on(backend).await;
+    let path = format!("/api/v1/admin/users/{ADMIN_USER}");
+    let (status, user) = env
+        .call(Method::PATCH, &path, Some(r#"{"active": false}"#))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{user}");
+    env.start_another_api().await;
+    let (_, users) = env
+        .call(
+            Method::GET,
+            &format!("/api/v1/admin/users?q={ADMIN_USER}"),
+            None,
+        )
+        .await;
+    let root = users["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["name"] == ADMIN_USER)
+        .unwrap_or_else(|| panic!("{users}"));
+    assert_eq!(root["active"], false, "{root}");
+    let login = json!({ "username": ADMIN_USER, "password": ADMIN_PASSWORD }).to_string();
+    let (status, _) = env
+        .call_with(Method::POST, "/api/v1/auth/login", Some(&login), None)
+        .await;
+    assert_ne!(status, StatusCode::OK, "a deactivated admin cannot log in");
+}
+
 on_both_stores!(
+    a_registered_admin_name_is_not_promoted_at_restart,
+    a_deactivated_admin_stays_deactivated_at_restart,
     users_register_log_in_act_on_their_own_servers_and_log_out,
     admins_page_users_change_roles_deactivate_and_delete,
     expired_revoked_tampered_unsigned_and_foreign_tokens_get_401,

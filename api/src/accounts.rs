@@ -107,7 +107,15 @@ async fn register(
             "self-registration is switched off; ask an admin for an account".into(),
         ));
     }
+    // The bootstrap admin's name is never free for anyone to take: should its
+    // account be deleted, the next start creates it again.
     let account = new_account(&body.username, body.email, Some(body.password), Role::User).await?;
+    if state.config.admin_user.as_deref() == Some(account.name.as_str()) {
+        return Err(ApiError::Forbidden(format!(
+            "the name {:?} is reserved",
+            account.name.as_str()
+        )));
+    }
     let user = state.accounts.register(&account).await?;
     state
         .audit(None, "user_registered", Some(&user.name), &addr, json!({}))

@@ -199,8 +199,19 @@ where
         let hash = passwords::hash(password.clone())
             .await
             .map_err(|e| StartError::Bootstrap(e.to_string()))?;
-        store.bootstrap_admin(&name, &hash).await?;
-        tracing::info!(admin = %name, "admin account ready");
+        match store.bootstrap_admin(&name, &hash).await? {
+            Some(_) => tracing::info!(admin = %name, "admin account created"),
+            None => match store.get_user(&name).await? {
+                Some(existing) if existing.is_admin() && existing.active => {
+                    tracing::info!(admin = %name, "admin account exists; left as it is")
+                }
+                _ => tracing::warn!(
+                    admin = %name,
+                    "an account named BERTH_ADMIN_USER exists but is not an active admin; \
+                     it is left as it is (start-up never promotes or re-activates an account)"
+                ),
+            },
+        }
     }
     let limits = store.limit_overrides().await?.apply(config.limits);
     store

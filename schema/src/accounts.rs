@@ -104,12 +104,14 @@ pub trait Accounts: Send + Sync + 'static {
         hash: &str,
         keep: Option<Uuid>,
     ) -> Result<(), StoreError>;
-    /// Creates the bootstrap admin, or makes an existing account of that name admin.
+    /// Creates the bootstrap admin when no account has its name; an existing
+    /// account is left exactly as it is (never promoted, re-activated or given the
+    /// configured password). `None` when it existed.
     async fn bootstrap_admin(
         &self,
         name: &UserName,
         password_hash: &str,
-    ) -> Result<UserRow, StoreError>;
+    ) -> Result<Option<UserRow>, StoreError>;
 
     async fn create_session(
         &self,
@@ -327,17 +329,16 @@ impl Accounts for Db {
         &self,
         name: &UserName,
         password_hash: &str,
-    ) -> Result<UserRow, StoreError> {
-        // An existing account keeps its password: configuration never resets one.
+    ) -> Result<Option<UserRow>, StoreError> {
         self.write(async |tx| {
             Ok(each!(tx.conn(), c => sqlx::query_as::<_, UserRow>(
-                "insert into users (name, password_hash, role, created_at) values ($1, $2, 'admin', $3) \
-                 on conflict (name) do update set role = 'admin', active = true returning *",
+                "insert into users (name, password_hash, role, created_at) \
+                 values ($1, $2, 'admin', $3) on conflict (name) do nothing returning *",
             )
             .bind(name.as_str())
             .bind(password_hash)
             .bind(now())
-            .fetch_one(c)
+            .fetch_optional(c)
             .await)?)
         })
         .await

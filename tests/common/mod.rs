@@ -704,6 +704,14 @@ impl TestEnv {
         self.login(user, password).await
     }
 
+    /// Starts another `berth api` on this test's store, as a restart does (the
+    /// bootstrap runs at its start); later calls go to it.
+    pub async fn start_another_api(&mut self) {
+        let (base, task) = serve_api(&self.db, &self.queue, &self.jwt_pem, &[]).await;
+        self.base = base;
+        self.tasks.push(task);
+    }
+
     /// Full responses, for tests that look at headers.
     pub fn http(&self) -> &reqwest::Client {
         &self.http
