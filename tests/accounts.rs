@@ -869,6 +869,34 @@ async fn a_registered_admin_name_is_not_promoted_at_restart(backend: Backend) {
     );
 }
 
+async fn a_users_write_token_cannot_delete_an_admin(backend: Backend) {
+    let env = TestEnv::on(backend).await;
+    let body = json!({ "name": "provisioning", "scopes": ["users:write"] }).to_string();
+    let (status, created) = env
+        .call(Method::POST, "/api/v1/admin/tokens", Some(&body))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let token = created["token"].as_str().unwrap().to_owned();
+    let admin_path = format!("/api/v1/users/{ADMIN_USER}");
+    let (status, refused) = as_user(&env, &token, Method::DELETE, &admin_path, None).await;
+    assert_error(status, &refused, StatusCode::FORBIDDEN, "forbidden");
+    let (status, admin) = env.call(Method::GET, &admin_path, None).await;
+    assert_eq!(status, StatusCode::OK, "the admin is still there: {admin}");
+    assert_eq!(admin["state"], "active", "{admin}");
+    // An ordinary account it may delete.
+    let ann = env.user("ann");
+    env.create_user(&ann).await;
+    let (status, body) = as_user(
+        &env,
+        &token,
+        Method::DELETE,
+        &format!("/api/v1/users/{ann}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+}
+
 async fn a_deactivated_admin_stays_deactivated_at_restart(backend: Backend) {
     let mut env = TestEnv::on(backend).await;
     let path = format!("/api/v1/admin/users/{ADMIN_USER}");
@@ -901,6 +929,7 @@ async fn a_deactivated_admin_stays_deactivated_at_restart(backend: Backend) {
 on_both_stores!(
     a_registered_admin_name_is_not_promoted_at_restart,
     a_deactivated_admin_stays_deactivated_at_restart,
+    a_users_write_token_cannot_delete_an_admin,
     users_register_log_in_act_on_their_own_servers_and_log_out,
     admins_page_users_change_roles_deactivate_and_delete,
     expired_revoked_tampered_unsigned_and_foreign_tokens_get_401,

@@ -122,6 +122,20 @@ pub async fn remove_user(
     path: Result<Path<String>, PathRejection>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let name = user_name(path)?;
+    // A `users:write` token manages ordinary accounts; taking an admin's away
+    // needs an admin (demoting one already does).
+    if !principal.has_scope("admin")
+        && state
+            .store
+            .get_user(&name)
+            .await?
+            .is_some_and(|u| u.is_admin())
+    {
+        return Err(ApiError::Forbidden(format!(
+            "{:?} is an admin: deleting an admin needs an admin",
+            name.as_str()
+        )));
+    }
     let job = JobView::from(state.store.request_user_removal(&name).await?);
     state
         .audit(
