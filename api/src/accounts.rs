@@ -163,9 +163,11 @@ pub(crate) async fn log_in(
         user.as_ref().and_then(|u| u.password_hash.clone()),
     )
     .await;
+    // A deactivated account answers as a wrong password does, so that the answer
+    // does not tell a guesser the password was right.
     let user = match user {
-        Some(user) if valid => user,
-        _ => {
+        Some(user) if valid && user.active => user,
+        refused => {
             let window = state.config.login_throttle_window;
             let per_account = ThrottleRule {
                 max_failures: state.config.login_max_failures,
@@ -180,26 +182,18 @@ pub(crate) async fn log_in(
                 .record_failure(&account_key, per_account)
                 .await?;
             state.accounts.record_failure(&addr_key, per_addr).await?;
+            let detail = match &refused {
+                Some(user) if valid && !user.active => json!({ "reason": "deactivated" }),
+                _ => json!({}),
+            };
             state
-                .audit(None, "login_failed", Some(&body.username), addr, json!({}))
+                .audit(None, "login_failed", Some(&body.username), addr, detail)
                 .await;
             return Err(ApiError::InvalidCredentials(
                 "wrong user name or password".into(),
             ));
         }
     };
-    if !user.active {
-        state
-            .audit(
-                None,
-                "login_failed",
-                Some(&user.name),
-                addr,
-                json!({ "reason": "deactivated" }),
-            )
-            .await;
-        return Err(ApiError::Forbidden("this account is deactivated".into()));
-    }
     state.accounts.clear_failures(&account_key).await?;
     let (token, claims) = state
         .keys
