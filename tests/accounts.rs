@@ -908,6 +908,43 @@ async fn a_users_write_token_cannot_delete_an_admin(backend: Backend) {
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
 }
 
+async fn numbers_and_lengths_out_of_range_get_400_and_write_nothing(backend: Backend) {
+    let env = TestEnv::on(backend).await;
+    for expires_in in ["9e12", "9000000000000", "9223372036854775807", "0", "-5"] {
+        let body =
+            format!(r#"{{"name": "far", "scopes": ["servers:read"], "expires_in": {expires_in}}}"#);
+        let (status, refused) = env
+            .call(Method::POST, "/api/v1/admin/tokens", Some(&body))
+            .await;
+        assert_error(status, &refused, StatusCode::BAD_REQUEST, "bad_request");
+    }
+    let (_, tokens) = env.call(Method::GET, "/api/v1/admin/tokens", None).await;
+    assert_eq!(
+        tokens.as_array().map(Vec::len),
+        Some(0),
+        "nothing half-written: {tokens}"
+    );
+    let long = "a".repeat(60_000);
+    for query in [
+        format!("q={long}"),
+        "page=9223372036854775807".to_string(),
+        "page=2&per_page=9223372036854775807".to_string(),
+    ] {
+        let (status, refused) = env
+            .call(Method::GET, &format!("/api/v1/admin/users?{query}"), None)
+            .await;
+        assert_error(status, &refused, StatusCode::BAD_REQUEST, "bad_request");
+    }
+    let (status, page) = env
+        .call(Method::GET, "/api/v1/admin/users?page=1000000", None)
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "the last page allowed is an empty page: {page}"
+    );
+}
+
 async fn a_deactivated_admin_stays_deactivated_at_restart(backend: Backend) {
     let mut env = TestEnv::on(backend).await;
     let path = format!("/api/v1/admin/users/{ADMIN_USER}");
@@ -941,6 +978,7 @@ on_both_stores!(
     a_registered_admin_name_is_not_promoted_at_restart,
     a_deactivated_admin_stays_deactivated_at_restart,
     a_users_write_token_cannot_delete_an_admin,
+    numbers_and_lengths_out_of_range_get_400_and_write_nothing,
     users_register_log_in_act_on_their_own_servers_and_log_out,
     admins_page_users_change_roles_deactivate_and_delete,
     expired_revoked_tampered_unsigned_and_foreign_tokens_get_401,

@@ -54,12 +54,25 @@ fn default_per_page() -> i64 {
     50
 }
 
+/// The furthest page a listing goes to, and the longest search text.
+const MAX_PAGE: i64 = 1_000_000;
+const MAX_SEARCH: usize = 200;
+
 impl Paging {
     fn window(&self) -> ApiResult<(i64, i64)> {
-        if self.page < 1 || !(1..=500).contains(&self.per_page) {
-            return Err(ApiError::BadRequest(
-                "page starts at 1; per_page is 1 to 500".into(),
-            ));
+        if !(1..=MAX_PAGE).contains(&self.page) || !(1..=500).contains(&self.per_page) {
+            return Err(ApiError::BadRequest(format!(
+                "page is 1 to {MAX_PAGE}; per_page is 1 to 500"
+            )));
+        }
+        if self
+            .q
+            .as_ref()
+            .is_some_and(|q| q.chars().count() > MAX_SEARCH)
+        {
+            return Err(ApiError::BadRequest(format!(
+                "q is at most {MAX_SEARCH} characters"
+            )));
         }
         Ok(((self.page - 1) * self.per_page, self.per_page))
     }
@@ -269,9 +282,13 @@ async fn create_token(
             "unknown scope {unknown:?}; scopes are {SCOPES:?}"
         )));
     }
+    // Ten years at most: beyond that a time no longer fits every store's range.
+    const MAX_EXPIRES_IN: i64 = 10 * 366 * 24 * 3600;
     let expires_at = match body.expires_in {
-        Some(secs) if secs <= 0 => {
-            return Err(ApiError::BadRequest("expires_in must be positive".into()));
+        Some(secs) if !(1..=MAX_EXPIRES_IN).contains(&secs) => {
+            return Err(ApiError::BadRequest(format!(
+                "expires_in is 1 to {MAX_EXPIRES_IN} seconds; leave it out for a token that does not expire"
+            )));
         }
         Some(secs) => Some(Utc::now() + chrono::Duration::seconds(secs)),
         None => None,

@@ -364,6 +364,13 @@ async fn users(
         Err(message) => return page_error(StatusCode::BAD_REQUEST, "Bad page", &message),
     };
     let q = query.get("q").filter(|q| !q.is_empty()).cloned();
+    if q.as_ref().is_some_and(|q| q.chars().count() > 200) {
+        return page_error(
+            StatusCode::BAD_REQUEST,
+            "Search too long",
+            "Search for at most 200 characters.",
+        );
+    }
     let list = match state
         .accounts
         .users_page(q.as_deref(), (page - 1) * PER_PAGE, PER_PAGE)
