@@ -945,6 +945,57 @@ async fn numbers_and_lengths_out_of_range_get_400_and_write_nothing(backend: Bac
     );
 }
 
+async fn a_burst_of_logins_waits_for_password_checks_or_gets_503(backend: Backend) {
+    // One check at a time, so that a burst overruns it on any machine.
+    let env = TestEnv::on_with(backend, &["--password-checks", "1"]).await;
+    let login = json!({ "username": "nobody-at-all", "password": PASSWORD }).to_string();
+    let answers = futures::future::join_all((0..60).map(|_| async {
+        let response = env
+            .http()
+            .post(format!("{}/api/v1/auth/login", env.base))
+            .header("content-type", "application/json")
+            .body(login.clone())
+            .send()
+            .await
+            .expect("the API answers every login of the burst");
+        let status = response.status();
+        let retry = response.headers().get("retry-after").cloned();
+        let body: Value = response.json().await.expect("a JSON answer");
+        (status, retry, body)
+    }))
+    .await;
+    let busy: Vec<_> = answers
+        .iter()
+        .filter(|(s, ..)| *s == StatusCode::SERVICE_UNAVAILABLE)
+        .collect();
+    assert!(
+        !busy.is_empty(),
+        "a burst past the bound is told to come back"
+    );
+    for (_, retry, body) in &busy {
+        assert_eq!(retry.as_ref().map(|v| v.to_str().unwrap()), Some("1"));
+        assert_eq!(body["error"], "unavailable", "{body}");
+    }
+    let checked = answers
+        .iter()
+        .filter(|(s, ..)| *s == StatusCode::UNAUTHORIZED || *s == StatusCode::TOO_MANY_REQUESTS)
+        .count();
+    assert!(checked > 0, "the logins that got a turn were checked");
+    assert_eq!(busy.len() + checked, 60, "no other answer: {answers:?}");
+    // Once the burst is over, a login gets its turn again (the guessed name is
+    // locked by now; another is checked).
+    let other = json!({ "username": "somebody-else", "password": PASSWORD }).to_string();
+    let (status, body) = env
+        .call_with(Method::POST, "/api/v1/auth/login", Some(&other), None)
+        .await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::UNAUTHORIZED,
+        "invalid_credentials",
+    );
+}
+
 async fn a_deactivated_admin_stays_deactivated_at_restart(backend: Backend) {
     let mut env = TestEnv::on(backend).await;
     let path = format!("/api/v1/admin/users/{ADMIN_USER}");
@@ -979,6 +1030,7 @@ on_both_stores!(
     a_deactivated_admin_stays_deactivated_at_restart,
     a_users_write_token_cannot_delete_an_admin,
     numbers_and_lengths_out_of_range_get_400_and_write_nothing,
+    a_burst_of_logins_waits_for_password_checks_or_gets_503,
     users_register_log_in_act_on_their_own_servers_and_log_out,
     admins_page_users_change_roles_deactivate_and_delete,
     expired_revoked_tampered_unsigned_and_foreign_tokens_get_401,

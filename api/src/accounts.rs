@@ -162,7 +162,7 @@ pub(crate) async fn log_in(
         body.password,
         user.as_ref().and_then(|u| u.password_hash.clone()),
     )
-    .await;
+    .await?;
     // A deactivated account answers as a wrong password does, so that the answer
     // does not tell a guesser the password was right.
     let user = match user {
@@ -266,7 +266,7 @@ async fn change_password(
             "only a logged-in user changes a password".into(),
         ));
     };
-    if !passwords::verify(body.current_password, user.password_hash.clone()).await {
+    if !passwords::verify(body.current_password, user.password_hash.clone()).await? {
         return Err(ApiError::InvalidCredentials(
             "the current password is wrong".into(),
         ));

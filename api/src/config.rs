@@ -84,6 +84,11 @@ pub struct ApiConfig {
     #[arg(long, env = "BERTH_ALLOWED_IMAGES", value_delimiter = ',')]
     pub allowed_images: Vec<String>,
 
+    /// Password checks (argon2, 19 MiB each) run at once; more wait up to a second,
+    /// then get 503 with `Retry-After`. Default: two per core.
+    #[arg(long, env = "BERTH_PASSWORD_CHECKS", default_value_t = crate::passwords::default_concurrency())]
+    pub password_checks: usize,
+
     /// Largest request body accepted, in bytes.
     #[arg(long, env = "BERTH_MAX_BODY_BYTES", default_value_t = 64 * 1024)]
     pub max_body_bytes: usize,
@@ -112,6 +117,9 @@ impl ApiConfig {
     /// Checks secrets; in production a missing or weak one stops the start.
     pub fn validate(&self) -> Result<(), String> {
         let production = self.environment == Environment::Production;
+        if self.password_checks == 0 {
+            return Err("BERTH_PASSWORD_CHECKS must be at least 1".into());
+        }
         if let Some(token) = &self.admin_token {
             let min = if production { 32 } else { 16 };
             if token.len() < min {

@@ -34,6 +34,9 @@ pub enum ApiError {
     InvalidCredentials(String),
     #[error("{0}")]
     Unavailable(String),
+    /// Busy right now (503 with `Retry-After`): come back in `retry_after` seconds.
+    #[error("{message}")]
+    Overloaded { message: String, retry_after: i64 },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -56,7 +59,9 @@ impl ApiError {
                 (StatusCode::TOO_MANY_REQUESTS, "too_many_requests")
             }
             ApiError::InvalidCredentials(_) => (StatusCode::UNAUTHORIZED, "invalid_credentials"),
-            ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::Unavailable(_) | ApiError::Overloaded { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+            }
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
@@ -71,7 +76,7 @@ impl ApiError {
         }
         tracing::error!(error = %self, "request failed");
         match self {
-            ApiError::Unavailable(m) => m,
+            ApiError::Unavailable(m) | ApiError::Overloaded { message: m, .. } => m,
             _ => "something went wrong on our side; it has been logged".into(),
         }
     }
@@ -82,6 +87,7 @@ impl IntoResponse for ApiError {
         let (status, code) = self.parts();
         let retry_after = match &self {
             ApiError::TooManyRequests { retry_after, .. } => *retry_after,
+            ApiError::Overloaded { retry_after, .. } => Some(*retry_after),
             _ => None,
         };
         let message = self.public_message();

@@ -183,6 +183,7 @@ where
     S: Store + Accounts + Platform + Maintenance + Console,
 {
     config.validate().map_err(StartError::Config)?;
+    passwords::set_concurrency(config.password_checks);
     let keys = match &config.jwt_private_key {
         Some(pem) => JwtKeys::from_pem(pem).map_err(StartError::Config)?,
         None => {
