@@ -85,7 +85,7 @@ pub struct ApiConfig {
     pub allowed_images: Vec<String>,
 
     /// Password checks (argon2, 19 MiB each) run at once; more wait up to a second,
-    /// then get 503 with `Retry-After`. Default: two per core.
+    /// then get 503 with `Retry-After`. Each checking thread keeps its 19 MiB. Default: one per core.
     #[arg(long, env = "BERTH_PASSWORD_CHECKS", default_value_t = crate::passwords::default_concurrency())]
     pub password_checks: usize,
 
