@@ -838,6 +838,72 @@ async fn an_sso_hand_off_is_for_one_server_single_use_and_expires(backend: Backe
     )
     .await;
     assert_error(status, &body, StatusCode::NOT_FOUND, "not_found");
+
+    // A hand-off made while the server ran is void once it stopped, even for a proxy.
+    let (_, sso) = as_user(&env, &token, Method::POST, &format!("{path}/sso"), None).await;
+    let check = json!({ "token": sso["token"] }).to_string();
+    let (status, _) = as_user(&env, &token, Method::DELETE, &path, None).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    env.wait_server(&path, Duration::from_secs(30), |s| s["state"] == "stopped")
+        .await;
+    let (status, body) = verify(&env, common::TOKEN, &check).await;
+    assert_error(status, &body, StatusCode::UNAUTHORIZED, "unauthorized");
+}
+
+/// The calling server is checked in the statement that spends a hand-off: another
+/// server's attempt leaves the token for its own server.
+async fn another_servers_attempt_leaves_an_sso_token_unspent(backend: Backend) {
+    let mut env = TestEnv::on(backend).await;
+    env.start_worker(&[]);
+    let ann = env.user("ann");
+    let token = env.register(&ann, PASSWORD).await;
+    let server_token = |name: &str| {
+        env.inspect(name)["Config"]["Env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(Value::as_str)
+            .find_map(|v| v.strip_prefix("BERTH_API_TOKEN="))
+            .expect("a server token")
+            .to_owned()
+    };
+    let mut tokens = vec![];
+    for (path, container) in [
+        (
+            format!("/api/v1/users/{ann}/server"),
+            format!("berth-{ann}"),
+        ),
+        (
+            format!("/api/v1/users/{ann}/servers/two"),
+            format!("berth-{ann}--two"),
+        ),
+    ] {
+        let (status, body) = as_user(&env, &token, Method::POST, &path, None).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+        env.wait_server(&path, Duration::from_secs(30), |s| s["state"] == "running")
+            .await;
+        tokens.push((path, server_token(&container)));
+    }
+    let (default_path, default_token) = &tokens[0];
+    let (_, two_token) = &tokens[1];
+    let (_, sso) = as_user(
+        &env,
+        &token,
+        Method::POST,
+        &format!("{default_path}/sso"),
+        None,
+    )
+    .await;
+    let check = json!({ "token": sso["token"] }).to_string();
+    let (status, body) = verify(&env, two_token, &check).await;
+    assert_error(status, &body, StatusCode::UNAUTHORIZED, "unauthorized");
+    let (status, who) = verify(&env, default_token, &check).await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "the token was left for its server: {who}"
+    );
+    assert_eq!(who, json!({ "user": ann, "server": "" }));
 }
 
 async fn a_registered_admin_name_is_not_promoted_at_restart(backend: Backend) {
@@ -1041,4 +1107,5 @@ on_both_stores!(
     a_user_past_the_per_user_server_limit_gets_429,
     responses_carry_security_headers_and_cors_only_for_configured_origins,
     an_sso_hand_off_is_for_one_server_single_use_and_expires,
+    another_servers_attempt_leaves_an_sso_token_unspent,
 );

@@ -298,20 +298,22 @@ async fn verify_sso(
     if !matches!(principal, Principal::Server { .. }) {
         principal.require("servers:read")?;
     }
-    let invalid =
-        || ApiError::Unauthorized("the SSO token is unknown, expired or already used".into());
+    // Checked where the token is spent: another server's attempt, or one after the
+    // server stopped, leaves it unspent.
+    let caller = match &principal {
+        Principal::Server { server } => Some(server.id),
+        _ => None,
+    };
     let grant = state
         .accounts
-        .consume_sso(&hash_opaque(&check.token))
+        .consume_sso(&hash_opaque(&check.token), caller)
         .await?
-        .ok_or_else(invalid)?;
-    if let Principal::Server { server } = &principal
-        && (server.user_name != grant.user_name || server.name != grant.server_name)
-    {
-        return Err(ApiError::Forbidden(
-            "this SSO token is for another server".into(),
-        ));
-    }
+        .ok_or_else(|| {
+            ApiError::Unauthorized(
+                "the SSO token is unknown, expired, already used, or not for a running server of yours"
+                    .into(),
+            )
+        })?;
     Ok(Json(
         json!({ "user": grant.user_name, "server": grant.server_name }),
     ))

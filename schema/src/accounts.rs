@@ -142,8 +142,15 @@ pub trait Accounts: Send + Sync + 'static {
         server_name: &str,
         expires_at: DateTime<Utc>,
     ) -> Result<(), StoreError>;
-    /// Marks an SSO token used and returns whose it is; `None` if unknown, expired or used.
-    async fn consume_sso(&self, token_hash: &str) -> Result<Option<SsoGrant>, StoreError>;
+    /// Marks an SSO token used and returns whose it is; `None` if it is unknown,
+    /// expired or used, if its server is not running, or if `for_server` (the
+    /// calling server's id) is another server: all checked in the statement that
+    /// spends it, so a refused use leaves the token as it was.
+    async fn consume_sso(
+        &self,
+        token_hash: &str,
+        for_server: Option<i64>,
+    ) -> Result<Option<SsoGrant>, StoreError>;
 
     /// Seconds until the most locked of `keys` may try again, if any is locked.
     async fn throttled(&self, keys: &[String]) -> Result<Option<i64>, StoreError>;
@@ -469,18 +476,26 @@ impl Accounts for Db {
         .map(drop)
     }
 
-    async fn consume_sso(&self, token_hash: &str) -> Result<Option<SsoGrant>, StoreError> {
+    async fn consume_sso(
+        &self,
+        token_hash: &str,
+        for_server: Option<i64>,
+    ) -> Result<Option<SsoGrant>, StoreError> {
         // One statement: of two concurrent uses, exactly one sees `used_at is null`.
         self.write(async |tx| {
             Ok(each!(tx.conn(), c => sqlx::query_as::<_, SsoGrant>(
                 "update sso_tokens set used_at = $2 \
                  where token_hash = $1 and used_at is null and expires_at > $2 \
                  and exists (select 1 from users u where u.id = user_id and u.active) \
+                 and exists (select 1 from servers s where s.user_id = sso_tokens.user_id \
+                   and s.name = sso_tokens.server_name and s.state = 'running' \
+                   and ($3 is null or s.id = $3)) \
                  returning (select name from users u where u.id = user_id) as user_name, \
                    server_name, expires_at",
             )
             .bind(token_hash)
             .bind(now())
+            .bind(for_server)
             .fetch_optional(c)
             .await)?)
         })

@@ -6,7 +6,7 @@
 use std::{path::PathBuf, sync::Arc};
 
 use schema::{
-    Accounts, Db, JobKind, JobOutcome, NewAccount, PgStore, Platform, Role, ServerName,
+    Accounts, Db, JobKind, JobOutcome, NewAccount, PgStore, Platform, Role, Running, ServerName,
     ServerState, SpawnOutcome, SpawnRequest, SqliteStore, Store, StoreError, UserName,
     accounts::ThrottleRule,
     platform::{LimitChange, SlotAnswer},
@@ -214,11 +214,37 @@ async fn failures_lock_a_key_at_the_limit_until_the_window_ends(db: &Db) {
     assert_eq!(db.throttled(&keys).await.unwrap(), None);
 }
 
-async fn an_sso_token_is_consumed_once(db: &Db) {
+async fn an_sso_token_is_consumed_once_by_its_running_server(db: &Db) {
     let dan = db.create_user(&user("dan"), false).await.unwrap();
+    let SpawnOutcome::Enqueued(server) = db.request_spawn(spawn_request("dan")).await.unwrap()
+    else {
+        panic!("enqueued");
+    };
+    let job = server.spawn_job_id.unwrap();
+    assert!(db.begin_job(job, "w").await.unwrap().is_some());
+    let running = Running {
+        server_id: server.id,
+        job_id: job,
+        container_id: "c1".into(),
+        url: "http://127.0.0.1:1/".into(),
+        token_hash: "server-token".into(),
+        mem_limit: None,
+        cpu_limit: None,
+    };
+    assert!(db.mark_running(&running).await.unwrap());
     let expires = chrono::Utc::now() + chrono::TimeDelta::minutes(1);
     db.create_sso("hash-1", dan.id, "", expires).await.unwrap();
-    let (a, b) = tokio::join!(db.consume_sso("hash-1"), db.consume_sso("hash-1"));
+    // Another server's attempt is refused and leaves the token unspent.
+    assert!(
+        db.consume_sso("hash-1", Some(server.id + 1000))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let (a, b) = tokio::join!(
+        db.consume_sso("hash-1", Some(server.id)),
+        db.consume_sso("hash-1", Some(server.id))
+    );
     let grants: Vec<_> = [a.unwrap(), b.unwrap()].into_iter().flatten().collect();
     assert_eq!(grants.len(), 1, "exactly one use succeeds");
     assert_eq!(grants[0].user_name, "dan");
@@ -230,7 +256,17 @@ async fn an_sso_token_is_consumed_once(db: &Db) {
     )
     .await
     .unwrap();
-    assert!(db.consume_sso("hash-2").await.unwrap().is_none(), "expired");
+    assert!(
+        db.consume_sso("hash-2", None).await.unwrap().is_none(),
+        "expired"
+    );
+    // Once the server is gone, its tokens verify no more.
+    db.create_sso("hash-3", dan.id, "", expires).await.unwrap();
+    assert!(db.mark_lost(server.id, false, "gone").await.unwrap());
+    assert!(
+        db.consume_sso("hash-3", None).await.unwrap().is_none(),
+        "not running"
+    );
 }
 
 async fn spawn_slots_hold_the_limit_and_go_to_the_oldest_waiter(db: &Db) {
@@ -313,7 +349,7 @@ contracts!(
     states_kinds_and_roles_read_back_typed_and_unknown_words_are_errors,
     a_taken_name_or_email_is_a_conflict_that_says_which,
     failures_lock_a_key_at_the_limit_until_the_window_ends,
-    an_sso_token_is_consumed_once,
+    an_sso_token_is_consumed_once_by_its_running_server,
     spawn_slots_hold_the_limit_and_go_to_the_oldest_waiter,
     limit_overrides_set_and_reset,
 );
