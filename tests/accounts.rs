@@ -765,6 +765,18 @@ fn production_mode_refuses_to_start_without_a_signing_key_or_with_weak_secrets()
     }
 }
 
+/// The API token a server's container was given in its environment.
+fn server_token(env: &TestEnv, container: &str) -> String {
+    env.inspect(container)["Config"]["Env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .find_map(|v| v.strip_prefix("BERTH_API_TOKEN="))
+        .expect("a server token")
+        .to_owned()
+}
+
 async fn an_sso_hand_off_is_for_one_server_single_use_and_expires(backend: Backend) {
     let mut env = TestEnv::on(backend).await;
     env.start_worker(&[]);
@@ -778,15 +790,7 @@ async fn an_sso_hand_off_is_for_one_server_single_use_and_expires(backend: Backe
         .await;
 
     // The server authenticates with the token it was given in its environment.
-    let inspect = env.inspect(&format!("berth-{ann}"));
-    let server_token = inspect["Config"]["Env"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(Value::as_str)
-        .find_map(|v| v.strip_prefix("BERTH_API_TOKEN="))
-        .expect("a server token")
-        .to_owned();
+    let server_token = server_token(&env, &format!("berth-{ann}"));
 
     let (status, sso) = as_user(&env, &token, Method::POST, &format!("{path}/sso"), None).await;
     assert_eq!(status, StatusCode::OK, "{sso}");
@@ -857,16 +861,6 @@ async fn another_servers_attempt_leaves_an_sso_token_unspent(backend: Backend) {
     env.start_worker(&[]);
     let ann = env.user("ann");
     let token = env.register(&ann, PASSWORD).await;
-    let server_token = |name: &str| {
-        env.inspect(name)["Config"]["Env"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter_map(Value::as_str)
-            .find_map(|v| v.strip_prefix("BERTH_API_TOKEN="))
-            .expect("a server token")
-            .to_owned()
-    };
     let mut tokens = vec![];
     for (path, container) in [
         (
@@ -882,7 +876,7 @@ async fn another_servers_attempt_leaves_an_sso_token_unspent(backend: Backend) {
         assert_eq!(status, StatusCode::ACCEPTED, "{body}");
         env.wait_server(&path, Duration::from_secs(30), |s| s["state"] == "running")
             .await;
-        tokens.push((path, server_token(&container)));
+        tokens.push((path, server_token(&env, &container)));
     }
     let (default_path, default_token) = &tokens[0];
     let (_, two_token) = &tokens[1];
