@@ -34,7 +34,7 @@ pub async fn up(
         .with_context(|| format!("the embedded database in {}", dir.display()))?;
     tracing::info!(database = %store.path().display(), "embedded store ready");
 
-    crate::prepare_up(common.limits(), &mut api, &mut worker);
+    crate::prepare_up(&mut api, &mut worker);
     // Relative places land in the data directory, with everything else of this Berth.
     if Path::new(&scheduler.archive_dir).is_relative() {
         scheduler.archive_dir = dir
@@ -70,7 +70,7 @@ pub async fn up(
         .await
         .with_context(|| format!("binding {}", api.listen))?;
     let address = listener.local_addr()?;
-    let db = Arc::new(schema::Db::from(store.clone()));
+    let db = Arc::new(schema::Db::from(store.clone()).with_limits(common.limits()));
     let announce = async {
         // Once the API answers /health: its admin account exists by then.
         for _ in 0..600 {
@@ -95,12 +95,12 @@ pub async fn up(
                 .map_err(Into::into)
         },
         async {
-            workers::run_embedded(worker, store.clone(), shutdown.clone())
+            workers::run(worker, db.clone(), shutdown.clone())
                 .await
                 .map_err(Into::into)
         },
         async {
-            scheduler::run_on(scheduler, db.clone(), shutdown.clone())
+            scheduler::run(scheduler, db.clone(), shutdown.clone())
                 .await
                 .map_err(Into::into)
         },

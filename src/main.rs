@@ -4,7 +4,7 @@ use std::{sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
-use schema::PgStore;
+use schema::{Db, PgStore};
 use sqlx::{PgPool, postgres::PgPoolOptions};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -57,7 +57,7 @@ struct Common {
     #[arg(
         long,
         env = "BERTH_CONCURRENT_SPAWN_LIMIT",
-        default_value_t = 10,
+        default_value_t = schema::Limits::default().concurrent_spawn_limit,
         global = true
     )]
     concurrent_spawn_limit: u32,
@@ -66,7 +66,7 @@ struct Common {
     #[arg(
         long,
         env = "BERTH_ACTIVE_SERVER_LIMIT",
-        default_value_t = 50,
+        default_value_t = schema::Limits::default().active_server_limit,
         global = true
     )]
     active_server_limit: u32,
@@ -195,69 +195,71 @@ enum Command {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logs(&cli.common);
-    let queue = cli.common.queue();
-    let pool_size = cli.common.db_max_connections.unwrap_or(match &cli.command {
+    let shutdown = shutdown_on_signal();
+    // The store's own background work (the NATS outbox relay) outlives the roles,
+    // so that jobs enqueued during a shutdown's grace period still reach the broker.
+    let background = CancellationToken::new();
+    let result = run(cli, shutdown, background.clone()).await;
+    background.cancel();
+    result
+}
+
+/// The composition root: builds the one store of this process and hands it to
+/// each role it runs.
+async fn run(
+    cli: Cli,
+    shutdown: CancellationToken,
+    background: CancellationToken,
+) -> anyhow::Result<()> {
+    let common = &cli.common;
+    let pool_size = common.db_max_connections.unwrap_or(match &cli.command {
         Command::Worker(worker) => worker_pool_size(worker),
         Command::Up { worker, .. } => API_POOL_SIZE + worker_pool_size(worker),
         Command::Api(_) | Command::Scheduler(_) | Command::Migrate => API_POOL_SIZE,
     });
-    let shutdown = shutdown_on_signal();
-    if let (None, Command::Up { .. }) = (&cli.common.database_url, &cli.command) {
-        let Command::Up {
-            api,
-            worker,
-            scheduler,
-        } = cli.command
-        else {
-            unreachable!("matched above")
-        };
-        return embedded::up(&cli.common, api, worker, scheduler, shutdown).await;
-    }
-    let pool = connect(&cli.common, pool_size).await?;
-    let limits = cli.common.limits();
     if let (Some(address), Command::Worker(_) | Command::Scheduler(_)) =
-        (cli.common.metrics_listen, &cli.command)
+        (common.metrics_listen, &cli.command)
     {
         serve_metrics(address, shutdown.clone()).await?;
     }
     match cli.command {
         Command::Migrate => {
-            schema::migrate(&pool).await?;
+            schema::migrate(&connect(common, pool_size).await?).await?;
             tracing::info!("database is up to date");
         }
-        Command::Api(mut config) => {
-            config.limits = limits;
-            serve_api(config, pool, &queue, shutdown).await?
+        Command::Api(config) => {
+            let db = open_store(common, pool_size, &background).await?;
+            serve_api(config, db, shutdown).await?
         }
-        Command::Worker(mut config) => {
-            config.limits = limits;
-            config.queue = queue;
-            workers::run(config, pool, shutdown).await?
+        Command::Worker(config) => {
+            let db = open_store(common, pool_size, &background).await?;
+            workers::run(config, db, shutdown).await?
         }
-        Command::Scheduler(mut config) => {
-            config.queue = queue;
-            scheduler::run(config, pool, shutdown).await?
+        Command::Scheduler(config) => {
+            let db = open_store(common, pool_size, &background).await?;
+            scheduler::run(config, db, shutdown).await?
         }
         Command::Up {
             mut api,
             mut worker,
-            mut scheduler,
+            scheduler,
         } => {
-            prepare_up(limits, &mut api, &mut worker);
-            worker.queue = queue.clone();
-            scheduler.queue = queue.clone();
-            schema::migrate(&pool).await?;
-            let (api_pool, worker_pool) = (pool.clone(), pool.clone());
+            if common.database_url.is_none() {
+                return embedded::up(common, api, worker, scheduler, shutdown).await;
+            }
+            prepare_up(&mut api, &mut worker);
+            schema::migrate(&connect(common, pool_size).await?).await?;
+            let db = open_store(common, pool_size, &background).await?;
             all_roles(
                 &shutdown,
-                serve_api(api, api_pool, &queue, shutdown.clone()),
+                serve_api(api, db.clone(), shutdown.clone()),
                 async {
-                    workers::run(worker, worker_pool, shutdown.clone())
+                    workers::run(worker, db.clone(), shutdown.clone())
                         .await
                         .map_err(Into::into)
                 },
                 async {
-                    scheduler::run(scheduler, pool, shutdown.clone())
+                    scheduler::run(scheduler, db.clone(), shutdown.clone())
                         .await
                         .map_err(Into::into)
                 },
@@ -268,16 +270,23 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// What `berth up` sets on its roles, on either store: the shared limits; local
-/// processes when no engine answers (a newcomer's one command); the API shows the
-/// local-process servers' logs.
-fn prepare_up(
-    limits: schema::Limits,
-    api: &mut api::ApiConfig,
-    worker: &mut workers::WorkerConfig,
-) {
-    api.limits = limits;
-    worker.limits = limits;
+/// The Postgres store with the configured queue backend and limits.
+async fn open_store(
+    common: &Common,
+    pool_size: u32,
+    background: &CancellationToken,
+) -> anyhow::Result<Arc<Db>> {
+    let pool = connect(common, pool_size).await?;
+    let store = PgStore::open(pool, &common.queue(), background.clone())
+        .await
+        .context("opening the queue")?;
+    Ok(Arc::new(Db::from(store).with_limits(common.limits())))
+}
+
+/// What `berth up` sets on its roles, on either store: local processes when no
+/// engine answers (a newcomer's one command); the API shows the local-process
+/// servers' logs.
+fn prepare_up(api: &mut api::ApiConfig, worker: &mut workers::WorkerConfig) {
     worker
         .process
         .spawner
@@ -315,16 +324,13 @@ async fn all_roles(
 
 async fn serve_api(
     config: api::ApiConfig,
-    pool: PgPool,
-    queue: &schema::QueueSettings,
+    db: Arc<Db>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
-    let (queue, _broker) = queue.open(&pool, shutdown.clone()).await?;
-    let store = Arc::new(schema::Db::from(PgStore::new(pool, queue)));
-    api::run(config, store, listener, shutdown).await?;
+    api::run(config, db, listener, shutdown).await?;
     Ok(())
 }
 

@@ -7,7 +7,7 @@ use axum::{
     http::StatusCode,
     routing::{get, post},
 };
-use schema::{NewAccount, Role, UserName, accounts::ThrottleRule};
+use schema::{NewAccount, Role, UserName, accounts::ThrottleRule, prelude::*};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -116,7 +116,7 @@ async fn register(
             account.name.as_str()
         )));
     }
-    let user = state.accounts.register(&account).await?;
+    let user = state.db.register(&account).await?;
     state
         .audit(None, "user_registered", Some(&user.name), &addr, json!({}))
         .await;
@@ -148,7 +148,7 @@ pub(crate) async fn log_in(
     let account_key = format!("login:{}", body.username.to_lowercase());
     let addr_key = format!("addr:{}", addr.0.as_deref().unwrap_or("unknown"));
     if let Some(wait) = state
-        .accounts
+        .db
         .throttled(&[account_key.clone(), addr_key.clone()])
         .await?
     {
@@ -157,7 +157,7 @@ pub(crate) async fn log_in(
             retry_after: Some(wait),
         });
     }
-    let user = state.accounts.find_login(&body.username).await?;
+    let user = state.db.find_login(&body.username).await?;
     let valid = passwords::verify(
         body.password,
         user.as_ref().and_then(|u| u.password_hash.clone()),
@@ -177,11 +177,8 @@ pub(crate) async fn log_in(
                 max_failures: state.config.login_max_failures_per_address,
                 window_secs: window,
             };
-            state
-                .accounts
-                .record_failure(&account_key, per_account)
-                .await?;
-            state.accounts.record_failure(&addr_key, per_addr).await?;
+            state.db.record_failure(&account_key, per_account).await?;
+            state.db.record_failure(&addr_key, per_addr).await?;
             let detail = match &refused {
                 Some(user) if valid && !user.active => json!({ "reason": "deactivated" }),
                 _ => json!({}),
@@ -194,13 +191,13 @@ pub(crate) async fn log_in(
             ));
         }
     };
-    state.accounts.clear_failures(&account_key).await?;
+    state.db.clear_failures(&account_key).await?;
     let (token, claims) = state
         .keys
         .issue(&user.name, user.role.as_str(), state.config.token_ttl)
         .map_err(ApiError::Internal)?;
     state
-        .accounts
+        .db
         .create_session(claims.jti, user.id, expiry(&claims), addr.0.as_deref())
         .await?;
     state
@@ -226,7 +223,7 @@ async fn logout(
             "only login sessions log out; revoke service tokens instead".into(),
         ));
     };
-    state.accounts.revoke_session(*jti).await?;
+    state.db.revoke_session(*jti).await?;
     state
         .audit(
             Some(&principal.actor()),
@@ -242,7 +239,7 @@ async fn logout(
 async fn me(State(state): State<AppState>, principal: Principal) -> ApiResult<Json<Value>> {
     Ok(Json(match principal {
         Principal::User { user, .. } => {
-            let servers = state.store.servers_of(&[user.id]).await?;
+            let servers = state.db.servers_of(&[user.id]).await?;
             json!({ "kind": "user", "user": UserView::new(&user, &servers) })
         }
         Principal::Service { name, scopes } => {
@@ -273,10 +270,7 @@ async fn change_password(
     }
     passwords::check_strength(&body.new_password).map_err(ApiError::BadRequest)?;
     let hash = passwords::hash(body.new_password).await?;
-    state
-        .accounts
-        .set_password(user.id, &hash, Some(*jti))
-        .await?;
+    state.db.set_password(user.id, &hash, Some(*jti)).await?;
     state
         .audit(
             Some(&principal.actor()),

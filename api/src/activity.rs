@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use axum::{Router, extract::State, http::StatusCode, routing::post};
 use chrono::{DateTime, Utc};
-use schema::{ServerName, UserName};
+use schema::{ServerName, UserName, prelude::*};
 use serde::Deserialize;
 
 use crate::{
@@ -81,10 +81,7 @@ async fn activity(
         )?;
         servers.push((server, at));
     }
-    state
-        .maintenance
-        .record_activity(&user, user_at, &servers)
-        .await?;
+    state.db.record_activity(&user, user_at, &servers).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -95,7 +92,7 @@ async fn heartbeat(
 ) -> ApiResult<StatusCode> {
     principal.may("servers:write", &user)?;
     state
-        .maintenance
+        .db
         .record_activity(&user, None, &[(server, Utc::now())])
         .await?;
     Ok(StatusCode::NO_CONTENT)

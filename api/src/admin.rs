@@ -7,7 +7,7 @@ use axum::{
     routing::{delete, get, patch},
 };
 use chrono::Utc;
-use schema::{Role, accounts::ApiTokenRow};
+use schema::{Role, accounts::ApiTokenRow, prelude::*};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -94,11 +94,11 @@ async fn list_users(
     principal.require("admin")?;
     let (paging, offset, limit) = paging(query)?;
     let page = state
-        .accounts
+        .db
         .users_page(paging.q.as_deref(), offset, limit)
         .await?;
     let ids: Vec<i64> = page.items.iter().map(|u| u.id).collect();
-    let servers = state.store.servers_of(&ids).await?;
+    let servers = state.db.servers_of(&ids).await?;
     let users: Vec<UserView> = page
         .items
         .iter()
@@ -168,7 +168,7 @@ async fn update_user(
         change.active,
     )
     .await?;
-    let servers = state.store.servers_of(&[user.id]).await?;
+    let servers = state.db.servers_of(&[user.id]).await?;
     Ok(Json(UserView::new(&user, &servers)))
 }
 
@@ -184,7 +184,7 @@ pub(crate) async fn change_account(
 ) -> ApiResult<schema::UserRow> {
     let mut user = None;
     if let Some(new_role) = new_role {
-        let updated = state.accounts.set_role(name, new_role).await?;
+        let updated = state.db.set_role(name, new_role).await?;
         state
             .audit(
                 Some(actor),
@@ -197,7 +197,7 @@ pub(crate) async fn change_account(
         user = Some(updated);
     }
     if let Some(active) = active {
-        let updated = state.accounts.set_active(name, active).await?;
+        let updated = state.db.set_active(name, active).await?;
         let action = if active {
             "user_activated"
         } else {
@@ -305,7 +305,7 @@ async fn create_token(
         revoked_at: None,
     };
     state
-        .accounts
+        .db
         .create_api_token(&row, &hash_opaque(&token))
         .await?;
     state
@@ -329,7 +329,7 @@ async fn list_tokens(
     principal.require("admin")?;
     Ok(Json(
         state
-            .accounts
+            .db
             .list_api_tokens()
             .await?
             .into_iter()
@@ -348,7 +348,7 @@ async fn revoke_token(
     let Path(raw) = path?;
     let id = Uuid::parse_str(&raw)
         .map_err(|_| ApiError::BadRequest(format!("{raw:?} is not a token id")))?;
-    if !state.accounts.revoke_api_token(id).await? {
+    if !state.db.revoke_api_token(id).await? {
         return Err(ApiError::NotFound(format!("no live token {id}")));
     }
     state
@@ -370,7 +370,7 @@ async fn audit(
 ) -> ApiResult<Json<Value>> {
     principal.require("admin")?;
     let (paging, offset, limit) = paging(query)?;
-    let page = state.accounts.audit_page(offset, limit).await?;
+    let page = state.db.audit_page(offset, limit).await?;
     let entries: Vec<Value> = page
         .items
         .into_iter()

@@ -7,7 +7,7 @@ use axum::{
     extract::{ConnectInfo, FromRequestParts},
     http::{header::AUTHORIZATION, request::Parts},
 };
-use schema::{ServerRow, UserName, UserRow};
+use schema::{ServerRow, UserName, UserRow, prelude::*};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
@@ -138,7 +138,7 @@ impl Principal {
             });
         }
         if token.starts_with(SERVICE_TOKEN_PREFIX) {
-            let row = state.accounts.use_api_token(&hash_opaque(token)).await?;
+            let row = state.db.use_api_token(&hash_opaque(token)).await?;
             return row
                 .map(|t| Principal::Service {
                     name: t.name,
@@ -151,7 +151,7 @@ impl Principal {
                 });
         }
         if token.starts_with(SERVER_TOKEN_PREFIX) {
-            let server = state.accounts.server_by_token(&hash_opaque(token)).await?;
+            let server = state.db.server_by_token(&hash_opaque(token)).await?;
             return server
                 .map(|server| Principal::Server { server })
                 .ok_or_else(|| ApiError::Unauthorized("the server token is not valid".into()));
@@ -163,7 +163,7 @@ impl Principal {
             TokenError::Invalid => ApiError::Unauthorized("the token is not valid".into()),
         })?;
         let user = state
-            .accounts
+            .db
             .session_user(claims.jti)
             .await?
             .filter(|u| u.name == claims.sub)

@@ -107,10 +107,6 @@ pub struct ApiConfig {
     /// sets it. Unset: server logs are not shown (Docker keeps containers' output).
     #[arg(long, env = "BERTH_SERVER_LOGS")]
     pub server_logs: Option<std::path::PathBuf>,
-
-    /// Platform limits as configured (set by the CLI from the shared flags).
-    #[arg(skip = schema::Limits { concurrent_spawn_limit: 10, active_server_limit: 50 })]
-    pub limits: schema::Limits,
 }
 
 impl ApiConfig {

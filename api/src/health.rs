@@ -5,6 +5,8 @@ use std::time::Duration;
 use axum::{Json, Router, extract::State, routing::get};
 use serde_json::{Value, json};
 
+use schema::prelude::*;
+
 use crate::{AppState, error::ApiError};
 
 pub fn router() -> Router<AppState> {
@@ -25,7 +27,7 @@ async fn health(State(state): State<AppState>) -> Json<Value> {
 
 /// Ready only while the database answers, within a second.
 async fn ready(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    match tokio::time::timeout(Duration::from_secs(1), state.store.ping()).await {
+    match tokio::time::timeout(Duration::from_secs(1), state.db.ping()).await {
         Ok(Ok(())) => Ok(Json(json!({ "status": "ready" }))),
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "not ready: database");

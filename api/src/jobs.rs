@@ -10,7 +10,9 @@ use axum::{
 use serde_json::json;
 use uuid::Uuid;
 
-use schema::{JobKind, JobRow, JobState, ServerName, SpawnOutcome, StopOutcome, UserName};
+use schema::{
+    JobKind, JobRow, JobState, ServerName, SpawnOutcome, StopOutcome, UserName, prelude::*,
+};
 
 use crate::{
     AppState,
@@ -73,7 +75,7 @@ async fn cancel(
 
 async fn find(state: &AppState, id: Uuid) -> ApiResult<JobRow> {
     state
-        .store
+        .db
         .get_job(id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no job {id}")))
@@ -86,7 +88,7 @@ pub(crate) async fn cancel_job(
     addr: &ClientAddr,
     id: Uuid,
 ) -> ApiResult<JobRow> {
-    let job = state.console.cancel_job(id, actor).await?;
+    let job = state.db.cancel_job(id, actor).await?;
     state
         .audit(
             Some(actor),
@@ -122,7 +124,7 @@ pub(crate) async fn retry_job(
         JobKind::Spawn => {
             let (user, server) = names(&job)?;
             let image = state
-                .store
+                .db
                 .get_server(&user, &server)
                 .await?
                 .and_then(|s| s.image);
@@ -142,15 +144,15 @@ pub(crate) async fn retry_job(
         }
         JobKind::Cleanup => {
             let user = UserName::parse(&job.user_name)?;
-            let removal = state.store.request_user_removal(&user).await?;
+            let removal = state.db.request_user_removal(&user).await?;
             Some(removal.id).filter(|new| *new != job.id)
         }
         JobKind::Cull | JobKind::ExpireSessions | JobKind::Archive => {
-            Some(state.console.repeat_job(&job).await?.id)
+            Some(state.db.repeat_job(&job).await?.id)
         }
     };
     let new_id = new_id.ok_or_else(|| ApiError::Conflict("nothing was enqueued".into()))?;
-    state.console.link_retry(new_id, job.id).await?;
+    state.db.link_retry(new_id, job.id).await?;
     state
         .audit(
             Some(actor),

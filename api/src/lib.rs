@@ -31,9 +31,7 @@ use axum::{
     extract::DefaultBodyLimit,
     http::{HeaderValue, Method, StatusCode, header},
 };
-use schema::{
-    Accounts, Console, Maintenance, Platform, Store, StoreError, UserName, accounts::AuditEvent,
-};
+use schema::{Db, StoreError, UserName, accounts::AuditEvent, prelude::*};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower_http::{
@@ -50,11 +48,8 @@ use tokens::JwtKeys;
 
 #[derive(Clone)]
 pub struct AppState {
-    pub store: Arc<dyn Store>,
-    pub console: Arc<dyn Console>,
-    pub accounts: Arc<dyn Accounts>,
-    pub platform: Arc<dyn Platform>,
-    pub maintenance: Arc<dyn Maintenance>,
+    /// The store, on whichever database this Berth runs.
+    pub db: Arc<Db>,
     pub keys: Arc<JwtKeys>,
     pub config: Arc<ApiConfig>,
     pub started: Instant,
@@ -66,11 +61,7 @@ pub struct AppState {
 impl AppState {
     /// The limits in force: the configured ones unless an admin overrode them.
     pub async fn limits(&self) -> Result<schema::Limits, StoreError> {
-        Ok(self
-            .platform
-            .limit_overrides()
-            .await?
-            .apply(self.config.limits))
+        self.db.limits().await
     }
 
     /// Records a security event. A failure to write it is logged, not fatal: the
@@ -90,7 +81,7 @@ impl AppState {
             client_addr: addr.0.as_deref(),
             detail,
         };
-        if let Err(e) = self.accounts.audit(event).await {
+        if let Err(e) = self.db.audit(event).await {
             tracing::error!(action, error = %e, "could not write the audit log");
         }
     }
@@ -173,15 +164,12 @@ pub fn router(state: AppState) -> Router {
 
 /// Checks the configuration, bootstraps the admin account, then serves the API on
 /// `listener` until `shutdown` fires and open requests have drained.
-pub async fn run<S>(
+pub async fn run(
     config: ApiConfig,
-    store: Arc<S>,
+    store: Arc<Db>,
     listener: TcpListener,
     shutdown: CancellationToken,
-) -> Result<(), StartError>
-where
-    S: Store + Accounts + Platform + Maintenance + Console,
-{
+) -> Result<(), StartError> {
     config.validate().map_err(StartError::Config)?;
     passwords::set_concurrency(config.password_checks);
     let keys = match &config.jwt_private_key {
@@ -214,7 +202,7 @@ where
             },
         }
     }
-    let limits = store.limit_overrides().await?.apply(config.limits);
+    let limits = store.limits().await?;
     store
         .ensure_admission_places(limits.active_server_limit)
         .await?;
@@ -226,11 +214,7 @@ where
         async move { store.relay_progress(progress, shutdown).await }
     });
     let state = AppState {
-        store: store.clone(),
-        console: store.clone(),
-        accounts: store.clone(),
-        platform: store.clone(),
-        maintenance: store,
+        db: store,
         keys: Arc::new(keys),
         config: Arc::new(config),
         started: Instant::now(),

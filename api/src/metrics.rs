@@ -15,6 +15,8 @@ use axum::{
 };
 use chrono::Utc;
 
+use schema::prelude::*;
+
 use crate::{
     AppState,
     auth::same_secret,
@@ -67,7 +69,7 @@ async fn render(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<
 
 async fn platform_gauges(state: &AppState) -> ApiResult<()> {
     let limits = state.limits().await?;
-    let usage = state.platform.usage().await?;
+    let usage = state.db.usage().await?;
     metrics::gauge!("berth_spawn_slots_in_use").set(usage.spawns_in_flight as f64);
     metrics::gauge!("berth_spawn_slot_limit").set(f64::from(limits.concurrent_spawn_limit));
     metrics::gauge!("berth_active_servers").set(usage.active_servers as f64);
@@ -77,7 +79,7 @@ async fn platform_gauges(state: &AppState) -> ApiResult<()> {
         (schema::jobs::SPAWN_QUEUE, 0i64),
         (schema::jobs::CONTROL_QUEUE, 0),
     ];
-    for count in state.console.job_counts().await? {
+    for count in state.db.job_counts().await? {
         if count.state == schema::JobState::Queued
             && let Some(entry) = depth.iter_mut().find(|(q, _)| *q == count.kind.queue())
         {
@@ -89,7 +91,7 @@ async fn platform_gauges(state: &AppState) -> ApiResult<()> {
     }
     let now = Utc::now();
     let alive = state
-        .platform
+        .db
         .list_workers()
         .await?
         .iter()

@@ -3,7 +3,7 @@
 
 use axum::{Json, Router, extract::State, routing::get};
 use chrono::Utc;
-use schema::platform::LimitChange;
+use schema::{platform::LimitChange, prelude::*};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -31,10 +31,10 @@ async fn limits(State(state): State<AppState>, principal: Principal) -> ApiResul
 }
 
 async fn limits_view(state: &AppState) -> ApiResult<Value> {
-    let overrides = state.platform.limit_overrides().await?;
-    let configured = state.config.limits;
+    let overrides = state.db.limit_overrides().await?;
+    let configured = state.db.configured_limits();
     let effective = overrides.apply(configured);
-    let usage = state.platform.usage().await?;
+    let usage = state.db.usage().await?;
     Ok(json!({
         "concurrent_spawn_limit": effective.concurrent_spawn_limit,
         "active_server_limit": effective.active_server_limit,
@@ -94,10 +94,10 @@ async fn change_limits(
         ));
     }
     let actor = principal.actor();
-    let overrides = state.platform.set_limits(spawn, active, &actor).await?;
-    let limits = overrides.apply(state.config.limits);
+    let overrides = state.db.set_limits(spawn, active, &actor).await?;
+    let limits = overrides.apply(state.db.configured_limits());
     state
-        .platform
+        .db
         .ensure_admission_places(limits.active_server_limit)
         .await?;
     let view = limits_view(&state).await?;
@@ -111,7 +111,7 @@ async fn workers(State(state): State<AppState>, principal: Principal) -> ApiResu
     principal.require("admin")?;
     let now = Utc::now();
     let workers: Vec<Value> = state
-        .platform
+        .db
         .list_workers()
         .await?
         .into_iter()
@@ -131,7 +131,7 @@ async fn workers(State(state): State<AppState>, principal: Principal) -> ApiResu
 /// and result.
 async fn schedules(State(state): State<AppState>, principal: Principal) -> ApiResult<Json<Value>> {
     principal.require("admin")?;
-    let schedules = state.maintenance.schedules().await?;
+    let schedules = state.db.schedules().await?;
     Ok(Json(json!({ "schedules": schedules })))
 }
 
@@ -145,7 +145,7 @@ async fn run_schedule(
 ) -> ApiResult<(axum::http::StatusCode, Json<Value>)> {
     principal.require("admin")?;
     let job = state
-        .maintenance
+        .db
         .enqueue_tick(&name, Utc::now(), true)
         .await?
         .ok_or_else(|| ApiError::Conflict(format!("schedule {name:?} was just run")))?;

@@ -12,7 +12,7 @@ use axum::{
     routing::get,
 };
 use futures::Stream;
-use schema::{ServerRow, ServerState, console::SpawnEvent};
+use schema::{ServerRow, ServerState, console::SpawnEvent, prelude::*};
 use serde_json::json;
 use tokio::sync::broadcast;
 use uuid::Uuid;
@@ -34,13 +34,9 @@ async fn progress(
     ServerPath { user, server }: ServerPath,
 ) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
     principal.may("servers:read", &user)?;
-    let row = state
-        .store
-        .get_server(&user, &server)
-        .await?
-        .ok_or_else(|| {
-            crate::error::ApiError::NotFound(format!("user {user:?} has no server {server:?}"))
-        })?;
+    let row = state.db.get_server(&user, &server).await?.ok_or_else(|| {
+        crate::error::ApiError::NotFound(format!("user {user:?} has no server {server:?}"))
+    })?;
     // A spawn under way is followed from its first event; otherwise the server's
     // state is the one answer (an old spawn's history would mislead).
     let job = row
@@ -87,7 +83,7 @@ impl Follow {
                 return None;
             }
             if let Some(job) = self.job
-                && let Ok(events) = self.state.console.progress_after(job, self.last).await
+                && let Ok(events) = self.state.db.progress_after(job, self.last).await
                 && !events.is_empty()
             {
                 self.pending.extend(events);
@@ -106,7 +102,7 @@ impl Follow {
     async fn ended(&mut self) -> Option<serde_json::Value> {
         let fresh = self
             .state
-            .store
+            .db
             .server_by_id(self.server.id)
             .await
             .ok()

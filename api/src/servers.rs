@@ -11,7 +11,9 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post},
 };
-use schema::{ServerName, ServerState, SpawnOutcome, SpawnRequest, StopOutcome, UserName};
+use schema::{
+    ServerName, ServerState, SpawnOutcome, SpawnRequest, StopOutcome, UserName, prelude::*,
+};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -104,10 +106,10 @@ async fn show(
     ServerPath { user, server }: ServerPath,
 ) -> ApiResult<Json<ServerView>> {
     principal.may("servers:read", &user)?;
-    let row = state.store.get_server(&user, &server).await?;
+    let row = state.db.get_server(&user, &server).await?;
     match row {
         Some(row) => Ok(Json(ServerView::with_job(&row))),
-        None if state.store.get_user(&user).await?.is_none() => {
+        None if state.db.get_user(&user).await?.is_none() => {
             Err(ApiError::NotFound(format!("no user named {user:?}")))
         }
         None => Err(ApiError::NotFound(format!(
@@ -142,9 +144,9 @@ async fn log(
             "bytes must be between 1 and {LOG_MAX_BYTES}"
         )));
     }
-    if state.store.get_server(&user, &server).await?.is_none() {
+    if state.db.get_server(&user, &server).await?.is_none() {
         return Err(ApiError::NotFound(
-            if state.store.get_user(&user).await?.is_none() {
+            if state.db.get_user(&user).await?.is_none() {
                 format!("no user named {user:?}")
             } else {
                 format!("user {user:?} has no server {server:?}")
@@ -187,13 +189,12 @@ pub(crate) async fn request_spawn(
 ) -> ApiResult<SpawnOutcome> {
     let limit = state.config.max_servers_per_user;
     Ok(state
-        .store
+        .db
         .request_spawn(SpawnRequest {
             user,
             server,
             image,
             max_servers_per_user: (limit > 0).then_some(limit),
-            active_server_limit: state.config.limits.active_server_limit,
         })
         .await?)
 }
@@ -207,7 +208,7 @@ pub(crate) async fn request_stop(
     user: &UserName,
     server: &ServerName,
 ) -> ApiResult<StopOutcome> {
-    let outcome = state.store.request_stop(user, server).await?;
+    let outcome = state.db.request_stop(user, server).await?;
     if let StopOutcome::Enqueued(row) = &outcome {
         state
             .audit(
@@ -249,7 +250,7 @@ async fn sso(
 ) -> ApiResult<Json<Value>> {
     principal.may("servers:write", &user)?;
     let row = state
-        .store
+        .db
         .get_server(&user, &server)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("user {user:?} has no server {server:?}")))?;
@@ -265,7 +266,7 @@ async fn sso(
     let token = new_opaque("bsso_");
     let expires_at = chrono::Utc::now() + chrono::Duration::seconds(SSO_TTL_SECS);
     state
-        .accounts
+        .db
         .create_sso(
             &hash_opaque(&token),
             row.user_id,
@@ -305,7 +306,7 @@ async fn verify_sso(
         _ => None,
     };
     let grant = state
-        .accounts
+        .db
         .consume_sso(&hash_opaque(&check.token), caller)
         .await?
         .ok_or_else(|| {

@@ -6,7 +6,7 @@ use axum::{
     http::StatusCode,
     routing::get,
 };
-use schema::{Role, UserName};
+use schema::{Role, UserName, prelude::*};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -41,9 +41,9 @@ async fn list(
     principal: Principal,
 ) -> ApiResult<Json<Vec<UserView>>> {
     principal.require("users:read")?;
-    let users = state.store.list_users().await?;
+    let users = state.db.list_users().await?;
     let ids: Vec<i64> = users.iter().map(|u| u.id).collect();
-    let servers = state.store.servers_of(&ids).await?;
+    let servers = state.db.servers_of(&ids).await?;
     Ok(Json(
         users.iter().map(|u| UserView::new(u, &servers)).collect(),
     ))
@@ -57,11 +57,11 @@ async fn show(
     let name = user_name(path)?;
     principal.may("users:read", &name)?;
     let user = state
-        .store
+        .db
         .get_user(&name)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no user named {name:?}")))?;
-    let servers = state.store.servers_of(&[user.id]).await?;
+    let servers = state.db.servers_of(&[user.id]).await?;
     Ok(Json(UserView::new(&user, &servers)))
 }
 
@@ -91,7 +91,7 @@ pub async fn create_account(
     addr: &ClientAddr,
     account: &schema::NewAccount,
 ) -> ApiResult<(StatusCode, Json<UserView>)> {
-    let user = state.accounts.register(account).await?;
+    let user = state.db.register(account).await?;
     state
         .audit(
             Some(&principal.actor()),
@@ -126,7 +126,7 @@ pub async fn remove_user(
     // needs an admin (demoting one already does).
     if !principal.has_scope("admin")
         && state
-            .store
+            .db
             .get_user(&name)
             .await?
             .is_some_and(|u| u.is_admin())
@@ -136,7 +136,7 @@ pub async fn remove_user(
             name.as_str()
         )));
     }
-    let job = JobView::from(state.store.request_user_removal(&name).await?);
+    let job = JobView::from(state.db.request_user_removal(&name).await?);
     state
         .audit(
             Some(&principal.actor()),

@@ -11,18 +11,16 @@ use std::{str::FromStr, sync::Arc, time::Duration};
 use chrono::{DateTime, Utc};
 use cron::Schedule;
 use schema::{
-    JobKind, Maintenance, PgStore, QueueSettings,
+    Db, JobKind,
     jobs::{ArchiveJob, CullJob},
+    prelude::*,
 };
-use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SchedulerError {
     #[error("configuration: {0}")]
     Config(String),
-    #[error("queue: {0}")]
-    Queue(String),
     #[error("database: {0}")]
     Store(#[from] schema::StoreError),
 }
@@ -74,10 +72,6 @@ pub struct SchedulerConfig {
     /// Milliseconds between the scheduler's looks at the clock.
     #[arg(long, env = "BERTH_SCHEDULER_TICK_MS", default_value_t = 250)]
     pub tick_ms: u64,
-
-    /// The queue backend (set by the CLI from the shared flags).
-    #[arg(skip)]
-    pub queue: QueueSettings,
 }
 
 /// One schedule: its name, when, and the job it enqueues.
@@ -160,26 +154,10 @@ impl SchedulerConfig {
     }
 }
 
-/// Runs the scheduler until `shutdown` fires.
+/// Runs the scheduler over `store` until `shutdown` fires.
 pub async fn run(
     config: SchedulerConfig,
-    pool: PgPool,
-    shutdown: CancellationToken,
-) -> Result<(), SchedulerError> {
-    config.entries().map_err(SchedulerError::Config)?;
-    let (queue, _broker) = config
-        .queue
-        .open(&pool, shutdown.clone())
-        .await
-        .map_err(|e| SchedulerError::Queue(e.to_string()))?;
-    let store = Arc::new(schema::Db::from(PgStore::new(pool, queue)));
-    run_on(config, store, shutdown).await
-}
-
-/// Runs the scheduler on a store of the caller's (the embedded one for `berth up`).
-pub async fn run_on(
-    config: SchedulerConfig,
-    store: Arc<dyn Maintenance>,
+    store: Arc<Db>,
     shutdown: CancellationToken,
 ) -> Result<(), SchedulerError> {
     let mut entries = config.entries().map_err(SchedulerError::Config)?;
@@ -193,7 +171,7 @@ pub async fn run_on(
     let every = Duration::from_millis(config.tick_ms.max(10));
     loop {
         for entry in &mut entries {
-            if let Err(e) = tick(store.as_ref(), entry).await {
+            if let Err(e) = tick(&store, entry).await {
                 tracing::warn!(schedule = entry.name, error = %e, "could not enqueue the tick; trying again");
             }
         }
@@ -204,7 +182,7 @@ pub async fn run_on(
     }
 }
 
-async fn tick(store: &dyn Maintenance, entry: &mut Entry) -> Result<(), schema::StoreError> {
+async fn tick(store: &Db, entry: &mut Entry) -> Result<(), schema::StoreError> {
     let now = Utc::now();
     if let Some(due) = latest_tick(&entry.schedule, now)
         && due > entry.done_until

@@ -6,7 +6,7 @@ use sqlx::types::Json;
 use uuid::Uuid;
 
 use crate::{
-    db::{Db, Dialect, apply, each, execute, json_list, now, read},
+    db::{Db, Dialect, apply, each, execute, json_list, now},
     names::UserName,
     rows::{ServerRow, UserRow},
     store::StoreError,
@@ -251,11 +251,25 @@ impl Accounts for Db {
     }
 
     async fn find_login(&self, login: &str) -> Result<Option<UserRow>, StoreError> {
-        read!(self.pool(), find_login(login))
+        // By name, or by email (any case) when the login has an `@`.
+        let sql = if login.contains('@') {
+            "select * from users where lower(email) = lower($1)"
+        } else {
+            "select * from users where name = $1"
+        };
+        Ok(each!(self.pool(), p => sqlx::query_as::<_, UserRow>(sql)
+            .bind(login)
+            .fetch_optional(p)
+            .await)?)
     }
 
     async fn user_by_id(&self, id: i64) -> Result<Option<UserRow>, StoreError> {
-        read!(self.pool(), user_by_id(id))
+        Ok(
+            each!(self.pool(), p => sqlx::query_as::<_, UserRow>("select * from users where id = $1")
+            .bind(id)
+            .fetch_optional(p)
+            .await)?,
+        )
     }
 
     async fn users_page(
@@ -453,7 +467,14 @@ impl Accounts for Db {
     }
 
     async fn server_by_token(&self, token_hash: &str) -> Result<Option<ServerRow>, StoreError> {
-        read!(self.pool(), server_by_token(token_hash))
+        Ok(
+            each!(self.pool(), p => sqlx::query_as::<_, ServerRow>(select_servers!(
+            "where s.token_hash = $1 and s.state = 'running'"
+        ))
+        .bind(token_hash)
+        .fetch_optional(p)
+        .await)?,
+        )
     }
 
     async fn create_sso(
@@ -583,7 +604,17 @@ impl Accounts for Db {
     }
 
     async fn audit_page(&self, offset: i64, limit: i64) -> Result<Page<AuditRow>, StoreError> {
-        read!(self.pool(), audit_page(offset, limit))
+        let items = each!(self.pool(), p => sqlx::query_as::<_, AuditRow>(
+            "select * from audit_log order by id desc limit $2 offset $1",
+        )
+        .bind(offset)
+        .bind(limit)
+        .fetch_all(p)
+        .await)?;
+        let total = each!(self.pool(), p => sqlx::query_scalar("select count(*) from audit_log")
+            .fetch_one(p)
+            .await)?;
+        Ok(Page { items, total })
     }
 }
 

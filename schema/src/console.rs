@@ -10,9 +10,27 @@ use crate::{
     JobKind, JobRow, JobState, ServerRow, StoreError,
     accounts::Page,
     accounts::like_pattern,
-    db::{Db, Dialect, each, execute, locking, now, read},
+    db::{Db, Dialect, each, execute, locking, now},
     servers::{count_end, release_admission},
 };
+
+/// The filter every job listing and bulk action shares; `$1…$5` are kind, state,
+/// user, since and until, each ignored when null.
+const JOB_FILTER: &str = "($1 is null or kind = $1) and ($2 is null or state = $2) \
+     and ($3 is null or user_name = $3) and ($4 is null or created_at >= $4) \
+     and ($5 is null or created_at < $5)";
+
+/// Binds a `JobFilter` to `JOB_FILTER`'s five parameters.
+macro_rules! job_filter {
+    ($query:expr, $f:expr) => {
+        $query
+            .bind(&$f.kind)
+            .bind(&$f.state)
+            .bind(&$f.user)
+            .bind($f.since)
+            .bind($f.until)
+    };
+}
 
 /// One step of a spawn, in JupyterHub's progress-event shape.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
@@ -221,7 +239,13 @@ impl Console for Db {
         job_id: Uuid,
         after: i64,
     ) -> Result<Vec<SpawnEvent>, StoreError> {
-        read!(self.pool(), progress_after(job_id, after))
+        Ok(each!(self.pool(), p => sqlx::query_as::<_, SpawnEvent>(
+            "select * from spawn_events where job_id = $1 and id > $2 order by id",
+        )
+        .bind(job_id)
+        .bind(after)
+        .fetch_all(p)
+        .await)?)
     }
 
     async fn jobs_page(
@@ -230,23 +254,65 @@ impl Console for Db {
         offset: i64,
         limit: i64,
     ) -> Result<Page<JobRow>, StoreError> {
-        read!(self.pool(), jobs_page(filter, offset, limit))
+        let items = each!(self.pool(), p => job_filter!(
+            sqlx::query_as::<_, JobRow>(sqlx::AssertSqlSafe(format!(
+                "select * from jobs where {JOB_FILTER} \
+                 order by created_at desc, id desc limit $7 offset $6"
+            ))),
+            filter
+        )
+        .bind(offset)
+        .bind(limit)
+        .fetch_all(p)
+        .await)?;
+        let total: i64 = each!(self.pool(), p => job_filter!(
+            sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                "select count(*) from jobs where {JOB_FILTER}"
+            ))),
+            filter
+        )
+        .fetch_one(p)
+        .await)?;
+        Ok(Page { items, total })
     }
 
     async fn job_ids(&self, filter: &JobFilter, limit: i64) -> Result<Vec<Uuid>, StoreError> {
-        read!(self.pool(), job_ids(filter, limit))
+        Ok(each!(self.pool(), p => job_filter!(
+            sqlx::query_scalar::<_, Uuid>(sqlx::AssertSqlSafe(format!(
+                "select id from jobs where {JOB_FILTER} \
+                 order by created_at desc, id desc limit $6"
+            ))),
+            filter
+        )
+        .bind(limit)
+        .fetch_all(p)
+        .await)?)
     }
 
     async fn job_counts(&self) -> Result<Vec<JobCount>, StoreError> {
-        read!(self.pool(), job_counts())
+        Ok(each!(self.pool(), p => sqlx::query_as::<_, JobCount>(
+            "select kind, state, count(*) as count from jobs group by kind, state \
+             order by kind, state",
+        )
+        .fetch_all(p)
+        .await)?)
     }
 
     async fn server_counts(&self) -> Result<Vec<StateCount>, StoreError> {
-        read!(self.pool(), server_counts())
+        Ok(each!(self.pool(), p => sqlx::query_as::<_, StateCount>(
+            "select state, count(*) as count from servers group by state order by state",
+        )
+        .fetch_all(p)
+        .await)?)
     }
 
     async fn failures_since(&self, since: DateTime<Utc>) -> Result<i64, StoreError> {
-        read!(self.pool(), failures_since(since))
+        Ok(each!(self.pool(), p => sqlx::query_scalar(
+            "select count(*) from jobs where finished_at >= $1 and state = 'failed'",
+        )
+        .bind(since)
+        .fetch_one(p)
+        .await)?)
     }
 
     async fn cancel_job(&self, id: Uuid, by: &str) -> Result<JobRow, StoreError> {

@@ -20,6 +20,7 @@ use crate::{
     PgStore, SqliteStore,
     console::{PROGRESS_CHANNEL, ProgressStep},
     jobs::{JobEnvelope, JobKind, JobRow},
+    platform::Limits,
     queue::Queue,
     store::StoreError,
     telemetry,
@@ -86,17 +87,6 @@ macro_rules! locking {
 }
 pub(crate) use locking;
 
-/// One of the reads in `crate::reads`, on whichever pool `$pool` is.
-macro_rules! read {
-    ($pool:expr, $f:ident($($arg:expr),*)) => {
-        match $pool {
-            $crate::db::Dialect::Pg(p) => $crate::reads::pg::$f(p, $($arg),*).await,
-            $crate::db::Dialect::Lite(p) => $crate::reads::lite::$f(p, $($arg),*).await,
-        }
-    };
-}
-pub(crate) use read;
-
 /// A connection of either dialect, for one statement.
 pub type Conn<'a> = Dialect<&'a mut PgConnection, &'a mut SqliteConnection>;
 /// A pool of either dialect, for reads outside a transaction.
@@ -117,6 +107,8 @@ pub fn now() -> DateTime<Utc> {
 pub struct Db {
     on: Dialect<PgStore, SqliteStore>,
     queue: Arc<dyn Queue>,
+    /// The platform limits as configured; an admin's overrides in the database win.
+    configured: Limits,
 }
 
 impl From<PgStore> for Db {
@@ -125,6 +117,7 @@ impl From<PgStore> for Db {
         Self {
             on: Dialect::Pg(store),
             queue,
+            configured: Limits::default(),
         }
     }
 }
@@ -135,11 +128,23 @@ impl From<SqliteStore> for Db {
         Self {
             on: Dialect::Lite(store),
             queue,
+            configured: Limits::default(),
         }
     }
 }
 
 impl Db {
+    /// The store with the platform limits as configured.
+    pub fn with_limits(mut self, configured: Limits) -> Self {
+        self.configured = configured;
+        self
+    }
+
+    /// The platform limits as configured (before an admin's overrides).
+    pub fn configured_limits(&self) -> Limits {
+        self.configured
+    }
+
     pub(crate) fn pool(&self) -> Pool<'_> {
         match &self.on {
             Dialect::Pg(s) => Dialect::Pg(s.pool()),

@@ -19,7 +19,6 @@ pub mod pg;
 pub mod pg_locks;
 pub mod platform;
 pub mod queue;
-mod reads;
 pub mod server_logs;
 pub(crate) mod servers;
 pub mod store;
@@ -55,4 +54,12 @@ pub enum MigrateError {
     Queue(#[from] QueueError),
     #[error("berth tables: {0}")]
     Berth(#[from] sqlx::migrate::MigrateError),
+}
+
+/// The store's interfaces, for code that calls them on a [`Db`].
+pub mod prelude {
+    pub use crate::{
+        accounts::Accounts as _, console::Console as _, maintenance::Maintenance as _,
+        platform::Platform as _, store::Store as _,
+    };
 }

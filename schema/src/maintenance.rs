@@ -9,7 +9,7 @@ use uuid::Uuid;
 use crate::{
     JobKind, ServerRow, StoreError,
     archive::ARCHIVE_BATCH,
-    db::{Db, Dialect, each, execute, now, read},
+    db::{Db, Dialect, each, execute, now},
     jobs::SYSTEM_USER,
 };
 
@@ -284,7 +284,16 @@ impl Maintenance for Db {
         idle_before: DateTime<Utc>,
         exempt_admins: bool,
     ) -> Result<Vec<ServerRow>, StoreError> {
-        read!(self.pool(), idle_servers(idle_before, exempt_admins))
+        Ok(
+            each!(self.pool(), p => sqlx::query_as::<_, ServerRow>(select_servers!(
+            "where s.state = 'running' and coalesce(s.last_activity, s.started_at) < $1 \
+             and not ($2 and u.role = 'admin')"
+        ))
+        .bind(idle_before)
+        .bind(exempt_admins)
+        .fetch_all(p)
+        .await)?,
+        )
     }
 
     async fn warn_old_servers(
@@ -327,9 +336,16 @@ impl Maintenance for Db {
         warned_before: DateTime<Utc>,
         exempt_admins: bool,
     ) -> Result<Vec<ServerRow>, StoreError> {
-        read!(
-            self.pool(),
-            expired_servers(started_before, warned_before, exempt_admins)
+        Ok(
+            each!(self.pool(), p => sqlx::query_as::<_, ServerRow>(select_servers!(
+            "where s.state = 'running' and s.started_at < $1 and s.warned_at < $2 \
+             and not ($3 and u.role = 'admin')"
+        ))
+        .bind(started_before)
+        .bind(warned_before)
+        .bind(exempt_admins)
+        .fetch_all(p)
+        .await)?,
         )
     }
 

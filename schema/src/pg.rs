@@ -4,9 +4,13 @@ use std::sync::Arc;
 
 use sqlx::PgPool;
 
+use tokio_util::sync::CancellationToken;
+
 use crate::{
+    QueueSettings,
+    nats::Broker,
     pg_locks::{SERVER_LOCK_SPACE, SessionLock, lock_key},
-    queue::Queue,
+    queue::{Queue, QueueError},
     store::{ServerLock, StoreError},
 };
 
@@ -14,11 +18,39 @@ use crate::{
 pub struct PgStore {
     pool: PgPool,
     queue: Arc<dyn Queue>,
+    /// The JetStream connection when jobs travel through NATS.
+    broker: Option<Broker>,
 }
 
 impl PgStore {
+    /// The store over `pool` with a queue of the caller's making (no broker).
     pub fn new(pool: PgPool, queue: Arc<dyn Queue>) -> Self {
-        Self { pool, queue }
+        Self {
+            pool,
+            queue,
+            broker: None,
+        }
+    }
+
+    /// The store over `pool` with the configured queue backend. With NATS the
+    /// outbox relay runs until `stop` fires: cancel it once every role has ended,
+    /// so jobs enqueued during a shutdown's grace period still reach the broker.
+    pub async fn open(
+        pool: PgPool,
+        queue: &QueueSettings,
+        stop: CancellationToken,
+    ) -> Result<Self, QueueError> {
+        let (queue, broker) = queue.open(&pool, stop).await?;
+        Ok(Self {
+            pool,
+            queue,
+            broker,
+        })
+    }
+
+    /// The JetStream broker, when jobs travel through NATS.
+    pub fn broker(&self) -> Option<&Broker> {
+        self.broker.as_ref()
     }
 
     pub fn pool(&self) -> &PgPool {

@@ -6,7 +6,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::{
-    db::{Conn, Db, Dialect, apply, each, execute, now, read},
+    db::{Conn, Db, Dialect, apply, each, execute, now},
     pg_locks::{RECONCILE_SPACE, SERVER_LOCK_SPACE, SLOT_SPACE, SessionLock, lock_key},
     rows::{ServerRow, ServerState},
     servers::{provision_admission, release_admission},
@@ -25,6 +25,16 @@ const RECONCILER: i64 = 0;
 pub struct Limits {
     pub concurrent_spawn_limit: u32,
     pub active_server_limit: u32,
+}
+
+impl Default for Limits {
+    /// The brief's defaults: ten spawns in flight, fifty active servers.
+    fn default() -> Self {
+        Self {
+            concurrent_spawn_limit: 10,
+            active_server_limit: 50,
+        }
+    }
 }
 
 /// What an admin set at runtime; `None` falls back to the configuration.
@@ -118,6 +128,8 @@ pub trait SpawnSlot: Send {
 #[async_trait]
 pub trait Platform: Send + Sync + 'static {
     async fn limit_overrides(&self) -> Result<LimitOverrides, StoreError>;
+    /// The limits in force: the configured ones unless an admin overrode them.
+    async fn limits(&self) -> Result<Limits, StoreError>;
     async fn set_limits(
         &self,
         spawn: LimitChange,
@@ -218,7 +230,20 @@ impl Db {
 #[async_trait]
 impl Platform for Db {
     async fn limit_overrides(&self) -> Result<LimitOverrides, StoreError> {
-        read!(self.pool(), limit_overrides())
+        Ok(each!(self.pool(), p => sqlx::query_as::<_, LimitOverrides>(
+            "select concurrent_spawn_limit, active_server_limit, updated_at, updated_by \
+             from platform_limits",
+        )
+        .fetch_optional(p)
+        .await)?
+        .unwrap_or_default())
+    }
+
+    async fn limits(&self) -> Result<Limits, StoreError> {
+        Ok(self
+            .limit_overrides()
+            .await?
+            .apply(self.configured_limits()))
     }
 
     async fn set_limits(
@@ -394,7 +419,14 @@ impl Platform for Db {
     }
 
     async fn within_active_limit(&self, server_id: i64, limit: u32) -> Result<bool, StoreError> {
-        read!(self.pool(), within_active_limit(server_id, limit))
+        // A place at or above `limit` was granted before an admin lowered the limit.
+        let place: Option<i32> = each!(self.pool(), p => sqlx::query_scalar(
+            "select slot from admission_tokens where server_id = $1",
+        )
+        .bind(server_id)
+        .fetch_optional(p)
+        .await)?;
+        Ok(place.is_some_and(|p| i64::from(p) < i64::from(limit)))
     }
 
     async fn register_worker(&self, w: &WorkerInfo) -> Result<(), StoreError> {
@@ -451,7 +483,11 @@ impl Platform for Db {
     }
 
     async fn list_workers(&self) -> Result<Vec<WorkerRow>, StoreError> {
-        read!(self.pool(), list_workers())
+        Ok(
+            each!(self.pool(), p => sqlx::query_as::<_, WorkerRow>("select * from workers order by started_at desc")
+            .fetch_all(p)
+            .await)?,
+        )
     }
 
     async fn try_reconcile_lock(&self) -> Result<Option<Box<dyn ServerLock>>, StoreError> {
@@ -466,7 +502,13 @@ impl Platform for Db {
     }
 
     async fn live_servers(&self) -> Result<Vec<ServerRow>, StoreError> {
-        read!(self.pool(), live_servers())
+        Ok(
+            each!(self.pool(), p => sqlx::query_as::<_, ServerRow>(select_servers!(
+            "where s.state in ('pending_spawn', 'running', 'pending_stop')"
+        ))
+        .fetch_all(p)
+        .await)?,
+        )
     }
 
     async fn mark_lost(

@@ -7,7 +7,7 @@ use uuid::Uuid;
 use crate::{
     accounts::Role,
     console::ProgressStep,
-    db::{Db, Dialect, Tx, apply, each, execute, json_list, locking, now, read},
+    db::{Db, Dialect, Tx, apply, each, execute, json_list, locking, now},
     jobs::{CleanupJob, JobKind, JobOutcome, JobRow, JobState, ServerJob},
     names::{ServerName, UserName},
     rows::{ServerRow, ServerState, UserRow, UserState},
@@ -159,11 +159,20 @@ impl Store for Db {
     }
 
     async fn get_user(&self, name: &UserName) -> Result<Option<UserRow>, StoreError> {
-        read!(self.pool(), get_user(name))
+        Ok(
+            each!(self.pool(), p => sqlx::query_as::<_, UserRow>("select * from users where name = $1")
+            .bind(name.as_str())
+            .fetch_optional(p)
+            .await)?,
+        )
     }
 
     async fn list_users(&self) -> Result<Vec<UserRow>, StoreError> {
-        read!(self.pool(), list_users())
+        Ok(
+            each!(self.pool(), p => sqlx::query_as::<_, UserRow>("select * from users order by name")
+            .fetch_all(p)
+            .await)?,
+        )
     }
 
     async fn servers_of(&self, user_ids: &[i64]) -> Result<Vec<ServerRow>, StoreError> {
@@ -190,7 +199,15 @@ impl Store for Db {
         user: &UserName,
         server: &ServerName,
     ) -> Result<Option<ServerRow>, StoreError> {
-        read!(self.pool(), get_server(user, server))
+        Ok(
+            each!(self.pool(), p => sqlx::query_as::<_, ServerRow>(select_servers!(
+            "where u.name = $1 and s.name = $2"
+        ))
+        .bind(user.as_str())
+        .bind(server.as_str())
+        .fetch_optional(p)
+        .await)?,
+        )
     }
 
     async fn request_spawn(&self, req: SpawnRequest) -> Result<SpawnOutcome, StoreError> {
@@ -205,7 +222,7 @@ impl Store for Db {
             "for update of u",
             |c, sql| sqlx::query_as(sql)
                 .bind(req.user.as_str())
-                .bind(req.active_server_limit as i32)
+                .bind(self.configured_limits().active_server_limit as i32)
                 .fetch_optional(c)
                 .await
         )?;
@@ -395,7 +412,12 @@ impl Store for Db {
     }
 
     async fn get_job(&self, id: Uuid) -> Result<Option<JobRow>, StoreError> {
-        read!(self.pool(), get_job(id))
+        Ok(
+            each!(self.pool(), p => sqlx::query_as::<_, JobRow>("select * from jobs where id = $1")
+            .bind(id)
+            .fetch_optional(p)
+            .await)?,
+        )
     }
 
     async fn begin_job(&self, id: Uuid, worker: &str) -> Result<Option<JobRow>, StoreError> {
@@ -488,7 +510,12 @@ impl Store for Db {
     }
 
     async fn server_by_id(&self, server_id: i64) -> Result<Option<ServerRow>, StoreError> {
-        read!(self.pool(), server_by_id(server_id))
+        Ok(
+            each!(self.pool(), p => sqlx::query_as::<_, ServerRow>(select_servers!("where s.id = $1"))
+            .bind(server_id)
+            .fetch_optional(p)
+            .await)?,
+        )
     }
 
     async fn servers_of_user(&self, user_id: i64) -> Result<Vec<ServerRow>, StoreError> {

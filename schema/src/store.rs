@@ -63,8 +63,6 @@ pub struct SpawnRequest {
     pub image: Option<String>,
     /// Most servers the user may have pending or running at once; `None`: no limit.
     pub max_servers_per_user: Option<u32>,
-    /// The configured active-server limit; an admin's override in the database wins.
-    pub active_server_limit: u32,
 }
 
 /// A per-server lock held while a worker acts on the server. It is a session lock

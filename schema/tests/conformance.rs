@@ -6,8 +6,8 @@
 use std::{path::PathBuf, sync::Arc};
 
 use schema::{
-    Accounts, Db, JobKind, JobOutcome, NewAccount, PgStore, Platform, Role, Running, ServerName,
-    ServerState, SpawnOutcome, SpawnRequest, SqliteStore, Store, StoreError, UserName,
+    Accounts, Db, JobKind, JobOutcome, Limits, NewAccount, PgStore, Platform, Role, Running,
+    ServerName, ServerState, SpawnOutcome, SpawnRequest, SqliteStore, Store, StoreError, UserName,
     accounts::ThrottleRule,
     platform::{LimitChange, SlotAnswer},
 };
@@ -73,16 +73,22 @@ async fn on_postgres() -> Fresh {
         .unwrap();
     schema::migrate(&pool).await.unwrap();
     Fresh {
-        db: Db::from(PgStore::new(pool, Arc::new(schema::ApalisQueue))),
+        db: Db::from(PgStore::new(pool, Arc::new(schema::ApalisQueue))).with_limits(LIMITS),
         cleanup: Cleanup::Postgres { admin_url, name },
     }
 }
+
+/// The contracts' configured limits: two active servers, so that a third is refused.
+const LIMITS: Limits = Limits {
+    concurrent_spawn_limit: 10,
+    active_server_limit: 2,
+};
 
 async fn on_sqlite() -> Fresh {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("conf-{}", suffix()));
     let store = SqliteStore::open(&dir).await.unwrap();
     Fresh {
-        db: Db::from(store),
+        db: Db::from(store).with_limits(LIMITS),
         cleanup: Cleanup::Sqlite(dir),
     }
 }
@@ -116,7 +122,6 @@ fn spawn_request(name: &str) -> SpawnRequest {
         server: ServerName::default_server(),
         image: None,
         max_servers_per_user: None,
-        active_server_limit: 2,
     }
 }
 
@@ -270,16 +275,14 @@ async fn an_sso_token_is_consumed_once_by_its_running_server(db: &Db) {
 }
 
 async fn spawn_slots_hold_the_limit_and_go_to_the_oldest_waiter(db: &Db) {
+    let db = &db.clone().with_limits(Limits {
+        concurrent_spawn_limit: 10,
+        active_server_limit: 10,
+    });
     let mut jobs = vec![];
     for name in ["s1", "s2", "s3"] {
         db.create_user(&user(name), false).await.unwrap();
-        let SpawnOutcome::Enqueued(server) = db
-            .request_spawn(SpawnRequest {
-                active_server_limit: 10,
-                ..spawn_request(name)
-            })
-            .await
-            .unwrap()
+        let SpawnOutcome::Enqueued(server) = db.request_spawn(spawn_request(name)).await.unwrap()
         else {
             panic!("enqueued");
         };

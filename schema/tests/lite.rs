@@ -36,7 +36,10 @@ fn rand_suffix() -> u32 {
 
 async fn spawn(store: &SqliteStore, user: &str) -> uuid::Uuid {
     let name = UserName::parse(user).unwrap();
-    let db = schema::Db::from(store.clone());
+    let db = schema::Db::from(store.clone()).with_limits(schema::Limits {
+        concurrent_spawn_limit: 10,
+        active_server_limit: 100,
+    });
     db.create_user(&name, false).await.unwrap();
     let outcome = db
         .request_spawn(SpawnRequest {
@@ -44,7 +47,6 @@ async fn spawn(store: &SqliteStore, user: &str) -> uuid::Uuid {
             server: ServerName::default_server(),
             image: None,
             max_servers_per_user: None,
-            active_server_limit: 100,
         })
         .await
         .unwrap();

@@ -100,6 +100,21 @@ macro_rules! on_both_stores {
     };
 }
 
+impl Db {
+    /// The store a role is handed, as `berth` builds it: on Postgres with this
+    /// test's queue backend (its relay runs as long as the test).
+    pub async fn store(&self, queue: &QueueSettings) -> Arc<schema::Db> {
+        match self {
+            Db::Postgres(pool) => Arc::new(schema::Db::from(
+                PgStore::open(pool.clone(), queue, CancellationToken::new())
+                    .await
+                    .expect("queue opens"),
+            )),
+            Db::Sqlite(store) => Arc::new(schema::Db::from(store.clone())),
+        }
+    }
+}
+
 /// Parses worker flags exactly as `berth worker` does, defaults included.
 #[derive(Parser)]
 struct WorkerFlags {
@@ -152,28 +167,12 @@ pub async fn serve_api(
     let config = ApiFlags::try_parse_from(argv)
         .expect("api flags parse")
         .config;
-    let task = match db {
-        Db::Postgres(pool) => {
-            let (queue, _) = queue
-                .open(pool, CancellationToken::new())
-                .await
-                .expect("queue opens");
-            let store = Arc::new(schema::Db::from(PgStore::new(pool.clone(), queue)));
-            tokio::spawn(async move {
-                api::run(config, store, listener, CancellationToken::new())
-                    .await
-                    .expect("api runs");
-            })
-        }
-        Db::Sqlite(store) => {
-            let store = Arc::new(schema::Db::from(store.clone()));
-            tokio::spawn(async move {
-                api::run(config, store, listener, CancellationToken::new())
-                    .await
-                    .expect("api runs");
-            })
-        }
-    };
+    let store = db.store(queue).await;
+    let task = tokio::spawn(async move {
+        api::run(config, store, listener, CancellationToken::new())
+            .await
+            .expect("api runs");
+    });
     // Ready once the admin account is bootstrapped and the port answers.
     let client = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -458,11 +457,11 @@ impl TestEnv {
     pub fn start_worker(&mut self, extra: &[&str]) {
         match self.db.clone() {
             Db::Postgres(pool) => self.start_worker_on(pool, extra),
-            Db::Sqlite(store) => {
+            db @ Db::Sqlite(_) => {
                 let config = self.worker_config(extra);
-                let shutdown = self.shutdown.clone();
+                let (shutdown, queue) = (self.shutdown.clone(), self.queue.clone());
                 self.tasks.push(tokio::spawn(async move {
-                    workers::run_embedded(config, store, shutdown)
+                    workers::run(config, db.store(&queue).await, shutdown)
                         .await
                         .expect("worker runs");
                 }));
@@ -473,19 +472,18 @@ impl TestEnv {
     fn worker_config(&self, extra: &[&str]) -> workers::WorkerConfig {
         let mut argv = vec!["worker".to_string()];
         argv.extend(self.worker_args(extra));
-        let mut config = WorkerFlags::try_parse_from(argv)
+        WorkerFlags::try_parse_from(argv)
             .expect("worker flags parse")
-            .config;
-        config.queue = self.queue.clone();
-        config
+            .config
     }
 
     /// Starts a worker inside the test process, on a pool of the test's choosing.
     pub fn start_worker_on(&mut self, pool: PgPool, extra: &[&str]) {
         let config = self.worker_config(extra);
-        let shutdown = self.shutdown.clone();
+        let (shutdown, queue) = (self.shutdown.clone(), self.queue.clone());
         self.tasks.push(tokio::spawn(async move {
-            workers::run(config, pool, shutdown)
+            let db = Db::Postgres(pool).store(&queue).await;
+            workers::run(config, db, shutdown)
                 .await
                 .expect("worker runs");
         }));
@@ -510,21 +508,17 @@ impl TestEnv {
     pub fn start_scheduler(&mut self, flags: &[&str]) -> CancellationToken {
         let mut argv = vec!["scheduler"];
         argv.extend_from_slice(flags);
-        let mut config = SchedulerFlags::try_parse_from(argv)
+        let config = SchedulerFlags::try_parse_from(argv)
             .expect("scheduler flags parse")
             .config;
-        config.queue = self.queue.clone();
+        let queue = self.queue.clone();
         let stop = self.shutdown.child_token();
         let token = stop.clone();
         let db = self.db.clone();
         self.tasks.push(tokio::spawn(async move {
-            match db {
-                Db::Postgres(pool) => scheduler::run(config, pool, token).await,
-                Db::Sqlite(store) => {
-                    scheduler::run_on(config, Arc::new(schema::Db::from(store)), token).await
-                }
-            }
-            .expect("scheduler runs");
+            scheduler::run(config, db.store(&queue).await, token)
+                .await
+                .expect("scheduler runs");
         }));
         stop
     }

@@ -1,18 +1,18 @@
 //! The cleanup job: stop every server of a user, remove the volume, delete the user.
 
-use schema::{JobOutcome, JobRow, UserName, jobs::CleanupJob};
+use schema::{JobOutcome, JobRow, UserName, jobs::CleanupJob, prelude::*};
 
 use crate::context::{Context, HandlerError, HandlerResult, names};
 
 pub async fn run(ctx: &Context, job: &JobRow) -> Result<(), HandlerError> {
-    let Some(job) = ctx.store.begin_job(job.id, &ctx.worker_name).await? else {
+    let Some(job) = ctx.db.begin_job(job.id, &ctx.worker_name).await? else {
         return Ok(());
     };
     let outcome = cleanup(ctx, &job).await?;
     if let JobOutcome::Failed(why) = &outcome {
         tracing::warn!(job = %job.id, error = %why, "cleanup failed");
     }
-    ctx.store.finish_job(job.id, &outcome).await?;
+    ctx.db.finish_job(job.id, &outcome).await?;
     Ok(())
 }
 
@@ -29,8 +29,8 @@ async fn cleanup(ctx: &Context, job: &JobRow) -> HandlerResult {
         Ok(u) => u,
         Err(e) => return Ok(JobOutcome::Failed(format!("stored user name: {e}"))),
     };
-    for server in ctx.store.servers_of_user(payload.user_id).await? {
-        let lock = ctx.store.lock_server(server.id).await?;
+    for server in ctx.db.servers_of_user(payload.user_id).await? {
+        let lock = ctx.db.lock_server(server.id).await?;
         let stopped = match names(&server.user_name, &server.name) {
             Ok((user, name)) => ctx
                 .with_retries(job, || ctx.spawner.stop(&user, &name))
@@ -39,7 +39,7 @@ async fn cleanup(ctx: &Context, job: &JobRow) -> HandlerResult {
             Err(e) => Ok(Err(e)),
         };
         let marked = match stopped {
-            Ok(Ok(())) => ctx.store.mark_stopped(server.id, None).await.map(|_| ()),
+            Ok(Ok(())) => ctx.db.mark_stopped(server.id, None).await.map(|_| ()),
             Ok(Err(e)) => {
                 lock.release().await;
                 return Ok(JobOutcome::Failed(format!(
@@ -63,7 +63,7 @@ async fn cleanup(ctx: &Context, job: &JobRow) -> HandlerResult {
             "removing the containers and volume of {user}: {e}"
         )));
     }
-    if !ctx.store.delete_user(payload.user_id, job.id).await? {
+    if !ctx.db.delete_user(payload.user_id, job.id).await? {
         return Ok(JobOutcome::Cancelled(
             "the user is no longer being deleted by this job".into(),
         ));

@@ -49,14 +49,6 @@ pub struct WorkerConfig {
     #[arg(long, env = "BERTH_JOB_MAX_ATTEMPTS", default_value_t = 5)]
     pub max_attempts: u32,
 
-    /// The queue backend (set by the CLI from the shared flags).
-    #[arg(skip)]
-    pub queue: schema::QueueSettings,
-
-    /// Platform limits as configured (set by the CLI from the shared flags).
-    #[arg(skip = schema::Limits { concurrent_spawn_limit: 10, active_server_limit: 50 })]
-    pub limits: schema::Limits,
-
     #[command(flatten)]
     pub docker: DockerConfig,
 

@@ -9,22 +9,18 @@ use std::{
 };
 
 use schema::{
-    Console, JobOutcome, JobRow, Limits, Maintenance, Platform, ServerName, ServerRow, ServerState,
-    Store, StoreError, UserName, jobs::ServerJob,
+    Db, JobOutcome, JobRow, Limits, ServerName, ServerRow, ServerState, StoreError, UserName,
+    jobs::ServerJob, prelude::*,
 };
 use tokio_util::sync::CancellationToken;
 
 use crate::spawner::{SpawnError, Spawner};
 
 pub struct Context {
-    pub store: Arc<dyn Store>,
-    pub console: Arc<dyn Console>,
-    pub platform: Arc<dyn Platform>,
-    pub maintenance: Arc<dyn Maintenance>,
+    /// The store, on whichever database this Berth runs.
+    pub db: Arc<Db>,
     pub spawner: Arc<dyn Spawner>,
     pub worker_name: String,
-    /// The limits this worker was configured with; an admin's override wins.
-    pub configured: Limits,
     /// Tries of a job whose failures are transient, before it fails.
     pub max_attempts: u32,
     /// Fires when the worker shuts down: waiting jobs are handed back.
@@ -39,26 +35,17 @@ pub struct Context {
 const LIMITS_TTL: Duration = Duration::from_secs(1);
 
 impl Context {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
-        store: Arc<dyn Store>,
-        console: Arc<dyn Console>,
-        platform: Arc<dyn Platform>,
-        maintenance: Arc<dyn Maintenance>,
+        db: Arc<Db>,
         spawner: Arc<dyn Spawner>,
         worker_name: String,
-        configured: Limits,
         max_attempts: u32,
         shutdown: CancellationToken,
     ) -> Self {
         Self {
-            store,
-            console,
-            platform,
-            maintenance,
+            db,
             spawner,
             worker_name,
-            configured,
             max_attempts,
             shutdown,
             in_flight: AtomicI32::new(0),
@@ -75,11 +62,7 @@ impl Context {
         {
             return Ok(limits);
         }
-        let limits = self
-            .platform
-            .limit_overrides()
-            .await?
-            .apply(self.configured);
+        let limits = self.db.limits().await?;
         *self.limits_cache.lock().expect("limits cache") = Some((Instant::now(), limits));
         Ok(limits)
     }
@@ -112,7 +95,7 @@ impl Context {
                 Err(e) if e.is_transient() && tries < self.max_attempts => {
                     let wait = Duration::from_millis(500 << (tries - 1).min(6));
                     tracing::warn!(job = %job.id, error = %e, tries, retry_in = ?wait, "transient failure; retrying");
-                    self.store.note_retry(job.id, &e.to_string()).await?;
+                    self.db.note_retry(job.id, &e.to_string()).await?;
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}
                         _ = self.shutdown.cancelled() => return Err(HandlerError::HandOff),
@@ -192,9 +175,9 @@ where
 {
     let payload = match server_payload(job) {
         Ok(p) => p,
-        Err(outcome) => return Ok(ctx.store.finish_job(job.id, &outcome).await?),
+        Err(outcome) => return Ok(ctx.db.finish_job(job.id, &outcome).await?),
     };
-    let lock = ctx.store.lock_server(payload.server_id).await?;
+    let lock = ctx.db.lock_server(payload.server_id).await?;
     let result = claimed_locked(ctx, job, payload.server_id, expected, act).await;
     lock.release().await;
     result
@@ -211,7 +194,7 @@ where
     F: FnOnce(Claimed) -> Fut,
     Fut: Future<Output = HandlerResult>,
 {
-    let Some(job) = ctx.store.begin_job(job.id, &ctx.worker_name).await? else {
+    let Some(job) = ctx.db.begin_job(job.id, &ctx.worker_name).await? else {
         tracing::debug!(job = %job.id, "already ended; duplicate delivery ignored");
         return Ok(());
     };
@@ -222,7 +205,7 @@ where
     if let JobOutcome::Failed(why) = &outcome {
         tracing::warn!(job = %job.id, error = %why, "job failed");
     }
-    ctx.store.finish_job(job.id, &outcome).await?;
+    ctx.db.finish_job(job.id, &outcome).await?;
     Ok(())
 }
 
@@ -232,7 +215,7 @@ async fn claim(
     server_id: i64,
     expected: ServerState,
 ) -> Result<Result<Claimed, JobOutcome>, HandlerError> {
-    let Some(server) = ctx.store.server_by_id(server_id).await? else {
+    let Some(server) = ctx.db.server_by_id(server_id).await? else {
         return Ok(Err(JobOutcome::Cancelled(
             "the server no longer exists".into(),
         )));

@@ -5,7 +5,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use schema::{SqliteStore, lite::queue::Delivery, queue::MAX_DELIVERIES};
+use schema::{SqliteStore, lite::queue::Delivery, prelude::*, queue::MAX_DELIVERIES};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -124,7 +124,7 @@ async fn settle(ctx: &Context, store: &SqliteStore, d: Delivery) {
         Err(HandlerError::Deferred(why)) => (Some(DEFERRAL), Some(why)),
         Err(e) if d.delivery as usize >= MAX_DELIVERIES => {
             let why = format!("gave up after {} deliveries: {e}", d.delivery);
-            match ctx.store.dead_letter(job_id, &why).await {
+            match ctx.db.dead_letter(job_id, &why).await {
                 Ok(_) => {
                     tracing::error!(error = %why, "job dead-lettered");
                     (None, None)

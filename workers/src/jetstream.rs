@@ -9,7 +9,7 @@ use std::{sync::Arc, time::Duration};
 
 use async_nats::jetstream::{AckKind, Message};
 use futures::StreamExt;
-use schema::{JobEnvelope, JobKind, nats::Broker};
+use schema::{JobEnvelope, JobKind, nats::Broker, prelude::*};
 use tokio::{sync::Semaphore, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -38,7 +38,7 @@ pub async fn consume(
             // the order the broker hands spawns out, so a younger one whose handler
             // happens to ask first does not overtake it.
             if let Some(envelope) = envelope.filter(|e| e.kind == JobKind::Spawn)
-                && let Err(e) = ctx.platform.mark_fetched(envelope.job_id).await
+                && let Err(e) = ctx.db.mark_fetched(envelope.job_id).await
             {
                 tracing::debug!(job = %envelope.job_id, error = %e, "could not mark the spawn fetched");
             }
@@ -204,7 +204,7 @@ async fn handle(ctx: &Context, message: Message, ack_wait: Duration, max_deliver
         Err(HandlerError::Deferred(_)) => AckKind::Nak(Some(DEFERRAL)),
         Err(e) if delivered >= max_deliver => {
             let why = format!("gave up after {delivered} deliveries: {e}");
-            match ctx.store.dead_letter(envelope.job_id, &why).await {
+            match ctx.db.dead_letter(envelope.job_id, &why).await {
                 Ok(_) => {
                     tracing::error!(error = %why, "job dead-lettered");
                     AckKind::Term
@@ -286,7 +286,7 @@ pub async fn dead_letters(
 /// Whether a worker is running the job right now (it holds the server's lock):
 /// then the job is alive, whatever the broker counted, and finishes there.
 async fn in_hand(ctx: &Context, job_id: uuid::Uuid) -> bool {
-    let Ok(Some(job)) = ctx.store.get_job(job_id).await else {
+    let Ok(Some(job)) = ctx.db.get_job(job_id).await else {
         return false;
     };
     let Ok(payload) = crate::context::server_payload(&job) else {
@@ -295,7 +295,7 @@ async fn in_hand(ctx: &Context, job_id: uuid::Uuid) -> bool {
     if job.state != schema::JobState::Running {
         return false;
     }
-    match ctx.platform.try_lock_server(payload.server_id).await {
+    match ctx.db.try_lock_server(payload.server_id).await {
         Ok(Some(lock)) => {
             lock.release().await;
             false
@@ -327,7 +327,7 @@ async fn dead_letter(ctx: &Context, broker: &Broker, payload: &[u8]) -> Result<(
             advisory.deliveries
         );
         if ctx
-            .store
+            .db
             .dead_letter(envelope.job_id, &why)
             .await
             .map_err(|e| e.to_string())?

@@ -1,5 +1,12 @@
 //! Berth's workers: pull jobs from the queue and drive the container engine.
+//!
+//! `run` is the composition of one worker over the store it is handed: the
+//! consumer of that store's queue (`apalis` on Postgres, `jetstream` with NATS,
+//! `embedded` on SQLite), the job handlers (`spawn`, `stop`, `cleanup`,
+//! `maintenance`), and the background loops (heartbeats, reconciliation, the
+//! slot-freed feed).
 
+pub mod apalis;
 pub mod cleanup;
 pub mod config;
 pub mod context;
@@ -15,22 +22,16 @@ pub mod stop;
 
 use std::{sync::Arc, time::Duration};
 
-use apalis::prelude::{
-    Attempt, BoxDynError, Data, PollWith, Strategy, WorkerBuilder, WorkerBuilderExt,
-};
-use apalis_postgres::{PostgresStorage, Pubsub};
 use schema::{
-    JobEnvelope, JobKind, PgStore,
+    Db, JobEnvelope, JobKind,
+    db::Dialect,
     jobs::{CONTROL_QUEUE, SPAWN_QUEUE},
-    nats::Broker,
-    pg_locks::SLOT_FREED_CHANNEL,
     platform::WorkerInfo,
-    queue::MAX_DELIVERIES,
+    prelude::*,
 };
-use sqlx::{PgPool, postgres::PgListener};
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
+pub use apalis::queue_config as apalis_config;
 pub use config::{DockerConfig, ProcessConfig, PullPolicy, SpawnerKind, WorkerConfig};
 use context::{Context, HandlerError};
 use docker::DockerSpawner;
@@ -48,139 +49,103 @@ pub enum WorkerError {
     Config(String),
 }
 
-/// Runs a worker until `shutdown` fires: one consumer for spawns and one for
-/// stops and cleanups, each with `concurrency` jobs in flight, plus heartbeats and
-/// reconciliation. On shutdown it takes no new jobs, hands back spawns still
+/// Runs a worker over `db` until `shutdown` fires: one consumer for spawns and one
+/// for stops and cleanups, each with `concurrency` jobs in flight, plus heartbeats
+/// and reconciliation. On shutdown it takes no new jobs, hands back spawns still
 /// waiting for a slot, and gives the rest `shutdown_grace` seconds.
 pub async fn run(
     config: WorkerConfig,
-    pool: PgPool,
+    db: Arc<Db>,
     shutdown: CancellationToken,
 ) -> Result<(), WorkerError> {
     let spawner = open_spawner(&config).await?;
-    let worker_name = worker_name(&config);
-    let jobs_done = CancellationToken::new();
-    let (queue, broker) = config
-        .queue
-        .open(&pool, jobs_done.clone())
-        .await
-        .map_err(|e| WorkerError::Queue(e.to_string()))?;
-    if let Some(broker) = &broker {
-        broker
-            .ensure_all(&shutdown)
-            .await
-            .map_err(|e| WorkerError::Queue(e.to_string()))?;
-    }
-    let store = Arc::new(schema::Db::from(PgStore::new(pool.clone(), queue)));
-    let ctx = context(store, spawner, worker_name.clone(), &config, &shutdown);
-    let slots = tokio::spawn(slot_notifications(
-        ctx.clone(),
-        pool.clone(),
-        jobs_done.clone(),
-    ));
-    let consumers = match broker {
-        Some(broker) => {
-            for queue in [SPAWN_QUEUE, CONTROL_QUEUE] {
-                tokio::spawn(jetstream::dead_letters(
-                    ctx.clone(),
-                    broker.clone(),
-                    queue,
-                    jobs_done.clone(),
-                ));
-            }
-            nats_consumers(&ctx, broker, config.concurrency, &shutdown)
-        }
-        None => apalis_consumers(&ctx, &pool, &config, &worker_name, &shutdown),
-    };
-    drive(
-        ctx,
-        &config,
-        config.queue.name(),
-        consumers,
-        slots,
-        jobs_done,
-        &shutdown,
-    )
-    .await
-}
-
-/// `run` on the embedded store (`berth up` without a database): the same worker,
-/// fed by the store's own queue in this process.
-pub async fn run_embedded(
-    config: WorkerConfig,
-    store: schema::SqliteStore,
-    shutdown: CancellationToken,
-) -> Result<(), WorkerError> {
-    let spawner = open_spawner(&config).await?;
-    let worker_name = worker_name(&config);
-    let jobs_done = CancellationToken::new();
-    let released = store.release_taken().await?;
-    if released > 0 {
-        tracing::info!(
-            jobs = released,
-            "jobs taken before the last stop are on the queue again"
-        );
-    }
-    let shared = Arc::new(schema::Db::from(store.clone()));
-    let ctx = context(shared, spawner, worker_name, &config, &shutdown);
-    let slots = tokio::spawn({
-        let (ctx, freed, done) = (ctx.clone(), store.slot_freed(), jobs_done.clone());
-        async move {
-            loop {
-                tokio::select! {
-                    _ = freed.notified() => ctx.slot_freed.notify_waiters(),
-                    _ = done.cancelled() => return,
-                }
-            }
-        }
-    });
-    let consume = |queue| {
-        embedded::consume(
-            ctx.clone(),
-            store.clone(),
-            queue,
-            config.concurrency,
-            shutdown.clone(),
-        )
-    };
-    let (spawns, control) = (consume(SPAWN_QUEUE), consume(CONTROL_QUEUE));
-    let consumers: Consumers =
-        Box::pin(async move { tokio::try_join!(spawns, control).map(|_| ()) });
-    drive(
-        ctx, &config, "sqlite", consumers, slots, jobs_done, &shutdown,
-    )
-    .await
-}
-
-fn worker_name(config: &WorkerConfig) -> String {
-    config
+    let worker_name = config
         .worker_name
         .clone()
-        .unwrap_or_else(default_worker_name)
-}
-
-/// The handlers' context over one store that is every interface at once.
-fn context<S>(
-    store: Arc<S>,
-    spawner: Arc<dyn spawner::Spawner>,
-    worker_name: String,
-    config: &WorkerConfig,
-    shutdown: &CancellationToken,
-) -> Arc<Context>
-where
-    S: schema::Store + schema::Console + schema::Platform + schema::Maintenance,
-{
-    Arc::new(Context::new(
-        store.clone(),
-        store.clone(),
-        store.clone(),
-        store,
+        .unwrap_or_else(default_worker_name);
+    let ctx = Arc::new(Context::new(
+        db.clone(),
         spawner,
-        worker_name,
-        config.limits,
+        worker_name.clone(),
         config.max_attempts.max(1),
         shutdown.clone(),
-    ))
+    ));
+    // Background work that outlives the consumers by the grace period.
+    let jobs_done = CancellationToken::new();
+    let (backend, consumers, slot_feed): (&str, Consumers, _) = match db.on() {
+        Dialect::Lite(store) => {
+            let released = store.release_taken().await?;
+            if released > 0 {
+                tracing::info!(
+                    jobs = released,
+                    "jobs taken before the last stop are on the queue again"
+                );
+            }
+            let slot_feed = tokio::spawn({
+                let (ctx, freed, done) = (ctx.clone(), store.slot_freed(), jobs_done.clone());
+                async move {
+                    loop {
+                        tokio::select! {
+                            _ = freed.notified() => ctx.slot_freed.notify_waiters(),
+                            _ = done.cancelled() => return,
+                        }
+                    }
+                }
+            });
+            let consumers = both_queues(|queue| {
+                embedded::consume(
+                    ctx.clone(),
+                    store.clone(),
+                    queue,
+                    config.concurrency,
+                    shutdown.clone(),
+                )
+            });
+            ("sqlite", consumers, slot_feed)
+        }
+        Dialect::Pg(store) => {
+            let slot_feed = tokio::spawn(apalis::slot_notifications(
+                ctx.clone(),
+                store.pool().clone(),
+                jobs_done.clone(),
+            ));
+            match store.broker() {
+                Some(broker) => {
+                    broker
+                        .ensure_all(&shutdown)
+                        .await
+                        .map_err(|e| WorkerError::Queue(e.to_string()))?;
+                    for queue in [SPAWN_QUEUE, CONTROL_QUEUE] {
+                        tokio::spawn(jetstream::dead_letters(
+                            ctx.clone(),
+                            broker.clone(),
+                            queue,
+                            jobs_done.clone(),
+                        ));
+                    }
+                    let consumers = both_queues(|queue| {
+                        jetstream::consume(
+                            ctx.clone(),
+                            broker.clone(),
+                            queue,
+                            config.concurrency,
+                            shutdown.clone(),
+                        )
+                    });
+                    ("nats", consumers, slot_feed)
+                }
+                None => (
+                    "postgres",
+                    apalis::consumers(&ctx, store.pool(), &config, &worker_name, &shutdown),
+                    slot_feed,
+                ),
+            }
+        }
+    };
+    drive(
+        ctx, &config, backend, consumers, slot_feed, jobs_done, &shutdown,
+    )
+    .await
 }
 
 /// Registers the worker, runs its consumers and background tasks until shutdown
@@ -195,7 +160,7 @@ async fn drive(
     shutdown: &CancellationToken,
 ) -> Result<(), WorkerError> {
     let worker_name = ctx.worker_name.clone();
-    ctx.platform
+    ctx.db
         .register_worker(&WorkerInfo {
             name: worker_name.clone(),
             host: hostname(),
@@ -239,7 +204,7 @@ async fn drive(
     for task in background {
         let _ = task.await;
     }
-    if let Err(e) = ctx.platform.worker_stopped(&worker_name).await {
+    if let Err(e) = ctx.db.worker_stopped(&worker_name).await {
         tracing::warn!(error = %e, "could not record the worker's stop");
     }
     tracing::info!(worker = %worker_name, "worker stopped");
@@ -279,128 +244,13 @@ async fn open_spawner(config: &WorkerConfig) -> Result<Arc<dyn spawner::Spawner>
 
 type Consumers = std::pin::Pin<Box<dyn Future<Output = Result<(), WorkerError>> + Send>>;
 
-fn nats_consumers(
-    ctx: &Arc<Context>,
-    broker: Broker,
-    concurrency: usize,
-    shutdown: &CancellationToken,
-) -> Consumers {
-    let spawns = jetstream::consume(
-        ctx.clone(),
-        broker.clone(),
-        SPAWN_QUEUE,
-        concurrency,
-        shutdown.clone(),
-    );
-    let control = jetstream::consume(
-        ctx.clone(),
-        broker,
-        CONTROL_QUEUE,
-        concurrency,
-        shutdown.clone(),
-    );
-    Box::pin(async move { tokio::try_join!(spawns, control).map(|_| ()) })
-}
-
-fn apalis_consumers(
-    ctx: &Arc<Context>,
-    pool: &PgPool,
-    config: &WorkerConfig,
-    worker_name: &str,
-    shutdown: &CancellationToken,
-) -> Consumers {
-    // A consumer whose queue connection fails (the database restarted, a pool
-    // timeout under load) is rebuilt after a pause instead of taking the worker down.
-    let consume = |queue: &'static str| {
-        let build = {
-            let pool = pool.clone();
-            let ctx = ctx.clone();
-            let config = config.clone();
-            move |id: &str| {
-                let queue_config = apalis_config(
-                    queue,
-                    config.concurrency,
-                    config.heartbeat,
-                    config.missed_heartbeats,
-                );
-                // NOTIFY wakes a worker the moment a job is inserted; the interval
-                // catches what NOTIFY never announces: jobs handed back, retried or
-                // taken over from a dead worker.
-                let strategy = Strategy::new()
-                    .stream(Pubsub::new(pool.clone(), queue.to_owned()))
-                    .interval(Duration::from_millis(config.poll_interval_ms.max(5)));
-                let storage = PollWith::new(
-                    PostgresStorage::<JobEnvelope>::new(&pool).with_config(queue_config),
-                    strategy,
-                );
-                WorkerBuilder::new(id)
-                    .backend(storage)
-                    .data(ctx.clone())
-                    .concurrency(config.concurrency)
-                    .build(handle)
-            }
-        };
-        let shutdown = shutdown.clone();
-        let (pool, worker_name) = (pool.clone(), worker_name.to_owned());
-        async move {
-            // Each consumer has an id of its own: the tasks of one that failed are
-            // handed back, not mistaken for its successor's.
-            for incarnation in 0u64.. {
-                let id = format!("{worker_name}/{queue}/{incarnation}");
-                let stop = shutdown.clone();
-                let ran = build(&id)
-                    .run_until(async move {
-                        stop.cancelled().await;
-                        Ok::<(), std::io::Error>(())
-                    })
-                    .await;
-                match ran {
-                    Ok(()) => return Ok::<(), WorkerError>(()),
-                    Err(e) if !shutdown.is_cancelled() => {
-                        tracing::warn!(queue, error = %e, "queue consumer failed; restarting it in 1 s");
-                        tokio::select! {
-                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                            _ = shutdown.cancelled() => return Ok(()),
-                        }
-                        // Its jobs' futures were dropped with it. Should the database
-                        // not answer yet, apalis hands them back once the failed
-                        // consumer's heartbeats are overdue.
-                        match schema::queue::hand_back_apalis_tasks(&pool, &id).await {
-                            Ok(0) => {}
-                            Ok(n) => tracing::info!(
-                                queue,
-                                jobs = n,
-                                "the failed consumer's jobs are on the queue again"
-                            ),
-                            Err(e) => {
-                                tracing::warn!(queue, error = %e, "could not hand back the failed consumer's jobs; they return when its heartbeats are overdue")
-                            }
-                        }
-                    }
-                    Err(e) => return Err(WorkerError::Queue(e.to_string())),
-                }
-            }
-            Ok(())
-        }
-    };
+/// The spawn queue's and the control queue's consumers, run together.
+fn both_queues<Fut>(consume: impl Fn(&'static str) -> Fut) -> Consumers
+where
+    Fut: Future<Output = Result<(), WorkerError>> + Send + 'static,
+{
     let (spawns, control) = (consume(SPAWN_QUEUE), consume(CONTROL_QUEUE));
     Box::pin(async move { tokio::try_join!(spawns, control).map(|_| ()) })
-}
-
-/// How `berth worker` consumes one apalis-postgres queue: each fetch takes up to as
-/// many tasks as the worker runs at once (apalis's default batch of 10 capped a
-/// worker at about a thousand no-op jobs a second).
-pub fn apalis_config(
-    queue: &str,
-    concurrency: usize,
-    heartbeat_secs: u64,
-    missed_heartbeats: usize,
-) -> apalis_postgres::Config {
-    apalis_postgres::Config::default()
-        .queue(queue)
-        .batch_size(concurrency.max(1))
-        .heartbeat_interval(Duration::from_secs(heartbeat_secs.max(1)))
-        .missed_heartbeats(missed_heartbeats.max(1))
 }
 
 async fn heartbeats(ctx: Arc<Context>, every: Duration, done: CancellationToken) {
@@ -410,7 +260,7 @@ async fn heartbeats(ctx: Arc<Context>, every: Duration, done: CancellationToken)
             _ = done.cancelled() => return,
         }
         if let Err(e) = ctx
-            .platform
+            .db
             .worker_heartbeat(&ctx.worker_name, ctx.jobs_in_flight())
             .await
         {
@@ -432,34 +282,6 @@ async fn reconcile_loop(ctx: Arc<Context>, every: Duration, done: CancellationTo
     }
 }
 
-/// Wakes this worker's waiting spawns whenever any worker frees a slot.
-async fn slot_notifications(ctx: Arc<Context>, pool: PgPool, done: CancellationToken) {
-    loop {
-        let listener = async {
-            let mut listener = PgListener::connect_with(&pool).await?;
-            listener.listen(SLOT_FREED_CHANNEL).await?;
-            loop {
-                listener.recv().await?;
-                ctx.slot_freed.notify_waiters();
-            }
-            #[allow(unreachable_code)]
-            Ok::<(), sqlx::Error>(())
-        };
-        tokio::select! {
-            result = listener => {
-                if let Err(e) = result {
-                    tracing::warn!(error = %e, "slot notifications lost; waiting spawns poll until they resume");
-                }
-            }
-            _ = done.cancelled() => return,
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            _ = done.cancelled() => return,
-        }
-    }
-}
-
 fn hostname() -> String {
     std::fs::read_to_string("/etc/hostname")
         .map(|h| h.trim().to_owned())
@@ -468,28 +290,6 @@ fn hostname() -> String {
 
 fn default_worker_name() -> String {
     format!("{}-{}", hostname(), std::process::id())
-}
-
-async fn handle(
-    envelope: JobEnvelope,
-    ctx: Data<Arc<Context>>,
-    attempt: Attempt,
-) -> Result<(), BoxDynError> {
-    match run_job(envelope, &ctx)
-        .instrument(job_span(&envelope))
-        .await
-    {
-        Ok(()) => Ok(()),
-        // apalis counts deliveries from 0: this was the last one it makes.
-        Err(e) if attempt.current() + 1 >= MAX_DELIVERIES && e.may_dead_letter() => {
-            let why = format!("gave up after {MAX_DELIVERIES} deliveries: {e}");
-            if ctx.store.dead_letter(envelope.job_id, &why).await? {
-                tracing::error!(job = %envelope.job_id, error = %why, "job dead-lettered");
-            }
-            Ok(())
-        }
-        Err(e) => Err(e.into()),
-    }
 }
 
 /// The span every log line about a job is in: its id and kind, and (once read)
@@ -508,7 +308,7 @@ pub(crate) fn job_span(envelope: &JobEnvelope) -> tracing::Span {
 /// the backend should deliver it again.
 pub(crate) async fn run_job(envelope: JobEnvelope, ctx: &Context) -> Result<(), HandlerError> {
     let job_id = envelope.job_id;
-    let Some(job) = ctx.store.get_job(job_id).await?.filter(context::still_open) else {
+    let Some(job) = ctx.db.get_job(job_id).await?.filter(context::still_open) else {
         tracing::debug!(job = %job_id, "job already ended; duplicate delivery ignored");
         return Ok(());
     };

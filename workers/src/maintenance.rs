@@ -9,30 +9,31 @@ use schema::{
 };
 use serde_json::{Value, json};
 
+use schema::prelude::*;
+
 use crate::context::{Context, HandlerError};
 
 pub async fn run(ctx: &Context, job: &JobRow, kind: JobKind) -> Result<(), HandlerError> {
-    let Some(job) = ctx.store.begin_job(job.id, &ctx.worker_name).await? else {
+    let Some(job) = ctx.db.begin_job(job.id, &ctx.worker_name).await? else {
         return Ok(());
     };
     let done = match kind {
         JobKind::Cull => cull(ctx, &job).await,
-        JobKind::ExpireSessions => Ok(Ok(serde_json::to_value(
-            ctx.maintenance.expire_sessions().await?,
-        )
-        .expect("serialises"))),
+        JobKind::ExpireSessions => Ok(Ok(
+            serde_json::to_value(ctx.db.expire_sessions().await?).expect("serialises")
+        )),
         JobKind::Archive => archive(ctx, &job).await,
         other => Ok(Err(format!("{} is not a maintenance job", other.as_str()))),
     }?;
     let outcome = match done {
         Ok(result) => {
             tracing::info!(job = %job.id, kind = kind.as_str(), %result, "maintenance done");
-            ctx.maintenance.record_result(job.id, &result).await?;
+            ctx.db.record_result(job.id, &result).await?;
             JobOutcome::Succeeded
         }
         Err(why) => JobOutcome::Failed(why),
     };
-    ctx.store.finish_job(job.id, &outcome).await?;
+    ctx.db.finish_job(job.id, &outcome).await?;
     Ok(())
 }
 
@@ -51,7 +52,7 @@ async fn cull(ctx: &Context, job: &JobRow) -> Result<Result<Value, String>, Hand
     };
     let now = Utc::now();
     let idle = ctx
-        .maintenance
+        .db
         .idle_servers(
             now - Duration::seconds(settings.idle_timeout_secs),
             settings.exempt_admins,
@@ -63,7 +64,7 @@ async fn cull(ctx: &Context, job: &JobRow) -> Result<Result<Value, String>, Hand
         let max_age = Duration::seconds(settings.max_age_secs);
         let warning = Duration::seconds(settings.max_age_warning_secs.max(0));
         warned = ctx
-            .maintenance
+            .db
             .warn_old_servers(
                 now - (max_age - warning),
                 settings.max_age_secs,
@@ -71,7 +72,7 @@ async fn cull(ctx: &Context, job: &JobRow) -> Result<Result<Value, String>, Hand
             )
             .await?;
         let old = ctx
-            .maintenance
+            .db
             .expired_servers(now - max_age, now - warning, settings.exempt_admins)
             .await?;
         stopped_old = stop_all(ctx, &old, "past its maximum age").await?;
@@ -100,7 +101,7 @@ async fn stop_all(
         ) else {
             continue;
         };
-        if let schema::StopOutcome::Enqueued(_) = ctx.store.request_stop(&user, &name).await? {
+        if let schema::StopOutcome::Enqueued(_) = ctx.db.request_stop(&user, &name).await? {
             tracing::info!(user = %user, server = %name, why, "culling server");
             stopped += 1;
         }
@@ -117,7 +118,7 @@ async fn archive(ctx: &Context, job: &JobRow) -> Result<Result<Value, String>, H
     let dir = std::path::Path::new(&settings.dir);
     let mut result = serde_json::Map::new();
     for table in ArchiveTable::ALL {
-        match ctx.maintenance.archive(table, before, dir).await {
+        match ctx.db.archive(table, before, dir).await {
             Ok(n) => {
                 result.insert(table.as_str().into(), n.into());
             }
@@ -127,7 +128,7 @@ async fn archive(ctx: &Context, job: &JobRow) -> Result<Result<Value, String>, H
             Err(e) => return Err(e.into()),
         }
     }
-    let purged = ctx.maintenance.purge_queue(before).await?;
+    let purged = ctx.db.purge_queue(before).await?;
     result.insert("queue_purged".into(), purged.into());
     Ok(Ok(Value::Object(result)))
 }

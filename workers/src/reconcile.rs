@@ -5,7 +5,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use schema::ServerState;
+use schema::{ServerState, prelude::*};
 
 use crate::context::{Context, HandlerError};
 
@@ -18,7 +18,7 @@ pub struct Report {
 }
 
 pub async fn reconcile(ctx: &Context) -> Result<Report, HandlerError> {
-    let Some(global) = ctx.platform.try_reconcile_lock().await? else {
+    let Some(global) = ctx.db.try_reconcile_lock().await? else {
         return Ok(Report {
             skipped: true,
             ..Report::default()
@@ -31,14 +31,14 @@ pub async fn reconcile(ctx: &Context) -> Result<Report, HandlerError> {
 
 async fn reconcile_locked(ctx: &Context) -> Result<Report, HandlerError> {
     let mut report = Report::default();
-    ctx.platform.close_stale_attempts().await?;
+    ctx.db.close_stale_attempts().await?;
     let containers = ctx
         .spawner
         .list_managed()
         .await
         .map_err(|e| HandlerError::Transient(e.to_string()))?;
     let live: HashMap<i64, _> = ctx
-        .platform
+        .db
         .live_servers()
         .await?
         .into_iter()
@@ -64,7 +64,7 @@ async fn reconcile_locked(ctx: &Context) -> Result<Report, HandlerError> {
         }
         // Look again under the server's lock; a server being worked on is left alone.
         let lock = match container.server_id {
-            Some(id) => match ctx.platform.try_lock_server(id).await? {
+            Some(id) => match ctx.db.try_lock_server(id).await? {
                 Some(lock) => Some(lock),
                 None => {
                     // Someone is working on this server: leave it, and its server, alone.
@@ -75,7 +75,7 @@ async fn reconcile_locked(ctx: &Context) -> Result<Report, HandlerError> {
             None => None,
         };
         let now = match container.server_id {
-            Some(id) => ctx.store.server_by_id(id).await?,
+            Some(id) => ctx.db.server_by_id(id).await?,
             None => None,
         };
         let owned = now.as_ref().is_some_and(|s| {
@@ -95,7 +95,7 @@ async fn reconcile_locked(ctx: &Context) -> Result<Report, HandlerError> {
                 let code = exit_code.unwrap_or(-1);
                 let failed = code != 0;
                 let why = format!("the server exited with code {code}");
-                if ctx.platform.mark_lost(server.id, failed, &why).await? {
+                if ctx.db.mark_lost(server.id, failed, &why).await? {
                     report.lost += 1;
                     tracing::warn!(container = %container.name, %why, "reconcile: server lost");
                 }
@@ -115,11 +115,11 @@ async fn reconcile_locked(ctx: &Context) -> Result<Report, HandlerError> {
         .values()
         .filter(|s| s.state == ServerState::Running && !seen.contains(&s.id))
     {
-        let Some(lock) = ctx.platform.try_lock_server(server.id).await? else {
+        let Some(lock) = ctx.db.try_lock_server(server.id).await? else {
             continue;
         };
         // The listing may be older than the server: look at both again, under the lock.
-        let now = ctx.store.server_by_id(server.id).await?;
+        let now = ctx.db.server_by_id(server.id).await?;
         let container_now = match now.as_ref().and_then(|s| s.container_id.clone()) {
             Some(id) => ctx
                 .spawner
@@ -132,7 +132,7 @@ async fn reconcile_locked(ctx: &Context) -> Result<Report, HandlerError> {
             now.is_some_and(|s| s.state == ServerState::Running) && container_now.is_none();
         if vanished
             && ctx
-                .platform
+                .db
                 .mark_lost(server.id, true, "the container vanished")
                 .await?
         {

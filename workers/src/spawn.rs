@@ -6,6 +6,7 @@ use std::time::Duration;
 use rand::RngCore;
 use schema::{
     JobOutcome, JobRow, Running, ServerState, console::ProgressStep, platform::SlotAnswer,
+    prelude::*,
 };
 use sha2::{Digest, Sha256};
 
@@ -23,7 +24,7 @@ const SLOT_POLL: Duration = Duration::from_millis(500);
 pub async fn run(ctx: &Context, job: &JobRow) -> Result<(), HandlerError> {
     let server_id = match server_payload(job) {
         Ok(p) => p.server_id,
-        Err(outcome) => return Ok(ctx.store.finish_job(job.id, &outcome).await?),
+        Err(outcome) => return Ok(ctx.db.finish_job(job.id, &outcome).await?),
     };
     // Over the concurrent-spawn limit a spawn waits here, neither failed nor counted
     // as an attempt, and takes the first slot that frees once no older spawn waits.
@@ -34,9 +35,9 @@ pub async fn run(ctx: &Context, job: &JobRow) -> Result<(), HandlerError> {
         // worker still holds that lock (this is a second delivery: come back later
         // rather than take a slot for nothing) or it died (the lock is free: take
         // over). Asked on every try, since the other delivery may begin meanwhile.
-        match ctx.store.get_job(job.id).await? {
+        match ctx.db.get_job(job.id).await? {
             Some(current) if current.state == schema::JobState::Running => {
-                if let Some(lock) = ctx.platform.try_lock_server(server_id).await? {
+                if let Some(lock) = ctx.db.try_lock_server(server_id).await? {
                     lock.release().await;
                 } else {
                     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -58,7 +59,7 @@ pub async fn run(ctx: &Context, job: &JobRow) -> Result<(), HandlerError> {
         }
         let limit = ctx.limits().await?.concurrent_spawn_limit;
         match ctx
-            .platform
+            .db
             .try_spawn_slot(job.id, job.created_at, limit, &ctx.worker_name, delivery)
             .await?
         {
@@ -96,14 +97,14 @@ pub async fn run(ctx: &Context, job: &JobRow) -> Result<(), HandlerError> {
 /// Progress is for watching: a step that cannot be written is logged, and the
 /// spawn goes on (failing the delivery for it would run the spawn twice).
 async fn note_progress(ctx: &Context, job: &JobRow, step: &ProgressStep) {
-    if let Err(e) = ctx.console.record_progress(job.id, step).await {
+    if let Err(e) = ctx.db.record_progress(job.id, step).await {
         tracing::warn!(job = %job.id, error = %e, "could not record spawn progress");
     }
 }
 
 async fn still_wanted(ctx: &Context, job: &JobRow, server_id: i64) -> Result<bool, HandlerError> {
     Ok(ctx
-        .store
+        .db
         .server_by_id(server_id)
         .await?
         .is_some_and(|s| s.state == ServerState::PendingSpawn && s.spawn_job_id == Some(job.id)))
@@ -118,9 +119,9 @@ async fn spawn(ctx: &Context, job: &JobRow, claimed: Claimed) -> HandlerResult {
     let server_id = server.id;
     // The API admits exactly; this catches a limit an admin lowered since.
     let limit = ctx.limits().await?.active_server_limit;
-    if !ctx.platform.within_active_limit(server_id, limit).await? {
+    if !ctx.db.within_active_limit(server_id, limit).await? {
         let message = format!("the platform is full: the active-server limit is {limit}");
-        ctx.store
+        ctx.db
             .mark_spawn_failed(server_id, job.id, &message)
             .await?;
         return Ok(JobOutcome::Failed(message));
@@ -143,7 +144,7 @@ async fn spawn(ctx: &Context, job: &JobRow, claimed: Claimed) -> HandlerResult {
     // Steps go out in order through one writer; it drains before the outcome is recorded.
     let (steps, mut written) = tokio::sync::mpsc::unbounded_channel::<(i16, String)>();
     let writer = {
-        let console = ctx.console.clone();
+        let console = ctx.db.clone();
         let job_id = job.id;
         tokio::spawn(async move {
             while let Some((progress, message)) = written.recv().await {
@@ -158,7 +159,7 @@ async fn spawn(ctx: &Context, job: &JobRow, claimed: Claimed) -> HandlerResult {
         let _ = steps.send((progress, message));
     };
     let attempt = || {
-        let store = ctx.store.clone();
+        let store = ctx.db.clone();
         let job_id = job.id;
         let still_wanted: StillWanted<'_> = Box::new(move || {
             let store = store.clone();
@@ -190,7 +191,7 @@ async fn spawn(ctx: &Context, job: &JobRow, claimed: Claimed) -> HandlerResult {
                 mem_limit: spawned.mem_limit,
                 cpu_limit: spawned.cpu_limit.map(|c| c as f32),
             };
-            if ctx.store.mark_running(&running).await? {
+            if ctx.db.mark_running(&running).await? {
                 tracing::info!(user = %user, server = %server_name, "server running");
                 return Ok(JobOutcome::Succeeded);
             }
@@ -206,7 +207,7 @@ async fn spawn(ctx: &Context, job: &JobRow, claimed: Claimed) -> HandlerResult {
         Err(e) => {
             let message = e.to_string();
             tracing::warn!(user = %user, server = %server_name, error = %message, "spawn failed");
-            ctx.store
+            ctx.db
                 .mark_spawn_failed(server_id, job.id, &message)
                 .await?;
             Ok(JobOutcome::Failed(message))

@@ -1,6 +1,6 @@
 //! The stop job: stop and remove a server's container; the user's volume stays.
 
-use schema::{JobOutcome, JobRow, ServerState};
+use schema::{JobOutcome, JobRow, ServerState, prelude::*};
 
 use crate::context::{Claimed, Context, HandlerError, HandlerResult, with_claimed_server};
 
@@ -24,7 +24,7 @@ async fn stop(ctx: &Context, job: &JobRow, claimed: Claimed) -> HandlerResult {
             schema::container_name(&user, &name)
         )));
     }
-    ctx.store.mark_stopped(server.id, Some(job.id)).await?;
+    ctx.db.mark_stopped(server.id, Some(job.id)).await?;
     tracing::info!(user = %user, server = %name, "server stopped");
     Ok(JobOutcome::Succeeded)
 }

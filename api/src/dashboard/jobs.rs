@@ -12,7 +12,7 @@ use axum::{
 };
 use chrono::{DateTime, NaiveDateTime, Utc};
 use maud::{Markup, html};
-use schema::{JobRow, console::JobFilter};
+use schema::{JobRow, console::JobFilter, prelude::*};
 use uuid::Uuid;
 
 use super::{
@@ -81,7 +81,7 @@ async fn list(
         Err(message) => return page_error(StatusCode::BAD_REQUEST, "Bad filter", &message),
     };
     let jobs = match state
-        .console
+        .db
         .jobs_page(&filter, (page - 1) * PER_PAGE, PER_PAGE)
         .await
     {
@@ -165,7 +165,7 @@ async fn detail(
         Ok(id) => id,
         Err(bad) => return *bad,
     };
-    let job = match state.store.get_job(id).await {
+    let job = match state.db.get_job(id).await {
         Ok(Some(job)) => job,
         Ok(None) => {
             return page_error(
@@ -177,11 +177,7 @@ async fn detail(
         Err(e) => return crate::error::ApiError::from(e).into_response(),
     };
     let events = if job.kind == schema::JobKind::Spawn {
-        state
-            .console
-            .progress_after(id, 0)
-            .await
-            .unwrap_or_default()
+        state.db.progress_after(id, 0).await.unwrap_or_default()
     } else {
         vec![]
     };
@@ -288,7 +284,7 @@ async fn bulk(
         )
     };
     let ids: Vec<Uuid> = match form.get("scope") {
-        Some("matching") => match state.console.job_ids(&filter, BULK_MAX).await {
+        Some("matching") => match state.db.job_ids(&filter, BULK_MAX).await {
             Ok(ids) => ids,
             Err(e) => return back(&list, Err(say(e.into()))),
         },

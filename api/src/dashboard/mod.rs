@@ -24,6 +24,8 @@ use chrono::{DateTime, Utc};
 use maud::{DOCTYPE, Markup, PreEscaped, html};
 use serde_json::{Value, json};
 
+use schema::prelude::*;
+
 use crate::{
     AppState,
     accounts::{Login, log_in},
@@ -412,7 +414,7 @@ async fn login(State(state): State<AppState>, addr: ClientAddr, body: Bytes) -> 
 
 async fn logout(State(state): State<AppState>, operator: Operator, addr: ClientAddr) -> Response {
     if let Principal::User { jti, user } = &operator.principal {
-        if let Err(e) = state.accounts.revoke_session(*jti).await {
+        if let Err(e) = state.db.revoke_session(*jti).await {
             tracing::error!(error = %e, "could not revoke a dashboard session");
         }
         state
@@ -438,8 +440,8 @@ async fn logout(State(state): State<AppState>, operator: Operator, addr: ClientA
 /// The platform at a glance, as the overview and the live updates show it.
 pub async fn snapshot(state: &AppState) -> Result<Value, ApiError> {
     let limits = state.limits().await?;
-    let usage = state.platform.usage().await?;
-    let counts = state.console.job_counts().await?;
+    let usage = state.db.usage().await?;
+    let counts = state.db.job_counts().await?;
     let mut queues = serde_json::Map::new();
     for c in &counts {
         let entry = queues
@@ -452,16 +454,16 @@ pub async fn snapshot(state: &AppState) -> Result<Value, ApiError> {
         entry.insert(state.to_owned(), json!(n));
     }
     let now = Utc::now();
-    let workers = state.platform.list_workers().await?;
+    let workers = state.db.list_workers().await?;
     let alive = workers
         .iter()
         .filter(|w| crate::metrics::worker_alive(w, now))
         .count();
     let failures = state
-        .console
+        .db
         .failures_since(now - chrono::Duration::hours(1))
         .await?;
-    let servers = state.console.server_counts().await?;
+    let servers = state.db.server_counts().await?;
     Ok(json!({
         "queues": queues,
         "spawn_slots": { "in_use": usage.spawns_in_flight, "limit": limits.concurrent_spawn_limit },

@@ -12,7 +12,7 @@ use axum::{
 };
 use chrono::Utc;
 use maud::html;
-use schema::{Role, ServerName, StopOutcome, UserName, console::ServerFilter};
+use schema::{Role, ServerName, StopOutcome, UserName, console::ServerFilter, prelude::*};
 use serde_json::{Value, json};
 
 use super::{
@@ -95,7 +95,7 @@ async fn servers(
         );
     }
     let listing = match state
-        .console
+        .db
         .servers_page(&filter, (page - 1) * PER_PAGE, PER_PAGE)
         .await
     {
@@ -210,7 +210,7 @@ async fn stop_idle(
         );
     };
     let before = Utc::now() - chrono::Duration::minutes(minutes);
-    let idle = match state.maintenance.idle_servers(before, false).await {
+    let idle = match state.db.idle_servers(before, false).await {
         Ok(idle) => idle,
         Err(e) => return back("/admin/servers", Err(say(e.into()))),
     };
@@ -257,7 +257,7 @@ async fn workers(
     operator: Operator,
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
-    let list = match state.platform.list_workers().await {
+    let list = match state.db.list_workers().await {
         Ok(l) => l,
         Err(e) => return failure(e),
     };
@@ -291,7 +291,7 @@ async fn schedules(
     operator: Operator,
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
-    let list = match state.maintenance.schedules().await {
+    let list = match state.db.schedules().await {
         Ok(l) => l,
         Err(e) => return failure(e),
     };
@@ -329,11 +329,7 @@ async fn run_schedule(
     addr: ClientAddr,
     Path(name): Path<String>,
 ) -> Response {
-    match state
-        .maintenance
-        .enqueue_tick(&name, Utc::now(), true)
-        .await
-    {
+    match state.db.enqueue_tick(&name, Utc::now(), true).await {
         Ok(Some(job)) => {
             state
                 .audit(
@@ -372,7 +368,7 @@ async fn users(
         );
     }
     let list = match state
-        .accounts
+        .db
         .users_page(q.as_deref(), (page - 1) * PER_PAGE, PER_PAGE)
         .await
     {
@@ -476,11 +472,7 @@ async fn audit(
         Ok(p) => p,
         Err(message) => return page_error(StatusCode::BAD_REQUEST, "Bad page", &message),
     };
-    let list = match state
-        .accounts
-        .audit_page((page - 1) * PER_PAGE, PER_PAGE)
-        .await
-    {
+    let list = match state.db.audit_page((page - 1) * PER_PAGE, PER_PAGE).await {
         Ok(l) => l,
         Err(e) => return failure(e),
     };

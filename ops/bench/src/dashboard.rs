@@ -212,15 +212,12 @@ async fn measure_sqlite(args: &Args, dir: &std::path::Path) -> anyhow::Result<()
 }
 
 /// Serves the API on `store`, logs in through the form and times each page.
-async fn time_pages<S>(
+async fn time_pages(
     args: &Args,
-    store: Arc<S>,
+    store: Arc<schema::Db>,
     some_job: uuid::Uuid,
     shutdown: CancellationToken,
-) -> anyhow::Result<()>
-where
-    S: schema::Store + schema::Accounts + schema::Platform + schema::Maintenance + schema::Console,
-{
+) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
     let config =
