@@ -12,7 +12,7 @@ use axum::{
 };
 use chrono::Utc;
 use maud::html;
-use schema::{Role, ServerName, StopOutcome, UserName, console::ServerFilter, prelude::*};
+use schema::{Role, ServerName, ServerState, StopOutcome, UserName, console::ServerFilter, prelude::*};
 use serde_json::{Value, json};
 
 use super::{
@@ -116,7 +116,7 @@ async fn servers(
                 td { @match (l.mem_limit, l.cpu_limit) { (Some(m), Some(c)) => { (format!("{} MiB, {c} CPU", m / (1 << 20))) }, _ => { "—" } } }
                 td.error { (s.warning.as_deref().or(s.error.as_deref()).unwrap_or("")) }
                 td {
-                    @if matches!(s.state.as_str(), "running" | "pending_spawn") {
+                    @if matches!(s.state, ServerState::Running | ServerState::PendingSpawn) {
                         form method="post" action="/admin/servers/stop" {
                             input type="hidden" name="user" value=(s.user_name);
                             input type="hidden" name="server" value=(s.name);
