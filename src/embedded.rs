@@ -90,9 +90,15 @@ pub async fn up(
     let roles = crate::all_roles(
         &shutdown,
         async {
-            api::run(api, db.clone(), listener, shutdown.clone())
-                .await
-                .map_err(Into::into)
+            api::run(
+                api,
+                db.clone(),
+                listener,
+                shutdown.clone(),
+                api::Serve::Both,
+            )
+            .await
+            .map_err(Into::into)
         },
         async {
             workers::run(worker, db.clone(), shutdown.clone())

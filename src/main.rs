@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 mod embedded;
+mod sample;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -175,10 +176,15 @@ enum Command {
     Migrate,
     /// Serve the HTTP API.
     Api(api::ApiConfig),
+    /// Serve users' servers under /user/ (the proxy; any number of replicas).
+    Proxy(api::ApiConfig),
     /// Pull jobs from the queue and drive the container engine.
     Worker(workers::WorkerConfig),
     /// Enqueue periodic work (culling, session expiry, archiving) on cron schedules.
     Scheduler(scheduler::SchedulerConfig),
+    /// A small server of the user's working directory: the default server command
+    /// of local-process servers (try Berth with no image).
+    SampleServer,
     /// Migrate, then run the API, a worker and the scheduler in one process. With no
     /// database URL, on an embedded SQLite database in BERTH_DATA_DIR.
     Up {
@@ -215,7 +221,11 @@ async fn run(
     let pool_size = common.db_max_connections.unwrap_or(match &cli.command {
         Command::Worker(worker) => worker_pool_size(worker),
         Command::Up { worker, .. } => API_POOL_SIZE + worker_pool_size(worker),
-        Command::Api(_) | Command::Scheduler(_) | Command::Migrate => API_POOL_SIZE,
+        Command::Api(_)
+        | Command::Proxy(_)
+        | Command::Scheduler(_)
+        | Command::Migrate
+        | Command::SampleServer => API_POOL_SIZE,
     });
     if let (Some(address), Command::Worker(_) | Command::Scheduler(_)) =
         (common.metrics_listen, &cli.command)
@@ -223,13 +233,18 @@ async fn run(
         serve_metrics(address, shutdown.clone()).await?;
     }
     match cli.command {
+        Command::SampleServer => sample::run().await?,
         Command::Migrate => {
             schema::migrate(&connect(common, pool_size).await?).await?;
             tracing::info!("database is up to date");
         }
         Command::Api(config) => {
             let db = open_store(common, pool_size, &background).await?;
-            serve_api(config, db, shutdown).await?
+            serve_api(config, db, shutdown, api::Serve::Api).await?
+        }
+        Command::Proxy(config) => {
+            let db = open_store(common, pool_size, &background).await?;
+            serve_api(config, db, shutdown, api::Serve::Proxy).await?
         }
         Command::Worker(config) => {
             let db = open_store(common, pool_size, &background).await?;
@@ -252,7 +267,7 @@ async fn run(
             let db = open_store(common, pool_size, &background).await?;
             all_roles(
                 &shutdown,
-                serve_api(api, db.clone(), shutdown.clone()),
+                serve_api(api, db.clone(), shutdown.clone(), api::Serve::Both),
                 async {
                     workers::run(worker, db.clone(), shutdown.clone())
                         .await
@@ -285,8 +300,9 @@ async fn open_store(
 
 /// What `berth up` sets on its roles, on either store: local processes when no
 /// engine answers (a newcomer's one command); the API shows the local-process
-/// servers' logs.
+/// servers' logs; servers are told the API's address as given by flag too.
 fn prepare_up(api: &mut api::ApiConfig, worker: &mut workers::WorkerConfig) {
+    worker.docker.api_listen = api.listen;
     worker
         .process
         .spawner
@@ -326,11 +342,12 @@ async fn serve_api(
     config: api::ApiConfig,
     db: Arc<Db>,
     shutdown: CancellationToken,
+    serve: api::Serve,
 ) -> anyhow::Result<()> {
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
-    api::run(config, db, listener, shutdown).await?;
+    api::run(config, db, listener, shutdown, serve).await?;
     Ok(())
 }
 

@@ -159,7 +159,11 @@ async fn a_worker_killed_mid_spawn_is_taken_over_and_the_spawn_completes_once(ba
         vec![format!("berth-{user}")],
         "exactly one container"
     );
-    assert!(reqwest::get(server["url"].as_str().unwrap()).await.is_ok());
+    assert!(
+        reqwest::get(server["internal_url"].as_str().unwrap())
+            .await
+            .is_ok()
+    );
     // Takeover (about 3 s here) plus a fresh 4 s start.
     assert!(took < Duration::from_secs(30), "took over in {took:?}");
 
@@ -448,7 +452,9 @@ async fn after_every_process_is_killed_and_restarted_reconciliation_makes_the_st
         .1;
     assert_eq!(fine["state"], "running");
     assert!(
-        reqwest::get(fine["url"].as_str().unwrap()).await.is_ok(),
+        reqwest::get(fine["internal_url"].as_str().unwrap())
+            .await
+            .is_ok(),
         "the untouched server still answers"
     );
 

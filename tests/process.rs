@@ -74,7 +74,7 @@ async fn local_process_servers_spawn_stop_outlive_a_worker_restart_and_are_recon
     let server = env
         .wait_server(&path, Duration::from_secs(30), |s| s["state"] == "running")
         .await;
-    let url = server["url"].as_str().unwrap().to_owned();
+    let url = server["internal_url"].as_str().unwrap().to_owned();
     assert!(url.starts_with("http://127.0.0.1:"), "{url}");
     assert!(answers(&url).await, "the server answers HTTP at {url}");
     let run_dir = root.join("run").join(format!("berth-{user}"));

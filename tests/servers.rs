@@ -36,21 +36,25 @@ async fn spawn_stop_and_cleanup_follow_the_container_contract(backend: Backend) 
         )
         .await;
     assert_eq!(server["ready"], true);
-    let url = server["url"].as_str().expect("a url");
+    assert_eq!(
+        server["url"].as_str(),
+        Some(format!("{}/user/{user}/", env.base).as_str()),
+        "users reach it through the proxy"
+    );
+    let url = server["internal_url"]
+        .as_str()
+        .expect("the internal address, shown to an admin");
     assert!(
         server["started"].is_string() && server["last_activity"].is_string(),
         "{server}"
     );
     assert!(server["error"].is_null());
 
-    // The URL answers HTTP: the server really is up.
-    let page = reqwest::get(url)
-        .await
-        .expect("server answers")
-        .text()
-        .await
-        .unwrap();
-    assert!(page.contains("ready"), "{page}");
+    // The container answers HTTP, but only its proxy: a neighbour without the
+    // proxy's secret is refused.
+    let refused = reqwest::get(url).await.expect("server answers");
+    assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+    assert!(refused.text().await.unwrap().contains("proxy only"));
 
     let job = env.wait_job(&job_id, READY_WITHIN).await;
     assert_eq!(job["kind"], "spawn");

@@ -234,7 +234,7 @@ async fn berth_up_runs_from_an_empty_data_directory_and_keeps_everything_across_
     assert_eq!(status, StatusCode::ACCEPTED, "{spawned}");
     let first_job = spawned["job_id"].as_str().unwrap().to_owned();
     let running = wait_state(&base, &token, &path, "running").await;
-    let url = running["url"].as_str().unwrap().to_owned();
+    let url = running["internal_url"].as_str().unwrap().to_owned();
     assert!(answers(&url).await, "the server answers at {url}");
     let log = reqwest::Client::new()
         .get(format!("{base}{path}/log"))
@@ -257,7 +257,7 @@ async fn berth_up_runs_from_an_empty_data_directory_and_keeps_everything_across_
     let (status, _) = call(&base, &token, Method::POST, &path, None).await;
     assert_eq!(status, StatusCode::ACCEPTED);
     let again = wait_state(&base, &token, &path, "running").await;
-    let url = again["url"].as_str().unwrap().to_owned();
+    let url = again["internal_url"].as_str().unwrap().to_owned();
     wait_state(&base, &token, &path, "stopped").await;
     assert!(!answers(&url).await, "the culled server still answers");
     let culls = count(
@@ -290,7 +290,7 @@ async fn berth_up_runs_from_an_empty_data_directory_and_keeps_everything_across_
     let bob_path = format!("/api/v1/users/{bob}/server");
     call(&base, &token, Method::POST, &bob_path, None).await;
     let bob_server = wait_state(&base, &token, &bob_path, "running").await;
-    let bob_url = bob_server["url"].as_str().unwrap().to_owned();
+    let bob_url = bob_server["internal_url"].as_str().unwrap().to_owned();
     let jobs_before = count(&up.data, "select count(*) from jobs").await;
 
     // A second `berth up` on the same directory is refused while the first runs.
@@ -328,7 +328,7 @@ async fn berth_up_runs_from_an_empty_data_directory_and_keeps_everything_across_
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (_, bob_server) = call(&base, &token, Method::GET, &bob_path, None).await;
     assert_eq!(bob_server["state"], "running", "{bob_server}");
-    assert_eq!(bob_server["url"], bob_url.as_str());
+    assert_eq!(bob_server["internal_url"], bob_url.as_str());
     assert!(answers(&bob_url).await);
     let (status, job) = call(
         &base,

@@ -120,7 +120,10 @@ async fn register(
     state
         .audit(None, "user_registered", Some(&user.name), &addr, json!({}))
         .await;
-    Ok((StatusCode::CREATED, Json(UserView::new(&user, &[]))))
+    Ok((
+        StatusCode::CREATED,
+        Json(UserView::new(&user, &[], state.public_addresses())),
+    ))
 }
 
 /// The same answer for an unknown account and a wrong password, in the same time.
@@ -134,7 +137,7 @@ async fn login(
         "access_token": token,
         "token_type": "bearer",
         "expires_in": state.config.token_ttl,
-        "user": UserView::new(&user, &[]),
+        "user": UserView::new(&user, &[], state.public_addresses()),
     })))
 }
 
@@ -240,7 +243,7 @@ async fn me(State(state): State<AppState>, principal: Principal) -> ApiResult<Js
     Ok(Json(match principal {
         Principal::User { user, .. } => {
             let servers = state.db.servers_of(&[user.id]).await?;
-            json!({ "kind": "user", "user": UserView::new(&user, &servers) })
+            json!({ "kind": "user", "user": UserView::new(&user, &servers, state.public_addresses()) })
         }
         Principal::Service { name, scopes } => {
             json!({ "kind": "service", "name": name, "scopes": scopes })

@@ -58,7 +58,6 @@ async fn activity(
     JsonBody(body): JsonBody<ActivityBody>,
 ) -> ApiResult<StatusCode> {
     let user = UserName::parse(&user)?;
-    principal.may("servers:write", &user)?;
     if body.last_activity.is_none() && body.servers.is_empty() {
         return Err(ApiError::BadRequest(
             "nothing to record: give last_activity or servers".into(),
@@ -79,7 +78,11 @@ async fn activity(
             &format!("last_activity of server {name:?}"),
             report.last_activity,
         )?;
+        principal.may_report(&user, &server)?;
         servers.push((server, at));
+    }
+    if servers.is_empty() {
+        principal.may("servers:write", &user)?;
     }
     state.db.record_activity(&user, user_at, &servers).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -90,7 +93,7 @@ async fn heartbeat(
     principal: Principal,
     ServerPath { user, server }: ServerPath,
 ) -> ApiResult<StatusCode> {
-    principal.may("servers:write", &user)?;
+    principal.may_report(&user, &server)?;
     state
         .db
         .record_activity(&user, None, &[(server, Utc::now())])

@@ -102,7 +102,7 @@ async fn list_users(
     let users: Vec<UserView> = page
         .items
         .iter()
-        .map(|u| UserView::new(u, &servers))
+        .map(|u| UserView::new(u, &servers, state.addresses(&principal)))
         .collect();
     Ok(Json(
         json!({ "users": users, "page": paging.page, "per_page": paging.per_page, "total": page.total }),
@@ -169,7 +169,11 @@ async fn update_user(
     )
     .await?;
     let servers = state.db.servers_of(&[user.id]).await?;
-    Ok(Json(UserView::new(&user, &servers)))
+    Ok(Json(UserView::new(
+        &user,
+        &servers,
+        state.addresses(&principal),
+    )))
 }
 
 /// Promotes, demotes, (de)activates an account, audited; at least one change.

@@ -7,7 +7,7 @@ use axum::{
     extract::{ConnectInfo, FromRequestParts},
     http::{header::AUTHORIZATION, request::Parts},
 };
-use schema::{ServerRow, UserName, UserRow, prelude::*};
+use schema::{ServerName, ServerRow, UserName, UserRow, prelude::*};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
@@ -20,10 +20,13 @@ use crate::{
 pub const SERVICE_TOKEN_PREFIX: &str = "bt_";
 pub const SERVER_TOKEN_PREFIX: &str = "bs_";
 
-/// Scopes a service token may carry; `admin` implies every other.
-pub const SCOPES: [&str; 5] = [
+/// Scopes a service token may carry; `admin` implies every other but
+/// `servers:access` (reaching users' servers through the proxy), which is given
+/// by name only.
+pub const SCOPES: [&str; 6] = [
     "servers:read",
     "servers:write",
+    "servers:access",
     "users:read",
     "users:write",
     "admin",
@@ -73,6 +76,22 @@ impl Principal {
             }
             _ => format!("this token lacks the {scope} scope"),
         }))
+    }
+
+    /// Activity of one server: its user (or `servers:write`), or the server itself
+    /// with its own token, about itself and nothing else.
+    pub fn may_report(&self, user: &UserName, server: &ServerName) -> Result<(), ApiError> {
+        match self {
+            Principal::Server { server: own }
+                if own.user_name == user.as_str() && own.name == server.as_str() =>
+            {
+                Ok(())
+            }
+            Principal::Server { .. } => Err(ApiError::Forbidden(
+                "a server's token reports its own server's activity only".into(),
+            )),
+            _ => self.may("servers:write", user),
+        }
     }
 
     pub fn require(&self, scope: &str) -> Result<(), ApiError> {

@@ -102,6 +102,9 @@ pub struct ApiConfig {
     #[arg(long, env = "BERTH_SECURE_COOKIES", default_value_t = false, action = ArgAction::Set)]
     pub secure_cookies: bool,
 
+    #[command(flatten)]
+    pub proxy: ProxyConfig,
+
     /// Where the local-process spawner keeps servers' output
     /// (`{BERTH_DATA_DIR}/{BERTH_INSTANCE}/logs`), for `GET …/server/log`; `berth up`
     /// sets it. Unset: server logs are not shown (Docker keeps containers' output).
@@ -109,7 +112,53 @@ pub struct ApiConfig {
     pub server_logs: Option<std::path::PathBuf>,
 }
 
+/// The proxy's settings (`berth proxy`, and the proxy routes of `berth up`); the API
+/// reads the public address from here to show servers' URLs.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ProxyConfig {
+    /// The origin users type to reach Berth (`https://lab.example.org`): servers'
+    /// URLs are this + `/user/{user}/{server}/`. Default: `http://` + `BERTH_LISTEN`
+    /// (right for `berth up`; set it when the proxy runs apart from the API).
+    #[arg(long, env = "BERTH_PUBLIC_URL")]
+    pub public_url: Option<String>,
+
+    /// The portal's login page: a browser without a session is sent there (with
+    /// `?next=` the URL it wanted) instead of being answered 401.
+    #[arg(long, env = "BERTH_LOGIN_URL")]
+    pub login_url: Option<String>,
+
+    /// Paths (under a server's prefix) that an open tab polls by itself: a GET or
+    /// HEAD of these does not count as activity. Comma-separated prefixes.
+    #[arg(
+        long,
+        env = "BERTH_PROXY_IGNORE_PATHS",
+        value_delimiter = ',',
+        default_value = "api/kernels,api/sessions,api/terminals,api/metrics,api/status,\
+                         api/contents,api/kernelspecs,api/me,api/nbconvert,lab/api/workspaces,\
+                         lab/api/settings,lab/api/translations,api/events"
+    )]
+    pub ignore_paths: Vec<String>,
+
+    /// Seconds between the proxy's writes of the activity it saw (one statement each).
+    #[arg(long, env = "BERTH_PROXY_ACTIVITY_INTERVAL", default_value_t = 5)]
+    pub activity_interval: u64,
+
+    /// Seconds the proxy waits to connect to a server before answering 502.
+    #[arg(long, env = "BERTH_PROXY_CONNECT_TIMEOUT", default_value_t = 5)]
+    pub connect_timeout: u64,
+}
+
 impl ApiConfig {
+    /// The origin of servers' public URLs, without a trailing slash:
+    /// `BERTH_PUBLIC_URL`, else this process's own address (`bound`).
+    pub fn public_origin(&self, bound: SocketAddr) -> String {
+        match &self.proxy.public_url {
+            Some(url) => url.trim_end_matches('/').to_owned(),
+            None if bound.ip().is_unspecified() => format!("http://127.0.0.1:{}", bound.port()),
+            None => format!("http://{bound}"),
+        }
+    }
+
     /// Checks secrets; in production a missing or weak one stops the start.
     pub fn validate(&self) -> Result<(), String> {
         let production = self.environment == Environment::Production;
@@ -133,6 +182,19 @@ impl ApiConfig {
             (Some(_), Some(password)) => crate::passwords::check_strength(password)
                 .map_err(|e| format!("BERTH_ADMIN_PASSWORD: {e}"))?,
             (None, None) => {}
+        }
+        if let Some(url) = &self.proxy.public_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(format!(
+                "BERTH_PUBLIC_URL must be an http:// or https:// origin, got {url:?}"
+            ));
+        }
+        if self.proxy.activity_interval == 0 || self.proxy.connect_timeout == 0 {
+            return Err(
+                "BERTH_PROXY_ACTIVITY_INTERVAL and BERTH_PROXY_CONNECT_TIMEOUT must be positive"
+                    .into(),
+            );
         }
         if self.token_ttl == 0 || self.login_throttle_window <= 0 {
             return Err("BERTH_TOKEN_TTL and BERTH_LOGIN_THROTTLE_WINDOW must be positive".into());

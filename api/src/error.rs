@@ -37,6 +37,9 @@ pub enum ApiError {
     /// Busy right now (503 with `Retry-After`): come back in `retry_after` seconds.
     #[error("{message}")]
     Overloaded { message: String, retry_after: i64 },
+    /// A user's server did not answer the proxy.
+    #[error("{0}")]
+    BadGateway(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -62,6 +65,7 @@ impl ApiError {
             ApiError::Unavailable(_) | ApiError::Overloaded { .. } => {
                 (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
             }
+            ApiError::BadGateway(_) => (StatusCode::BAD_GATEWAY, "bad_gateway"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
@@ -76,7 +80,9 @@ impl ApiError {
         }
         tracing::error!(error = %self, "request failed");
         match self {
-            ApiError::Unavailable(m) | ApiError::Overloaded { message: m, .. } => m,
+            ApiError::Unavailable(m)
+            | ApiError::BadGateway(m)
+            | ApiError::Overloaded { message: m, .. } => m,
             _ => "something went wrong on our side; it has been logged".into(),
         }
     }

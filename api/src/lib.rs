@@ -15,13 +15,14 @@ pub mod metrics;
 pub mod passwords;
 pub mod platform;
 pub mod progress;
+pub mod proxy;
+pub mod serve;
 pub mod servers;
 pub mod tokens;
 pub mod users;
 pub mod views;
 
 use std::{
-    net::SocketAddr,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -41,7 +42,7 @@ use tower_http::{
     trace::TraceLayer,
 };
 
-use auth::ClientAddr;
+use auth::{ClientAddr, Principal};
 pub use config::{ApiConfig, Environment};
 use error::ApiError;
 use tokens::JwtKeys;
@@ -50,15 +51,35 @@ use tokens::JwtKeys;
 pub struct AppState {
     /// The store, on whichever database this Berth runs.
     pub db: Arc<Db>,
+    /// The proxy's caches, pool and activity (used where `/user/` is served).
+    pub proxy: Arc<proxy::Proxy>,
     pub keys: Arc<JwtKeys>,
     pub config: Arc<ApiConfig>,
     pub started: Instant,
     /// Job ids with new spawn progress, heard from the database.
     pub progress: tokio::sync::broadcast::Sender<uuid::Uuid>,
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+    /// Where users reach Berth (`BERTH_PUBLIC_URL`), without a trailing slash.
+    pub origin: Arc<str>,
 }
 
 impl AppState {
+    /// How servers' addresses are shown to anyone: through the proxy only.
+    pub fn public_addresses(&self) -> views::Addresses<'_> {
+        views::Addresses {
+            origin: &self.origin,
+            internal: false,
+        }
+    }
+
+    /// How servers' addresses are shown to `principal`.
+    pub fn addresses(&self, principal: &Principal) -> views::Addresses<'_> {
+        views::Addresses {
+            origin: &self.origin,
+            internal: principal.is_admin(),
+        }
+    }
+
     /// The limits in force: the configured ones unless an admin overrode them.
     pub async fn limits(&self) -> Result<schema::Limits, StoreError> {
         self.db.limits().await
@@ -162,13 +183,26 @@ pub fn router(state: AppState) -> Router {
     app.with_state(state)
 }
 
-/// Checks the configuration, bootstraps the admin account, then serves the API on
-/// `listener` until `shutdown` fires and open requests have drained.
+/// What one process serves on its listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Serve {
+    /// `berth api`: the API and the dashboard.
+    Api,
+    /// `berth proxy`: users' servers under `/user/`.
+    Proxy,
+    /// `berth up`: both on one address.
+    Both,
+}
+
+/// Checks the configuration, bootstraps the admin account (unless it serves the
+/// proxy only), then serves what `serve` names on `listener` until `shutdown`
+/// fires and open requests have drained.
 pub async fn run(
     config: ApiConfig,
     store: Arc<Db>,
     listener: TcpListener,
     shutdown: CancellationToken,
+    serve: Serve,
 ) -> Result<(), StartError> {
     config.validate().map_err(StartError::Config)?;
     passwords::set_concurrency(config.password_checks);
@@ -182,6 +216,64 @@ pub async fn run(
             JwtKeys::generate().map_err(StartError::Config)?
         }
     };
+    if serve != Serve::Proxy {
+        bootstrap(&config, &store).await?;
+    }
+    let (progress, _) = tokio::sync::broadcast::channel(1024);
+    tokio::spawn({
+        let store = store.clone();
+        let progress = progress.clone();
+        let shutdown = shutdown.clone();
+        async move { store.relay_progress(progress, shutdown).await }
+    });
+    let address = listener.local_addr()?;
+    let origin: Arc<str> = config.public_origin(address).into();
+    let state = AppState {
+        db: store,
+        proxy: Arc::new(proxy::Proxy::new(&config, &origin)),
+        keys: Arc::new(keys),
+        config: Arc::new(config),
+        started: Instant::now(),
+        progress,
+        metrics: schema::telemetry::install(),
+        origin,
+    };
+    let app = match serve {
+        Serve::Api => router(state.clone()),
+        Serve::Proxy => proxy::router()
+            .merge(
+                health::router()
+                    .merge(metrics::router())
+                    .route_layer(axum::middleware::from_fn(metrics::track)),
+            )
+            .fallback(|| async { ApiError::NotFound("no such route".into()) })
+            .with_state(state.clone()),
+        Serve::Both => proxy::router()
+            .with_state(state.clone())
+            .merge(router(state.clone())),
+    };
+    let background = match serve {
+        Serve::Api => None,
+        Serve::Proxy | Serve::Both => {
+            tracing::info!(%address, origin = %state.origin, "proxy serving /user/");
+            Some(tokio::spawn(proxy::background(
+                state.clone(),
+                shutdown.clone(),
+            )))
+        }
+    };
+    if serve != Serve::Proxy {
+        tracing::info!(%address, "api listening");
+    }
+    serve::serve(listener, app, shutdown).await?;
+    if let Some(background) = background {
+        let _ = background.await;
+    }
+    Ok(())
+}
+
+/// The bootstrap admin (created when its name is free) and the admission places.
+async fn bootstrap(config: &ApiConfig, store: &Db) -> Result<(), StartError> {
     if let (Some(name), Some(password)) = (&config.admin_user, &config.admin_password) {
         let name = UserName::parse(name)
             .map_err(|e| StartError::Config(format!("BERTH_ADMIN_USER: {e}")))?;
@@ -206,27 +298,5 @@ pub async fn run(
     store
         .ensure_admission_places(limits.active_server_limit)
         .await?;
-    let (progress, _) = tokio::sync::broadcast::channel(1024);
-    tokio::spawn({
-        let store = store.clone();
-        let progress = progress.clone();
-        let shutdown = shutdown.clone();
-        async move { store.relay_progress(progress, shutdown).await }
-    });
-    let state = AppState {
-        db: store,
-        keys: Arc::new(keys),
-        config: Arc::new(config),
-        started: Instant::now(),
-        progress,
-        metrics: schema::telemetry::install(),
-    };
-    tracing::info!(address = %listener.local_addr()?, "api listening");
-    axum::serve(
-        listener,
-        router(state).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move { shutdown.cancelled().await })
-    .await?;
     Ok(())
 }

@@ -37,6 +37,14 @@ async fn progress(
     let row = state.db.get_server(&user, &server).await?.ok_or_else(|| {
         crate::error::ApiError::NotFound(format!("user {user:?} has no server {server:?}"))
     })?;
+    Ok(follow(state, row))
+}
+
+/// The stream of one server's spawn, for the API and the proxy's starting page.
+pub(crate) fn follow(
+    state: AppState,
+    row: ServerRow,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     // A spawn under way is followed from its first event; otherwise the server's
     // state is the one answer (an old spawn's history would mislead).
     let job = row
@@ -56,7 +64,7 @@ async fn progress(
         let data = serde_json::to_string(&event).expect("events serialise");
         Some((Ok(Event::default().data(data)), f))
     });
-    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+    Sse::new(stream).keep_alive(KeepAlive::default())
 }
 
 /// One client's view of one spawn.
@@ -77,7 +85,11 @@ impl Follow {
             if let Some(event) = self.pending.pop_front() {
                 self.last = event.id;
                 self.done = event.ready || event.failed;
-                return Some(serde_json::to_value(&event).expect("events serialise"));
+                let mut shown = serde_json::to_value(&event).expect("events serialise");
+                if event.ready {
+                    shown["url"] = self.url().into();
+                }
+                return Some(shown);
             }
             if self.done {
                 return None;
@@ -121,8 +133,7 @@ impl Follow {
         let end = match server.state {
             ServerState::PendingSpawn => None,
             ServerState::Running => Some(json!({
-                "progress": 100, "ready": true, "url": server.url,
-                "message": format!("server ready at {}", server.url.as_deref().unwrap_or("")),
+                "progress": 100, "ready": true, "url": self.url(), "message": "server ready",
             })),
             ServerState::Failed => Some(json!({
                 "progress": 100, "failed": true,
@@ -134,6 +145,13 @@ impl Follow {
         };
         self.server = server;
         end
+    }
+
+    /// Where the user reaches the server: through the proxy.
+    fn url(&self) -> String {
+        self.state
+            .public_addresses()
+            .public(&self.server.user_name, &self.server.name)
     }
 
     async fn wait(&mut self) {

@@ -26,6 +26,9 @@ use crate::{
     views::ServerView,
 };
 
+/// The query parameter that carries an SSO hand-off token to the proxy.
+pub const SSO_PARAM: &str = "berth_sso";
+
 /// How long an SSO hand-off token lives.
 const SSO_TTL_SECS: i64 = 300;
 
@@ -88,13 +91,14 @@ async fn spawn(
             state.config.allowed_images
         )));
     }
+    let seen = state.addresses(&principal);
     Ok(
         match request_spawn(&state, user, server, body.image).await? {
             SpawnOutcome::Enqueued(row) | SpawnOutcome::AlreadyPending(row) => {
-                (StatusCode::ACCEPTED, Json(ServerView::with_job(&row))).into_response()
+                (StatusCode::ACCEPTED, Json(ServerView::with_job(&row, seen))).into_response()
             }
             SpawnOutcome::AlreadyRunning(row) => {
-                (StatusCode::OK, Json(ServerView::from_row(&row))).into_response()
+                (StatusCode::OK, Json(ServerView::from_row(&row, seen))).into_response()
             }
         },
     )
@@ -108,7 +112,10 @@ async fn show(
     principal.may("servers:read", &user)?;
     let row = state.db.get_server(&user, &server).await?;
     match row {
-        Some(row) => Ok(Json(ServerView::with_job(&row))),
+        Some(row) => Ok(Json(ServerView::with_job(
+            &row,
+            state.addresses(&principal),
+        ))),
         None if state.db.get_user(&user).await?.is_none() => {
             Err(ApiError::NotFound(format!("no user named {user:?}")))
         }
@@ -233,9 +240,11 @@ async fn stop(
     principal.may("servers:write", &user)?;
     Ok(
         match request_stop(&state, &principal.actor(), &addr, &user, &server).await? {
-            StopOutcome::Enqueued(row) | StopOutcome::AlreadyStopping(row) => {
-                (StatusCode::ACCEPTED, Json(ServerView::with_job(&row))).into_response()
-            }
+            StopOutcome::Enqueued(row) | StopOutcome::AlreadyStopping(row) => (
+                StatusCode::ACCEPTED,
+                Json(ServerView::with_job(&row, state.addresses(&principal))),
+            )
+                .into_response(),
             StopOutcome::NotRunning(_) => StatusCode::NO_CONTENT.into_response(),
         },
     )
@@ -254,17 +263,20 @@ async fn sso(
         .get_server(&user, &server)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("user {user:?} has no server {server:?}")))?;
-    let url = match (row.state, &row.url) {
-        (ServerState::Running, Some(url)) => url.clone(),
-        _ => {
-            return Err(ApiError::Conflict(format!(
-                "the server is {}, not running",
-                row.state
-            )));
-        }
-    };
+    if row.state != ServerState::Running {
+        return Err(ApiError::Conflict(format!(
+            "the server is {}, not running",
+            row.state
+        )));
+    }
     let token = new_opaque("bsso_");
     let expires_at = chrono::Utc::now() + chrono::Duration::seconds(SSO_TTL_SECS);
+    // A hand-off a user asked for ends with the session that asked: logging out
+    // there ends the proxy's session it becomes.
+    let session = match &principal {
+        Principal::User { jti, .. } => Some(*jti),
+        _ => None,
+    };
     state
         .db
         .create_sso(
@@ -272,11 +284,13 @@ async fn sso(
             row.user_id,
             server.as_str(),
             expires_at,
+            session,
         )
         .await?;
-    let separator = if url.contains('?') { '&' } else { '?' };
+    // It lands on the proxy, which spends it, sets its cookie and drops it from the URL.
+    let url = format!("{}{}", state.origin, schema::server_path(&user, &server));
     Ok(Json(json!({
-        "url": format!("{url}{separator}berth_sso={token}"),
+        "url": format!("{url}?{SSO_PARAM}={token}"),
         "token": token,
         "expires_at": expires_at,
         "expires_in": SSO_TTL_SECS,

@@ -45,7 +45,10 @@ async fn list(
     let ids: Vec<i64> = users.iter().map(|u| u.id).collect();
     let servers = state.db.servers_of(&ids).await?;
     Ok(Json(
-        users.iter().map(|u| UserView::new(u, &servers)).collect(),
+        users
+            .iter()
+            .map(|u| UserView::new(u, &servers, state.addresses(&principal)))
+            .collect(),
     ))
 }
 
@@ -62,7 +65,11 @@ async fn show(
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no user named {name:?}")))?;
     let servers = state.db.servers_of(&[user.id]).await?;
-    Ok(Json(UserView::new(&user, &servers)))
+    Ok(Json(UserView::new(
+        &user,
+        &servers,
+        state.addresses(&principal),
+    )))
 }
 
 /// An account without a password, for portals that authenticate users themselves.
@@ -101,7 +108,10 @@ pub async fn create_account(
             json!({ "role": user.role }),
         )
         .await;
-    Ok((StatusCode::CREATED, Json(UserView::new(&user, &[]))))
+    Ok((
+        StatusCode::CREATED,
+        Json(UserView::new(&user, &[], state.addresses(principal))),
+    ))
 }
 
 async fn delete_user(

@@ -3,9 +3,30 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use schema::{JobKind, JobRow, JobState, Role, ServerRow, ServerState, UserRow, UserState};
+use schema::{
+    JobKind, JobRow, JobState, Role, ServerName, ServerRow, ServerState, UserName, UserRow,
+    UserState, server_path,
+};
 use serde::Serialize;
 use uuid::Uuid;
+
+/// How servers' addresses are shown to one caller: each through the proxy at
+/// `origin`, and the internal one (bridge IP or loopback port) to admins only.
+#[derive(Debug, Clone, Copy)]
+pub struct Addresses<'a> {
+    pub origin: &'a str,
+    pub internal: bool,
+}
+
+impl Addresses<'_> {
+    /// The server's address through the proxy.
+    pub fn public(&self, user: &str, server: &str) -> String {
+        match (UserName::parse(user), ServerName::parse_or_default(server)) {
+            (Ok(user), Ok(server)) => format!("{}{}", self.origin, server_path(&user, &server)),
+            _ => String::new(),
+        }
+    }
+}
 
 #[derive(Debug, Serialize)]
 pub struct ServerView {
@@ -14,7 +35,11 @@ pub struct ServerView {
     pub ready: bool,
     /// `spawn` or `stop` while a job is pending, as JupyterHub reports it.
     pub pending: Option<&'static str>,
+    /// Where the user reaches the server: through the proxy.
     pub url: Option<String>,
+    /// Where the proxy reaches it (admins only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub internal_url: Option<String>,
     pub image: Option<String>,
     pub started: Option<DateTime<Utc>>,
     pub last_activity: Option<DateTime<Utc>>,
@@ -26,7 +51,7 @@ pub struct ServerView {
 }
 
 impl ServerView {
-    pub fn from_row(row: &ServerRow) -> Self {
+    pub fn from_row(row: &ServerRow, seen: Addresses<'_>) -> Self {
         let state = row.state;
         Self {
             name: row.name.clone(),
@@ -37,7 +62,8 @@ impl ServerView {
                 ServerState::PendingStop => Some("stop"),
                 _ => None,
             },
-            url: row.url.clone(),
+            url: Some(seen.public(&row.user_name, &row.name)),
+            internal_url: row.url.clone().filter(|_| seen.internal),
             image: row.image.clone(),
             started: row.started_at,
             last_activity: row.last_activity,
@@ -48,8 +74,8 @@ impl ServerView {
     }
 
     /// The view with the job that is working on the server.
-    pub fn with_job(row: &ServerRow) -> Self {
-        let mut view = Self::from_row(row);
+    pub fn with_job(row: &ServerRow, seen: Addresses<'_>) -> Self {
+        let mut view = Self::from_row(row, seen);
         view.job_id = match row.state {
             ServerState::PendingStop => row.stop_job_id,
             _ => row.spawn_job_id,
@@ -76,7 +102,7 @@ pub struct UserView {
 }
 
 impl UserView {
-    pub fn new(user: &UserRow, servers: &[ServerRow]) -> Self {
+    pub fn new(user: &UserRow, servers: &[ServerRow], seen: Addresses<'_>) -> Self {
         Self {
             name: user.name.clone(),
             email: user.email.clone(),
@@ -89,7 +115,7 @@ impl UserView {
             servers: servers
                 .iter()
                 .filter(|s| s.user_id == user.id)
-                .map(|s| (s.name.clone(), ServerView::from_row(s)))
+                .map(|s| (s.name.clone(), ServerView::from_row(s, seen)))
                 .collect(),
         }
     }

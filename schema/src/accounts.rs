@@ -41,9 +41,13 @@ pub struct ApiTokenRow {
 
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct SsoGrant {
+    pub user_id: i64,
     pub user_name: String,
     pub server_name: String,
     pub expires_at: DateTime<Utc>,
+    /// The login session that asked for the hand-off, if a user's own did: the
+    /// proxy's session it becomes ends with it.
+    pub session_jti: Option<Uuid>,
 }
 
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -123,7 +127,22 @@ pub trait Accounts: Send + Sync + 'static {
     /// The active account behind a session that exists, is not revoked and has not
     /// expired; `None` otherwise. Roles are read here, so a demotion acts at once.
     async fn session_user(&self, jti: Uuid) -> Result<Option<UserRow>, StoreError>;
+    /// Ends a session and every proxy session it handed over.
     async fn revoke_session(&self, jti: Uuid) -> Result<(), StoreError>;
+
+    /// A browser session of the proxy, known by the SHA-256 of its cookie; it ends
+    /// with `parent` (the login session that made the hand-off), when there is one.
+    async fn create_proxy_session(
+        &self,
+        token_hash: &str,
+        user_id: i64,
+        expires_at: DateTime<Utc>,
+        parent: Option<Uuid>,
+        client_addr: Option<&str>,
+    ) -> Result<(), StoreError>;
+    /// The active account behind a live proxy session.
+    async fn proxy_session_user(&self, token_hash: &str) -> Result<Option<UserRow>, StoreError>;
+    async fn revoke_proxy_session(&self, token_hash: &str) -> Result<(), StoreError>;
 
     async fn create_api_token(&self, row: &ApiTokenRow, token_hash: &str)
     -> Result<(), StoreError>;
@@ -135,12 +154,15 @@ pub trait Accounts: Send + Sync + 'static {
 
     /// A running server by the hash of its own token.
     async fn server_by_token(&self, token_hash: &str) -> Result<Option<ServerRow>, StoreError>;
+    /// A hand-off token for the user's server; `session` is the login session that
+    /// asked for it (none for a service token).
     async fn create_sso(
         &self,
         token_hash: &str,
         user_id: i64,
         server_name: &str,
         expires_at: DateTime<Utc>,
+        session: Option<Uuid>,
     ) -> Result<(), StoreError>;
     /// Marks an SSO token used and returns whose it is; `None` if it is unknown,
     /// expired or used, if its server is not running, or if `for_server` (the
@@ -399,8 +421,55 @@ impl Accounts for Db {
     async fn revoke_session(&self, jti: Uuid) -> Result<(), StoreError> {
         apply!(
             self,
-            "update sessions set revoked_at = coalesce(revoked_at, $2) where jti = $1",
+            "update sessions set revoked_at = coalesce(revoked_at, $2) \
+             where jti = $1 or parent_jti = $1",
             jti,
+            now()
+        )
+        .map(drop)
+    }
+
+    async fn create_proxy_session(
+        &self,
+        token_hash: &str,
+        user_id: i64,
+        expires_at: DateTime<Utc>,
+        parent: Option<Uuid>,
+        client_addr: Option<&str>,
+    ) -> Result<(), StoreError> {
+        apply!(
+            self,
+            "insert into sessions \
+               (jti, user_id, issued_at, expires_at, client_addr, token_hash, parent_jti) \
+             values ($1, $2, $3, $4, $5, $6, $7)",
+            Uuid::now_v7(),
+            user_id,
+            now(),
+            expires_at,
+            client_addr,
+            token_hash,
+            parent
+        )
+        .map(drop)
+    }
+
+    async fn proxy_session_user(&self, token_hash: &str) -> Result<Option<UserRow>, StoreError> {
+        let user = each!(self.pool(), p => sqlx::query_as::<_, UserRow>(
+            "select u.* from sessions s join users u on u.id = s.user_id \
+             where s.token_hash = $1 and s.revoked_at is null and s.expires_at > $2 and u.active",
+        )
+        .bind(token_hash)
+        .bind(now())
+        .fetch_optional(p)
+        .await)?;
+        Ok(user)
+    }
+
+    async fn revoke_proxy_session(&self, token_hash: &str) -> Result<(), StoreError> {
+        apply!(
+            self,
+            "update sessions set revoked_at = coalesce(revoked_at, $2) where token_hash = $1",
+            token_hash,
             now()
         )
         .map(drop)
@@ -483,16 +552,19 @@ impl Accounts for Db {
         user_id: i64,
         server_name: &str,
         expires_at: DateTime<Utc>,
+        session: Option<Uuid>,
     ) -> Result<(), StoreError> {
         apply!(
             self,
-            "insert into sso_tokens (token_hash, user_id, server_name, expires_at, created_at) \
-                 values ($1, $2, $3, $4, $5)",
+            "insert into sso_tokens \
+               (token_hash, user_id, server_name, expires_at, created_at, session_jti) \
+             values ($1, $2, $3, $4, $5, $6)",
             token_hash,
             user_id,
             server_name,
             expires_at,
-            now()
+            now(),
+            session
         )
         .map(drop)
     }
@@ -511,8 +583,8 @@ impl Accounts for Db {
                  and exists (select 1 from servers s where s.user_id = sso_tokens.user_id \
                    and s.name = sso_tokens.server_name and s.state = 'running' \
                    and ($3 is null or s.id = $3)) \
-                 returning (select name from users u where u.id = user_id) as user_name, \
-                   server_name, expires_at",
+                 returning user_id, (select name from users u where u.id = user_id) as user_name, \
+                   server_name, expires_at, session_jti",
             )
             .bind(token_hash)
             .bind(now())

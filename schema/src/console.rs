@@ -216,7 +216,21 @@ impl Console for Db {
         shutdown: tokio_util::sync::CancellationToken,
     ) {
         match self.on() {
-            Dialect::Pg(s) => relay_notifications(s.pool(), to, shutdown).await,
+            // A stream that missed some polls every second anyway.
+            Dialect::Pg(s) => {
+                relay_notifications(
+                    s.pool(),
+                    PROGRESS_CHANNEL,
+                    &shutdown,
+                    || {},
+                    |payload| {
+                        if let Ok(job) = payload.parse::<Uuid>() {
+                            let _ = to.send(job);
+                        }
+                    },
+                )
+                .await
+            }
             Dialect::Lite(s) => {
                 let mut heard = s.progress();
                 loop {
@@ -340,6 +354,7 @@ impl Console for Db {
                 .await)?;
                 for server in servers {
                     release_admission(&mut tx, server).await?;
+                    tx.route_changed(server);
                 }
                 let step = ProgressStep {
                     progress: 100,
@@ -368,6 +383,7 @@ impl Console for Db {
                             server,
                             at
                         )?;
+                        tx.route_changed(server);
                     }
                     Some((_, false)) => {
                         return Err(StoreError::Conflict(
@@ -450,29 +466,31 @@ impl Console for Db {
     }
 }
 
-/// Postgres's progress notifications, relayed to `to` until `shutdown`; a lost
-/// listener is connected again after a second.
-async fn relay_notifications(
+/// A Postgres channel's notifications, each handed to `heard`, until `shutdown`; a
+/// lost listener is connected again after a second, and `listening` is called
+/// whenever it listens (again), since notifications sent meanwhile are lost.
+pub(crate) async fn relay_notifications(
     pool: &sqlx::PgPool,
-    to: tokio::sync::broadcast::Sender<Uuid>,
-    shutdown: tokio_util::sync::CancellationToken,
+    channel: &str,
+    shutdown: &tokio_util::sync::CancellationToken,
+    listening: impl Fn(),
+    heard: impl Fn(&str),
 ) {
     while !shutdown.is_cancelled() {
         let relay = async {
             let mut listener = sqlx::postgres::PgListener::connect_with(pool).await?;
-            listener.listen(PROGRESS_CHANNEL).await?;
+            listener.listen(channel).await?;
+            listening();
             loop {
                 let note = listener.recv().await?;
-                if let Ok(job) = note.payload().parse::<Uuid>() {
-                    let _ = to.send(job);
-                }
+                heard(note.payload());
             }
             #[allow(unreachable_code)]
             Ok::<(), sqlx::Error>(())
         };
         tokio::select! {
             result = relay => if let Err(e) = result {
-                tracing::warn!(error = %e, "progress notifications lost; streams poll until they resume");
+                tracing::warn!(channel, error = %e, "notifications lost; listening again in a second");
             },
             _ = shutdown.cancelled() => return,
         }

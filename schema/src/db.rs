@@ -22,6 +22,7 @@ use crate::{
     jobs::{JobEnvelope, JobKind, JobRow},
     platform::Limits,
     queue::Queue,
+    routes::ROUTES_CHANNEL,
     store::StoreError,
     telemetry,
 };
@@ -171,6 +172,7 @@ impl Db {
             inner,
             store: self.clone(),
             enqueued: false,
+            routes: vec![],
         })
     }
 
@@ -254,6 +256,8 @@ pub(crate) struct Tx {
     inner: Dialect<sqlx::Transaction<'static, Postgres>, crate::lite::Tx>,
     store: Db,
     enqueued: bool,
+    /// Servers whose route (state, address) this transaction changes.
+    routes: Vec<i64>,
 }
 
 impl Tx {
@@ -313,15 +317,49 @@ impl Tx {
         Ok(())
     }
 
+    /// Tells the proxies, once this transaction commits, that a server's route
+    /// changed: whoever caches its owner's routes reads them again.
+    pub(crate) fn route_changed(&mut self, server_id: i64) {
+        self.routes.push(server_id);
+    }
+
     pub(crate) async fn commit(self) -> Result<(), StoreError> {
         let Tx {
             inner,
             store,
             enqueued,
+            routes,
         } = self;
         match (inner, &store.on) {
-            (Dialect::Pg(tx), _) => tx.commit().await?,
-            (Dialect::Lite(tx), Dialect::Lite(lite)) => lite.commit(tx).await?,
+            (Dialect::Pg(mut tx), _) => {
+                // Part of the transaction: heard only if it commits. The payload
+                // is the owner, whose routes a proxy keeps together.
+                if !routes.is_empty() {
+                    sqlx::query(
+                        "select pg_notify($1, user_id::text) \
+                         from (select distinct user_id from servers where id = any($2)) o",
+                    )
+                    .bind(ROUTES_CHANNEL)
+                    .bind(&routes)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                tx.commit().await?
+            }
+            (Dialect::Lite(mut tx), Dialect::Lite(lite)) => {
+                let owners: Vec<i64> = if routes.is_empty() {
+                    vec![]
+                } else {
+                    sqlx::query_scalar(
+                        "select distinct user_id from servers \
+                         where id in (select value from json_each($1))",
+                    )
+                    .bind(json_list(&routes))
+                    .fetch_all(&mut *tx.tx)
+                    .await?
+                };
+                lite.commit(tx, &owners).await?
+            }
             (Dialect::Lite(_), Dialect::Pg(_)) => unreachable!("a transaction of its own store"),
         }
         if enqueued {

@@ -19,6 +19,7 @@ pub mod pg;
 pub mod pg_locks;
 pub mod platform;
 pub mod queue;
+pub mod routes;
 pub mod server_logs;
 pub(crate) mod servers;
 pub mod store;
@@ -31,10 +32,11 @@ pub use db::Db;
 pub use jobs::{JobEnvelope, JobKind, JobOutcome, JobRow, JobState};
 pub use lite::SqliteStore;
 pub use maintenance::Maintenance;
-pub use names::{InvalidName, ServerName, UserName, container_name};
+pub use names::{InvalidName, ServerName, UserName, container_name, server_path};
 pub use pg::PgStore;
 pub use platform::{Limits, Platform};
 pub use queue::{ApalisQueue, Queue, QueueError};
+pub use routes::{Route, RouteChange, Routes};
 pub use rows::{ServerRow, ServerState, UserRow, UserState};
 pub use store::{Running, ServerLock, SpawnOutcome, SpawnRequest, StopOutcome, Store, StoreError};
 
@@ -60,6 +62,6 @@ pub enum MigrateError {
 pub mod prelude {
     pub use crate::{
         accounts::Accounts as _, console::Console as _, maintenance::Maintenance as _,
-        platform::Platform as _, store::Store as _,
+        platform::Platform as _, routes::Routes as _, store::Store as _,
     };
 }

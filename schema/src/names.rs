@@ -79,6 +79,15 @@ impl ServerName {
         &self.0
     }
 
+    /// `""` is the default server; anything else must be a valid name.
+    pub fn parse_or_default(value: &str) -> Result<Self, InvalidName> {
+        if value.is_empty() {
+            Ok(Self::default_server())
+        } else {
+            Self::parse(value)
+        }
+    }
+
     pub fn is_default(&self) -> bool {
         self.0.is_empty()
     }
@@ -90,6 +99,17 @@ pub fn container_name(user: &UserName, server: &ServerName) -> String {
         format!("berth-{}", user.0)
     } else {
         format!("berth-{}--{}", user.0, server.0)
+    }
+}
+
+/// Where the proxy serves the server, with the slash that ends it: `/user/{user}/`
+/// for the default server, `/user/{user}/{server}/` for a named one. The server
+/// sees requests under this prefix unchanged (its base URL).
+pub fn server_path(user: &UserName, server: &ServerName) -> String {
+    if server.is_default() {
+        format!("/user/{}/", user.0)
+    } else {
+        format!("/user/{}/{}/", user.0, server.0)
     }
 }
 

@@ -526,7 +526,7 @@ impl Platform for Db {
             let done = execute!(
                 tx.conn(),
                 "update servers set state = $2, error = $3, url = null, container_id = null, \
-                 token_hash = null, stopped_at = $4, updated_at = $4 \
+                 token_hash = null, proxy_token = null, stopped_at = $4, updated_at = $4 \
                  where id = $1 and state = 'running'",
                 server_id,
                 state,
@@ -535,6 +535,7 @@ impl Platform for Db {
             )? == 1;
             if done {
                 release_admission(tx, server_id).await?;
+                tx.route_changed(server_id);
             }
             Ok(done)
         })

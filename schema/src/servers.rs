@@ -313,6 +313,7 @@ impl Store for Db {
             &ProgressStep::at(0, "server requested; waiting for a worker"),
         )
         .await?;
+        tx.route_changed(server.id);
         tx.commit().await?;
         Ok(SpawnOutcome::Enqueued(server))
     }
@@ -362,6 +363,7 @@ impl Store for Db {
         .bind(user.as_str())
         .fetch_one(c)
         .await)?;
+        tx.route_changed(row.id);
         tx.commit().await?;
         Ok(StopOutcome::Enqueued(row))
     }
@@ -400,13 +402,17 @@ impl Store for Db {
             job.id
         )?;
         // Stop wins over any spawn in flight: it sees the state change and gives up.
-        execute!(
-            tx.conn(),
+        let stopping: Vec<i64> = each!(tx.conn(), c => sqlx::query_scalar(
             "update servers set state = 'pending_stop', updated_at = $2 \
-             where user_id = $1 and state in ('pending_spawn', 'running')",
-            row.id,
-            now()
-        )?;
+             where user_id = $1 and state in ('pending_spawn', 'running') returning id",
+        )
+        .bind(row.id)
+        .bind(now())
+        .fetch_all(c)
+        .await)?;
+        for server in stopping {
+            tx.route_changed(server);
+        }
         tx.commit().await?;
         Ok(job)
     }
@@ -482,6 +488,7 @@ impl Store for Db {
         .await)?;
         for server in servers {
             release_admission(&mut tx, server).await?;
+            tx.route_changed(server);
         }
         if ended.kind == JobKind::Spawn {
             tx.insert_progress(id, &ProgressStep::failed(error)).await?;
@@ -528,7 +535,7 @@ impl Store for Db {
             tx.conn(),
             "update servers set state = 'running', container_id = $3, url = $4, token_hash = $5, \
              started_at = $8, last_activity = $8, error = null, warning = null, warned_at = null, \
-             mem_limit = $6, cpu_limit = $7, updated_at = $8 \
+             mem_limit = $6, cpu_limit = $7, updated_at = $8, proxy_token = $9 \
              where id = $1 and spawn_job_id = $2 and state = 'pending_spawn'",
             r.server_id,
             r.job_id,
@@ -537,16 +544,18 @@ impl Store for Db {
             &r.token_hash,
             r.mem_limit,
             r.cpu_limit,
-            now()
+            now(),
+            &r.proxy_token
         )?;
         let done = done == 1;
         if done {
+            tx.route_changed(r.server_id);
             end_job(&mut tx, r.job_id, JobState::Succeeded, None).await?;
+            // The stream adds the address users reach it at; the internal one is not theirs.
             let ready = ProgressStep {
                 progress: 100,
-                message: format!("server ready at {}", r.url),
+                message: "server ready".into(),
                 ready: true,
-                url: Some(r.url.clone()),
                 ..Default::default()
             };
             tx.insert_progress(r.job_id, &ready).await?;
@@ -576,6 +585,7 @@ impl Store for Db {
         if done {
             end_job(&mut tx, job_id, JobState::Failed, Some(error)).await?;
             release_admission(&mut tx, server_id).await?;
+            tx.route_changed(server_id);
             tx.insert_progress(job_id, &ProgressStep::failed(error))
                 .await?;
         }
@@ -592,7 +602,7 @@ impl Store for Db {
         let done = execute!(
             tx.conn(),
             "update servers set state = 'stopped', url = null, container_id = null, \
-             token_hash = null, stopped_at = $3, updated_at = $3 \
+             token_hash = null, proxy_token = null, stopped_at = $3, updated_at = $3 \
              where id = $1 and state = 'pending_stop' and ($2 is null or stop_job_id = $2)",
             server_id,
             stop_job,
@@ -601,6 +611,7 @@ impl Store for Db {
         let done = done == 1;
         if done {
             release_admission(&mut tx, server_id).await?;
+            tx.route_changed(server_id);
         }
         if let (true, Some(job)) = (done, stop_job) {
             end_job(&mut tx, job, JobState::Succeeded, None).await?;

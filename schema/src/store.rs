@@ -143,6 +143,8 @@ pub struct Running {
     pub container_id: String,
     pub url: String,
     pub token_hash: String,
+    /// The secret the server accepts from the proxy (kept as it is: the proxy sends it).
+    pub proxy_token: String,
     /// The limits the container was started with: bytes of memory, CPUs.
     pub mem_limit: Option<i64>,
     pub cpu_limit: Option<f32>,

@@ -6,8 +6,9 @@
 use std::{path::PathBuf, sync::Arc};
 
 use schema::{
-    Accounts, Db, JobKind, JobOutcome, Limits, NewAccount, PgStore, Platform, Role, Running,
-    ServerName, ServerState, SpawnOutcome, SpawnRequest, SqliteStore, Store, StoreError, UserName,
+    Accounts, Db, JobKind, JobOutcome, Limits, NewAccount, PgStore, Platform, Role, RouteChange,
+    Routes, Running, ServerName, ServerState, SpawnOutcome, SpawnRequest, SqliteStore, Store,
+    StoreError, UserName,
     accounts::ThrottleRule,
     platform::{LimitChange, SlotAnswer},
 };
@@ -233,12 +234,15 @@ async fn an_sso_token_is_consumed_once_by_its_running_server(db: &Db) {
         container_id: "c1".into(),
         url: "http://127.0.0.1:1/".into(),
         token_hash: "server-token".into(),
+        proxy_token: "proxy-secret".into(),
         mem_limit: None,
         cpu_limit: None,
     };
     assert!(db.mark_running(&running).await.unwrap());
     let expires = chrono::Utc::now() + chrono::TimeDelta::minutes(1);
-    db.create_sso("hash-1", dan.id, "", expires).await.unwrap();
+    db.create_sso("hash-1", dan.id, "", expires, None)
+        .await
+        .unwrap();
     // Another server's attempt is refused and leaves the token unspent.
     assert!(
         db.consume_sso("hash-1", Some(server.id + 1000))
@@ -258,6 +262,7 @@ async fn an_sso_token_is_consumed_once_by_its_running_server(db: &Db) {
         dan.id,
         "",
         chrono::Utc::now() - chrono::TimeDelta::seconds(1),
+        None,
     )
     .await
     .unwrap();
@@ -266,7 +271,9 @@ async fn an_sso_token_is_consumed_once_by_its_running_server(db: &Db) {
         "expired"
     );
     // Once the server is gone, its tokens verify no more.
-    db.create_sso("hash-3", dan.id, "", expires).await.unwrap();
+    db.create_sso("hash-3", dan.id, "", expires, None)
+        .await
+        .unwrap();
     assert!(db.mark_lost(server.id, false, "gone").await.unwrap());
     assert!(
         db.consume_sso("hash-3", None).await.unwrap().is_none(),
@@ -348,7 +355,117 @@ async fn limit_overrides_set_and_reset(db: &Db) {
     assert_eq!(read.updated_by.as_deref(), Some("root"));
 }
 
+async fn routes_follow_their_servers_and_traffic_only_moves_activity_forward(db: &Db) {
+    let eve = db.create_user(&user("eve"), false).await.unwrap();
+    let (changes, mut heard) = tokio::sync::broadcast::channel(16);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let relay = tokio::spawn({
+        let (db, stop) = (db.clone(), stop.clone());
+        async move { db.relay_route_changes(changes, stop).await }
+    });
+    let next = async |heard: &mut tokio::sync::broadcast::Receiver<RouteChange>| {
+        tokio::time::timeout(std::time::Duration::from_secs(10), heard.recv())
+            .await
+            .expect("a change is heard within 10 s")
+            .unwrap()
+    };
+    assert_eq!(next(&mut heard).await, RouteChange::All, "listening");
+    assert!(db.routes_of(&user("eve")).await.unwrap().is_empty());
+    let SpawnOutcome::Enqueued(server) = db.request_spawn(spawn_request("eve")).await.unwrap()
+    else {
+        panic!("enqueued");
+    };
+    assert_eq!(
+        next(&mut heard).await,
+        RouteChange::User(eve.id),
+        "requested"
+    );
+    let routes = db.routes_of(&user("eve")).await.unwrap();
+    assert_eq!(routes.len(), 1);
+    assert_eq!(routes[0].state, ServerState::PendingSpawn);
+    assert!(routes[0].url.is_none() && routes[0].proxy_token.is_none());
+    let job = server.spawn_job_id.unwrap();
+    db.begin_job(job, "w").await.unwrap();
+    let running = Running {
+        server_id: server.id,
+        job_id: job,
+        container_id: "c1".into(),
+        url: "http://127.0.0.1:1/".into(),
+        token_hash: "server-token".into(),
+        proxy_token: "proxy-secret".into(),
+        mem_limit: None,
+        cpu_limit: None,
+    };
+    assert!(db.mark_running(&running).await.unwrap());
+    assert_eq!(next(&mut heard).await, RouteChange::User(eve.id), "running");
+    let route = &db.routes_of(&user("eve")).await.unwrap()[0];
+    assert_eq!(route.state, ServerState::Running);
+    assert_eq!(route.url.as_deref(), Some("http://127.0.0.1:1/"));
+    assert_eq!(route.proxy_token.as_deref(), Some("proxy-secret"));
+    // Traffic moves activity forward only, the owner's too.
+    let later = schema::db::now() + chrono::TimeDelta::seconds(30);
+    db.record_traffic(&[(server.id, later)]).await.unwrap();
+    db.record_traffic(&[(server.id, later - chrono::TimeDelta::seconds(20))])
+        .await
+        .unwrap();
+    let row = db.server_by_id(server.id).await.unwrap().unwrap();
+    assert_eq!(row.last_activity, Some(later));
+    let owner = db.get_user(&user("eve")).await.unwrap().unwrap();
+    assert_eq!(owner.last_activity, Some(later));
+    assert!(db.mark_lost(server.id, false, "gone").await.unwrap());
+    assert_eq!(next(&mut heard).await, RouteChange::User(eve.id), "lost");
+    let route = &db.routes_of(&user("eve")).await.unwrap()[0];
+    assert_eq!(route.state, ServerState::Stopped);
+    assert!(route.url.is_none() && route.proxy_token.is_none());
+    stop.cancel();
+    relay.await.unwrap();
+}
+
+async fn a_proxy_session_ends_with_the_session_that_handed_it_over(db: &Db) {
+    let fay = db.create_user(&user("fay"), false).await.unwrap();
+    let expires = chrono::Utc::now() + chrono::TimeDelta::hours(1);
+    let parent = uuid::Uuid::now_v7();
+    db.create_session(parent, fay.id, expires, None)
+        .await
+        .unwrap();
+    db.create_proxy_session("cookie-1", fay.id, expires, Some(parent), None)
+        .await
+        .unwrap();
+    db.create_proxy_session("cookie-2", fay.id, expires, None, Some("127.0.0.1"))
+        .await
+        .unwrap();
+    let who = db.proxy_session_user("cookie-1").await.unwrap();
+    assert_eq!(who.map(|u| u.name), Some("fay".to_owned()));
+    assert!(
+        db.session_user(parent).await.unwrap().is_some(),
+        "a proxy session is no bearer token, and the parent lives on"
+    );
+    db.revoke_session(parent).await.unwrap();
+    assert!(db.proxy_session_user("cookie-1").await.unwrap().is_none());
+    assert!(db.proxy_session_user("cookie-2").await.unwrap().is_some());
+    db.revoke_proxy_session("cookie-2").await.unwrap();
+    assert!(db.proxy_session_user("cookie-2").await.unwrap().is_none());
+    let past = chrono::Utc::now() - chrono::TimeDelta::seconds(1);
+    db.create_proxy_session("cookie-3", fay.id, past, None, None)
+        .await
+        .unwrap();
+    assert!(
+        db.proxy_session_user("cookie-3").await.unwrap().is_none(),
+        "expired"
+    );
+    db.create_proxy_session("cookie-4", fay.id, expires, None, None)
+        .await
+        .unwrap();
+    db.set_active(&user("fay"), false).await.unwrap();
+    assert!(
+        db.proxy_session_user("cookie-4").await.unwrap().is_none(),
+        "deactivated"
+    );
+}
+
 contracts!(
+    routes_follow_their_servers_and_traffic_only_moves_activity_forward,
+    a_proxy_session_ends_with_the_session_that_handed_it_over,
     states_kinds_and_roles_read_back_typed_and_unknown_words_are_errors,
     a_taken_name_or_email_is_a_conflict_that_says_which,
     failures_lock_a_key_at_the_limit_until_the_window_ends,

@@ -169,9 +169,15 @@ pub async fn serve_api(
         .config;
     let store = db.store(queue).await;
     let task = tokio::spawn(async move {
-        api::run(config, store, listener, CancellationToken::new())
-            .await
-            .expect("api runs");
+        api::run(
+            config,
+            store,
+            listener,
+            CancellationToken::new(),
+            api::Serve::Both,
+        )
+        .await
+        .expect("api runs");
     });
     // Ready once the admin account is bootstrapped and the port answers.
     let client = reqwest::Client::new();

@@ -75,11 +75,15 @@ pub struct ProcessConfig {
     pub spawner: Option<SpawnerKind>,
 
     /// The command of a local-process server, run by `sh -c` in the user's working
-    /// directory; `{port}`, `{user}` and `{server}` are substituted.
+    /// directory; `{port}`, `{user}`, `{server}`, `{base_url}` (the prefix the
+    /// proxy serves it under) and `{berth}` (this program) are substituted. The
+    /// default serves the working directory (`berth sample-server`); Jupyter:
+    /// `jupyter lab --ServerApp.port={port} --ServerApp.base_url={base_url}`
+    /// (it reads its token from `JUPYTER_TOKEN`).
     #[arg(
         long,
         env = "BERTH_SERVER_COMMAND",
-        default_value = "python3 -m http.server {port} --bind 127.0.0.1"
+        default_value = "{berth} sample-server"
     )]
     pub server_command: String,
 
@@ -153,16 +157,32 @@ pub struct DockerConfig {
     #[arg(long, env = "BERTH_SERVER_ENV", value_delimiter = ',', value_parser = parse_env_pair)]
     pub server_env: Vec<String>,
 
-    /// API address given to servers as `BERTH_API_URL`, for activity reports.
+    /// The API's address as servers reach it, given to them as `BERTH_API_URL`
+    /// (activity reports, SSO checks). Default: the API's port (`BERTH_LISTEN`) on
+    /// loopback for local processes, and on the Docker network's gateway (the
+    /// host) for containers, which answers only when the API listens on an
+    /// address containers reach (e.g. `0.0.0.0:8080`).
+    #[arg(long, env = "BERTH_PUBLIC_API_URL")]
+    pub public_api_url: Option<String>,
+
+    /// The API's listen address, from which servers' default `BERTH_API_URL` is made.
     #[arg(
-        long,
-        env = "BERTH_PUBLIC_API_URL",
-        default_value = "http://127.0.0.1:8080/api/v1"
+        long = "api-listen",
+        env = "BERTH_LISTEN",
+        default_value = "127.0.0.1:8080",
+        hide = true
     )]
-    pub public_api_url: String,
+    pub api_listen: std::net::SocketAddr,
 }
 
 impl DockerConfig {
+    /// `BERTH_PUBLIC_API_URL`, else the API's port on `host`.
+    pub fn api_url_on(&self, host: &str) -> String {
+        self.public_api_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{host}:{}/api/v1", self.api_listen.port()))
+    }
+
     pub fn start_timeout(&self) -> Duration {
         Duration::from_secs(self.start_timeout)
     }

@@ -42,6 +42,8 @@ pub struct DockerSpawner {
     docker: Docker,
     config: Arc<DockerConfig>,
     network: OnceCell<String>,
+    /// What containers are told the API's address is.
+    api_url: OnceCell<String>,
 }
 
 impl From<DockerError> for SpawnError {
@@ -62,6 +64,7 @@ impl DockerSpawner {
             docker,
             config,
             network: OnceCell::new(),
+            api_url: OnceCell::new(),
         })
     }
 
@@ -105,6 +108,34 @@ impl DockerSpawner {
             })
             .await
             .cloned()
+    }
+
+    /// `BERTH_PUBLIC_API_URL`, else the API's port on the network's gateway: the
+    /// host, as containers on the network see it.
+    async fn api_url(&self, network_id: &str) -> String {
+        self.api_url
+            .get_or_init(|| async {
+                if self.config.public_api_url.is_some() {
+                    return self.config.api_url_on("");
+                }
+                let gateway = self
+                    .docker
+                    .inspect_network(network_id, None)
+                    .await
+                    .ok()
+                    .and_then(|n| n.ipam?.config?.into_iter().find_map(|c| c.gateway))
+                    .unwrap_or_else(|| "172.17.0.1".into());
+                if self.config.api_listen.ip().is_loopback() {
+                    tracing::warn!(
+                        api = %self.config.api_listen,
+                        "the API listens on loopback, which containers cannot reach: servers cannot \
+                         report to it; set BERTH_PUBLIC_API_URL, or BERTH_LISTEN=0.0.0.0:PORT"
+                    );
+                }
+                self.config.api_url_on(&gateway)
+            })
+            .await
+            .clone()
     }
 
     /// Networks with exactly this name, as (created, id).
@@ -177,6 +208,7 @@ impl DockerSpawner {
         spec: &SpawnSpec,
         image: &str,
         network_id: &str,
+        api_url: &str,
     ) -> ContainerCreateBody {
         let c = &self.config;
         let labels = HashMap::from([
@@ -186,14 +218,11 @@ impl DockerSpawner {
             (LABEL_SERVER.to_owned(), spec.server.to_string()),
             (LABEL_SERVER_ID.to_owned(), spec.server_id.to_string()),
         ]);
-        let mut env = vec![
-            format!("BERTH_USER={}", spec.user),
-            format!("BERTH_SERVER_NAME={}", spec.server),
-            format!("BERTH_SERVER_PORT={}", c.server_port),
-            format!("BERTH_API_URL={}", c.public_api_url),
-            format!("BERTH_API_TOKEN={}", spec.token),
-        ];
-        env.extend(c.server_env.iter().cloned());
+        let env: Vec<String> = spec
+            .environment(c.server_port, api_url, &c.server_env)
+            .into_iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
         let host_config = HostConfig {
             memory: Some(c.mem_limit),
             memory_swap: Some(c.mem_limit),
@@ -282,6 +311,7 @@ impl DockerSpawner {
     ) -> Result<ContainerCreateResponse, SpawnError> {
         let mut pulled = false;
         let mut replaced = false;
+        let api_url = self.api_url(network_id).await;
         loop {
             let options = CreateContainerOptions {
                 name: Some(name.into()),
@@ -289,7 +319,10 @@ impl DockerSpawner {
             };
             match self
                 .docker
-                .create_container(Some(options), self.container_body(spec, image, network_id))
+                .create_container(
+                    Some(options),
+                    self.container_body(spec, image, network_id, &api_url),
+                )
                 .await
             {
                 Ok(created) => return Ok(created),

@@ -41,6 +41,8 @@ pub struct ProcessSpawner {
     config: Arc<DockerConfig>,
     command: String,
     root: PathBuf,
+    /// This program's path, quoted for `sh` (`{berth}` in the command).
+    berth: String,
 }
 
 /// A running (or once running) server process: its id and the start time the
@@ -93,11 +95,28 @@ impl ProcessSpawner {
                 SpawnError::Engine(format!("creating {}: {e}", root.join(dir).display()))
             })?;
         }
+        // This program, quoted for `sh`, for commands that run `berth sample-server`.
+        let berth = std::env::current_exe()
+            .map(|p| format!("'{}'", p.display().to_string().replace('\'', "'\\''")))
+            .unwrap_or_else(|_| "berth".into());
         Ok(Self {
             config,
             command: process.server_command.clone(),
             root,
+            berth,
         })
+    }
+
+    /// How a local server reaches the API: on loopback unless the API listens on
+    /// one address only.
+    fn api_url(&self) -> String {
+        let ip = self.config.api_listen.ip();
+        let host = if ip.is_unspecified() {
+            "127.0.0.1".to_owned()
+        } else {
+            ip.to_string()
+        };
+        self.config.api_url_on(&host)
     }
 
     fn run_dir(&self, name: &str) -> PathBuf {
@@ -166,7 +185,9 @@ impl ProcessSpawner {
             .command
             .replace("{port}", &port.to_string())
             .replace("{user}", spec.user.as_str())
-            .replace("{server}", spec.server.as_str());
+            .replace("{server}", spec.server.as_str())
+            .replace("{base_url}", &spec.base_url())
+            .replace("{berth}", &self.berth);
         progress(40, format!("starting `{command}` on port {port}"));
         let log_path = self.log(&spec.user, &spec.server);
         if let Some(parent) = log_path.parent() {
@@ -198,17 +219,7 @@ impl ProcessSpawner {
                 std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()),
             )
             .env("HOME", &home)
-            .env("BERTH_USER", spec.user.as_str())
-            .env("BERTH_SERVER_NAME", spec.server.as_str())
-            .env("BERTH_SERVER_PORT", port.to_string())
-            .env("BERTH_API_URL", &self.config.public_api_url)
-            .env("BERTH_API_TOKEN", &spec.token)
-            .envs(
-                self.config
-                    .server_env
-                    .iter()
-                    .filter_map(|kv| kv.split_once('=')),
-            )
+            .envs(spec.environment(port, &self.api_url(), &self.config.server_env))
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(stderr))

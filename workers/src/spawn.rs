@@ -132,7 +132,7 @@ async fn spawn(ctx: &Context, job: &JobRow, claimed: Claimed) -> HandlerResult {
         &ProgressStep::at(20, "spawn slot taken; starting"),
     )
     .await;
-    let token = new_token();
+    let token = new_token("bs_");
     let spec = SpawnSpec {
         server_id,
         job_id: job.id,
@@ -140,6 +140,7 @@ async fn spawn(ctx: &Context, job: &JobRow, claimed: Claimed) -> HandlerResult {
         server: server_name.clone(),
         image: server.image.clone(),
         token: token.clone(),
+        proxy_token: new_token("bp_"),
     };
     // Steps go out in order through one writer; it drains before the outcome is recorded.
     let (steps, mut written) = tokio::sync::mpsc::unbounded_channel::<(i16, String)>();
@@ -188,6 +189,7 @@ async fn spawn(ctx: &Context, job: &JobRow, claimed: Claimed) -> HandlerResult {
                 container_id: spawned.container_id,
                 url: spawned.url,
                 token_hash: hash_token(&token),
+                proxy_token: spec.proxy_token.clone(),
                 mem_limit: spawned.mem_limit,
                 cpu_limit: spawned.cpu_limit.map(|c| c as f32),
             };
@@ -215,12 +217,12 @@ async fn spawn(ctx: &Context, job: &JobRow, claimed: Claimed) -> HandlerResult {
     }
 }
 
-/// A fresh 256-bit token for the server (`bs_` marks server tokens to the API);
-/// only its hash is stored.
-fn new_token() -> String {
+/// A fresh 256-bit token: the server's own (`bs_` marks server tokens to the API;
+/// only its hash is stored) or the proxy's for the server (`bp_`).
+fn new_token(prefix: &str) -> String {
     let mut bytes = [0u8; 32];
     rand::rng().fill_bytes(&mut bytes);
-    format!("bs_{}", hex::encode(bytes))
+    format!("{prefix}{}", hex::encode(bytes))
 }
 
 pub fn hash_token(token: &str) -> String {

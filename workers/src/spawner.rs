@@ -15,6 +15,45 @@ pub struct SpawnSpec {
     pub image: Option<String>,
     /// The server's own API token, handed to it in its environment.
     pub token: String,
+    /// The secret the server accepts from the proxy only (`JUPYTER_TOKEN`).
+    pub proxy_token: String,
+}
+
+impl SpawnSpec {
+    /// The prefix the proxy serves the server under, which it serves under too.
+    pub fn base_url(&self) -> String {
+        schema::server_path(&self.user, &self.server)
+    }
+
+    /// What every server is told, whichever spawner starts it: who it is for, where
+    /// it is served and listens, how to reach the API, and the secrets. Jupyter
+    /// reads `JUPYTER_TOKEN` as the token it requires (the proxy sends it), and
+    /// images built for JupyterHub read their prefix from
+    /// `JUPYTERHUB_SERVICE_PREFIX`. The configured `BERTH_SERVER_ENV` comes last.
+    pub fn environment(&self, port: u16, api_url: &str, extra: &[String]) -> Vec<(String, String)> {
+        let base = self.base_url();
+        let mut env: Vec<(String, String)> = [
+            ("BERTH_USER", self.user.to_string()),
+            ("BERTH_SERVER_NAME", self.server.to_string()),
+            ("BERTH_SERVER_PORT", port.to_string()),
+            ("BERTH_BASE_URL", base.clone()),
+            ("JUPYTERHUB_SERVICE_PREFIX", base),
+            ("BERTH_API_URL", api_url.to_owned()),
+            ("BERTH_API_TOKEN", self.token.clone()),
+            ("BERTH_PROXY_TOKEN", self.proxy_token.clone()),
+            ("JUPYTER_TOKEN", self.proxy_token.clone()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        env.extend(
+            extra
+                .iter()
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.to_owned(), v.to_owned())),
+        );
+        env
+    }
 }
 
 #[derive(Debug, Clone)]

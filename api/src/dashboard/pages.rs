@@ -12,7 +12,9 @@ use axum::{
 };
 use chrono::Utc;
 use maud::html;
-use schema::{Role, ServerName, ServerState, StopOutcome, UserName, console::ServerFilter, prelude::*};
+use schema::{
+    Role, ServerName, ServerState, StopOutcome, UserName, console::ServerFilter, prelude::*,
+};
 use serde_json::{Value, json};
 
 use super::{

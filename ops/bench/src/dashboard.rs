@@ -223,7 +223,13 @@ async fn time_pages(
     let config =
         ApiFlags::try_parse_from(["api", "--admin-user", ADMIN, "--admin-password", PASSWORD])?
             .config;
-    let server = tokio::spawn(api::run(config, store, listener, shutdown.clone()));
+    let server = tokio::spawn(api::run(
+        config,
+        store,
+        listener,
+        shutdown.clone(),
+        api::Serve::Api,
+    ));
     let http = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()?;

@@ -12,7 +12,7 @@ ctx="$(mktemp -d)"
 trap 'rm -rf "$ctx"' EXIT
 cp "$here/Dockerfile" "$ctx/"
 cp "$busybox" "$ctx/busybox"
-printf '<!doctype html><title>berth test server</title><p>ready</p>\n' > "$ctx/index.html"
+cp "$here/serve" "$ctx/serve"
 printf 'root:x:0:0:root:/:/bin/sh\nuser:x:1000:1000:user:/home/user:/bin/sh\n' > "$ctx/passwd"
 DOCKER_BUILDKIT=0 docker build --quiet -t "$tag" "$ctx" >/dev/null 2>&1 || docker build --quiet -t "$tag" "$ctx"
 echo "built $tag"

@@ -99,7 +99,7 @@ impl SpawnSlot for LiteSpawnSlot {
                 .bind(crate::db::now())
                 .execute(&mut *tx.tx)
                 .await?;
-            store.commit(tx).await
+            store.commit(tx, &[]).await
         }
         .await;
         if let Err(e) = ended {

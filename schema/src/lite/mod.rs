@@ -49,6 +49,7 @@ pub struct SqliteStore {
     writer: Arc<tokio::sync::Mutex<()>>,
     memory: Arc<Memory>,
     progress: tokio::sync::broadcast::Sender<Uuid>,
+    routes: tokio::sync::broadcast::Sender<i64>,
     slot_freed: Arc<tokio::sync::Notify>,
     enqueued: Arc<tokio::sync::Notify>,
     /// The lock on the data directory: held for as long as any clone lives.
@@ -126,11 +127,13 @@ impl SqliteStore {
             .await
             .map_err(|e| OpenError::Migrate(path.clone(), e))?;
         let (progress, _) = tokio::sync::broadcast::channel(1024);
+        let (routes, _) = tokio::sync::broadcast::channel(1024);
         let store = Self {
             pool,
             writer: Arc::new(tokio::sync::Mutex::new(())),
             memory: Arc::new(Memory::default()),
             progress,
+            routes,
             slot_freed: Arc::new(tokio::sync::Notify::new()),
             enqueued: Arc::new(tokio::sync::Notify::new()),
             _owner: Arc::new(owner),
@@ -153,6 +156,11 @@ impl SqliteStore {
         self.progress.subscribe()
     }
 
+    /// Hears of every user whose servers' routes changed, once the change committed.
+    pub(crate) fn route_changes(&self) -> tokio::sync::broadcast::Receiver<i64> {
+        self.routes.subscribe()
+    }
+
     /// Notified whenever a spawn slot is given back.
     pub fn slot_freed(&self) -> Arc<tokio::sync::Notify> {
         self.slot_freed.clone()
@@ -170,8 +178,9 @@ impl SqliteStore {
         })
     }
 
-    /// Commits `tx`, then tells whoever waits what it wrote.
-    pub(crate) async fn commit(&self, tx: Tx) -> Result<(), StoreError> {
+    /// Commits `tx`, then tells whoever waits what it wrote: its progress events
+    /// and the users whose servers' routes changed.
+    pub(crate) async fn commit(&self, tx: Tx, routes: &[i64]) -> Result<(), StoreError> {
         let Tx {
             tx,
             _guard,
@@ -181,6 +190,9 @@ impl SqliteStore {
         drop(_guard);
         for job in progress {
             let _ = self.progress.send(job);
+        }
+        for user in routes {
+            let _ = self.routes.send(*user);
         }
         Ok(())
     }

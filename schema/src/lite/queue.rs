@@ -25,7 +25,7 @@ impl SqliteStore {
         let done = sqlx::query("update queue set taken_by = null where taken_by is not null")
             .execute(&mut *tx.tx)
             .await?;
-        self.commit(tx).await?;
+        self.commit(tx, &[]).await?;
         Ok(done.rows_affected())
     }
 
@@ -49,7 +49,7 @@ impl SqliteStore {
         .bind(now())
         .fetch_all(&mut *tx.tx)
         .await?;
-        self.commit(tx).await?;
+        self.commit(tx, &[]).await?;
         let mut taken: Vec<Delivery> = rows
             .into_iter()
             .map(|(job_id, kind, delivery)| Delivery {
@@ -69,7 +69,7 @@ impl SqliteStore {
             .bind(job_id)
             .execute(&mut *tx.tx)
             .await?;
-        self.commit(tx).await
+        self.commit(tx, &[]).await
     }
 
     /// Back on the queue, to be handed out again after `delay`.
@@ -90,7 +90,7 @@ impl SqliteStore {
         .bind(error)
         .execute(&mut *tx.tx)
         .await?;
-        self.commit(tx).await?;
+        self.commit(tx, &[]).await?;
         self.enqueued.notify_waiters();
         Ok(())
     }
