@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 
 use axum::{
     extract::{ConnectInfo, FromRequestParts},
-    http::{header::AUTHORIZATION, request::Parts},
+    http::{HeaderMap, header, header::AUTHORIZATION, request::Parts},
 };
 use schema::{ServerName, ServerRow, UserName, UserRow, prelude::*};
 use sha2::{Digest, Sha256};
@@ -229,4 +229,17 @@ pub fn same_secret(a: &str, b: &str) -> bool {
         .zip(b.iter())
         .fold(0u8, |acc, (x, y)| acc | (x ^ y))
         == 0
+}
+
+/// A cookie's value, from any `Cookie` header.
+pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+        .filter(|v| !v.is_empty())
 }

@@ -117,6 +117,20 @@ fn user(name: &str) -> UserName {
     UserName::parse(name).unwrap()
 }
 
+/// What a worker records of a server that became ready.
+fn running(server_id: i64, job_id: uuid::Uuid) -> Running {
+    Running {
+        server_id,
+        job_id,
+        container_id: "c1".into(),
+        url: "http://127.0.0.1:1/".into(),
+        token_hash: "server-token".into(),
+        proxy_token: "proxy-secret".into(),
+        mem_limit: None,
+        cpu_limit: None,
+    }
+}
+
 fn spawn_request(name: &str) -> SpawnRequest {
     SpawnRequest {
         user: user(name),
@@ -228,16 +242,7 @@ async fn an_sso_token_is_consumed_once_by_its_running_server(db: &Db) {
     };
     let job = server.spawn_job_id.unwrap();
     assert!(db.begin_job(job, "w").await.unwrap().is_some());
-    let running = Running {
-        server_id: server.id,
-        job_id: job,
-        container_id: "c1".into(),
-        url: "http://127.0.0.1:1/".into(),
-        token_hash: "server-token".into(),
-        proxy_token: "proxy-secret".into(),
-        mem_limit: None,
-        cpu_limit: None,
-    };
+    let running = running(server.id, job);
     assert!(db.mark_running(&running).await.unwrap());
     let expires = chrono::Utc::now() + chrono::TimeDelta::minutes(1);
     db.create_sso("hash-1", dan.id, "", expires, None)
@@ -386,16 +391,7 @@ async fn routes_follow_their_servers_and_traffic_only_moves_activity_forward(db:
     assert!(routes[0].url.is_none() && routes[0].proxy_token.is_none());
     let job = server.spawn_job_id.unwrap();
     db.begin_job(job, "w").await.unwrap();
-    let running = Running {
-        server_id: server.id,
-        job_id: job,
-        container_id: "c1".into(),
-        url: "http://127.0.0.1:1/".into(),
-        token_hash: "server-token".into(),
-        proxy_token: "proxy-secret".into(),
-        mem_limit: None,
-        cpu_limit: None,
-    };
+    let running = running(server.id, job);
     assert!(db.mark_running(&running).await.unwrap());
     assert_eq!(next(&mut heard).await, RouteChange::User(eve.id), "running");
     let route = &db.routes_of(&user("eve")).await.unwrap()[0];

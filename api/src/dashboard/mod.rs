@@ -80,7 +80,7 @@ impl FromRequestParts<AppState> for Operator {
             let target = format!("/admin/login?next={}", encode(next));
             Redirect::to(&target).into_response()
         };
-        let Some(token) = cookie(&parts.headers, COOKIE) else {
+        let Some(token) = crate::auth::cookie(&parts.headers, COOKIE).map(str::to_owned) else {
             return Err(to_login());
         };
         let principal = match Principal::from_token(state, &token).await {
@@ -128,17 +128,6 @@ fn same_origin(headers: &HeaderMap) -> bool {
     origin
         .split_once("://")
         .is_some_and(|(_, rest)| rest == host)
-}
-
-fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v.to_owned())
 }
 
 /// Percent-encodes a query value.

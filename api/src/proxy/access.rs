@@ -128,7 +128,7 @@ pub async fn visitor(
             .await?;
         return Ok(found.map(|v| (v, By::Bearer)));
     }
-    let Some(value) = cookie(headers, COOKIE) else {
+    let Some(value) = crate::auth::cookie(headers, COOKIE) else {
         return Ok(None);
     };
     let found = state
@@ -201,17 +201,4 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
     let (scheme, token) = value.split_once(' ')?;
     let token = token.trim();
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
-}
-
-/// A cookie's value, from any `Cookie` header.
-pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v)
-        .filter(|v| !v.is_empty())
 }

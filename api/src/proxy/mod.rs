@@ -622,7 +622,7 @@ async fn start(state: &AppState, user: &UserName, server: ServerName) -> Answer 
 
 /// Ends the proxy's session in this browser.
 async fn logout(state: &AppState, request: &Parts, user: &UserName) -> Response {
-    if let Some(value) = access::cookie(&request.headers, COOKIE) {
+    if let Some(value) = crate::auth::cookie(&request.headers, COOKIE) {
         if let Err(e) = state
             .db
             .revoke_proxy_session(&crate::tokens::hash_opaque(value))
