@@ -17,9 +17,11 @@ compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null || missing+=(postgres
 nats_server="$(command -v nats-server || echo /usr/sbin/nats-server)"
 [[ -x "$nats_server" ]] || missing+=(nats-server)
 if ! [[ -x /bin/busybox ]] || ldd /bin/busybox >/dev/null 2>&1; then missing+=(busybox-static); fi
-# The dashboard's browser test drives Debian's chromium through chromedriver.
+# The dashboard's and the proxy's browser tests drive Debian's chromium through chromedriver.
 command -v chromium >/dev/null || missing+=(chromium)
 command -v chromedriver >/dev/null || missing+=(chromium-driver)
+# The proxy's tests run a real Jupyter server, from PyPI into a venv.
+python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
 if ((${#missing[@]})); then
   log "installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -61,6 +63,16 @@ if [[ -z "${BERTH_TEST_NATS_URL:-}" ]]; then
   (exec 3<>/dev/tcp/127.0.0.1/4222) 2>/dev/null || { echo "nats-server did not start" >&2; exit 1; }
   export BERTH_TEST_NATS_URL="nats://127.0.0.1:4222"
 fi
+
+# A real Jupyter server (jupyter_server and ipykernel from PyPI) for the proxy's tests.
+venv="${BERTH_TEST_VENV:-$HOME/.cache/berth-test-venv}"
+if ! "$venv/bin/jupyter" server --version >/dev/null 2>&1; then
+  log "installing jupyter_server and ipykernel into $venv"
+  rm -rf "$venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check jupyter_server ipykernel
+fi
+export BERTH_TEST_JUPYTER="$venv/bin/jupyter"
 
 log "checking the Docker engine"
 docker info --format 'engine {{.ServerVersion}}, {{.Containers}} containers' \

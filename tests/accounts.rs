@@ -765,18 +765,6 @@ fn production_mode_refuses_to_start_without_a_signing_key_or_with_weak_secrets()
     }
 }
 
-/// The API token a server's container was given in its environment.
-fn server_token(env: &TestEnv, container: &str) -> String {
-    env.inspect(container)["Config"]["Env"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(Value::as_str)
-        .find_map(|v| v.strip_prefix("BERTH_API_TOKEN="))
-        .expect("a server token")
-        .to_owned()
-}
-
 async fn an_sso_hand_off_is_for_one_server_single_use_and_expires(backend: Backend) {
     let mut env = TestEnv::on(backend).await;
     env.start_worker(&[]);
@@ -790,7 +778,7 @@ async fn an_sso_hand_off_is_for_one_server_single_use_and_expires(backend: Backe
         .await;
 
     // The server authenticates with the token it was given in its environment.
-    let server_token = server_token(&env, &format!("berth-{ann}"));
+    let server_token = env.container_env(&format!("berth-{ann}"), "BERTH_API_TOKEN");
 
     let (status, sso) = as_user(&env, &token, Method::POST, &format!("{path}/sso"), None).await;
     assert_eq!(status, StatusCode::OK, "{sso}");
@@ -876,7 +864,7 @@ async fn another_servers_attempt_leaves_an_sso_token_unspent(backend: Backend) {
         assert_eq!(status, StatusCode::ACCEPTED, "{body}");
         env.wait_server(&path, Duration::from_secs(30), |s| s["state"] == "running")
             .await;
-        tokens.push((path, server_token(&env, &container)));
+        tokens.push((path, env.container_env(&container, "BERTH_API_TOKEN")));
     }
     let (default_path, default_token) = &tokens[0];
     let (_, two_token) = &tokens[1];

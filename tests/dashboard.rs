@@ -3,9 +3,13 @@
 
 mod common;
 
-use std::{process::Stdio, time::Duration};
+use std::time::Duration;
 
-use common::{ADMIN_PASSWORD, ADMIN_USER, Backend, MISSING_IMAGE, TestEnv, wait_for};
+use common::{
+    ADMIN_PASSWORD, ADMIN_USER, Backend, MISSING_IMAGE, TestEnv,
+    browser::{Driver, see},
+    wait_for,
+};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
@@ -278,53 +282,6 @@ on_both_stores!(
 // Followed on a second API process: Postgres only.
 on_both_backends!(spawn_progress_streams_from_the_request_to_ready);
 
-/// chromedriver on a free port, ended with the test.
-struct Driver(std::process::Child, String);
-
-impl Driver {
-    async fn start() -> Self {
-        let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap().port()
-        };
-        let child = std::process::Command::new(
-            std::env::var("BERTH_TEST_CHROMEDRIVER").unwrap_or_else(|_| "chromedriver".into()),
-        )
-        .arg(format!("--port={port}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("chromedriver runs (Debian's chromium-driver)");
-        let url = format!("http://127.0.0.1:{port}");
-        wait_for("chromedriver", Duration::from_secs(20), async || {
-            reqwest::get(format!("{url}/status")).await.is_ok()
-        })
-        .await;
-        Driver(child, url)
-    }
-
-    async fn browser(&self) -> fantoccini::Client {
-        let mut caps = serde_json::Map::new();
-        caps.insert(
-            "goog:chromeOptions".into(),
-            json!({ "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,1000"] }),
-        );
-        let connector = hyper_util::client::legacy::connect::HttpConnector::new();
-        fantoccini::ClientBuilder::new(connector)
-            .capabilities(caps)
-            .connect(&self.1)
-            .await
-            .expect("a browser session")
-    }
-}
-
-impl Drop for Driver {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 async fn log_in(browser: &fantoccini::Client, base: &str, user: &str, password: &str) {
     use fantoccini::Locator;
     browser.goto(&format!("{base}/admin")).await.unwrap();
@@ -349,24 +306,6 @@ async fn log_in(browser: &fantoccini::Client, base: &str, user: &str, password: 
         .click()
         .await
         .unwrap();
-}
-
-/// Waits until the page's text holds `what`, without reloading it.
-async fn see(browser: &fantoccini::Client, css: &str, what: &str) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(45);
-    loop {
-        if let Ok(el) = browser.find(fantoccini::Locator::Css(css)).await
-            && el.text().await.is_ok_and(|t| t.contains(what))
-        {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the page never showed {what:?} in {css}: {}",
-            browser.source().await.unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -6,43 +6,12 @@ mod common;
 
 use std::{path::PathBuf, time::Duration};
 
-use common::{TestEnv, wait_for};
+use common::{
+    TestEnv,
+    local::{Leftovers, alive, pid_of},
+    wait_for,
+};
 use reqwest::{Method, StatusCode};
-
-/// Kills whatever server processes a test left, also when it fails, and removes
-/// its data directory (`.0`, holding the instance's directory `.1`).
-struct Leftovers(PathBuf, PathBuf);
-
-impl Drop for Leftovers {
-    fn drop(&mut self) {
-        for dir in std::fs::read_dir(self.1.join("run"))
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            if let Some(pid) = pid_of(&dir.path()) {
-                let _ = std::process::Command::new("kill")
-                    .args(["-KILL", "--", &format!("-{pid}")])
-                    .status();
-            }
-        }
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn pid_of(run_dir: &std::path::Path) -> Option<u32> {
-    std::fs::read_to_string(run_dir.join("pid"))
-        .ok()?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
-
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .is_ok_and(|s| !s[s.rfind(')').unwrap() + 2..].starts_with('Z'))
-}
 
 async fn answers(url: &str) -> bool {
     reqwest::get(url).await.is_ok()

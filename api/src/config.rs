@@ -130,7 +130,7 @@ pub struct ProxyConfig {
     /// Paths (under a server's prefix) that an open tab polls by itself: a GET or
     /// HEAD of these does not count as activity. Comma-separated prefixes.
     #[arg(
-        long,
+        long = "proxy-ignore-paths",
         env = "BERTH_PROXY_IGNORE_PATHS",
         value_delimiter = ',',
         default_value = "api/kernels,api/sessions,api/terminals,api/metrics,api/status,\
@@ -140,19 +140,36 @@ pub struct ProxyConfig {
     pub ignore_paths: Vec<String>,
 
     /// Seconds between the proxy's writes of the activity it saw (one statement each).
-    #[arg(long, env = "BERTH_PROXY_ACTIVITY_INTERVAL", default_value_t = 5)]
+    #[arg(
+        long = "proxy-activity-interval",
+        env = "BERTH_PROXY_ACTIVITY_INTERVAL",
+        default_value_t = 5
+    )]
     pub activity_interval: u64,
 
     /// Seconds the proxy waits to connect to a server before answering 502.
-    #[arg(long, env = "BERTH_PROXY_CONNECT_TIMEOUT", default_value_t = 5)]
+    #[arg(
+        long = "proxy-connect-timeout",
+        env = "BERTH_PROXY_CONNECT_TIMEOUT",
+        default_value_t = 5
+    )]
     pub connect_timeout: u64,
+
+    /// Seconds the proxy waits for a server's answer to begin before answering
+    /// 504 (a body may stream for longer: downloads, event streams).
+    #[arg(
+        long = "proxy-timeout",
+        env = "BERTH_PROXY_TIMEOUT",
+        default_value_t = 300
+    )]
+    pub timeout: u64,
 }
 
 impl ApiConfig {
     /// The origin of servers' public URLs, without a trailing slash:
     /// `BERTH_PUBLIC_URL`, else this process's own address (`bound`).
     pub fn public_origin(&self, bound: SocketAddr) -> String {
-        match &self.proxy.public_url {
+        match self.proxy.public_url.as_deref().filter(|u| !u.is_empty()) {
             Some(url) => url.trim_end_matches('/').to_owned(),
             None if bound.ip().is_unspecified() => format!("http://127.0.0.1:{}", bound.port()),
             None => format!("http://{bound}"),
@@ -183,16 +200,20 @@ impl ApiConfig {
                 .map_err(|e| format!("BERTH_ADMIN_PASSWORD: {e}"))?,
             (None, None) => {}
         }
-        if let Some(url) = &self.proxy.public_url
+        if let Some(url) = self.proxy.public_url.as_deref().filter(|u| !u.is_empty())
             && !(url.starts_with("http://") || url.starts_with("https://"))
         {
             return Err(format!(
                 "BERTH_PUBLIC_URL must be an http:// or https:// origin, got {url:?}"
             ));
         }
-        if self.proxy.activity_interval == 0 || self.proxy.connect_timeout == 0 {
+        if self.proxy.activity_interval == 0
+            || self.proxy.connect_timeout == 0
+            || self.proxy.timeout == 0
+        {
             return Err(
-                "BERTH_PROXY_ACTIVITY_INTERVAL and BERTH_PROXY_CONNECT_TIMEOUT must be positive"
+                "BERTH_PROXY_ACTIVITY_INTERVAL, BERTH_PROXY_CONNECT_TIMEOUT and \
+                 BERTH_PROXY_TIMEOUT must be positive"
                     .into(),
             );
         }

@@ -40,6 +40,9 @@ pub enum ApiError {
     /// A user's server did not answer the proxy.
     #[error("{0}")]
     BadGateway(String),
+    /// A user's server did not begin its answer in time.
+    #[error("{0}")]
+    GatewayTimeout(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -66,6 +69,7 @@ impl ApiError {
                 (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
             }
             ApiError::BadGateway(_) => (StatusCode::BAD_GATEWAY, "bad_gateway"),
+            ApiError::GatewayTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "gateway_timeout"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
@@ -82,6 +86,7 @@ impl ApiError {
         match self {
             ApiError::Unavailable(m)
             | ApiError::BadGateway(m)
+            | ApiError::GatewayTimeout(m)
             | ApiError::Overloaded { message: m, .. } => m,
             _ => "something went wrong on our side; it has been logged".into(),
         }

@@ -5,6 +5,9 @@
 
 #![allow(dead_code)]
 
+pub mod browser;
+pub mod local;
+
 use std::{
     process::{Child, Command, Stdio},
     sync::Arc,
@@ -426,35 +429,27 @@ impl TestEnv {
         format!("berth-{}", self.id)
     }
 
-    /// The flags of a worker bound to this test's instance label and network.
+    /// The flags of a worker bound to this test's instance label and network;
+    /// a flag in `extra` replaces the default one of the same name.
     pub fn worker_args(&self, extra: &[&str]) -> Vec<String> {
-        let mut args: Vec<String> = [
-            "--image",
-            TEST_IMAGE,
-            "--pull-policy",
-            "if-not-present",
-            "--mem-limit",
-            "256M",
-            "--cpu-limit",
-            "0.5",
-            "--pids-limit",
-            "64",
-            "--volume-path",
-            "/data",
-            "--start-timeout",
-            "20",
-            "--stop-timeout",
-            "2",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        args.extend([
-            "--instance".into(),
-            self.id.clone(),
-            "--network".into(),
-            self.network(),
-        ]);
+        let network = self.network();
+        let defaults = [
+            ("--image", TEST_IMAGE),
+            ("--pull-policy", "if-not-present"),
+            ("--mem-limit", "256M"),
+            ("--cpu-limit", "0.5"),
+            ("--pids-limit", "64"),
+            ("--volume-path", "/data"),
+            ("--start-timeout", "20"),
+            ("--stop-timeout", "2"),
+            ("--instance", self.id.as_str()),
+            ("--network", network.as_str()),
+        ];
+        let mut args: Vec<String> = defaults
+            .iter()
+            .filter(|(flag, _)| !extra.contains(flag))
+            .flat_map(|(flag, value)| [flag.to_string(), value.to_string()])
+            .collect();
         args.extend(extra.iter().map(|s| s.to_string()));
         args
     }
@@ -593,41 +588,54 @@ impl TestEnv {
     /// Starts `berth api` as a real process on a free port; returns its index.
     /// Later calls of this environment go to it.
     pub async fn start_api_process(&mut self) -> usize {
+        let allowed = format!("{TEST_IMAGE},{MISSING_IMAGE}");
+        let (index, base) = self
+            .start_serving(
+                "api",
+                &[
+                    ("BERTH_ADMIN_TOKEN", TOKEN),
+                    ("BERTH_ALLOWED_IMAGES", allowed.as_str()),
+                ],
+            )
+            .await;
+        self.base = base;
+        index
+    }
+
+    /// Starts `berth proxy` as a real process on this test's store; returns its
+    /// index (for `kill_worker`) and base URL.
+    pub async fn start_proxy_process(&mut self) -> (usize, String) {
+        self.start_serving("proxy", &[]).await
+    }
+
+    /// A `berth` role that serves HTTP, as a process on a free port of its own,
+    /// on this test's store and signing key; its index and base URL once ready.
+    async fn start_serving(&mut self, role: &str, env: &[(&str, &str)]) -> (usize, String) {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
         let child = Command::new(env!("CARGO_BIN_EXE_berth"))
-            .arg("api")
+            .arg(role)
             .envs(self.queue_env())
             .env("BERTH_DATABASE_URL", &self.db_url)
             .env("BERTH_LISTEN", format!("127.0.0.1:{port}"))
-            .env("BERTH_ADMIN_TOKEN", TOKEN)
             .env("BERTH_JWT_PRIVATE_KEY", &self.jwt_pem)
-            .env(
-                "BERTH_ALLOWED_IMAGES",
-                format!("{TEST_IMAGE},{MISSING_IMAGE}"),
-            )
             .env("BERTH_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
-            .expect("start berth api");
+            .unwrap_or_else(|e| panic!("start berth {role}: {e}"));
         self.children.push(child);
-        self.base = format!("http://127.0.0.1:{port}");
+        let base = format!("http://127.0.0.1:{port}");
         let deadline = Instant::now() + Duration::from_secs(20);
-        while self
-            .http
-            .get(format!("{}/ready", self.base))
-            .send()
-            .await
-            .is_err()
-        {
-            assert!(Instant::now() < deadline, "berth api did not come up");
+        while self.http.get(format!("{base}/ready")).send().await.is_err() {
+            assert!(Instant::now() < deadline, "berth {role} did not come up");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        self.children.len() - 1
+        (self.children.len() - 1, base)
     }
 
     /// Which of the started processes have exited, and how.
@@ -791,6 +799,34 @@ impl TestEnv {
         assert!(out.status.success(), "no container {container}");
         let all: Value = serde_json::from_slice(&out.stdout).unwrap();
         all[0].clone()
+    }
+
+    /// A variable of a container's environment, as the worker set it.
+    pub fn container_env(&self, container: &str, name: &str) -> String {
+        let prefix = format!("{name}=");
+        self.inspect(container)["Config"]["Env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(Value::as_str)
+            .find_map(|v| v.strip_prefix(prefix.as_str()))
+            .unwrap_or_else(|| panic!("{container} has no {name}"))
+            .to_owned()
+    }
+
+    /// A service token with `scopes`, made by the bootstrap admin.
+    pub async fn service_token(&self, scopes: &[&str]) -> String {
+        let body =
+            serde_json::json!({ "name": format!("test-{}", scopes.join("-")), "scopes": scopes });
+        let (status, created) = self
+            .call(
+                Method::POST,
+                "/api/v1/admin/tokens",
+                Some(&body.to_string()),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{created}");
+        created["token"].as_str().unwrap().to_owned()
     }
 
     /// The most spawn slots ever held at one moment, from the record of every spawn.

@@ -137,6 +137,13 @@ pub struct DockerConfig {
     #[arg(long, env = "BERTH_VOLUME_PATH", default_value = "/home/jovyan/work")]
     pub volume_path: String,
 
+    /// The container's command instead of the image's, split at white space, with
+    /// `{port}`, `{user}`, `{server}` and `{base_url}` filled in. A Jupyter image
+    /// of jupyter/docker-stacks: `start-notebook.py --ServerApp.base_url={base_url}`
+    /// (it takes its token from `JUPYTER_TOKEN`, which Berth sets). Default: the image's.
+    #[arg(long, env = "BERTH_CONTAINER_COMMAND")]
+    pub container_command: Option<String>,
+
     /// User the server runs as (`uid[:gid]` or a name); default the image's own.
     #[arg(long, env = "BERTH_CONTAINER_USER")]
     pub container_user: Option<String>,

@@ -239,8 +239,16 @@ impl DockerSpawner {
             }]),
             ..Default::default()
         };
+        // The image's own command unless one is configured, word by word.
+        let cmd = c.container_command.as_deref().map(|template| {
+            spec.command(template, c.server_port)
+                .split_whitespace()
+                .map(str::to_owned)
+                .collect()
+        });
         ContainerCreateBody {
             image: Some(image.into()),
+            cmd,
             env: Some(env),
             labels: Some(labels),
             user: c.container_user.clone(),

@@ -180,13 +180,8 @@ impl ProcessSpawner {
             .and_then(|l| l.local_addr())
             .map_err(|e| io("finding a free port", e))?
             .port();
-        // Names are DNS labels and the port a number: nothing here needs quoting.
-        let command = self
-            .command
-            .replace("{port}", &port.to_string())
-            .replace("{user}", spec.user.as_str())
-            .replace("{server}", spec.server.as_str())
-            .replace("{base_url}", &spec.base_url())
+        let command = spec
+            .command(&self.command, port)
             .replace("{berth}", &self.berth);
         progress(40, format!("starting `{command}` on port {port}"));
         let log_path = self.log(&spec.user, &spec.server);

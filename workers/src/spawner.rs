@@ -25,6 +25,17 @@ impl SpawnSpec {
         schema::server_path(&self.user, &self.server)
     }
 
+    /// A command template with `{port}`, `{user}`, `{server}` and `{base_url}`
+    /// filled in (names are DNS labels and the rest numbers and slashes: nothing
+    /// needs quoting).
+    pub fn command(&self, template: &str, port: u16) -> String {
+        template
+            .replace("{port}", &port.to_string())
+            .replace("{user}", self.user.as_str())
+            .replace("{server}", self.server.as_str())
+            .replace("{base_url}", &self.base_url())
+    }
+
     /// What every server is told, whichever spawner starts it: who it is for, where
     /// it is served and listens, how to reach the API, and the secrets. Jupyter
     /// reads `JUPYTER_TOKEN` as the token it requires (the proxy sends it), and

@@ -104,6 +104,8 @@ async fn servers(
         Ok(l) => l,
         Err(e) => return failure(e),
     };
+    // Operators see both: where users reach a server, and where it runs.
+    let addresses = state.public_addresses();
     let rows = html! {
         @for l in &listing.items {
             @let s = &l.server;
@@ -113,6 +115,11 @@ async fn servers(
                 td.state { (badge(s.state.as_str())) }
                 td { (when(s.started_at)) }
                 td { (when(s.last_activity)) }
+                @let public = addresses.public(&s.user_name, &s.name);
+                td.address {
+                    a href=(public) { (public.strip_prefix(addresses.origin).unwrap_or(&public)) }
+                    @if let Some(internal) = &s.url { br; code { (internal) } }
+                }
                 td { code { (s.container_id.as_deref().map_or("—", |c| &c[..c.len().min(12)])) } }
                 td { (s.image.as_deref().unwrap_or("default")) }
                 td { @match (l.mem_limit, l.cpu_limit) { (Some(m), Some(c)) => { (format!("{} MiB, {c} CPU", m / (1 << 20))) }, _ => { "—" } } }
@@ -146,7 +153,7 @@ async fn servers(
                     button type="submit" { "Stop idle servers" }
                 }
                 table {
-                    thead { tr { th { "Owner" } th { "Server" } th { "State" } th { "Started" } th { "Last activity" } th { "Container" } th { "Image" } th { "Limits" } th { "Note" } th {} } }
+                    thead { tr { th { "Owner" } th { "Server" } th { "State" } th { "Started" } th { "Last activity" } th { "Address" } th { "Container" } th { "Image" } th { "Limits" } th { "Note" } th {} } }
                     tbody data-live { (rows) }
                 }
                 (pager("/admin/servers", &query, page, PER_PAGE, listing.total))

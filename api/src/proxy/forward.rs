@@ -40,6 +40,8 @@ pub enum ForwardError {
     Address(String),
     #[error("the server did not answer: {0}")]
     Unreachable(String),
+    #[error("the server did not begin its answer within {0:?}")]
+    Timeout(Duration),
 }
 
 /// Where and how to reach one server.
@@ -184,11 +186,12 @@ pub async fn http(
     mut request: Request<Body>,
     upstream: &Upstream<'_>,
     client: &Caller<'_>,
+    timeout: Duration,
 ) -> Result<Response<Body>, ForwardError> {
     prepare(&mut request, upstream, client, None)?;
-    let mut response = pool
-        .request(request)
+    let mut response = tokio::time::timeout(timeout, pool.request(request))
         .await
+        .map_err(|_| ForwardError::Timeout(timeout))?
         .map_err(|e| ForwardError::Unreachable(error_chain(&e)))?;
     drop_hop_by_hop(response.headers_mut());
     Ok(response.map(Body::new))

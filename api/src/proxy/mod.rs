@@ -57,6 +57,8 @@ pub struct Proxy {
     pool: forward::Client,
     ignored: Vec<String>,
     connect_timeout: Duration,
+    /// How long a server may take to begin its answer.
+    answer_timeout: Duration,
     activity_every: Duration,
     /// How users reach Berth: `http` or `https`.
     scheme: &'static str,
@@ -78,6 +80,7 @@ impl Proxy {
                 .filter(|p| !p.is_empty())
                 .collect(),
             connect_timeout,
+            answer_timeout: Duration::from_secs(config.proxy.timeout.max(1)),
             activity_every: Duration::from_secs(config.proxy.activity_interval.max(1)),
             scheme: if origin.starts_with("https://") {
                 "https"
@@ -337,7 +340,13 @@ async fn admit(
 /// No credential: the portal's login page for a browser when one is configured,
 /// else 401.
 fn unauthenticated(state: &AppState, request: &Parts, html: bool) -> Response {
-    if let (true, Some(login)) = (html, &state.config.proxy.login_url) {
+    let login = state
+        .config
+        .proxy
+        .login_url
+        .as_deref()
+        .filter(|u| !u.is_empty());
+    if let (true, Some(login)) = (html, login) {
         let wanted = format!(
             "{}{}",
             state.origin,
@@ -466,14 +475,19 @@ async fn forward(
             )
             .await
         }
-        None => forward::http(&state.proxy.pool, request, &upstream, &caller).await,
+        None => {
+            let timeout = state.proxy.answer_timeout;
+            forward::http(&state.proxy.pool, request, &upstream, &caller, timeout).await
+        }
     };
     result.map_err(|e| {
         tracing::warn!(user = %user, server = %route.server_name, address = url, error = %e, "the server did not answer the proxy");
-        if html {
-            pages::unreachable(&route.server_name)
-        } else {
-            ApiError::BadGateway(format!("the server did not answer: {e}")).into_response()
+        match (html, e) {
+            (true, _) => pages::unreachable(&route.server_name),
+            (false, e @ forward::ForwardError::Timeout(_)) => {
+                ApiError::GatewayTimeout(e.to_string()).into_response()
+            }
+            (false, e) => ApiError::BadGateway(e.to_string()).into_response(),
         }
     })
 }
@@ -632,7 +646,13 @@ async fn logout(state: &AppState, request: &Parts, user: &UserName) -> Response 
         }
         state.proxy.access.forget_cookie(value);
     }
-    let mut response = match &state.config.proxy.login_url {
+    let mut response = match state
+        .config
+        .proxy
+        .login_url
+        .as_deref()
+        .filter(|u| !u.is_empty())
+    {
         Some(login) => redirect(StatusCode::FOUND, login),
         None => pages::notice(
             StatusCode::OK,

@@ -1,7 +1,22 @@
 //! What the benchmarks do and measure alike: users and a burst of spawn requests
 //! against an API, memory of a process, percentiles.
 
-use std::time::{Duration, Instant};
+use std::{
+    process::Child,
+    time::{Duration, Instant},
+};
+
+/// Processes a benchmark started, killed when it ends however it ends.
+pub struct Processes(pub Vec<Child>);
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
 
 /// Resident memory of a process, KiB (0 when it is gone).
 pub fn rss_kib(pid: u32) -> u64 {

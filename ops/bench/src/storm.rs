@@ -49,20 +49,9 @@ struct Args {
 }
 
 mod measure;
-use measure::{Burst, create_users, percentile, rss_kib, spawn_burst};
+use measure::{Burst, Processes, create_users, percentile, rss_kib, spawn_burst};
 
 const TOKEN: &str = "bench-admin-token-0123456789";
-
-struct Processes(Vec<Child>);
-
-impl Drop for Processes {
-    fn drop(&mut self) {
-        for child in &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
 
 fn docker(args: &[&str]) -> anyhow::Result<String> {
     let out = Command::new("docker").args(args).output()?;

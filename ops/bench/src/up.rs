@@ -33,6 +33,8 @@ struct Args {
     berth: String,
 }
 
+// Shared with the other benchmarks; not every helper is used here.
+#[allow(dead_code)]
 mod measure;
 use measure::{Burst, create_users, percentile, rss_kib, spawn_burst};
 

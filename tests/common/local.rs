@@ -1,0 +1,63 @@
+//! Servers as local processes: what a test leaves behind is killed, and a real
+//! Jupyter server to run (`BERTH_TEST_JUPYTER`, installed by `ops/test.sh`).
+
+use std::path::PathBuf;
+
+/// Kills whatever server processes a test left, also when it fails, and removes
+/// its data directory (`.0`, holding the instance's directory `.1`).
+pub struct Leftovers(pub PathBuf, pub PathBuf);
+
+impl Drop for Leftovers {
+    fn drop(&mut self) {
+        for dir in std::fs::read_dir(self.1.join("run"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if let Some(pid) = pid_of(&dir.path()) {
+                let _ = std::process::Command::new("kill")
+                    .args(["-KILL", "--", &format!("-{pid}")])
+                    .status();
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn pid_of(run_dir: &std::path::Path) -> Option<u32> {
+    std::fs::read_to_string(run_dir.join("pid"))
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| !s[s.rfind(')').unwrap() + 2..].starts_with('Z'))
+}
+
+/// The `jupyter` of the test environment (a venv with jupyter_server and ipykernel).
+pub fn jupyter() -> String {
+    std::env::var("BERTH_TEST_JUPYTER")
+        .unwrap_or_else(|_| "/tmp/berth-test-venv/bin/jupyter".into())
+}
+
+/// A Jupyter server as Berth starts it: on its port, under its prefix, taking its
+/// token from `JUPYTER_TOKEN` (which the proxy sends).
+pub fn jupyter_command() -> String {
+    format!(
+        "{} server --allow-root --ServerApp.port={{port}} --ServerApp.ip=127.0.0.1 \
+         --ServerApp.base_url={{base_url}} --ServerApp.allow_remote_access=True \
+         --ServerApp.open_browser=False",
+        jupyter()
+    )
+}
+
+/// A data directory for local servers of the test `id`, cleaned up with them.
+pub fn data_dir(id: &str) -> (PathBuf, Leftovers) {
+    let data = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("process-{id}"));
+    let leftovers = Leftovers(data.clone(), data.join(id));
+    (data, leftovers)
+}
