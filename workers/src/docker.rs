@@ -41,7 +41,7 @@ const INSPECT_EVERY: Duration = Duration::from_millis(2000);
 pub struct DockerSpawner {
     docker: Docker,
     config: Arc<DockerConfig>,
-    network: OnceCell<String>,
+    network: tokio::sync::Mutex<Option<String>>,
     /// What containers are told the API's address is.
     api_url: OnceCell<String>,
 }
@@ -50,6 +50,13 @@ impl From<DockerError> for SpawnError {
     fn from(e: DockerError) -> Self {
         SpawnError::Engine(e.to_string())
     }
+}
+
+/// The engine no longer knows the network by that id, or finds its name
+/// ambiguous: the network must be settled again (the error is transient).
+fn is_network_error(e: &DockerError) -> bool {
+    matches!(e, DockerError::DockerResponseServerError { message, .. }
+        if message.contains("network") && (message.contains("not found") || message.contains("ambiguous")))
 }
 
 fn is_status(e: &DockerError, code: u16) -> bool {
@@ -63,7 +70,7 @@ impl DockerSpawner {
         Ok(Self {
             docker,
             config,
-            network: OnceCell::new(),
+            network: Default::default(),
             api_url: OnceCell::new(),
         })
     }
@@ -76,38 +83,59 @@ impl DockerSpawner {
 
     /// The id of the servers' network, created when missing. Docker lets several
     /// networks share a name, and workers starting together may each create one:
-    /// every worker settles on the oldest (then lowest id) and removes the rest.
+    /// every worker settles on the oldest (then lowest id) and removes the rest,
+    /// until one is left. A listing can miss a network still being created, so a
+    /// worker may settle on one another worker then removes: the engine's "not
+    /// found" or "ambiguous" makes it settle again (`forget_network`).
     async fn ensure_network(&self) -> Result<String, SpawnError> {
-        self.network
-            .get_or_try_init(|| async {
-                let name = &self.config.network;
-                if self.networks_named(name).await?.is_empty() {
-                    let request = NetworkCreateRequest {
-                        name: name.clone(),
-                        driver: Some("bridge".into()),
-                        labels: Some(HashMap::from([(LABEL_MANAGED.into(), "true".into())])),
-                        ..Default::default()
-                    };
-                    match self.docker.create_network(request).await {
-                        Ok(_) => {}
-                        Err(e) if is_status(&e, 409) => {}
-                        Err(e) => return Err(SpawnError::from(e)),
-                    }
+        let mut known = self.network.lock().await;
+        if let Some(id) = known.as_ref() {
+            return Ok(id.clone());
+        }
+        let name = &self.config.network;
+        if self.networks_named(name).await?.is_empty() {
+            let request = NetworkCreateRequest {
+                name: name.clone(),
+                driver: Some("bridge".into()),
+                labels: Some(HashMap::from([(LABEL_MANAGED.into(), "true".into())])),
+                ..Default::default()
+            };
+            match self.docker.create_network(request).await {
+                Ok(_) => {}
+                Err(e) if is_status(&e, 409) => {}
+                Err(e) => return Err(SpawnError::from(e)),
+            }
+        }
+        for _ in 0..20 {
+            let mut found = self.networks_named(name).await?;
+            found.sort();
+            let Some((_, oldest)) = found.first().cloned() else {
+                return Err(SpawnError::Engine(format!(
+                    "network {name} vanished as it was created"
+                )));
+            };
+            if found.len() == 1 {
+                *known = Some(oldest.clone());
+                return Ok(oldest);
+            }
+            for (_, extra) in found.iter().skip(1) {
+                if let Err(e) = self.docker.remove_network(extra).await {
+                    tracing::debug!(network = %extra, error = %e, "duplicate network left in place");
                 }
-                let mut found = self.networks_named(name).await?;
-                found.sort();
-                let Some((_, keep)) = found.first().cloned() else {
-                    return Err(SpawnError::Engine(format!("network {name} vanished as it was created")));
-                };
-                for (_, extra) in found.iter().skip(1) {
-                    if let Err(e) = self.docker.remove_network(extra).await {
-                        tracing::debug!(network = %extra, error = %e, "duplicate network left in place");
-                    }
-                }
-                Ok(keep)
-            })
-            .await
-            .cloned()
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(SpawnError::Engine(format!(
+            "network {name} stays duplicated; remove the extra ones with docker network rm"
+        )))
+    }
+
+    /// Forgets the network a spawn found gone or ambiguous: the next one settles again.
+    async fn forget_network(&self, id: &str) {
+        let mut known = self.network.lock().await;
+        if known.as_deref() == Some(id) {
+            *known = None;
+        }
     }
 
     /// `BERTH_PUBLIC_API_URL`, else the API's port on the network's gateway: the
@@ -334,6 +362,10 @@ impl DockerSpawner {
                 .await
             {
                 Ok(created) => return Ok(created),
+                Err(e) if is_network_error(&e) => {
+                    self.forget_network(network_id).await;
+                    return Err(e.into());
+                }
                 Err(e) if is_status(&e, 404) && !pulled => {
                     progress(30, format!("pulling image {image}"));
                     self.ensure_image(image).await?;
@@ -378,7 +410,12 @@ impl DockerSpawner {
             .create(spec, name, image, &network_id, progress)
             .await?;
         progress(60, format!("starting container {name}"));
-        self.docker.start_container(&created.id, None).await?;
+        if let Err(e) = self.docker.start_container(&created.id, None).await {
+            if is_network_error(&e) {
+                self.forget_network(&network_id).await;
+            }
+            return Err(e.into());
+        }
         let inspect = self.docker.inspect_container(&created.id, None).await?;
         let ip = inspect
             .network_settings
