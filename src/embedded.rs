@@ -77,7 +77,8 @@ pub async fn up(
             if answers(address).await {
                 eprintln!(
                     "\nBerth is up on its embedded store {}.\n  API        http://{address}/api/v1\n  \
-                     dashboard  http://{address}/admin\n  log in as  {login}\n  \
+                     dashboard  http://{address}/admin\n  servers    http://{address}/user/{{user}}/ \
+                     (open one with the url of POST …/users/{{user}}/server/sso)\n  log in as  {login}\n  \
                      a token    curl -X POST http://{address}/api/v1/auth/login \
                      -d '{{\"username\": \"{user}\", \"password\": \"…\"}}'\n",
                     store.path().display()

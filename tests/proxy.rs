@@ -444,6 +444,44 @@ async fn docker_servers_are_reached_only_through_the_proxy(backend: Backend) {
         .unwrap();
     assert_eq!(direct.status(), StatusCode::OK);
 
+    // With the browser's cookie, another site can neither post nor open a
+    // WebSocket (a cross-site WebSocket would act as the user).
+    let cookie = land(&env.base, &hand_off(&env, &ann, &token).await).await;
+    for (method, upgrade) in [(Method::POST, false), (Method::GET, true)] {
+        let mut request = client()
+            .request(
+                method.clone(),
+                format!("{}/user/{ann}/api/kernels", env.base),
+            )
+            .header(header::COOKIE, &cookie)
+            .header(header::ORIGIN, "http://evil.example");
+        if upgrade {
+            request = request
+                .header(header::CONNECTION, "Upgrade")
+                .header(header::UPGRADE, "websocket")
+                .header("sec-websocket-version", "13")
+                .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==");
+        }
+        let refused = request.send().await.unwrap();
+        assert_eq!(
+            refused.status(),
+            StatusCode::FORBIDDEN,
+            "{method} upgrade={upgrade}"
+        );
+    }
+    let same_site = client()
+        .post(format!("{}/user/{ann}/api/kernels", env.base))
+        .header(header::COOKIE, &cookie)
+        .header(header::ORIGIN, &env.base)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        same_site.status(),
+        StatusCode::OK,
+        "the test server answers any method"
+    );
+
     // A service token needs servers:access, which admin does not imply.
     let reader = env.service_token(&["admin"]).await;
     let (status, _) = through(

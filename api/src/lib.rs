@@ -240,18 +240,15 @@ pub async fn run(
     };
     let app = match serve {
         Serve::Api => router(state.clone()),
-        Serve::Proxy => proxy::router()
-            .merge(
-                health::router()
-                    .merge(metrics::router())
-                    .route_layer(axum::middleware::from_fn(metrics::track)),
-            )
+        Serve::Proxy => health::router()
+            .merge(metrics::router())
+            .route_layer(axum::middleware::from_fn(metrics::track))
             .fallback(|| async { ApiError::NotFound("no such route".into()) })
             .with_state(state.clone()),
-        Serve::Both => proxy::router()
-            .with_state(state.clone())
-            .merge(router(state.clone())),
+        Serve::Both => router(state.clone()),
     };
+    // Requests under /user/ go straight to the proxy, past the router.
+    let proxied = (serve != Serve::Api).then(|| Arc::new(state.clone()));
     let background = match serve {
         Serve::Api => None,
         Serve::Proxy | Serve::Both => {
@@ -265,7 +262,7 @@ pub async fn run(
     if serve != Serve::Proxy {
         tracing::info!(%address, "api listening");
     }
-    serve::serve(listener, app, shutdown).await?;
+    serve::serve(listener, app, proxied, shutdown).await?;
     if let Some(background) = background {
         let _ = background.await;
     }

@@ -1,9 +1,10 @@
 //! Serving a router over HTTP/1.1, for the API and the proxy alike. Written on
 //! hyper's own connection builder rather than `axum::serve` so that a connection
-//! upgraded to a WebSocket hands the proxy back the plain TCP stream: idle
-//! WebSockets then hold no buffers (see `proxy::websocket`).
+//! upgraded to a WebSocket hands the proxy back the plain TCP stream (idle
+//! WebSockets then hold no buffers, see `proxy::websocket`), and so that each
+//! connection carries its own connections to servers (`proxy::forward::Upstreams`).
 
-use std::{convert::Infallible, net::SocketAddr, time::Duration};
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::{Router, body::Body, extract::ConnectInfo};
 use hyper::{body::Incoming, server::conn::http1, service::service_fn};
@@ -12,16 +13,20 @@ use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tower::Service;
 
+use crate::AppState;
+
 /// How long a shutdown waits for requests in flight (WebSockets and streams are
 /// not waited for: they end with the process).
 const DRAIN: Duration = Duration::from_secs(10);
 
 /// Serves `app` on `listener` until `shutdown` fires, then lets requests in
 /// flight finish (for at most `DRAIN`). Each request carries `ConnectInfo` with
-/// the peer's address.
+/// the peer's address. With `proxy`, the proxy's requests go to it directly:
+/// the hot path skips the router.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
+    proxy: Option<Arc<AppState>>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let connections = TaskTracker::new();
@@ -40,14 +45,27 @@ pub async fn serve(
         };
         let _ = tcp.set_nodelay(true);
         let app = app.clone();
+        // The proxy's connections to servers for this client connection.
+        let upstreams = std::sync::Arc::new(crate::proxy::forward::Upstreams::default());
+        let proxy = proxy.clone();
         let service = service_fn(move |mut request: hyper::Request<Incoming>| {
-            request
-                .extensions_mut()
-                .insert(ConnectInfo::<SocketAddr>(peer));
+            let extensions = request.extensions_mut();
+            extensions.insert(ConnectInfo::<SocketAddr>(peer));
+            extensions.insert(upstreams.clone());
+            let request = request.map(Body::new);
+            let proxy = proxy
+                .clone()
+                .filter(|_| crate::proxy::claims(request.uri().path()));
             let mut app = app.clone();
             async move {
-                let response = app.call(request.map(Body::new)).await;
-                Ok::<_, Infallible>(response.unwrap_or_else(|never| match never {}))
+                let response = match proxy {
+                    Some(state) => crate::proxy::answer(&state, request).await,
+                    None => app
+                        .call(request)
+                        .await
+                        .unwrap_or_else(|never| match never {}),
+                };
+                Ok::<_, Infallible>(response)
             }
         });
         let connection = http1::Builder::new()

@@ -146,7 +146,8 @@ pub trait Accounts: Send + Sync + 'static {
 
     async fn create_api_token(&self, row: &ApiTokenRow, token_hash: &str)
     -> Result<(), StoreError>;
-    /// A live (not revoked, not expired) token by its hash; records its use.
+    /// A live (not revoked, not expired) token by its hash; records its use, to
+    /// the minute (a write for every request would make each one wait for a commit).
     async fn use_api_token(&self, token_hash: &str) -> Result<Option<ApiTokenRow>, StoreError>;
     async fn list_api_tokens(&self) -> Result<Vec<ApiTokenRow>, StoreError>;
     /// Revokes a token; false when there is no such live token.
@@ -210,6 +211,9 @@ impl From<TokenRow> for ApiTokenRow {
         }
     }
 }
+
+/// How often a token's last use is written down.
+const USE_RECORDED_EVERY: TimeDelta = TimeDelta::minutes(1);
 
 macro_rules! token_columns {
     () => {
@@ -497,21 +501,33 @@ impl Accounts for Db {
     }
 
     async fn use_api_token(&self, token_hash: &str) -> Result<Option<ApiTokenRow>, StoreError> {
-        let row = self
-            .write(async |tx| {
-                Ok(each!(tx.conn(), c => sqlx::query_as::<_, TokenRow>(concat!(
-                    "update api_tokens set last_used_at = $2 \
-                     where token_hash = $1 and revoked_at is null \
-                     and (expires_at is null or expires_at > $2) returning ",
-                    token_columns!()
-                ))
-                .bind(token_hash)
-                .bind(now())
-                .fetch_optional(c)
-                .await)?)
-            })
-            .await?;
-        Ok(row.map(Into::into))
+        let at = now();
+        let live = each!(self.pool(), p => sqlx::query_as::<_, TokenRow>(concat!(
+            "select ",
+            token_columns!(),
+            " from api_tokens where token_hash = $1 and revoked_at is null \
+             and (expires_at is null or expires_at > $2)"
+        ))
+        .bind(token_hash)
+        .bind(at)
+        .fetch_optional(p)
+        .await)?;
+        let Some(mut row) = live else {
+            return Ok(None);
+        };
+        if row
+            .last_used_at
+            .is_none_or(|used| at - used >= USE_RECORDED_EVERY)
+        {
+            apply!(
+                self,
+                "update api_tokens set last_used_at = $2 where token_hash = $1",
+                token_hash,
+                at
+            )?;
+            row.last_used_at = Some(at);
+        }
+        Ok(Some(row.into()))
     }
 
     async fn list_api_tokens(&self) -> Result<Vec<ApiTokenRow>, StoreError> {

@@ -6,13 +6,11 @@
 
 use std::{
     collections::HashMap,
-    sync::Mutex,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use axum::http::{HeaderMap, header};
-use sha2::{Digest, Sha256};
-
 use schema::{Route, prelude::*};
 
 use crate::{
@@ -27,7 +25,8 @@ pub const COOKIE: &str = "berth_proxy";
 /// The scope that lets a service token through the proxy (not implied by `admin`).
 pub const ACCESS_SCOPE: &str = "servers:access";
 
-/// How long what a credential proved is trusted.
+/// How long what a credential proved is trusted (a request checking it again
+/// may take a little longer).
 const TTL: Duration = Duration::from_secs(2);
 /// Credentials kept before stale ones are swept.
 const MOST: usize = 50_000;
@@ -55,49 +54,109 @@ pub enum By {
     Bearer,
 }
 
-/// What a credential proved, and when.
-type Proved = (Option<Visitor>, Instant);
+/// What a credential proved, when, and whether a request is checking it again.
+struct Proved {
+    visitor: Option<Visitor>,
+    at: Instant,
+    checking: bool,
+}
 
+/// What credentials of one kind proved, each by its value.
+#[derive(Default)]
+struct Credentials {
+    proved: Mutex<HashMap<String, Proved>>,
+    /// One check at a time of a credential not seen yet: the others wait for it.
+    first: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// Bearer tokens and cookies.
 #[derive(Default)]
 pub struct AccessCache {
-    entries: Mutex<HashMap<[u8; 32], Proved>>,
+    bearers: Credentials,
+    cookies: Credentials,
+}
+
+impl Credentials {
+    /// What `credential` proved while fresh; `None` when it must be checked.
+    /// Once stale, one request checks again while the others go on with what
+    /// it last proved, so that a busy credential does not send every request
+    /// in flight to the store at once.
+    fn known(&self, credential: &str) -> Option<Option<Visitor>> {
+        let mut proved = self.proved.lock().expect("access cache");
+        let entry = proved.get_mut(credential)?;
+        let age = entry.at.elapsed();
+        if age < TTL || (entry.checking && age < 2 * TTL) {
+            return Some(entry.visitor.clone());
+        }
+        entry.checking = true;
+        None
+    }
+
+    /// What a request that checked meanwhile proved.
+    fn known_fresh(&self, credential: &str) -> Option<Option<Visitor>> {
+        let proved = self.proved.lock().expect("access cache");
+        let entry = proved.get(credential)?;
+        (entry.at.elapsed() < TTL).then(|| entry.visitor.clone())
+    }
+
+    /// What `credential` proved: kept, or checked (`check`) by one request.
+    async fn resolve(
+        &self,
+        credential: &str,
+        check: impl Future<Output = Result<Option<Visitor>, ApiError>>,
+    ) -> Result<Option<Visitor>, ApiError> {
+        if let Some(known) = self.known(credential) {
+            return Ok(known);
+        }
+        // Never seen (or stale): the first request checks, those arriving
+        // meanwhile wait for its answer (a burst of new connections sent each to
+        // the store, one commit after another, and the slowest requests waited
+        // a tenth of a second).
+        let gate = self
+            .first
+            .lock()
+            .expect("access cache")
+            .entry(credential.to_owned())
+            .or_default()
+            .clone();
+        let _turn = gate.lock().await;
+        if let Some(known) = self.known_fresh(credential) {
+            return Ok(known);
+        }
+        let checked = check.await;
+        self.first.lock().expect("access cache").remove(credential);
+        let mut proved = self.proved.lock().expect("access cache");
+        let visitor = match checked {
+            Ok(visitor) => visitor,
+            Err(e) => {
+                if let Some(entry) = proved.get_mut(credential) {
+                    entry.checking = false;
+                }
+                return Err(e);
+            }
+        };
+        if proved.len() >= MOST {
+            proved.retain(|_, entry| entry.at.elapsed() < TTL);
+        }
+        let entry = Proved {
+            visitor: visitor.clone(),
+            at: Instant::now(),
+            checking: false,
+        };
+        proved.insert(credential.to_owned(), entry);
+        Ok(visitor)
+    }
 }
 
 impl AccessCache {
-    async fn resolve(
-        &self,
-        key: [u8; 32],
-        check: impl Future<Output = Result<Option<Visitor>, ApiError>>,
-    ) -> Result<Option<Visitor>, ApiError> {
-        if let Some((visitor, at)) = self.entries.lock().expect("access cache").get(&key)
-            && at.elapsed() < TTL
-        {
-            return Ok(visitor.clone());
-        }
-        let visitor = check.await?;
-        let mut entries = self.entries.lock().expect("access cache");
-        if entries.len() >= MOST {
-            entries.retain(|_, (_, at)| at.elapsed() < TTL);
-        }
-        entries.insert(key, (visitor.clone(), Instant::now()));
-        Ok(visitor)
-    }
-
-    /// Forgets a credential at once (its session was ended here).
+    /// Forgets a cookie at once (its session was ended here).
     pub fn forget_cookie(&self, value: &str) {
-        self.entries
+        self.cookies
+            .proved
             .lock()
             .expect("access cache")
-            .remove(&key("cookie", value));
+            .remove(value);
     }
-}
-
-fn key(kind: &str, secret: &str) -> [u8; 32] {
-    let mut digest = Sha256::new();
-    digest.update(kind.as_bytes());
-    digest.update([0]);
-    digest.update(secret.as_bytes());
-    digest.finalize().into()
 }
 
 /// The visitor a request's credentials name: its bearer token if it has one,
@@ -110,7 +169,8 @@ pub async fn visitor(
         let found = state
             .proxy
             .access
-            .resolve(key("bearer", token), async {
+            .bearers
+            .resolve(token, async {
                 match Principal::from_token(state, token).await {
                     Ok(Principal::User { user, .. }) => Ok(Some(Visitor::User {
                         id: user.id,
@@ -134,7 +194,8 @@ pub async fn visitor(
     let found = state
         .proxy
         .access
-        .resolve(key("cookie", value), async {
+        .cookies
+        .resolve(value, async {
             Ok(state
                 .db
                 .proxy_session_user(&hash_opaque(value))

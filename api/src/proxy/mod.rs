@@ -19,7 +19,7 @@
 
 mod access;
 mod activity;
-mod forward;
+pub mod forward;
 mod pages;
 mod routes;
 pub mod websocket;
@@ -27,12 +27,10 @@ pub mod websocket;
 use std::{net::SocketAddr, time::Duration};
 
 use axum::{
-    Router,
     body::Body,
-    extract::{ConnectInfo, State},
+    extract::ConnectInfo,
     http::{HeaderValue, Method, Request, StatusCode, header},
     response::{IntoResponse, Response},
-    routing::any,
 };
 use schema::{Route, RouteChange, ServerName, ServerState, SpawnOutcome, UserName, prelude::*};
 use serde_json::json;
@@ -54,7 +52,6 @@ pub struct Proxy {
     routes: routes::RouteCache,
     access: access::AccessCache,
     traffic: activity::Traffic,
-    pool: forward::Client,
     ignored: Vec<String>,
     connect_timeout: Duration,
     /// How long a server may take to begin its answer.
@@ -71,7 +68,6 @@ impl Proxy {
             routes: Default::default(),
             access: Default::default(),
             traffic: Default::default(),
-            pool: forward::client(connect_timeout),
             ignored: config
                 .proxy
                 .ignore_paths
@@ -91,8 +87,10 @@ impl Proxy {
     }
 }
 
-pub fn router() -> Router<AppState> {
-    Router::new().route("/user/{*rest}", any(handle))
+/// Whether a request is the proxy's (`api::serve` hands these straight to
+/// [`answer`], past the API's router).
+pub fn claims(path: &str) -> bool {
+    path.starts_with("/user/")
 }
 
 /// The proxy's work beside its requests, until `shutdown`: forgetting routes
@@ -128,8 +126,9 @@ pub async fn background(state: AppState, shutdown: CancellationToken) {
     forget.abort();
 }
 
-async fn handle(State(state): State<AppState>, request: Request<Body>) -> Response {
-    visit(&state, request)
+/// Answers a request under `/user/`: the server's answer, or why there is none.
+pub async fn answer(state: &AppState, request: Request<Body>) -> Response {
+    visit(state, request)
         .await
         .unwrap_or_else(|answered| answered)
 }
@@ -409,11 +408,13 @@ fn running(user: &UserName, route: &Route, html: bool) -> Result<(), Response> {
     }
 }
 
-/// A request that changes something, authenticated by a cookie, must come from
-/// this origin: `SameSite=Lax` keeps other sites' posts cookie-less, and this
-/// also refuses sibling hosts of the same site.
+/// A request that changes something (or opens a WebSocket), authenticated by a
+/// cookie, must come from this origin: `SameSite=Lax` keeps other sites' posts
+/// cookie-less, and this also refuses sibling hosts of the same site.
 fn same_origin(request: &Parts) -> bool {
-    if matches!(request.method, Method::GET | Method::HEAD | Method::OPTIONS) {
+    // A WebSocket handshake is a GET, but opens a channel that acts: checked too.
+    let upgrade = request.headers.contains_key(header::UPGRADE);
+    if !upgrade && matches!(request.method, Method::GET | Method::HEAD | Method::OPTIONS) {
         return true;
     }
     let headers = &request.headers;
@@ -476,8 +477,15 @@ async fn forward(
             .await
         }
         None => {
-            let timeout = state.proxy.answer_timeout;
-            forward::http(&state.proxy.pool, request, &upstream, &caller, timeout).await
+            // The client connection's own connections to servers (`api::serve`
+            // gives each connection its set); a request from elsewhere gets one.
+            let upstreams = request
+                .extensions()
+                .get::<std::sync::Arc<forward::Upstreams>>()
+                .cloned()
+                .unwrap_or_default();
+            let timeouts = (state.proxy.connect_timeout, state.proxy.answer_timeout);
+            forward::http(&upstreams, request, &upstream, &caller, timeouts).await
         }
     };
     result.map_err(|e| {

@@ -22,9 +22,16 @@ pub struct RouteCache {
     inner: Mutex<Inner>,
 }
 
+/// A user's routes, when they were read, and whether a request reads them again.
+struct Kept {
+    routes: Arc<[Route]>,
+    at: Instant,
+    reading: bool,
+}
+
 #[derive(Default)]
 struct Inner {
-    users: HashMap<String, (Arc<[Route]>, Instant)>,
+    users: HashMap<String, Kept>,
     /// The names of the users cached, by id: a change names the id.
     names: HashMap<i64, String>,
     /// Counts the changes heard: a read that began before one is not kept.
@@ -32,29 +39,49 @@ struct Inner {
 }
 
 impl RouteCache {
-    /// Every server of `user`, from the cache or the store.
+    /// Every server of `user`, from the cache or the store. Once kept routes are
+    /// stale, one request reads them again while the others use them meanwhile
+    /// (a change, heard, drops them at once instead).
     pub async fn of(&self, db: &Db, user: &UserName) -> Result<Arc<[Route]>, StoreError> {
         let generation = {
-            let inner = self.inner.lock().expect("route cache");
-            if let Some((routes, at)) = inner.users.get(user.as_str())
-                && at.elapsed() < TTL
-            {
-                return Ok(routes.clone());
+            let mut inner = self.inner.lock().expect("route cache");
+            let generation = inner.generation;
+            if let Some(kept) = inner.users.get_mut(user.as_str()) {
+                let age = kept.at.elapsed();
+                if age < TTL || (kept.reading && age < 2 * TTL) {
+                    return Ok(kept.routes.clone());
+                }
+                kept.reading = true;
             }
-            inner.generation
+            generation
         };
-        let routes: Arc<[Route]> = db.routes_of(user).await?.into();
+        let read = db.routes_of(user).await;
         let mut inner = self.inner.lock().expect("route cache");
+        let routes: Arc<[Route]> = match read {
+            Ok(routes) => routes.into(),
+            Err(e) => {
+                if let Some(kept) = inner.users.get_mut(user.as_str()) {
+                    kept.reading = false;
+                }
+                return Err(e);
+            }
+        };
         // A user without servers is not kept: their first server's change could
         // not be told apart from anyone's.
         if inner.users.len() >= MOST {
-            inner.users.retain(|_, (_, at)| at.elapsed() < TTL);
+            inner.users.retain(|_, kept| kept.at.elapsed() < TTL);
         }
         if let (true, Some(first)) = (inner.generation == generation, routes.first()) {
             inner.names.insert(first.user_id, user.to_string());
-            inner
-                .users
-                .insert(user.to_string(), (routes.clone(), Instant::now()));
+            let kept = Kept {
+                routes: routes.clone(),
+                at: Instant::now(),
+                reading: false,
+            };
+            inner.users.insert(user.to_string(), kept);
+        } else if let Some(kept) = inner.users.get_mut(user.as_str()) {
+            // A change was heard meanwhile: what was read may predate it.
+            kept.reading = false;
         }
         Ok(routes)
     }

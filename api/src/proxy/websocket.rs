@@ -111,6 +111,9 @@ async fn pump(
         seen(&first);
         to.write_all(&first).await?;
     }
+    // A slice of the handshake's read buffer: holding it would keep that buffer
+    // (kilobytes) for as long as the WebSocket lives.
+    drop(first);
     loop {
         from.readable().await?;
         let mut buffer = vec![0; CHUNK];
