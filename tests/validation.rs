@@ -245,4 +245,60 @@ async fn ready_answers_503_while_the_database_is_unreachable() {
 on_both_stores!(
     bad_names_bodies_and_tokens_get_clear_errors_and_write_nothing,
     health_ready_and_unknown_routes,
+    slow_and_idle_connections_are_closed_and_the_api_stays_responsive,
 );
+
+/// Reads until the server closes the connection; how long that took.
+async fn closed_within(stream: &mut tokio::net::TcpStream, within: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut sink = [0u8; 1024];
+    tokio::time::timeout(within, async {
+        loop {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+async fn slow_and_idle_connections_are_closed_and_the_api_stays_responsive(backend: Backend) {
+    use tokio::io::AsyncWriteExt;
+    let env = TestEnv::on_with(
+        backend,
+        &["--header-timeout", "1", "--max-connections", "40"],
+    )
+    .await;
+    let address = env.base.trim_start_matches("http://").to_owned();
+    // A hundred clients that never finish their headers: more than the listener
+    // serves at once.
+    let mut slow = vec![];
+    for _ in 0..100 {
+        let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+        stream
+            .write_all(b"GET /health HTTP/1.1\r\nHost: berth\r\n")
+            .await
+            .unwrap();
+        slow.push(stream);
+    }
+    // The API still answers: the slow ones are closed, and their places freed.
+    let (status, health) = env.call(Method::GET, "/health", None).await;
+    assert_eq!(status, StatusCode::OK, "{health}");
+    for stream in &mut slow {
+        assert!(
+            closed_within(stream, Duration::from_secs(30)).await,
+            "a connection that never finished its headers is closed"
+        );
+    }
+    // A kept-alive connection left idle is closed too.
+    let mut idle = tokio::net::TcpStream::connect(&address).await.unwrap();
+    idle.write_all(b"GET /health HTTP/1.1\r\nHost: berth\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(
+        closed_within(&mut idle, Duration::from_secs(30)).await,
+        "an idle kept-alive connection is closed"
+    );
+}

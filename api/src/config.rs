@@ -89,6 +89,16 @@ pub struct ApiConfig {
     #[arg(long, env = "BERTH_PASSWORD_CHECKS", default_value_t = crate::passwords::default_concurrency())]
     pub password_checks: usize,
 
+    /// Connections one listener serves at once (API and proxy); more wait to be
+    /// accepted. Each open WebSocket through the proxy also holds two descriptors.
+    #[arg(long, env = "BERTH_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub max_connections: usize,
+
+    /// Seconds a client may take to send a request's headers, and a kept-alive
+    /// connection may stay idle; then the connection is closed.
+    #[arg(long, env = "BERTH_HEADER_TIMEOUT", default_value_t = 30)]
+    pub header_timeout: u64,
+
     /// Largest request body accepted, in bytes.
     #[arg(long, env = "BERTH_MAX_BODY_BYTES", default_value_t = 64 * 1024)]
     pub max_body_bytes: usize,
@@ -216,6 +226,9 @@ impl ApiConfig {
                  BERTH_PROXY_TIMEOUT must be positive"
                     .into(),
             );
+        }
+        if self.max_connections == 0 || self.header_timeout == 0 {
+            return Err("BERTH_MAX_CONNECTIONS and BERTH_HEADER_TIMEOUT must be positive".into());
         }
         if self.token_ttl == 0 || self.login_throttle_window <= 0 {
             return Err("BERTH_TOKEN_TTL and BERTH_LOGIN_THROTTLE_WINDOW must be positive".into());

@@ -262,7 +262,11 @@ pub async fn run(
     if serve != Serve::Proxy {
         tracing::info!(%address, "api listening");
     }
-    serve::serve(listener, app, proxied, shutdown).await?;
+    let limits = serve::Limits {
+        connections: state.config.max_connections,
+        header_timeout: Duration::from_secs(state.config.header_timeout),
+    };
+    serve::serve(listener, app, proxied, limits, shutdown).await?;
     if let Some(background) = background {
         let _ = background.await;
     }

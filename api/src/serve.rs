@@ -8,7 +8,7 @@ use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::{Router, body::Body, extract::ConnectInfo};
 use hyper::{body::Incoming, server::conn::http1, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tower::Service;
@@ -19,6 +19,16 @@ use crate::AppState;
 /// not waited for: they end with the process).
 const DRAIN: Duration = Duration::from_secs(10);
 
+/// What one listener allows its clients.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Connections served at once; more wait to be accepted (the kernel's backlog).
+    pub connections: usize,
+    /// How long a client may take to send a request's headers, and how long a
+    /// kept-alive connection may stay idle before the next request begins.
+    pub header_timeout: Duration,
+}
+
 /// Serves `app` on `listener` until `shutdown` fires, then lets requests in
 /// flight finish (for at most `DRAIN`). Each request carries `ConnectInfo` with
 /// the peer's address. With `proxy`, the proxy's requests go to it directly:
@@ -27,10 +37,22 @@ pub async fn serve(
     listener: TcpListener,
     app: Router,
     proxy: Option<Arc<AppState>>,
+    limits: Limits,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let connections = TaskTracker::new();
+    let places = Arc::new(tokio::sync::Semaphore::new(limits.connections.max(1)));
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout);
     loop {
+        // A connection is accepted once there is room for it: a flood of slow
+        // clients waits in the backlog instead of taking every descriptor.
+        let place = tokio::select! {
+            place = places.clone().acquire_owned() => place.expect("never closed"),
+            _ = shutdown.cancelled() => break,
+        };
         let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -68,11 +90,12 @@ pub async fn serve(
                 Ok::<_, Infallible>(response)
             }
         });
-        let connection = http1::Builder::new()
+        let connection = builder
             .serve_connection(TokioIo::new(tcp), service)
             .with_upgrades();
         let shutdown = shutdown.clone();
         connections.spawn(async move {
+            let _place = place;
             let mut connection = std::pin::pin!(connection);
             let ended = tokio::select! {
                 ended = connection.as_mut() => ended,
