@@ -1085,7 +1085,116 @@ async fn a_deactivated_admin_stays_deactivated_at_restart(backend: Backend) {
     assert_ne!(status, StatusCode::OK, "a deactivated admin cannot log in");
 }
 
+async fn concurrent_wrong_passwords_are_locked_out_at_the_limit(backend: Backend) {
+    // The default limit (5 per account), and enough checking threads that the
+    // guesses really run at once.
+    let env = TestEnv::on_with(backend, &["--password-checks", "8"]).await;
+    let bob = env.user("bob");
+    let email = format!("{bob}@example.org");
+    let body = json!({ "username": bob, "email": email, "password": PASSWORD }).to_string();
+    let (status, created) = env
+        .call_with(Method::POST, "/api/v1/auth/register", Some(&body), None)
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    // Forty guesses at once, by name and by email: the same account.
+    let env = &env;
+    let guesses = futures::future::join_all((0..40).map(|i| {
+        let login = if i % 2 == 0 {
+            bob.clone()
+        } else {
+            email.clone()
+        };
+        async move {
+            let guess = json!({ "username": login, "password": format!("guess number {i}") });
+            env.call_with(
+                Method::POST,
+                "/api/v1/auth/login",
+                Some(&guess.to_string()),
+                None,
+            )
+            .await
+            .0
+        }
+    }))
+    .await;
+    let checked = guesses
+        .iter()
+        .filter(|s| **s == StatusCode::UNAUTHORIZED)
+        .count();
+    let refused = guesses
+        .iter()
+        .filter(|s| **s == StatusCode::TOO_MANY_REQUESTS)
+        .count();
+    assert_eq!(
+        (checked, refused),
+        (5, 35),
+        "exactly the limit is checked: {guesses:?}"
+    );
+    // Locked: the right password waits too, by either name.
+    for login in [&bob, &email] {
+        let right = json!({ "username": login, "password": PASSWORD }).to_string();
+        let (status, body) = env
+            .call_with(Method::POST, "/api/v1/auth/login", Some(&right), None)
+            .await;
+        assert_error(
+            status,
+            &body,
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_requests",
+        );
+    }
+}
+
+async fn wrong_current_passwords_are_throttled_and_audited(backend: Backend) {
+    let env = TestEnv::on_with(backend, &["--login-max-failures", "3"]).await;
+    let cat = env.user("cat");
+    let token = env.register(&cat, PASSWORD).await;
+    let change = |current: &str| {
+        json!({ "current_password": current, "new_password": "another long password" }).to_string()
+    };
+    for _ in 0..3 {
+        let (status, body) = as_user(
+            &env,
+            &token,
+            Method::POST,
+            "/api/v1/auth/password",
+            Some(&change("not it")),
+        )
+        .await;
+        assert_error(
+            status,
+            &body,
+            StatusCode::UNAUTHORIZED,
+            "invalid_credentials",
+        );
+    }
+    let (status, _) = as_user(
+        &env,
+        &token,
+        Method::POST,
+        "/api/v1/auth/password",
+        Some(&change(PASSWORD)),
+    )
+    .await;
+    assert_eq!(
+        status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "the right one waits once locked"
+    );
+    let admin = env.login(ADMIN_USER, ADMIN_PASSWORD).await;
+    let (_, audit) = as_user(&env, &admin, Method::GET, "/api/v1/admin/audit", None).await;
+    let failed = audit["entries"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["action"] == "password_change_failed" && e["target"] == cat.as_str())
+        .count();
+    assert_eq!(failed, 3, "{audit}");
+}
+
 on_both_stores!(
+    concurrent_wrong_passwords_are_locked_out_at_the_limit,
+    wrong_current_passwords_are_throttled_and_audited,
     a_registered_admin_name_is_not_promoted_at_restart,
     a_deactivated_admin_stays_deactivated_at_restart,
     a_users_write_token_cannot_delete_an_admin,

@@ -148,11 +148,28 @@ pub(crate) async fn log_in(
     addr: &ClientAddr,
     body: Login,
 ) -> ApiResult<(String, schema::UserRow)> {
-    let account_key = format!("login:{}", body.username.to_lowercase());
+    // The account is the key, however it is named (its name or its email);
+    // a login that names no account is keyed by what it named.
+    let user = state.db.find_login(&body.username).await?;
+    let account_key = match &user {
+        Some(user) => format!("account:{}", user.id),
+        None => format!("login:{}", body.username.to_lowercase()),
+    };
     let addr_key = format!("addr:{}", addr.0.as_deref().unwrap_or("unknown"));
+    let window = state.config.login_throttle_window;
+    let per_account = ThrottleRule {
+        max_failures: state.config.login_max_failures,
+        window_secs: window,
+    };
+    let per_addr = ThrottleRule {
+        max_failures: state.config.login_max_failures_per_address,
+        window_secs: window,
+    };
+    // Counted before the password is checked, so that concurrent guesses cannot
+    // all be checked before the first of them is counted.
     if let Some(wait) = state
         .db
-        .throttled(&[account_key.clone(), addr_key.clone()])
+        .reserve_attempt(&[(&account_key, per_account), (&addr_key, per_addr)])
         .await?
     {
         return Err(ApiError::TooManyRequests {
@@ -160,7 +177,6 @@ pub(crate) async fn log_in(
             retry_after: Some(wait),
         });
     }
-    let user = state.db.find_login(&body.username).await?;
     let valid = passwords::verify(
         body.password,
         user.as_ref().and_then(|u| u.password_hash.clone()),
@@ -171,17 +187,6 @@ pub(crate) async fn log_in(
     let user = match user {
         Some(user) if valid && user.active => user,
         refused => {
-            let window = state.config.login_throttle_window;
-            let per_account = ThrottleRule {
-                max_failures: state.config.login_max_failures,
-                window_secs: window,
-            };
-            let per_addr = ThrottleRule {
-                max_failures: state.config.login_max_failures_per_address,
-                window_secs: window,
-            };
-            state.db.record_failure(&account_key, per_account).await?;
-            state.db.record_failure(&addr_key, per_addr).await?;
             let detail = match &refused {
                 Some(user) if valid && !user.active => json!({ "reason": "deactivated" }),
                 _ => json!({}),
@@ -195,6 +200,7 @@ pub(crate) async fn log_in(
         }
     };
     state.db.clear_failures(&account_key).await?;
+    state.db.release_attempt(&addr_key).await?;
     let (token, claims) = state
         .keys
         .issue(&user.name, user.role.as_str(), state.config.token_ttl)
@@ -266,11 +272,34 @@ async fn change_password(
             "only a logged-in user changes a password".into(),
         ));
     };
+    // Guessing the current password with a stolen session is throttled and
+    // audited like a login.
+    let account_key = format!("account:{}", user.id);
+    let rule = ThrottleRule {
+        max_failures: state.config.login_max_failures,
+        window_secs: state.config.login_throttle_window,
+    };
+    if let Some(wait) = state.db.reserve_attempt(&[(&account_key, rule)]).await? {
+        return Err(ApiError::TooManyRequests {
+            message: format!("too many wrong passwords; try again in {wait} s"),
+            retry_after: Some(wait),
+        });
+    }
     if !passwords::verify(body.current_password, user.password_hash.clone()).await? {
+        state
+            .audit(
+                Some(&principal.actor()),
+                "password_change_failed",
+                Some(&user.name),
+                &addr,
+                json!({}),
+            )
+            .await;
         return Err(ApiError::InvalidCredentials(
             "the current password is wrong".into(),
         ));
     }
+    state.db.clear_failures(&account_key).await?;
     passwords::check_strength(&body.new_password).map_err(ApiError::BadRequest)?;
     let hash = passwords::hash(body.new_password).await?;
     state.db.set_password(user.id, &hash, Some(*jti)).await?;

@@ -6,7 +6,7 @@ use sqlx::types::Json;
 use uuid::Uuid;
 
 use crate::{
-    db::{Db, Dialect, apply, each, execute, json_list, now},
+    db::{Db, apply, each, execute, now},
     names::UserName,
     rows::{ServerRow, UserRow},
     store::StoreError,
@@ -175,9 +175,17 @@ pub trait Accounts: Send + Sync + 'static {
         for_server: Option<i64>,
     ) -> Result<Option<SsoGrant>, StoreError>;
 
-    /// Seconds until the most locked of `keys` may try again, if any is locked.
-    async fn throttled(&self, keys: &[String]) -> Result<Option<i64>, StoreError>;
-    async fn record_failure(&self, key: &str, rule: ThrottleRule) -> Result<(), StoreError>;
+    /// Counts an attempt against each key before its password is checked, in one
+    /// transaction; the seconds until the most locked key may try again when any
+    /// is past its limit (that attempt is not to be checked). Check-then-count let
+    /// a burst of concurrent guesses all be checked.
+    async fn reserve_attempt(
+        &self,
+        keys: &[(&str, ThrottleRule)],
+    ) -> Result<Option<i64>, StoreError>;
+    /// Gives back one attempt of `key` (it succeeded).
+    async fn release_attempt(&self, key: &str) -> Result<(), StoreError>;
+    /// Forgets a key's attempts (its account logged in).
     async fn clear_failures(&self, key: &str) -> Result<(), StoreError>;
 
     async fn audit(&self, event: AuditEvent<'_>) -> Result<(), StoreError>;
@@ -611,65 +619,64 @@ impl Accounts for Db {
         .await
     }
 
-    async fn throttled(&self, keys: &[String]) -> Result<Option<i64>, StoreError> {
+    async fn reserve_attempt(
+        &self,
+        keys: &[(&str, ThrottleRule)],
+    ) -> Result<Option<i64>, StoreError> {
+        // A fixed window per key: attempts count from the first one, and one past
+        // the limit locks the key until the window ends. One upsert per key, so
+        // concurrent attempts each see the count their own made.
         let at = now();
-        let until: Option<DateTime<Utc>> = match self.pool() {
-            Dialect::Pg(p) => {
-                sqlx::query_scalar(
-                    "select max(locked_until) from login_throttle \
-                 where key = any($1) and locked_until > $2",
-                )
-                .bind(keys)
-                .bind(at)
-                .fetch_one(p)
-                .await?
-            }
-            Dialect::Lite(p) => {
-                sqlx::query_scalar(
-                    "select max(locked_until) from login_throttle \
-                 where key in (select value from json_each($1)) and locked_until > $2",
-                )
-                .bind(json_list(keys))
-                .bind(at)
-                .fetch_one(p)
-                .await?
-            }
-        };
-        Ok(until.map(|u| {
-            let secs = (u - at).num_milliseconds() as f64 / 1000.0;
-            secs.ceil().max(1.0) as i64
-        }))
-    }
-
-    async fn record_failure(&self, key: &str, rule: ThrottleRule) -> Result<(), StoreError> {
-        // A fixed window per key: failures count from the first one, and reaching the
-        // limit locks the key until the window ends.
-        let at = now();
-        let window = TimeDelta::seconds(rule.window_secs);
         self.write(async |tx| {
-            let (failures, start): (i32, DateTime<Utc>) = each!(tx.conn(), c => sqlx::query_as(
-                "insert into login_throttle as t (key, failures, window_start) values ($1, 1, $2) \
-                 on conflict (key) do update set \
-                   failures = case when t.window_start < $3 then 1 else t.failures + 1 end, \
-                   window_start = case when t.window_start < $3 then $2 else t.window_start end \
-                 returning failures, window_start",
-            )
-            .bind(key)
-            .bind(at)
-            .bind(at - window)
-            .fetch_one(c)
-            .await)?;
-            if failures >= rule.max_failures {
-                execute!(
-                    tx.conn(),
-                    "update login_throttle set locked_until = $2 where key = $1",
-                    key,
-                    start + window
-                )?;
+            let mut until: Option<DateTime<Utc>> = None;
+            for (key, rule) in keys {
+                let window = TimeDelta::seconds(rule.window_secs);
+                let (attempts, start, locked): (i32, DateTime<Utc>, Option<DateTime<Utc>>) =
+                    each!(tx.conn(), c => sqlx::query_as(
+                        "insert into login_throttle as t (key, failures, window_start) \
+                         values ($1, 1, $2) \
+                         on conflict (key) do update set \
+                           failures = case when t.window_start < $3 then 1 else t.failures + 1 end, \
+                           window_start = case when t.window_start < $3 then $2 else t.window_start end, \
+                           locked_until = case when t.window_start < $3 then null else t.locked_until end \
+                         returning failures, window_start, locked_until",
+                    )
+                    .bind(key)
+                    .bind(at)
+                    .bind(at - window)
+                    .fetch_one(c)
+                    .await)?;
+                let locked = match locked {
+                    Some(locked) if locked > at => Some(locked),
+                    _ if attempts > rule.max_failures => {
+                        execute!(
+                            tx.conn(),
+                            "update login_throttle set locked_until = $2 where key = $1",
+                            key,
+                            start + window
+                        )?;
+                        Some(start + window)
+                    }
+                    _ => None,
+                };
+                until = until.max(locked);
             }
-            Ok(())
+            Ok(until.map(|u| {
+                let secs = (u - at).num_milliseconds() as f64 / 1000.0;
+                secs.ceil().max(1.0) as i64
+            }))
         })
         .await
+    }
+
+    async fn release_attempt(&self, key: &str) -> Result<(), StoreError> {
+        apply!(
+            self,
+            "update login_throttle set failures = case when failures > 0 then failures - 1 else 0 end \
+             where key = $1",
+            key
+        )
+        .map(drop)
     }
 
     async fn clear_failures(&self, key: &str) -> Result<(), StoreError> {

@@ -210,28 +210,45 @@ async fn a_taken_name_or_email_is_a_conflict_that_says_which(db: &Db) {
     assert_eq!(page.total, 0, "a search's wildcards are taken literally");
 }
 
-async fn failures_lock_a_key_at_the_limit_until_the_window_ends(db: &Db) {
+async fn attempts_past_the_limit_are_refused_until_the_window_ends(db: &Db) {
     let rule = ThrottleRule {
         max_failures: 3,
         window_secs: 60,
     };
-    let keys = vec!["login:cat".to_string(), "addr:10.0.0.1".to_string()];
-    for _ in 0..2 {
-        db.record_failure("login:cat", rule).await.unwrap();
+    let wide = ThrottleRule {
+        max_failures: 100,
+        window_secs: 60,
+    };
+    let keys = [("account:7", rule), ("addr:10.0.0.1", wide)];
+    for _ in 0..3 {
+        assert_eq!(
+            db.reserve_attempt(&keys).await.unwrap(),
+            None,
+            "within the limit"
+        );
     }
-    assert_eq!(db.throttled(&keys).await.unwrap(), None, "below the limit");
-    db.record_failure("login:cat", rule).await.unwrap();
     let wait = db
-        .throttled(&keys)
+        .reserve_attempt(&keys)
         .await
         .unwrap()
-        .expect("locked at the limit");
+        .expect("refused past the limit");
     assert!(
         (59..=60).contains(&wait),
         "locked until the window ends: {wait}"
     );
-    db.clear_failures("login:cat").await.unwrap();
-    assert_eq!(db.throttled(&keys).await.unwrap(), None);
+    db.clear_failures("account:7").await.unwrap();
+    assert_eq!(db.reserve_attempt(&keys).await.unwrap(), None);
+    // Concurrent attempts are each counted: exactly the limit get through.
+    let mut attempts = tokio::task::JoinSet::new();
+    for _ in 0..12 {
+        let db = db.clone();
+        attempts.spawn(async move { db.reserve_attempt(&[("account:8", rule)]).await });
+    }
+    let answers = attempts.join_all().await;
+    let through = answers.iter().filter(|a| matches!(a, Ok(None))).count();
+    assert_eq!(through, 3, "{answers:?}");
+    // A success gives its attempt back.
+    db.release_attempt("addr:10.0.0.1").await.unwrap();
 }
 
 async fn an_sso_token_is_consumed_once_by_its_running_server(db: &Db) {
@@ -464,7 +481,7 @@ contracts!(
     a_proxy_session_ends_with_the_session_that_handed_it_over,
     states_kinds_and_roles_read_back_typed_and_unknown_words_are_errors,
     a_taken_name_or_email_is_a_conflict_that_says_which,
-    failures_lock_a_key_at_the_limit_until_the_window_ends,
+    attempts_past_the_limit_are_refused_until_the_window_ends,
     an_sso_token_is_consumed_once_by_its_running_server,
     spawn_slots_hold_the_limit_and_go_to_the_oldest_waiter,
     limit_overrides_set_and_reset,
