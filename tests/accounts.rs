@@ -1192,7 +1192,78 @@ async fn wrong_current_passwords_are_throttled_and_audited(backend: Backend) {
     assert_eq!(failed, 3, "{audit}");
 }
 
+/// A wrong login from the test (127.0.0.1) that says `X-Forwarded-For: forwarded`.
+async fn wrong_login_forwarded_for(env: &TestEnv, user: &str, forwarded: &str) -> StatusCode {
+    env.http()
+        .post(format!("{}/api/v1/auth/login", env.base))
+        .header("content-type", "application/json")
+        .header("x-forwarded-for", forwarded)
+        .body(json!({ "username": user, "password": "not it" }).to_string())
+        .send()
+        .await
+        .unwrap()
+        .status()
+}
+
+/// The client addresses of the audit log's failed logins, newest first.
+async fn failed_login_addresses(env: &TestEnv, admin: &str) -> Vec<String> {
+    let (_, audit) = as_user(env, admin, Method::GET, "/api/v1/admin/audit", None).await;
+    audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "login_failed")
+        .map(|e| e["client_addr"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+async fn forwarded_for_is_believed_only_from_trusted_proxies(backend: Backend) {
+    // The test's own address is not a trusted proxy: a rotating X-Forwarded-For
+    // does not escape the per-address lock, nor lands in the audit log.
+    let env = TestEnv::on_with(
+        backend,
+        &[
+            "--trusted-proxies",
+            "10.0.0.0/8",
+            "--login-max-failures-per-address",
+            "3",
+        ],
+    )
+    .await;
+    // Logged in before the lock, from the same address.
+    let admin = env.login(ADMIN_USER, ADMIN_PASSWORD).await;
+    for i in 0..3 {
+        let status =
+            wrong_login_forwarded_for(&env, &format!("nobody-{i}"), &format!("6.6.6.{i}")).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+    let status = wrong_login_forwarded_for(&env, "nobody-9", "6.6.6.9").await;
+    assert_eq!(
+        status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "one address, however it says it is another"
+    );
+    assert!(
+        failed_login_addresses(&env, &admin)
+            .await
+            .iter()
+            .all(|a| a == "127.0.0.1"),
+        "the peer's address is recorded"
+    );
+
+    // Behind a trusted proxy (the test is one here): the hop it added is the
+    // client; anything that is not an address is not believed.
+    let env = TestEnv::on_with(backend, &["--trusted-proxies", "127.0.0.1/32"]).await;
+    let admin = env.login(ADMIN_USER, ADMIN_PASSWORD).await;
+    wrong_login_forwarded_for(&env, "nobody-1", "6.6.6.6, 198.51.100.7").await;
+    let markup = format!("<b>{}</b>", "x".repeat(3000));
+    wrong_login_forwarded_for(&env, "nobody-2", &markup).await;
+    let recorded = failed_login_addresses(&env, &admin).await;
+    assert_eq!(recorded, vec!["127.0.0.1", "198.51.100.7"], "{recorded:?}");
+}
+
 on_both_stores!(
+    forwarded_for_is_believed_only_from_trusted_proxies,
     concurrent_wrong_passwords_are_locked_out_at_the_limit,
     wrong_current_passwords_are_throttled_and_audited,
     a_registered_admin_name_is_not_promoted_at_restart,

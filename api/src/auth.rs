@@ -1,7 +1,7 @@
 //! Who is calling: a logged-in user (JWT), a service token with scopes, a server's
 //! own token, or the break-glass admin token. And what each may do.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use axum::{
     extract::{ConnectInfo, FromRequestParts},
@@ -196,8 +196,78 @@ impl Principal {
     }
 }
 
-/// The caller's address: the peer, or the first `X-Forwarded-For` hop when the
-/// API is configured to trust its proxy.
+/// The networks whose connections may say who the client is (`X-Forwarded-For`):
+/// proxies and load balancers in front of Berth (`BERTH_TRUSTED_PROXIES`).
+#[derive(Debug, Clone, Default)]
+pub struct TrustedProxies(Vec<(IpAddr, u8)>);
+
+impl TrustedProxies {
+    /// Parses CIDRs (`10.0.0.0/8`, `::1/128`); a bare address is one host.
+    pub fn parse(list: &[String]) -> Result<Self, String> {
+        let mut networks = vec![];
+        for entry in list.iter().map(|e| e.trim()).filter(|e| !e.is_empty()) {
+            let (address, bits) = entry.split_once('/').unwrap_or((entry, ""));
+            let address: IpAddr = address
+                .parse()
+                .map_err(|_| format!("{entry:?} is not an IP network such as 10.0.0.0/8"))?;
+            let most = if address.is_ipv4() { 32 } else { 128 };
+            let bits = if bits.is_empty() {
+                most
+            } else {
+                bits.parse()
+                    .ok()
+                    .filter(|b| *b <= most)
+                    .ok_or_else(|| format!("{entry:?}: the prefix length must be 0 to {most}"))?
+            };
+            networks.push((address, bits));
+        }
+        Ok(Self(networks))
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        self.0.iter().any(|(network, bits)| match (network, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                prefix(u32::from(*n).into(), u32::from(a).into(), *bits, 32)
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => prefix(u128::from(*n), u128::from(a), *bits, 128),
+            _ => false,
+        })
+    }
+
+    /// Who the client is: the peer, unless the peer is a trusted proxy; then the
+    /// rightmost `X-Forwarded-For` hop that is not one (hops left of it were written
+    /// by whoever sent the request, and prove nothing). A hop that is not an IP
+    /// address ends the walk: the last trusted hop is the answer.
+    pub fn client(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+        if !self.contains(peer) {
+            return peer;
+        }
+        let hops: Vec<&str> = headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .collect();
+        let mut client = peer;
+        for hop in hops.iter().rev() {
+            match hop.trim().parse::<IpAddr>() {
+                Ok(ip) if self.contains(ip) => client = ip,
+                Ok(ip) => return ip,
+                Err(_) => break,
+            }
+        }
+        client
+    }
+}
+
+/// Whether `a` is in the network `n` of `bits` leading bits (of `width`).
+fn prefix(n: u128, a: u128, bits: u8, width: u8) -> bool {
+    let shift = u32::from(width - bits);
+    bits == 0 || (n >> shift) == (a >> shift)
+}
+
+/// The caller's address: the peer, or who a trusted proxy in front says the
+/// client is (see [`TrustedProxies::client`]).
 #[derive(Debug, Clone)]
 pub struct ClientAddr(pub Option<String>);
 
@@ -205,20 +275,13 @@ impl FromRequestParts<AppState> for ClientAddr {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        if state.config.trust_forwarded_for
-            && let Some(first) = parts
-                .headers
-                .get("x-forwarded-for")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.split(',').next())
-        {
-            return Ok(ClientAddr(Some(first.trim().to_owned())));
-        }
         let peer = parts
             .extensions
             .get::<ConnectInfo<SocketAddr>>()
-            .map(|ConnectInfo(addr)| addr.ip().to_string());
-        Ok(ClientAddr(peer))
+            .map(|ConnectInfo(addr)| addr.ip());
+        Ok(ClientAddr(peer.map(|peer| {
+            state.trusted.client(peer, &parts.headers).to_string()
+        })))
     }
 }
 
@@ -242,4 +305,37 @@ pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         .find(|(k, _)| *k == name)
         .map(|(_, v)| v)
         .filter(|v| !v.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_hops(hops: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-forwarded-for", hops.parse().unwrap());
+        headers
+    }
+
+    #[test]
+    fn the_client_is_the_rightmost_hop_no_trusted_proxy_added() {
+        let trusted = TrustedProxies::parse(&["10.0.0.0/8".into(), "::1".into()]).unwrap();
+        let proxy: IpAddr = "10.1.2.3".parse().unwrap();
+        let stranger: IpAddr = "203.0.113.9".parse().unwrap();
+        // From a client straight: its header proves nothing.
+        assert_eq!(trusted.client(stranger, &with_hops("1.2.3.4")), stranger);
+        // Through the proxy: the hop it added, not what the client wrote before it.
+        let spoofed = with_hops("6.6.6.6, 198.51.100.7, 10.9.9.9");
+        assert_eq!(
+            trusted.client(proxy, &spoofed),
+            "198.51.100.7".parse::<IpAddr>().unwrap()
+        );
+        // Markup instead of an address: the proxy itself.
+        assert_eq!(trusted.client(proxy, &with_hops("<b>x</b>")), proxy);
+        assert_eq!(trusted.client(proxy, &HeaderMap::new()), proxy);
+        assert!(TrustedProxies::parse(&["10.0.0.0/33".into()]).is_err());
+        assert!(TrustedProxies::parse(&["ten".into()]).is_err());
+        assert!(trusted.contains("::1".parse().unwrap()));
+        assert!(!trusted.contains("11.0.0.1".parse().unwrap()));
+    }
 }

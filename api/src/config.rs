@@ -76,8 +76,15 @@ pub struct ApiConfig {
     #[arg(long, env = "BERTH_CORS_ORIGINS", value_delimiter = ',')]
     pub cors_origins: Vec<String>,
 
-    /// Take the client address from `X-Forwarded-For` (only behind a trusted proxy).
-    #[arg(long, env = "BERTH_TRUST_FORWARDED_FOR", default_value_t = false, action = ArgAction::Set)]
+    /// The proxies and load balancers in front of Berth, as CIDRs (comma-separated):
+    /// from them, and only from them, `X-Forwarded-For` says who the client is
+    /// (the rightmost hop that is not one of them). None by default.
+    #[arg(long, env = "BERTH_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<String>,
+
+    /// Replaced by BERTH_TRUSTED_PROXIES: believing the client's first hop let anyone
+    /// pick their address. Refused when true.
+    #[arg(long, env = "BERTH_TRUST_FORWARDED_FOR", default_value_t = false, action = ArgAction::Set, hide = true)]
     pub trust_forwarded_for: bool,
 
     /// Images a spawn request may ask for besides the default (comma-separated).
@@ -227,6 +234,15 @@ impl ApiConfig {
                     .into(),
             );
         }
+        if self.trust_forwarded_for {
+            return Err(
+                "BERTH_TRUST_FORWARDED_FOR is replaced by BERTH_TRUSTED_PROXIES: \
+                 list the addresses of the proxies in front of Berth as CIDRs"
+                    .into(),
+            );
+        }
+        crate::auth::TrustedProxies::parse(&self.trusted_proxies)
+            .map_err(|e| format!("BERTH_TRUSTED_PROXIES: {e}"))?;
         if self.max_connections == 0 || self.header_timeout == 0 {
             return Err("BERTH_MAX_CONNECTIONS and BERTH_HEADER_TIMEOUT must be positive".into());
         }

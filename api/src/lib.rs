@@ -61,6 +61,8 @@ pub struct AppState {
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
     /// Where users reach Berth (`BERTH_PUBLIC_URL`), without a trailing slash.
     pub origin: Arc<str>,
+    /// Who may say who the client is.
+    pub trusted: Arc<auth::TrustedProxies>,
 }
 
 impl AppState {
@@ -228,6 +230,7 @@ pub async fn run(
     });
     let address = listener.local_addr()?;
     let origin: Arc<str> = config.public_origin(address).into();
+    let config_trusted = config.trusted_proxies.clone();
     let state = AppState {
         db: store,
         proxy: Arc::new(proxy::Proxy::new(&config, &origin)),
@@ -237,6 +240,9 @@ pub async fn run(
         progress,
         metrics: schema::telemetry::install(),
         origin,
+        trusted: Arc::new(
+            auth::TrustedProxies::parse(&config_trusted).map_err(StartError::Config)?,
+        ),
     };
     let app = match serve {
         Serve::Api => router(state.clone()),

@@ -95,9 +95,10 @@ pub struct Upstream<'a> {
 
 /// What the proxy tells a server about the client.
 pub struct Caller<'a> {
-    pub ip: Option<IpAddr>,
-    /// Whether `X-Forwarded-*` already on the request are to be believed (a
-    /// trusted proxy in front, `BERTH_TRUST_FORWARDED_FOR`).
+    /// The address the connection came from.
+    pub peer: Option<IpAddr>,
+    /// Whether `X-Forwarded-*` already on the request are to be believed (the
+    /// peer is a proxy in front of Berth, `BERTH_TRUSTED_PROXIES`).
     pub trust_forwarded: bool,
     /// `http` or `https`: how users reach Berth.
     pub scheme: &'a str,
@@ -193,7 +194,7 @@ fn forwarded(headers: &mut HeaderMap, client: &Caller<'_>, host: Option<HeaderVa
     const FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
     const PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
     const HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-    let ip = client.ip.map(|ip| ip.to_string());
+    let ip = client.peer.map(|ip| ip.to_string());
     let earlier = headers
         .get(&FOR)
         .and_then(|v| v.to_str().ok())

@@ -435,12 +435,13 @@ fn same_origin(request: &Parts) -> bool {
 
 /// The client's address as the proxy tells servers.
 fn caller<'a>(state: &'a AppState, request: &Parts) -> forward::Caller<'a> {
+    let peer = request
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(addr)| addr.ip());
     forward::Caller {
-        ip: request
-            .extensions
-            .get::<ConnectInfo<SocketAddr>>()
-            .map(|ConnectInfo(addr)| addr.ip()),
-        trust_forwarded: state.config.trust_forwarded_for,
+        peer,
+        trust_forwarded: peer.is_some_and(|peer| state.trusted.contains(peer)),
         scheme: state.proxy.scheme,
     }
 }
@@ -529,7 +530,15 @@ async fn land(
             ));
         }
     };
-    let addr = caller(state, request).ip.map(|ip| ip.to_string());
+    let addr = request
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(peer)| {
+            state
+                .trusted
+                .client(peer.ip(), &request.headers)
+                .to_string()
+        });
     let cookie = access::land(state, route, token, addr.as_deref())
         .await
         .map_err(|e| refuse(e, html))?
