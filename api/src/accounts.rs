@@ -7,7 +7,7 @@ use axum::{
     http::StatusCode,
     routing::{get, post},
 };
-use schema::{NewAccount, Role, UserName, accounts::ThrottleRule, prelude::*};
+use schema::{NewAccount, Role, StoreError, UserName, accounts::ThrottleRule, prelude::*};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -116,7 +116,26 @@ async fn register(
             account.name.as_str()
         )));
     }
-    let user = state.db.register(&account).await?;
+    let rule = ThrottleRule {
+        max_failures: state.config.registrations_per_address,
+        window_secs: state.config.login_throttle_window,
+    };
+    let key = format!("register:{}", addr.0.as_deref().unwrap_or("unknown"));
+    if let Some(wait) = state.db.reserve_attempt(&[(&key, rule)]).await? {
+        return Err(ApiError::TooManyRequests {
+            message: format!("too many registrations from this address; try again in {wait} s"),
+            retry_after: Some(wait),
+        });
+    }
+    // Taken, whether the name or the email: the answer does not say which.
+    let user = match state.db.register(&account).await {
+        Err(StoreError::Conflict(_)) => {
+            return Err(ApiError::Conflict(
+                "this name or email cannot be registered; choose another".into(),
+            ));
+        }
+        registered => registered?,
+    };
     state
         .audit(None, "user_registered", Some(&user.name), &addr, json!({}))
         .await;

@@ -40,9 +40,14 @@ pub struct ApiConfig {
     #[arg(long, env = "BERTH_TOKEN_TTL", default_value_t = 24 * 3600)]
     pub token_ttl: u64,
 
-    /// Whether anyone may register; when off, only admins create accounts.
-    #[arg(long, env = "BERTH_ALLOW_REGISTRATION", default_value_t = true, action = ArgAction::Set)]
+    /// Whether anyone may register; when off (the default), only admins and portals
+    /// create accounts. Open registration let 17 anonymous accounts fill the platform.
+    #[arg(long, env = "BERTH_ALLOW_REGISTRATION", default_value_t = false, action = ArgAction::Set)]
     pub allow_registration: bool,
+
+    /// Registrations one client address may make per throttling window, when open.
+    #[arg(long, env = "BERTH_REGISTRATIONS_PER_ADDRESS", default_value_t = 5)]
+    pub registrations_per_address: i32,
 
     /// Name of the admin account created (or promoted) at start-up.
     #[arg(long, env = "BERTH_ADMIN_USER")]
@@ -250,5 +255,26 @@ impl ApiConfig {
             return Err("BERTH_TOKEN_TTL and BERTH_LOGIN_THROTTLE_WINDOW must be positive".into());
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Flags {
+        #[command(flatten)]
+        config: super::ApiConfig,
+    }
+
+    #[test]
+    fn registration_is_off_unless_switched_on() {
+        let defaults = Flags::try_parse_from(["api"]).unwrap().config;
+        assert!(!defaults.allow_registration, "off by default");
+        let on = Flags::try_parse_from(["api", "--allow-registration", "true"])
+            .unwrap()
+            .config;
+        assert!(on.allow_registration);
     }
 }

@@ -166,6 +166,15 @@ pub async fn serve_api(
         "--admin-password",
         ADMIN_PASSWORD,
     ];
+    // Tests register their users; one that is about registration says so itself.
+    for (flag, value) in [
+        ("--allow-registration", "true"),
+        ("--registrations-per-address", "1000"),
+    ] {
+        if !api_flags.contains(&flag) {
+            argv.extend([flag, value]);
+        }
+    }
     argv.extend_from_slice(api_flags);
     let config = ApiFlags::try_parse_from(argv)
         .expect("api flags parse")
