@@ -29,6 +29,8 @@ pub async fn up(
     let dir = std::path::absolute(&worker.process.data_dir)
         .with_context(|| format!("the data directory {}", worker.process.data_dir.display()))?;
     worker.process.data_dir = dir.clone();
+    worker.process.homes_dir = std::path::absolute(&worker.process.homes_dir)
+        .with_context(|| format!("the homes directory {}", worker.process.homes_dir.display()))?;
     let store = schema::SqliteStore::open(&dir)
         .await
         .with_context(|| format!("the embedded database in {}", dir.display()))?;
@@ -66,6 +68,8 @@ pub async fn up(
         (None, Some(_)) => String::new(),
     };
 
+    // Which spawner, why, and (local processes) who they run as: said at every start.
+    let spawners = workers::choose_spawner(&worker).await?.describe();
     let listener = TcpListener::bind(api.listen)
         .await
         .with_context(|| format!("binding {}", api.listen))?;
@@ -78,7 +82,8 @@ pub async fn up(
                 eprintln!(
                     "\nBerth is up on its embedded store {}.\n  API        http://{address}/api/v1\n  \
                      dashboard  http://{address}/admin\n  servers    http://{address}/user/{{user}}/ \
-                     (open one with the url of POST …/users/{{user}}/server/sso)\n  log in as  {login}\n  \
+                     (open one with the url of POST …/users/{{user}}/server/sso)\n  \
+                     run as     {spawners}\n  log in as  {login}\n  \
                      a token    curl -X POST http://{address}/api/v1/auth/login \
                      -d '{{\"username\": \"{user}\", \"password\": \"…\"}}'\n",
                     store.path().display()

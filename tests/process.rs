@@ -24,6 +24,9 @@ async fn local_process_servers_spawn_stop_outlive_a_worker_restart_and_are_recon
     let root = data.join(&env.id);
     let _leftovers = Leftovers(data.clone(), root.clone());
     let data_flag = data.to_string_lossy().into_owned();
+    let homes = _leftovers.homes();
+    let homes_flag = homes.to_string_lossy().into_owned();
+    let home = homes.join(&env.id);
     let flags = [
         "--spawner",
         "process",
@@ -31,6 +34,8 @@ async fn local_process_servers_spawn_stop_outlive_a_worker_restart_and_are_recon
         "busybox httpd -f -p 127.0.0.1:{port}",
         "--data-dir",
         &data_flag,
+        "--homes-dir",
+        &homes_flag,
         "--reconcile-interval",
         "1",
     ];
@@ -49,10 +54,7 @@ async fn local_process_servers_spawn_stop_outlive_a_worker_restart_and_are_recon
     let run_dir = root.join("run").join(format!("berth-{user}"));
     let pid = pid_of(&run_dir).expect("a pid file");
     assert!(alive(pid));
-    assert!(
-        root.join("home").join(&user).is_dir(),
-        "the user's working directory"
-    );
+    assert!(home.join(&user).is_dir(), "the user's working directory");
 
     // The worker dies; its server lives on in its own process group, and a new
     // worker finds it again and leaves it running.
@@ -70,7 +72,7 @@ async fn local_process_servers_spawn_stop_outlive_a_worker_restart_and_are_recon
         .await;
     assert!(!alive(pid), "the server process is gone");
     assert!(!run_dir.exists());
-    assert!(root.join("home").join(&user).is_dir());
+    assert!(home.join(&user).is_dir());
 
     // A server process that dies behind Berth's back is reconciled to failed.
     env.call(Method::POST, &path, None).await;
@@ -114,7 +116,7 @@ async fn local_process_servers_spawn_stop_outlive_a_worker_restart_and_are_recon
     wait_for(
         "the user's directory removed",
         Duration::from_secs(30),
-        async || !root.join("home").join(&user).exists(),
+        async || !home.join(&user).exists(),
     )
     .await;
 }

@@ -36,6 +36,7 @@ fn client() -> reqwest::Client {
 fn start_jupyter_worker(env: &mut TestEnv) -> Leftovers {
     let (data, leftovers) = data_dir(&env.id);
     let data = data.to_string_lossy().into_owned();
+    let homes = leftovers.homes().to_string_lossy().into_owned();
     let command = jupyter_command();
     env.start_worker(&[
         "--spawner",
@@ -44,6 +45,8 @@ fn start_jupyter_worker(env: &mut TestEnv) -> Leftovers {
         &command,
         "--data-dir",
         &data,
+        "--homes-dir",
+        &homes,
         "--start-timeout",
         "80",
     ]);

@@ -40,6 +40,11 @@ impl Up {
         }
     }
 
+    /// Users' working directories: beside the data directory, not in it.
+    fn homes(&self) -> PathBuf {
+        self.data.with_extension("homes")
+    }
+
     fn base(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
@@ -52,6 +57,7 @@ impl Up {
             .arg("up")
             .env_remove("BERTH_DATABASE_URL")
             .env("BERTH_DATA_DIR", &self.data)
+            .env("BERTH_HOMES_DIR", self.homes())
             .env("BERTH_LISTEN", format!("127.0.0.1:{}", self.port))
             .env("BERTH_INSTANCE", &self.id)
             .env("BERTH_SPAWNER", "process")
@@ -130,6 +136,7 @@ impl Drop for Up {
             }
         }
         let _ = std::fs::remove_dir_all(&self.data);
+        let _ = std::fs::remove_dir_all(self.homes());
     }
 }
 
@@ -210,6 +217,10 @@ async fn berth_up_runs_from_an_empty_data_directory_and_keeps_everything_across_
     .await;
     let banner = up.log("first.log");
     assert!(banner.contains(&format!("{base}/api/v1")), "{banner}");
+    assert!(
+        banner.contains("the same OS user as Berth") && banner.contains("not a class"),
+        "local servers without a user of their own are said to be so: {banner}"
+    );
     assert!(banner.contains(&format!("{base}/admin")), "{banner}");
     assert!(
         banner.contains(&password_file.display().to_string()),
@@ -349,4 +360,92 @@ async fn berth_up_runs_from_an_empty_data_directory_and_keeps_everything_across_
     assert_eq!(status, StatusCode::ACCEPTED);
     wait_state(&base, &token, &bob_path, "stopped").await;
     assert!(!answers(&bob_url).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn local_servers_run_as_another_user_cannot_read_berths_secrets() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    assert_eq!(
+        std::fs::read_to_string("/proc/self/status")
+            .unwrap()
+            .lines()
+            .find(|l| l.starts_with("Uid:"))
+            .and_then(|l| l.split_whitespace().nth(2).map(str::to_owned)),
+        Some("0".into()),
+        "this test starts servers as another OS user, which needs root (ops/test.sh runs as root)"
+    );
+    let mut up = Up::new();
+    let base = up.base();
+    let data = up.data.display().to_string();
+    // A server that tries what the penetration test did, then serves.
+    let snoop = format!(
+        "cat {data}/admin-password; cat {data}/jwt-key.pem; ls {data}; \
+         echo owned > {data}/berth.db-probe; echo uid=$(id -u); \
+         exec busybox httpd -f -p 127.0.0.1:{{port}}"
+    );
+    std::fs::create_dir_all(&up.data).unwrap();
+    let child = up
+        .command("3600", "first.log")
+        .env("BERTH_PROCESS_USER", "nobody")
+        .env("BERTH_SERVER_COMMAND", &snoop)
+        .spawn()
+        .unwrap();
+    up.children.push(child);
+    let health = format!("{base}/health");
+    wait_for("berth up to answer", Duration::from_secs(30), async || {
+        reqwest::get(&health)
+            .await
+            .is_ok_and(|r| r.status().is_success())
+    })
+    .await;
+    wait_for("the banner", Duration::from_secs(10), async || {
+        up.log("first.log").contains("dashboard")
+    })
+    .await;
+    let banner = up.log("first.log");
+    assert!(banner.contains("run as nobody"), "{banner}");
+
+    let password = std::fs::read_to_string(up.data.join("admin-password")).unwrap();
+    let token = login(&base, password.trim()).await;
+    let eve = format!("eve-{}", up.id);
+    call(
+        &base,
+        &token,
+        Method::POST,
+        &format!("/api/v1/users/{eve}"),
+        None,
+    )
+    .await;
+    let path = format!("/api/v1/users/{eve}/server");
+    call(&base, &token, Method::POST, &path, None).await;
+    wait_state(&base, &token, &path, "running").await;
+    let log = call(&base, &token, Method::GET, &format!("{path}/log"), None)
+        .await
+        .1;
+    let log = log.as_str().unwrap_or_default().to_owned();
+    assert!(
+        log.contains("uid=65534"),
+        "the server runs as nobody: {log}"
+    );
+    assert!(
+        !log.contains(password.trim())
+            && !log.contains("PRIVATE KEY")
+            && !log.lines().any(|l| l == "berth.db"),
+        "the server read Berth's files: {log}"
+    );
+    assert!(log.contains("Permission denied"), "{log}");
+    assert!(
+        !up.data.join("berth.db-probe").exists(),
+        "the server wrote into the data directory"
+    );
+
+    // Berth's files are its own; the user's working directory is apart, and theirs.
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&up.data), 0o700);
+    for file in ["berth.db", "admin-password", "jwt-key.pem"] {
+        assert_eq!(mode(&up.data.join(file)), 0o600, "{file}");
+    }
+    let home = up.homes().join(&up.id).join(&eve);
+    assert!(!home.starts_with(&up.data));
+    assert_eq!(std::fs::metadata(&home).unwrap().uid(), 65534);
 }

@@ -4,8 +4,23 @@
 use std::path::PathBuf;
 
 /// Kills whatever server processes a test left, also when it fails, and removes
-/// its data directory (`.0`, holding the instance's directory `.1`).
+/// its data directory (`.0`, holding the instance's directory `.1`) and its users'
+/// working directories (beside it, `{data}-homes`).
 pub struct Leftovers(pub PathBuf, pub PathBuf);
+
+impl Leftovers {
+    /// Where the users' working directories of this data directory are.
+    pub fn homes(&self) -> PathBuf {
+        homes_of(&self.0)
+    }
+}
+
+/// The users' working directories that go with a test's data directory.
+pub fn homes_of(data: &std::path::Path) -> PathBuf {
+    let mut name = data.file_name().unwrap_or_default().to_owned();
+    name.push("-homes");
+    data.with_file_name(name)
+}
 
 impl Drop for Leftovers {
     fn drop(&mut self) {
@@ -21,6 +36,7 @@ impl Drop for Leftovers {
             }
         }
         let _ = std::fs::remove_dir_all(&self.0);
+        let _ = std::fs::remove_dir_all(self.homes());
     }
 }
 

@@ -604,6 +604,9 @@ impl TestEnv {
                 &[
                     ("BERTH_ADMIN_TOKEN", TOKEN),
                     ("BERTH_ALLOWED_IMAGES", allowed.as_str()),
+                    // As the in-process API: tests register their users.
+                    ("BERTH_ALLOW_REGISTRATION", "true"),
+                    ("BERTH_REGISTRATIONS_PER_ADDRESS", "1000"),
                 ],
             )
             .await;

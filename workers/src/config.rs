@@ -87,11 +87,23 @@ pub struct ProcessConfig {
     )]
     pub server_command: String,
 
-    /// Where local-process servers keep their users' working directories, logs and
-    /// pid files; and, for `berth up` with no database, the embedded database
-    /// (`berth.db`), its signing key and the admin's password.
+    /// Where local-process servers keep their logs and pid files; and, for `berth
+    /// up` with no database, the embedded database (`berth.db`), its signing key and
+    /// the admin's password. Made 0700: servers never see into it.
     #[arg(long, env = "BERTH_DATA_DIR", default_value = "berth-data")]
     pub data_dir: std::path::PathBuf,
+
+    /// Where local-process servers' users have their working directories
+    /// (`{dir}/{instance}/{user}`): apart from the data directory, so that a
+    /// server's code does not start next to Berth's files.
+    #[arg(long, env = "BERTH_HOMES_DIR", default_value = "berth-homes")]
+    pub homes_dir: std::path::PathBuf,
+
+    /// The OS user local-process servers run as (`name`, `uid`, `name:group` or
+    /// `uid:gid`); needs Berth to run as root. Unset: Berth's own user, which can
+    /// read Berth's files: for one person, not a class (the log and the banner say so).
+    #[arg(long, env = "BERTH_PROCESS_USER")]
+    pub process_user: Option<String>,
 }
 
 #[derive(Debug, Clone, clap::Args)]

@@ -14,6 +14,7 @@ pub mod docker;
 pub mod embedded;
 pub mod jetstream;
 pub mod maintenance;
+pub mod os_user;
 pub mod process;
 pub mod reconcile;
 pub mod spawn;
@@ -211,35 +212,90 @@ async fn drive(
     result
 }
 
-/// The configured spawner; `auto` takes Docker when its engine answers.
-async fn open_spawner(config: &WorkerConfig) -> Result<Arc<dyn spawner::Spawner>, WorkerError> {
-    let docker = Arc::new(config.docker.clone());
-    let processes = || -> Result<Arc<dyn spawner::Spawner>, WorkerError> {
-        let spawner = process::ProcessSpawner::new(docker.clone(), &config.process)?;
-        tracing::info!(command = %config.process.server_command, data = %config.process.data_dir.display(), "servers run as local processes");
-        Ok(Arc::new(spawner))
-    };
-    match config.process.spawner.unwrap_or(SpawnerKind::Docker) {
-        SpawnerKind::Process => processes(),
-        SpawnerKind::Docker => {
-            let spawner = DockerSpawner::connect(docker.clone())?;
-            spawner.ping().await?;
-            Ok(Arc::new(spawner))
+/// Which spawner a worker uses, and why: what `berth up`'s banner and every
+/// worker's log say at start.
+#[derive(Debug, Clone)]
+pub struct SpawnerChoice {
+    pub kind: SpawnerKind,
+    pub why: String,
+    /// With local processes: who they run as, and whether that is Berth's own user
+    /// (then a user's code can read what Berth can).
+    pub runs_as: Option<(String, bool)>,
+}
+
+impl SpawnerChoice {
+    /// One paragraph for a person: the spawner, why, and the warning when it applies.
+    pub fn describe(&self) -> String {
+        match (&self.kind, &self.runs_as) {
+            (SpawnerKind::Process, Some((user, true))) => format!(
+                "local processes ({}); they run as {user}, the same OS user as Berth, so a \
+                 user's code can read Berth's database and secrets: this suits one person, not \
+                 a class (run Berth as root with BERTH_PROCESS_USER, or use Docker)",
+                self.why
+            ),
+            (SpawnerKind::Process, Some((user, false))) => {
+                format!("local processes ({}), run as {user}", self.why)
+            }
+            _ => format!("Docker containers ({})", self.why),
         }
+    }
+}
+
+/// Decides the spawner: `docker`, `process`, or `auto` (Docker when its engine
+/// answers, else local processes). Fails when `BERTH_PROCESS_USER` cannot apply.
+pub async fn choose_spawner(config: &WorkerConfig) -> Result<SpawnerChoice, WorkerError> {
+    let asked = config.process.spawner.unwrap_or(SpawnerKind::Docker);
+    let (kind, why) = match asked {
+        SpawnerKind::Docker => (SpawnerKind::Docker, "BERTH_SPAWNER=docker".to_owned()),
+        SpawnerKind::Process => (SpawnerKind::Process, "BERTH_SPAWNER=process".to_owned()),
         SpawnerKind::Auto => {
-            let answered = match DockerSpawner::connect(docker.clone()) {
-                Ok(spawner) => spawner.ping().await.map(|()| spawner),
+            let docker = Arc::new(config.docker.clone());
+            let answered = match DockerSpawner::connect(docker) {
+                Ok(spawner) => spawner.ping().await,
                 Err(e) => Err(e),
             };
             match answered {
-                Ok(spawner) => Ok(Arc::new(spawner)),
-                Err(e) => {
-                    tracing::warn!(error = %e, "no Docker engine answers");
-                    processes()
-                }
+                Ok(()) => (SpawnerKind::Docker, "a Docker engine answers".to_owned()),
+                Err(e) => (
+                    SpawnerKind::Process,
+                    format!("no Docker engine answers: {e}"),
+                ),
             }
         }
+    };
+    let runs_as = match (kind, &config.process.process_user) {
+        (SpawnerKind::Process, Some(user)) => {
+            os_user::OsUser::resolve(user).map_err(WorkerError::Config)?;
+            if os_user::effective_uid() != Some(0) {
+                return Err(WorkerError::Config(
+                    "BERTH_PROCESS_USER needs Berth to run as root (to start servers as another user)"
+                        .into(),
+                ));
+            }
+            Some((user.clone(), false))
+        }
+        (SpawnerKind::Process, None) => Some((os_user::own_name(), true)),
+        _ => None,
+    };
+    Ok(SpawnerChoice { kind, why, runs_as })
+}
+
+/// The chosen spawner, said in the log at every start.
+async fn open_spawner(config: &WorkerConfig) -> Result<Arc<dyn spawner::Spawner>, WorkerError> {
+    let choice = choose_spawner(config).await?;
+    let docker = Arc::new(config.docker.clone());
+    match choice.runs_as {
+        Some((_, true)) => tracing::warn!("servers run as {}", choice.describe()),
+        _ => tracing::info!("servers run as {}", choice.describe()),
     }
+    Ok(match choice.kind {
+        SpawnerKind::Process => Arc::new(process::ProcessSpawner::new(docker, &config.process)?),
+        _ => {
+            let spawner = DockerSpawner::connect(docker)?;
+            spawner.ping().await?;
+            Arc::new(spawner)
+        }
+    })
 }
 
 type Consumers = std::pin::Pin<Box<dyn Future<Output = Result<(), WorkerError>> + Send>>;

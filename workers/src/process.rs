@@ -1,9 +1,11 @@
 //! The local-process spawner (`BERTH_SPAWNER=process`): each server is a child
 //! process running `BERTH_SERVER_COMMAND` on a free loopback port, in its user's
-//! working directory under the data directory (kept across stops like a volume,
+//! working directory `{homes}/{instance}/{user}` (kept across stops like a volume,
 //! removed with the user), its output appended to a log under `{data}/{instance}/logs`
-//! (kept across stops, shown by the API, removed with the user). For a laptop with no
-//! container engine: processes get no memory or CPU limits and no isolation.
+//! (kept across stops, shown by the API, removed with the user). The data directory
+//! is 0700; with `BERTH_PROCESS_USER` (Berth running as root) servers run as that
+//! user and cannot read it. For a laptop with no container engine, or a machine
+//! whose users are trusted: processes get no memory or CPU limits.
 //!
 //! What a restarted worker needs to find its servers again lives on disk, one
 //! directory per server under `{data}/{instance}/run/{container name}`: `pid` (the
@@ -26,8 +28,11 @@ use tokio::{
     time::{Instant, sleep},
 };
 
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+
 use crate::{
     config::{DockerConfig, ProcessConfig},
+    os_user::OsUser,
     spawner::{
         ManagedContainer, Progress, SpawnError, SpawnSpec, Spawned, Spawner, StillWanted,
         wait_ready,
@@ -41,6 +46,10 @@ pub struct ProcessSpawner {
     config: Arc<DockerConfig>,
     command: String,
     root: PathBuf,
+    /// Users' working directories.
+    homes: PathBuf,
+    /// Who servers run as; `None`: Berth's own user.
+    user: Option<OsUser>,
     /// This program's path, quoted for `sh` (`{berth}` in the command).
     berth: String,
 }
@@ -89,12 +98,39 @@ impl Pid {
 
 impl ProcessSpawner {
     pub fn new(config: Arc<DockerConfig>, process: &ProcessConfig) -> Result<Self, SpawnError> {
+        let io = |path: &Path, e: std::io::Error| {
+            SpawnError::Engine(format!("preparing {}: {e}", path.display()))
+        };
         let root = process.data_dir.join(&config.instance);
-        for dir in ["run", "home", "logs"] {
-            std::fs::create_dir_all(root.join(dir)).map_err(|e| {
-                SpawnError::Engine(format!("creating {}: {e}", root.join(dir).display()))
-            })?;
+        for dir in ["run", "logs"] {
+            std::fs::create_dir_all(root.join(dir)).map_err(|e| io(&root.join(dir), e))?;
         }
+        // Berth's own: no server (as another user) sees into it.
+        private(&process.data_dir).map_err(|e| io(&process.data_dir, e))?;
+        let homes = std::path::absolute(process.homes_dir.join(&config.instance))
+            .map_err(|e| io(&process.homes_dir, e))?;
+        std::fs::create_dir_all(&homes).map_err(|e| io(&homes, e))?;
+        // Each server reaches its own home through here, and lists nothing.
+        set_mode(&process.homes_dir, 0o711).map_err(|e| io(&process.homes_dir, e))?;
+        set_mode(&homes, 0o711).map_err(|e| io(&homes, e))?;
+        // Working directories of an earlier Berth, which kept them in the data directory.
+        let old = root.join("home");
+        if let Ok(entries) = std::fs::read_dir(&old) {
+            for entry in entries.flatten() {
+                let to = homes.join(entry.file_name());
+                if !to.exists() {
+                    std::fs::rename(entry.path(), &to).map_err(|e| io(&to, e))?;
+                    tracing::info!(from = %entry.path().display(), to = %to.display(), "a user's working directory moved out of the data directory");
+                }
+            }
+            let _ = std::fs::remove_dir(&old);
+        }
+        let user = process
+            .process_user
+            .as_deref()
+            .map(OsUser::resolve)
+            .transpose()
+            .map_err(SpawnError::Engine)?;
         // This program, quoted for `sh`, for commands that run `berth sample-server`.
         let berth = std::env::current_exe()
             .map(|p| format!("'{}'", p.display().to_string().replace('\'', "'\\''")))
@@ -103,6 +139,8 @@ impl ProcessSpawner {
             config,
             command: process.server_command.clone(),
             root,
+            homes,
+            user,
             berth,
         })
     }
@@ -128,7 +166,7 @@ impl ProcessSpawner {
     }
 
     fn home(&self, user: &UserName) -> PathBuf {
-        self.root.join("home").join(user.as_str())
+        self.homes.join(user.as_str())
     }
 
     fn read_pid(dir: &Path) -> Option<Pid> {
@@ -173,6 +211,13 @@ impl ProcessSpawner {
         tokio::fs::create_dir_all(&home)
             .await
             .map_err(|e| io("creating the working directory", e))?;
+        set_mode(&home, 0o700).map_err(|e| io("securing the working directory", e))?;
+        if let Some(user) = self.user
+            && std::fs::metadata(&home).is_ok_and(|m| m.uid() != user.uid)
+        {
+            user.own(&home)
+                .map_err(|e| io("giving the working directory to BERTH_PROCESS_USER", e))?;
+        }
         tokio::fs::create_dir_all(dir)
             .await
             .map_err(|e| io("creating the run directory", e))?;
@@ -191,6 +236,7 @@ impl ProcessSpawner {
         let mut log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(&log_path)
             .map_err(|e| io("opening the log", e))?;
         // Each run's output starts after a line of its own.
@@ -204,7 +250,12 @@ impl ProcessSpawner {
         )
         .map_err(|e| io("writing the log", e))?;
         let stderr = log.try_clone().map_err(|e| io("opening the log", e))?;
-        let mut child = Command::new("sh")
+        let mut child = Command::new("sh");
+        if let Some(user) = self.user {
+            // Dropping to this user also drops root's supplementary groups.
+            child.uid(user.uid).gid(user.gid);
+        }
+        let mut child = child
             .arg("-c")
             .arg(&command)
             .current_dir(&home)
@@ -444,4 +495,14 @@ impl Spawner for ProcessSpawner {
         terminate(pid, Duration::from_secs(self.config.stop_timeout)).await;
         Ok(())
     }
+}
+
+fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+}
+
+/// Makes a directory Berth's alone (0700), creating it when missing.
+pub fn private(dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    set_mode(dir, 0o700)
 }

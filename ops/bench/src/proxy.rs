@@ -124,6 +124,7 @@ async fn run(args: &Args, db: &str, processes: &mut Processes) -> anyhow::Result
         .env("BERTH_ADMIN_TOKEN", TOKEN)
         .env("BERTH_SPAWNER", "process")
         .env("BERTH_DATA_DIR", &data)
+        .env("BERTH_HOMES_DIR", data.with_extension("homes"))
         .env(
             "BERTH_SERVER_COMMAND",
             format!("'{}' backend --port {{port}}", me.display()),
@@ -293,6 +294,7 @@ async fn run(args: &Args, db: &str, processes: &mut Processes) -> anyhow::Result
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     let _ = std::fs::remove_dir_all(&data);
+    let _ = std::fs::remove_dir_all(data.with_extension("homes"));
     Ok(())
 }
 

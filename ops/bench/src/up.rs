@@ -79,6 +79,7 @@ impl Drop for Run {
             .args(["network", "rm", &format!("berth-{}", self.instance)])
             .output();
         let _ = std::fs::remove_dir_all(&self.data);
+        let _ = std::fs::remove_dir_all(self.data.with_extension("homes"));
     }
 }
 
@@ -104,6 +105,7 @@ async fn main() -> anyhow::Result<()> {
         .arg("up")
         .env_remove("BERTH_DATABASE_URL")
         .env("BERTH_DATA_DIR", &data)
+        .env("BERTH_HOMES_DIR", data.with_extension("homes"))
         .env("BERTH_LISTEN", format!("127.0.0.1:{port}"))
         .env("BERTH_INSTANCE", &instance)
         .env("BERTH_ADMIN_TOKEN", TOKEN)

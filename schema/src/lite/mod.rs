@@ -93,6 +93,8 @@ impl SqliteStore {
     /// `open` with a durability of the caller's choosing.
     pub async fn open_with(dir: &Path, durability: Durability) -> Result<Self, OpenError> {
         std::fs::create_dir_all(dir).map_err(|e| OpenError::Dir(dir.into(), e))?;
+        // Berth's alone: the database and its secrets are no one else's to read.
+        private(dir).map_err(|e| OpenError::Dir(dir.into(), e))?;
         let lock_path = dir.join("berth.lock");
         let owner = std::fs::OpenOptions::new()
             .create(true)
@@ -126,6 +128,12 @@ impl SqliteStore {
             .run(&pool)
             .await
             .map_err(|e| OpenError::Migrate(path.clone(), e))?;
+        for file in [DATABASE_FILE, "berth.db-wal", "berth.db-shm", "berth.lock"] {
+            let file = dir.join(file);
+            if file.exists() {
+                private_file(&file).map_err(|e| OpenError::Dir(file, e))?;
+            }
+        }
         let (progress, _) = tokio::sync::broadcast::channel(1024);
         let (routes, _) = tokio::sync::broadcast::channel(1024);
         let store = Self {
@@ -203,4 +211,16 @@ pub(crate) struct Tx {
     pub(crate) tx: Transaction<'static, Sqlite>,
     _guard: tokio::sync::OwnedMutexGuard<()>,
     pub(crate) progress: Vec<Uuid>,
+}
+
+/// Makes a directory its owner's alone (0700).
+fn private(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+/// Makes a file its owner's alone (0600).
+fn private_file(file: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o600))
 }
