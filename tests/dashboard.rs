@@ -469,6 +469,43 @@ async fn the_dashboard_turns_away_strangers_non_admins_and_other_sites(backend: 
         .count("select count(*) from audit_log where action = 'idle_servers_stopped'")
         .await;
     assert_eq!(audit, 0);
+
+    // A link cannot make the dashboard say something: only what an action sealed.
+    let lure = "Your session expired: log in again at evil.example";
+    let encoded = format!("error={}", lure.replace(' ', "%20").replace(':', "%3A"));
+    for path in [
+        format!("/admin/servers?{encoded}"),
+        format!("/admin/servers?{encoded}&seal=00000000000000000000000000000000"),
+        format!("/admin/login?{encoded}"),
+    ] {
+        let shown = page(&path, Some(&admin))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(!shown.contains("evil.example"), "{path}: {shown}");
+    }
+    let acted = client
+        .post(format!("{}/admin/servers/stop-idle", env.base))
+        .header("cookie", format!("berth_session={admin}"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("minutes=60")
+        .send()
+        .await
+        .unwrap();
+    let location = acted.headers()["location"].to_str().unwrap().to_owned();
+    assert!(location.contains("seal="), "{location}");
+    let shown = page(&location, Some(&admin))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        shown.contains("role=\"status\""),
+        "the action's own notice is shown: {shown}"
+    );
     // A login form with wrong credentials says so and sets no cookie.
     let wrong = client
         .post(format!("{}/admin/login", env.base))

@@ -30,6 +30,9 @@ pub struct JwtKeys {
     decoding: DecodingKey,
     public: [u8; 32],
     kid: String,
+    /// A key of its own for sealing what the dashboard says (derived from the
+    /// signing key, so every API process that shares one shares it).
+    seal: [u8; 32],
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -68,12 +71,37 @@ impl JwtKeys {
         let der = key.to_pkcs8_der().map_err(|e| e.to_string())?;
         let public = key.verifying_key().to_bytes();
         let kid = hex::encode(&Sha256::digest(public)[..8]);
+        let mut seal = Sha256::new();
+        seal.update(b"berth dashboard notices\0");
+        seal.update(key.to_bytes());
         Ok(Self {
             encoding: EncodingKey::from_ed_der(der.as_bytes()),
             decoding: DecodingKey::from_ed_der(&public),
             public,
             kid,
+            seal: seal.finalize().into(),
         })
+    }
+
+    /// An HMAC-SHA256 of `text` (hex, 128 bits): proof that this server chose it.
+    pub fn seal(&self, text: &str) -> String {
+        let mut block = [0u8; 64];
+        block[..32].copy_from_slice(&self.seal);
+        let pad = |byte: u8| block.map(|b| b ^ byte);
+        let inner = Sha256::new()
+            .chain_update(pad(0x36))
+            .chain_update(text.as_bytes())
+            .finalize();
+        let outer = Sha256::new()
+            .chain_update(pad(0x5c))
+            .chain_update(inner)
+            .finalize();
+        hex::encode(&outer[..16])
+    }
+
+    /// Whether `seal` is this server's seal of `text` (compared in constant time).
+    pub fn sealed(&self, text: &str, seal: &str) -> bool {
+        crate::auth::same_secret(&self.seal(text), seal)
     }
 
     pub fn issue(&self, user: &str, role: &str, ttl_secs: u64) -> Result<(String, Claims), String> {

@@ -15,9 +15,7 @@ use maud::{Markup, html};
 use schema::{JobRow, console::JobFilter, prelude::*};
 use uuid::Uuid;
 
-use super::{
-    Form, Operator, back, badge, layout, page_error, page_of, pager, rows_or_page, say, when,
-};
+use super::{Form, Operator, badge, layout, page_error, page_of, pager, rows_or_page, say, when};
 use crate::{
     AppState,
     auth::ClientAddr,
@@ -231,11 +229,11 @@ async fn retry(
         Err(bad) => return *bad,
     };
     match retry_job(&state, &operator.actor(), &addr, id).await {
-        Ok(new) => back(
+        Ok(new) => operator.back(
             &format!("/admin/jobs/{}", new.id),
             Ok(format!("Retried as job {}", new.id)),
         ),
-        Err(e) => back(&format!("/admin/jobs/{id}"), Err(say(e))),
+        Err(e) => operator.back(&format!("/admin/jobs/{id}"), Err(say(e))),
     }
 }
 
@@ -250,8 +248,8 @@ async fn cancel(
         Err(bad) => return *bad,
     };
     match cancel_job(&state, &operator.actor(), &addr, id).await {
-        Ok(_) => back(&format!("/admin/jobs/{id}"), Ok("Cancelled".into())),
-        Err(e) => back(&format!("/admin/jobs/{id}"), Err(say(e))),
+        Ok(_) => operator.back(&format!("/admin/jobs/{id}"), Ok("Cancelled".into())),
+        Err(e) => operator.back(&format!("/admin/jobs/{id}"), Err(say(e))),
     }
 }
 
@@ -268,7 +266,7 @@ async fn bulk(
     };
     let filter = match filter_from(|k| form.get(&format!("f_{k}")).map(str::to_owned)) {
         Ok(f) => f,
-        Err(message) => return back("/admin/jobs", Err(message)),
+        Err(message) => return operator.back("/admin/jobs", Err(message)),
     };
     let list = {
         let q: Vec<(String, String)> = ["kind", "state", "user", "since", "until"]
@@ -286,7 +284,7 @@ async fn bulk(
     let ids: Vec<Uuid> = match form.get("scope") {
         Some("matching") => match state.db.job_ids(&filter, BULK_MAX).await {
             Ok(ids) => ids,
-            Err(e) => return back(&list, Err(say(e.into()))),
+            Err(e) => return operator.back(&list, Err(say(e.into()))),
         },
         _ => form
             .all("ids")
@@ -295,7 +293,7 @@ async fn bulk(
             .collect(),
     };
     if ids.is_empty() {
-        return back(&list, Err("no jobs were selected".into()));
+        return operator.back(&list, Err("no jobs were selected".into()));
     }
     let action = form.get("action").unwrap_or("retry");
     let (mut done, mut skipped) = (0, 0);
@@ -329,5 +327,5 @@ async fn bulk(
     if skipped > 0 {
         text += &format!("; skipped {skipped} ({})", reasons.join("; "));
     }
-    back(&list, Ok(text))
+    operator.back(&list, Ok(text))
 }

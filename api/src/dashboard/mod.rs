@@ -69,6 +69,9 @@ async fn with_csp(mut response: Response) -> Response {
 pub struct Operator {
     pub principal: Principal,
     pub name: String,
+    /// Seals what the pages say after an action, so that a link cannot make the
+    /// dashboard say something of its own.
+    keys: std::sync::Arc<crate::tokens::JwtKeys>,
 }
 
 impl FromRequestParts<AppState> for Operator {
@@ -106,13 +109,37 @@ impl FromRequestParts<AppState> for Operator {
             Principal::User { user, .. } => user.name.clone(),
             other => other.actor(),
         };
-        Ok(Operator { principal, name })
+        Ok(Operator {
+            principal,
+            name,
+            keys: state.keys.clone(),
+        })
     }
 }
 
 impl Operator {
     pub fn actor(&self) -> String {
         self.principal.actor()
+    }
+
+    /// Where to go after an action, with what to say there (sealed).
+    pub fn back(&self, to: &str, notice: Result<String, String>) -> Response {
+        let (key, text) = match notice {
+            Ok(text) => ("notice", text),
+            Err(text) => ("error", text),
+        };
+        let seal = self.keys.seal(&format!("{key}:{text}"));
+        let sep = if to.contains('?') { '&' } else { '?' };
+        Redirect::to(&format!("{to}{sep}{key}={}&seal={seal}", encode(&text))).into_response()
+    }
+
+    /// The notice or error a page was sent with, if this server sealed it.
+    fn said<'a>(&self, query: &'a HashMap<String, String>, key: &str) -> Option<&'a str> {
+        let text = query.get(key)?;
+        let seal = query.get("seal")?;
+        self.keys
+            .sealed(&format!("{key}:{text}"), seal)
+            .then_some(text.as_str())
     }
 }
 
@@ -177,16 +204,6 @@ impl IntoResponse for BadForm {
     }
 }
 
-/// Where to go after an action, with what to say there.
-pub fn back(to: &str, notice: Result<String, String>) -> Response {
-    let (key, text) = match notice {
-        Ok(text) => ("notice", text),
-        Err(text) => ("error", text),
-    };
-    let sep = if to.contains('?') { '&' } else { '?' };
-    Redirect::to(&format!("{to}{sep}{key}={}", encode(&text))).into_response()
-}
-
 /// What an action's error tells the operator: the API's message for a 4xx, a
 /// generic line for anything else (logged by `ApiError`).
 pub fn say(e: ApiError) -> String {
@@ -241,8 +258,8 @@ pub fn layout(
                 }
                 main {
                     h1 { (title) span #live.live title="live updates" {} }
-                    @if let Some(text) = query.get("notice") { p.notice role="status" { (text) } }
-                    @if let Some(text) = query.get("error") { p.error role="alert" { (text) } }
+                    @if let Some(text) = operator.said(query, "notice") { p.notice role="status" { (text) } }
+                    @if let Some(text) = operator.said(query, "error") { p.error role="alert" { (text) } }
                     (content)
                 }
             }
@@ -288,7 +305,9 @@ pub fn pager(
     let link = |p: i64| {
         let mut q: Vec<(&str, String)> = query
             .iter()
-            .filter(|(k, _)| !matches!(k.as_str(), "page" | "notice" | "error" | "partial"))
+            .filter(|(k, _)| {
+                !matches!(k.as_str(), "page" | "notice" | "error" | "seal" | "partial")
+            })
             .map(|(k, v)| (k.as_str(), v.clone()))
             .collect();
         q.push(("page", p.to_string()));
@@ -333,10 +352,9 @@ pub fn rows_or_page(
 }
 
 async fn login_page(Query(query): Query<HashMap<String, String>>) -> Markup {
-    login_form(
-        query.get("next").map(String::as_str),
-        query.get("error").map(String::as_str),
-    )
+    // A failed login is answered with the form and its error; a link's `error`
+    // is not shown.
+    login_form(query.get("next").map(String::as_str), None)
 }
 
 fn login_form(next: Option<&str>, error: Option<&str>) -> Markup {

@@ -18,8 +18,7 @@ use schema::{
 use serde_json::{Value, json};
 
 use super::{
-    Form, Operator, back, badge, layout, page_error, page_of, pager, rows_or_page, say, snapshot,
-    when,
+    Form, Operator, badge, layout, page_error, page_of, pager, rows_or_page, say, snapshot, when,
 };
 use crate::{AppState, auth::ClientAddr, error::ApiError};
 
@@ -181,7 +180,7 @@ async fn stop_server(
     });
     let (user, server) = match names {
         Ok(n) => n,
-        Err(e) => return back("/admin/servers", Err(e.to_string())),
+        Err(e) => return operator.back("/admin/servers", Err(e.to_string())),
     };
     match crate::servers::request_stop(&state, &operator.actor(), &addr, &user, &server).await {
         Ok(outcome) => {
@@ -192,9 +191,9 @@ async fn stop_server(
                 StopOutcome::AlreadyStopping(_) => "That server is stopping already".into(),
                 StopOutcome::NotRunning(row) => format!("That server is {} already", row.state),
             };
-            back("/admin/servers", Ok(text))
+            operator.back("/admin/servers", Ok(text))
         }
-        Err(e) => back("/admin/servers", Err(say(e))),
+        Err(e) => operator.back("/admin/servers", Err(say(e))),
     }
 }
 
@@ -213,7 +212,7 @@ async fn stop_idle(
         .and_then(|m| m.parse::<i64>().ok())
         .filter(|m| (1..=525_600).contains(m))
     else {
-        return back(
+        return operator.back(
             "/admin/servers",
             Err("give the idle time in whole minutes, at least 1".into()),
         );
@@ -221,7 +220,7 @@ async fn stop_idle(
     let before = Utc::now() - chrono::Duration::minutes(minutes);
     let idle = match state.db.idle_servers(before, false).await {
         Ok(idle) => idle,
-        Err(e) => return back("/admin/servers", Err(say(e.into()))),
+        Err(e) => return operator.back("/admin/servers", Err(say(e.into()))),
     };
     let mut stopped = 0;
     for server in &idle {
@@ -253,7 +252,7 @@ async fn stop_idle(
             json!({ "idle_minutes": minutes, "stopped": stopped }),
         )
         .await;
-    back(
+    operator.back(
         "/admin/servers",
         Ok(format!(
             "Stopping {stopped} servers idle for more than {minutes} minutes"
@@ -349,13 +348,13 @@ async fn run_schedule(
                     json!({ "job_id": job }),
                 )
                 .await;
-            back(
+            operator.back(
                 "/admin/schedules",
                 Ok(format!("{name} enqueued as job {job}")),
             )
         }
-        Ok(None) => back("/admin/schedules", Err(format!("{name} was just run"))),
-        Err(e) => back("/admin/schedules", Err(say(e.into()))),
+        Ok(None) => operator.back("/admin/schedules", Err(format!("{name} was just run"))),
+        Err(e) => operator.back("/admin/schedules", Err(say(e.into()))),
     }
 }
 
@@ -432,14 +431,14 @@ async fn change_user(
     };
     let user = match UserName::parse(&name) {
         Ok(u) => u,
-        Err(e) => return back("/admin/users", Err(e.to_string())),
+        Err(e) => return operator.back("/admin/users", Err(e.to_string())),
     };
     let role = match form.get("role") {
         None => None,
         Some(r) => match Role::parse(r) {
             Some(role) => Some(role),
             None => {
-                return back(
+                return operator.back(
                     "/admin/users",
                     Err(format!("{r:?} is neither user nor admin")),
                 );
@@ -451,7 +450,7 @@ async fn change_user(
         Some("true") => Some(true),
         Some("false") => Some(false),
         Some(other) => {
-            return back(
+            return operator.back(
                 "/admin/users",
                 Err(format!("{other:?} is not true or false")),
             );
@@ -459,7 +458,7 @@ async fn change_user(
     };
     match crate::admin::change_account(&state, &operator.actor(), &addr, &user, role, active).await
     {
-        Ok(u) => back(
+        Ok(u) => operator.back(
             &format!("/admin/users?q={}", super::encode(&u.name)),
             Ok(format!(
                 "{} is now {}, {}",
@@ -468,7 +467,7 @@ async fn change_user(
                 if u.active { "active" } else { "deactivated" }
             )),
         ),
-        Err(e) => back("/admin/users", Err(say(e))),
+        Err(e) => operator.back("/admin/users", Err(say(e))),
     }
 }
 
