@@ -618,6 +618,25 @@ async fn bad_registrations_get_clear_errors_and_write_nothing(backend: Backend) 
             json!({ "username": ok_name, "password": PASSWORD, "email": "a b@c.d" }).to_string(),
             "bad_request",
         ),
+        (
+            json!({ "username": ok_name, "password": PASSWORD, "email": "a\u{0}b@c.de" })
+                .to_string(),
+            "bad_request",
+        ),
+        (
+            json!({ "username": ok_name, "password": PASSWORD, "email": "<script>x</script>@c.de" })
+                .to_string(),
+            "bad_request",
+        ),
+        (
+            json!({ "username": ok_name, "password": PASSWORD, "email": "a@c..de" }).to_string(),
+            "bad_request",
+        ),
+        (
+            json!([ok_name, PASSWORD]).to_string(),
+            "bad_request",
+        ),
+        ("[]".to_string(), "bad_request"),
         (json!({ "username": ok_name }).to_string(), "bad_request"),
         (
             json!({ "username": ok_name, "password": PASSWORD, "admin": true }).to_string(),

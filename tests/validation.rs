@@ -102,6 +102,36 @@ async fn bad_names_bodies_and_tokens_get_clear_errors_and_write_nothing(backend:
         "payload_too_large",
     );
 
+    // A body must be an object: `[]` once made a user.
+    let listed = env.user("listed");
+    for body in ["[]", "[\"x@example.org\"]", "42", "\"text\""] {
+        let (status, answer) = env
+            .call(Method::POST, &format!("/api/v1/users/{listed}"), Some(body))
+            .await;
+        assert_error(status, &answer, StatusCode::BAD_REQUEST, "bad_request");
+    }
+
+    // Every error is JSON, 405 where the method is wrong, and a path that is
+    // not UTF-8 is a 400 like any other bad input.
+    let (status, answer) = env.call(Method::PUT, "/api/v1/users", None).await;
+    assert_error(
+        status,
+        &answer,
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+    );
+    let (status, answer) = env
+        .call(Method::PATCH, &format!("/api/v1/users/{user}/server"), None)
+        .await;
+    assert_error(
+        status,
+        &answer,
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+    );
+    let (status, answer) = env.call(Method::GET, "/api/v1/users/%FF%FE", None).await;
+    assert_error(status, &answer, StatusCode::BAD_REQUEST, "bad_request");
+
     // Unknown users and servers.
     let ghost = env.user("ghost");
     let (status, body) = env
@@ -112,6 +142,20 @@ async fn bad_names_bodies_and_tokens_get_clear_errors_and_write_nothing(backend:
         .call(Method::GET, &format!("/api/v1/users/{ghost}"), None)
         .await;
     assert_error(status, &body, StatusCode::NOT_FOUND, "not_found");
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!("\"{ghost}\"")) && !message.contains("UserName("),
+        "a message names the user as text, not a Rust value: {message}"
+    );
+    let (_, body) = env
+        .call(
+            Method::GET,
+            &format!("/api/v1/users/{user}/servers/nope/progress"),
+            None,
+        )
+        .await;
+    let message = body["message"].as_str().unwrap_or_default();
+    assert!(!message.contains("Name("), "{body}");
     let (status, body) = env
         .call(Method::DELETE, &format!("/api/v1/users/{ghost}"), None)
         .await;

@@ -25,11 +25,17 @@ async fn read(request: Request) -> Result<Bytes, ApiError> {
     })
 }
 
+/// Every body the API takes is a JSON object: an array is refused before it is
+/// read as one (serde reads a struct from an array too, and `[]` made a user).
 fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| match e.classify() {
-        serde_json::error::Category::Data => ApiError::BadRequest(format!("unexpected JSON: {e}")),
-        _ => ApiError::BadRequest(format!("malformed JSON: {e}")),
-    })
+    let value: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::BadRequest(format!("malformed JSON: {e}")))?;
+    if !value.is_object() {
+        return Err(ApiError::BadRequest(
+            "the body must be a JSON object {…}".into(),
+        ));
+    }
+    serde_json::from_value(value).map_err(|e| ApiError::BadRequest(format!("unexpected JSON: {e}")))
 }
 
 fn is_blank(body: &Bytes) -> bool {

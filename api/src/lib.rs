@@ -153,8 +153,9 @@ pub fn router(state: AppState) -> Router {
         .nest("/admin", dashboard::router())
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|| async {
-            ApiError::BadRequest("method not allowed on this route".into())
+            ApiError::MethodNotAllowed("this route does not take that method".into())
         })
+        .layer(axum::middleware::map_response(json_errors))
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
@@ -183,6 +184,43 @@ pub fn router(state: AppState) -> Router {
         ));
     }
     app.with_state(state)
+}
+
+/// Every client error of the API is `{error, message}`: a rejection that axum
+/// answered as text (a path that is not UTF-8, a query that does not parse) is
+/// turned into one. The dashboard's pages are HTML and stay so.
+async fn json_errors(response: axum::response::Response) -> axum::response::Response {
+    let status = response.status();
+    let is_text = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.starts_with("text/plain"));
+    if !status.is_client_error() || !is_text {
+        return response;
+    }
+    let text = axum::body::to_bytes(response.into_body(), 4096)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    let error = match status {
+        StatusCode::NOT_FOUND => ApiError::NotFound(text),
+        StatusCode::METHOD_NOT_ALLOWED => ApiError::MethodNotAllowed(text),
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge(text),
+        StatusCode::UNAUTHORIZED => ApiError::Unauthorized(text),
+        _ => ApiError::BadRequest(text),
+    };
+    let mut answer = axum::response::IntoResponse::into_response(error);
+    if !matches!(
+        status,
+        StatusCode::NOT_FOUND
+            | StatusCode::METHOD_NOT_ALLOWED
+            | StatusCode::PAYLOAD_TOO_LARGE
+            | StatusCode::UNAUTHORIZED
+    ) {
+        *answer.status_mut() = status;
+    }
+    answer
 }
 
 /// What one process serves on its listener.

@@ -40,7 +40,7 @@ fn check_label(kind: &str, value: &str, max: usize) -> Result<(), InvalidName> {
 }
 
 /// A user's name, DNS-safe and at most 32 characters.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(transparent)]
 pub struct UserName(String);
 
@@ -61,7 +61,7 @@ impl UserName {
 }
 
 /// A server's name; the empty name is the user's default server.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(transparent)]
 pub struct ServerName(String);
 
@@ -127,6 +127,20 @@ impl<'de> Deserialize<'de> for ServerName {
             return Ok(ServerName::default_server());
         }
         ServerName::parse(&raw).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Debug as the quoted name (`"bob"`): messages use it, and must not show
+/// `UserName("bob")`.
+impl fmt::Debug for UserName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+impl fmt::Debug for ServerName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
     }
 }
 
