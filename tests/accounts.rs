@@ -1337,7 +1337,67 @@ async fn registrations_are_throttled_per_address_and_do_not_say_what_is_taken(ba
     assert_eq!(after, 2, "the admin and ann");
 }
 
+async fn a_newcomer_with_a_deleted_users_name_cannot_read_their_jobs(backend: Backend) {
+    let mut env = TestEnv::on(backend).await;
+    env.start_worker(&[]);
+    let bob = env.user("bob");
+    let first = env.register(&bob, PASSWORD).await;
+    let server = format!("/api/v1/users/{bob}/server");
+    let (status, spawn) = as_user(&env, &first, Method::POST, &server, None).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{spawn}");
+    let old_job = spawn["job_id"].as_str().unwrap().to_owned();
+    env.wait_job(&old_job, Duration::from_secs(60)).await;
+    let job_path = format!("/api/v1/jobs/{old_job}");
+    let (status, _) = as_user(&env, &first, Method::GET, &job_path, None).await;
+    assert_eq!(status, StatusCode::OK, "the first Bob reads his own job");
+
+    // The admin deletes Bob; once he is gone a newcomer takes the name.
+    let (status, body) = env
+        .call(Method::DELETE, &format!("/api/v1/users/{bob}"), None)
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    wait_for("bob's removal", Duration::from_secs(60), async || {
+        let (status, _) = env
+            .call(Method::GET, &format!("/api/v1/users/{bob}"), None)
+            .await;
+        status == StatusCode::NOT_FOUND
+    })
+    .await;
+    let newcomer = env.register(&bob, PASSWORD).await;
+    let (status, body) = as_user(&env, &newcomer, Method::GET, &job_path, None).await;
+    assert_error(status, &body, StatusCode::NOT_FOUND, "not_found");
+    let (status, job) = env.call(Method::GET, &job_path, None).await;
+    assert_eq!(status, StatusCode::OK, "an admin still reads it: {job}");
+    assert_eq!(job["user"], bob.as_str(), "{job}");
+
+    // The newcomer's own jobs are theirs.
+    let (status, spawn) = as_user(&env, &newcomer, Method::POST, &server, None).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{spawn}");
+    let new_job = spawn["job_id"].as_str().unwrap();
+    let (status, job) = as_user(
+        &env,
+        &newcomer,
+        Method::GET,
+        &format!("/api/v1/jobs/{new_job}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{job}");
+    env.wait_job(new_job, Duration::from_secs(60)).await;
+    let (status, body) = env
+        .call(Method::DELETE, &format!("/api/v1/users/{bob}"), None)
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    wait_for(
+        "the newcomer's removal",
+        Duration::from_secs(60),
+        async || env.containers().is_empty(),
+    )
+    .await;
+}
+
 on_both_stores!(
+    a_newcomer_with_a_deleted_users_name_cannot_read_their_jobs,
     registrations_are_throttled_per_address_and_do_not_say_what_is_taken,
     forwarded_for_is_believed_only_from_trusted_proxies,
     concurrent_wrong_passwords_are_locked_out_at_the_limit,

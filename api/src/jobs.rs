@@ -33,7 +33,9 @@ fn job_id(path: Result<Path<String>, PathRejection>) -> ApiResult<Uuid> {
     Uuid::parse_str(&raw).map_err(|_| ApiError::BadRequest(format!("{raw:?} is not a job id")))
 }
 
-/// A user sees the jobs about their own servers; services need `servers:read`.
+/// A user sees the jobs about their own account's servers (not those of an
+/// earlier account of the same name: to them such a job does not exist);
+/// services need `servers:read`.
 async fn show(
     State(state): State<AppState>,
     principal: Principal,
@@ -47,6 +49,12 @@ async fn show(
     } else {
         let owner = UserName::parse(&job.user_name)?;
         principal.may("servers:read", &owner)?;
+        if let Principal::User { user, .. } = &principal
+            && !principal.has_scope("servers:read")
+            && job.user_id != Some(user.id)
+        {
+            return Err(ApiError::NotFound(format!("no job {id}")));
+        }
     }
     Ok(Json(job.into()))
 }

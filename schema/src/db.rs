@@ -230,8 +230,9 @@ impl Db {
     ) -> Result<JobRow, StoreError> {
         let at = now();
         let job = each!(tx.conn(), c => sqlx::query_as::<_, JobRow>(
-            "insert into jobs (id, kind, user_name, server_name, payload, created_at) \
-             values ($1, $2, $3, $4, $5, $6) returning *",
+            "insert into jobs (id, kind, user_name, user_id, server_name, payload, created_at) \
+             values ($1, $2, $3, (select id from users where name = $3), $4, $5, $6) \
+             returning *",
         )
         .bind(id)
         .bind(kind.as_str())

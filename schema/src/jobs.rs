@@ -91,6 +91,9 @@ pub struct JobRow {
     pub kind: JobKind,
     pub state: JobState,
     pub user_name: String,
+    /// The account the job is about (a name can be deleted and taken again);
+    /// none for the scheduler's jobs.
+    pub user_id: Option<i64>,
     pub server_name: Option<String>,
     pub payload: serde_json::Value,
     pub attempts: i32,

@@ -1,0 +1,8 @@
+-- Each job names the account it is about, not only the name: a name deleted and
+-- registered again belongs to a newcomer, who must not read the old account's
+-- jobs. Jobs from before this column are given to the account that held the
+-- name when they were created, where one still does.
+alter table jobs add column user_id integer;
+update jobs set user_id = (select u.id from users u
+    where u.name = jobs.user_name and u.created_at <= jobs.created_at);
+create index jobs_user_id on jobs (user_id, created_at) where user_id is not null;
