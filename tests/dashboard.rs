@@ -273,7 +273,92 @@ async fn an_admin_cancels_a_waiting_spawn_and_retries_it(backend: Backend) {
 
 on_every_store!(an_admin_cancels_a_waiting_spawn_and_retries_it);
 
+/// Opens a progress stream as `token`; the answer, its body not yet read.
+async fn open_progress(env: &TestEnv, path: &str, token: &str) -> reqwest::Response {
+    env.http()
+        .get(format!("{}{path}", env.base))
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("the stream answers")
+}
+
+/// Whether a stream ends (its body closes) within `within`.
+async fn ends_within(response: &mut reqwest::Response, within: Duration) -> bool {
+    tokio::time::timeout(within, async {
+        while let Ok(Some(_)) = response.chunk().await {}
+    })
+    .await
+    .is_ok()
+}
+
+async fn progress_streams_are_capped_per_user_and_end_with_the_session(backend: Backend) {
+    let env = TestEnv::on_with(backend, &["--progress-streams-per-user", "2"]).await;
+    let (ann, bob) = (env.user("ann"), env.user("bob"));
+    let ann_token = env.register(&ann, "a long enough password").await;
+    let bob_token = env.register(&bob, "a long enough password").await;
+    // No worker runs: the spawns wait, and their streams stay open.
+    for (user, token) in [(&ann, &ann_token), (&bob, &bob_token)] {
+        let (status, body) = env
+            .call_with(
+                Method::POST,
+                &format!("/api/v1/users/{user}/server"),
+                None,
+                Some(token),
+            )
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    }
+    let ann_path = format!("/api/v1/users/{ann}/server/progress");
+    let mut open = vec![];
+    for _ in 0..2 {
+        let response = open_progress(&env, &ann_path, &ann_token).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        open.push(response);
+    }
+    let third = open_progress(&env, &ann_path, &ann_token).await;
+    assert_eq!(third.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(third.headers().contains_key("retry-after"));
+    let body: Value = third.json().await.unwrap();
+    assert_eq!(body["error"], "too_many_requests", "{body}");
+    // The cap is Ann's alone.
+    let mut bobs = open_progress(
+        &env,
+        &format!("/api/v1/users/{bob}/server/progress"),
+        &bob_token,
+    )
+    .await;
+    assert_eq!(bobs.status(), StatusCode::OK);
+
+    // Ann logs out: her streams end, Bob's does not.
+    let (status, body) = env
+        .call_with(Method::POST, "/api/v1/auth/logout", None, Some(&ann_token))
+        .await;
+    assert!(status.is_success(), "{status}: {body}");
+    for response in &mut open {
+        assert!(
+            ends_within(response, Duration::from_secs(20)).await,
+            "a stream of a session that ended stays open"
+        );
+    }
+    assert!(
+        !ends_within(&mut bobs, Duration::from_secs(1)).await,
+        "another user's stream goes on"
+    );
+    let after = open_progress(&env, &ann_path, &ann_token).await;
+    assert_eq!(after.status(), StatusCode::UNAUTHORIZED);
+
+    // The ended streams gave their places back.
+    let again = env.login(&ann, "a long enough password").await;
+    for _ in 0..2 {
+        let response = open_progress(&env, &ann_path, &again).await;
+        assert_eq!(response.status(), StatusCode::OK, "places are given back");
+        open.push(response);
+    }
+}
+
 on_both_stores!(
+    progress_streams_are_capped_per_user_and_end_with_the_session,
     metrics_counters_move_when_jobs_run,
     the_dashboard_turns_away_strangers_non_admins_and_other_sites,
     bulk_actions_cancel_the_selected_then_all_matching_and_retry_them,

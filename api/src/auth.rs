@@ -118,22 +118,25 @@ impl Principal {
 }
 
 fn bearer(parts: &Parts) -> Result<&str, ApiError> {
-    let header = parts
+    if parts
         .headers
         .get(AUTHORIZATION)
-        .ok_or_else(|| ApiError::Unauthorized("send Authorization: Bearer <token>".into()))?;
-    let value = header
-        .to_str()
-        .map_err(|_| ApiError::Unauthorized("the Authorization header is not text".into()))?;
-    let (scheme, token) = value
-        .split_once(' ')
-        .ok_or_else(|| ApiError::Unauthorized("send Authorization: Bearer <token>".into()))?;
-    if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
+        .is_some_and(|v| v.to_str().is_err())
+    {
         return Err(ApiError::Unauthorized(
-            "send Authorization: Bearer <token>".into(),
+            "the Authorization header is not text".into(),
         ));
     }
-    Ok(token.trim())
+    bearer_in(&parts.headers)
+        .ok_or_else(|| ApiError::Unauthorized("send Authorization: Bearer <token>".into()))
+}
+
+/// The token of an `Authorization: Bearer <token>` header, if there is one.
+pub fn bearer_in(headers: &axum::http::HeaderMap) -> Option<&str> {
+    let value = headers.get(AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
 impl FromRequestParts<AppState> for Principal {

@@ -106,6 +106,11 @@ pub struct ApiConfig {
     #[arg(long, env = "BERTH_MAX_CONNECTIONS", default_value_t = 4096)]
     pub max_connections: usize,
 
+    /// Spawn-progress streams one caller may hold open at once, per API process;
+    /// more are answered 429. Each stream ends when its caller's session does.
+    #[arg(long, env = "BERTH_PROGRESS_STREAMS_PER_USER", default_value_t = 8)]
+    pub progress_streams_per_user: usize,
+
     /// Seconds a client may take to send a request's headers, and a kept-alive
     /// connection may stay idle; then the connection is closed.
     #[arg(long, env = "BERTH_HEADER_TIMEOUT", default_value_t = 30)]
@@ -248,8 +253,13 @@ impl ApiConfig {
         }
         crate::auth::TrustedProxies::parse(&self.trusted_proxies)
             .map_err(|e| format!("BERTH_TRUSTED_PROXIES: {e}"))?;
-        if self.max_connections == 0 || self.header_timeout == 0 {
-            return Err("BERTH_MAX_CONNECTIONS and BERTH_HEADER_TIMEOUT must be positive".into());
+        if self.max_connections == 0
+            || self.header_timeout == 0
+            || self.progress_streams_per_user == 0
+        {
+            return Err("BERTH_MAX_CONNECTIONS, BERTH_HEADER_TIMEOUT and \
+                        BERTH_PROGRESS_STREAMS_PER_USER must be positive"
+                .into());
         }
         if self.token_ttl == 0 || self.login_throttle_window <= 0 {
             return Err("BERTH_TOKEN_TTL and BERTH_LOGIN_THROTTLE_WINDOW must be positive".into());

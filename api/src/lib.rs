@@ -63,6 +63,8 @@ pub struct AppState {
     pub origin: Arc<str>,
     /// Who may say who the client is.
     pub trusted: Arc<auth::TrustedProxies>,
+    /// Spawn-progress streams open in this process, per caller.
+    pub streams: Arc<progress::Streams>,
 }
 
 impl AppState {
@@ -281,6 +283,7 @@ pub async fn run(
         trusted: Arc::new(
             auth::TrustedProxies::parse(&config_trusted).map_err(StartError::Config)?,
         ),
+        streams: Arc::default(),
     };
     let app = match serve {
         Serve::Api => router(state.clone()),

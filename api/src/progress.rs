@@ -3,24 +3,94 @@
 //! url?}`, from the request to ready or failed. Events live in Postgres, so any API
 //! process streams any spawn, whichever worker and queue backend run it.
 
-use std::{collections::VecDeque, convert::Infallible, time::Duration};
+use std::{
+    collections::{HashMap, VecDeque},
+    convert::Infallible,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use axum::{
     Router,
     extract::State,
+    http::HeaderMap,
     response::sse::{Event, KeepAlive, Sse},
     routing::get,
 };
-use futures::Stream;
-use schema::{ServerRow, ServerState, console::SpawnEvent, prelude::*};
+use futures::{Stream, future::BoxFuture};
+use schema::{ServerRow, ServerState, UserName, console::SpawnEvent, prelude::*};
 use serde_json::json;
-use tokio::sync::broadcast;
+use tokio::{sync::broadcast, time::Instant};
 use uuid::Uuid;
 
-use crate::{AppState, auth::Principal, error::ApiResult, servers::ServerPath};
+use crate::{
+    AppState,
+    auth::Principal,
+    error::{ApiError, ApiResult},
+    servers::ServerPath,
+};
 
 /// A stream looks again this often even without a notification.
 const POLL: Duration = Duration::from_secs(1);
+
+/// A stream checks this often that its caller may still follow it (not logged
+/// out, not deactivated, token not revoked); then it ends.
+const RECHECK: Duration = Duration::from_secs(5);
+
+/// Whether the caller that opened a stream still may follow it.
+pub(crate) type StillAllowed = Box<dyn Fn() -> BoxFuture<'static, bool> + Send + Sync>;
+
+/// The progress streams open in this process, per caller: each holds a
+/// connection and a database poll, so one caller may open only
+/// `BERTH_PROGRESS_STREAMS_PER_USER` of them.
+#[derive(Default)]
+pub struct Streams {
+    open: Mutex<HashMap<String, usize>>,
+}
+
+/// One open stream of a caller; closing the stream gives it back.
+pub(crate) struct Slot {
+    streams: Arc<Streams>,
+    caller: String,
+}
+
+impl Streams {
+    pub(crate) fn take(self: &Arc<Self>, caller: String, most: usize) -> ApiResult<Slot> {
+        let mut open = self.open.lock().expect("stream counts");
+        let count = open.entry(caller.clone()).or_default();
+        if *count >= most {
+            return Err(ApiError::TooManyRequests {
+                message: format!(
+                    "{most} progress streams are open for you already; close one first"
+                ),
+                retry_after: Some(RECHECK.as_secs() as i64),
+            });
+        }
+        *count += 1;
+        Ok(Slot {
+            streams: self.clone(),
+            caller,
+        })
+    }
+
+    /// Streams open for `caller` (for tests and metrics).
+    pub fn open_for(&self, caller: &str) -> usize {
+        let open = self.open.lock().expect("stream counts");
+        open.get(caller).copied().unwrap_or(0)
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut open = self.streams.open.lock().expect("stream counts");
+        if let Some(count) = open.get_mut(&self.caller) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.caller);
+            }
+        }
+    }
+}
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -31,19 +101,55 @@ pub fn router() -> Router<AppState> {
 async fn progress(
     State(state): State<AppState>,
     principal: Principal,
+    headers: HeaderMap,
     ServerPath { user, server }: ServerPath,
 ) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
     principal.may("servers:read", &user)?;
-    let row = state.db.get_server(&user, &server).await?.ok_or_else(|| {
-        crate::error::ApiError::NotFound(format!("user {user:?} has no server {server:?}"))
-    })?;
-    Ok(follow(state, row))
+    let row = state
+        .db
+        .get_server(&user, &server)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("user {user:?} has no server {server:?}")))?;
+    let slot = state.open_stream(principal.actor())?;
+    let still = {
+        let state = state.clone();
+        Box::new(move || -> BoxFuture<'static, bool> {
+            let (state, headers, user) = (state.clone(), headers.clone(), user.clone());
+            Box::pin(async move { may_follow(&state, &headers, &user).await })
+        })
+    };
+    Ok(follow(state, row, slot, still))
 }
 
-/// The stream of one server's spawn, for the API and the proxy's starting page.
+/// Whether the bearer in `headers` still may read `user`'s servers; a database
+/// that does not answer is not a reason to end a stream.
+async fn may_follow(state: &AppState, headers: &HeaderMap, user: &UserName) -> bool {
+    let Some(token) = crate::auth::bearer_in(headers) else {
+        return false;
+    };
+    match Principal::from_token(state, token).await {
+        Ok(principal) => principal.may("servers:read", user).is_ok(),
+        Err(ApiError::Unauthorized(_)) => false,
+        Err(_) => true,
+    }
+}
+
+impl AppState {
+    /// A slot for one more progress stream of `caller`, or 429.
+    pub(crate) fn open_stream(&self, caller: String) -> ApiResult<Slot> {
+        self.streams
+            .take(caller, self.config.progress_streams_per_user)
+    }
+}
+
+/// The stream of one server's spawn, for the API and the proxy's starting page;
+/// it ends when the spawn does, or when `still` says its caller may no longer
+/// follow it (logged out, deactivated, token revoked).
 pub(crate) fn follow(
     state: AppState,
     row: ServerRow,
+    slot: Slot,
+    still: StillAllowed,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     // A spawn under way is followed from its first event; otherwise the server's
     // state is the one answer (an old spawn's history would mislead).
@@ -58,6 +164,9 @@ pub(crate) fn follow(
         last: 0,
         pending: VecDeque::new(),
         done: false,
+        still,
+        checked: Instant::now(),
+        _slot: slot,
     };
     let stream = futures::stream::unfold(follow, |mut f| async move {
         let event = f.next().await?;
@@ -76,6 +185,9 @@ struct Follow {
     last: i64,
     pending: VecDeque<SpawnEvent>,
     done: bool,
+    still: StillAllowed,
+    checked: Instant,
+    _slot: Slot,
 }
 
 impl Follow {
@@ -93,6 +205,12 @@ impl Follow {
             }
             if self.done {
                 return None;
+            }
+            if self.checked.elapsed() >= RECHECK {
+                if !(self.still)().await {
+                    return None;
+                }
+                self.checked = Instant::now();
             }
             if let Some(job) = self.job
                 && let Ok(events) = self.state.db.progress_after(job, self.last).await

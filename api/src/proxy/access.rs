@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use axum::http::{HeaderMap, header};
+use axum::http::HeaderMap;
 use schema::{Route, prelude::*};
 
 use crate::{
@@ -45,6 +45,17 @@ pub enum Visitor {
     },
     /// A credential that proves nothing the proxy honours (a server's own token).
     Nobody,
+}
+
+impl Visitor {
+    /// Who the visitor is, as the audit log and the stream limits name callers.
+    pub fn caller(&self) -> String {
+        match self {
+            Visitor::User { name, .. } => format!("user:{name}"),
+            Visitor::Service { name, .. } => format!("token:{name}"),
+            Visitor::Nobody => "nobody".into(),
+        }
+    }
 }
 
 /// How the visitor proved it.
@@ -165,7 +176,7 @@ pub async fn visitor(
     state: &AppState,
     headers: &HeaderMap,
 ) -> Result<Option<(Visitor, By)>, ApiError> {
-    if let Some(token) = bearer(headers) {
+    if let Some(token) = crate::auth::bearer_in(headers) {
         let found = state
             .proxy
             .access
@@ -255,11 +266,4 @@ pub fn set_cookie(state: &AppState, user: &str, value: &str) -> String {
     // Scoped to the user's own path, HttpOnly: code served from one user's server
     // can neither read it nor have a browser send it to another user's.
     format!("{COOKIE}={value}; Path=/user/{user}/; Max-Age={age}; HttpOnly; SameSite=Lax{secure}")
-}
-
-fn bearer(headers: &HeaderMap) -> Option<&str> {
-    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = value.split_once(' ')?;
-    let token = token.trim();
-    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }

@@ -314,25 +314,40 @@ async fn admit(
     user: &UserName,
     html: bool,
 ) -> Result<By, Response> {
+    Ok(admit_visitor(state, request, user, html).await?.1)
+}
+
+/// `admit`, and who was let through.
+async fn admit_visitor(
+    state: &AppState,
+    request: &Parts,
+    user: &UserName,
+    html: bool,
+) -> Result<(Visitor, By), Response> {
     let found = access::visitor(state, &request.headers)
         .await
         .map_err(|e| refuse(e, html))?;
     let Some((visitor, by)) = found else {
         return Err(unauthenticated(state, request, html));
     };
+    match may_enter(&visitor, user) {
+        Ok(()) => Ok((visitor, by)),
+        Err(e) => Err(refuse(e, html)),
+    }
+}
+
+/// Whether `visitor` may reach `user`'s servers: the owner, or a service with
+/// `servers:access`.
+fn may_enter(visitor: &Visitor, user: &UserName) -> Result<(), ApiError> {
     match visitor {
-        Visitor::User { name, .. } if name == user.as_str() => Ok(by),
-        Visitor::Service { access: true, .. } => Ok(by),
-        Visitor::Service { .. } => Err(refuse(
-            ApiError::Forbidden(format!(
-                "this token lacks the {ACCESS_SCOPE} scope that reaches users' servers"
-            )),
-            html,
-        )),
-        Visitor::User { .. } | Visitor::Nobody => Err(refuse(
-            ApiError::Forbidden(format!("this server belongs to {user}, not to you")),
-            html,
-        )),
+        Visitor::User { name, .. } if name == user.as_str() => Ok(()),
+        Visitor::Service { access: true, .. } => Ok(()),
+        Visitor::Service { .. } => Err(ApiError::Forbidden(format!(
+            "this token lacks the {ACCESS_SCOPE} scope that reaches users' servers"
+        ))),
+        Visitor::User { .. } | Visitor::Nobody => Err(ApiError::Forbidden(format!(
+            "this server belongs to {user}, not to you"
+        ))),
     }
 }
 
@@ -583,7 +598,10 @@ async fn own_path(
     match (own, method) {
         ("logout", Method::GET | Method::POST) => Ok(logout(state, &request, user).await),
         ("progress", Method::GET) => {
-            admit(state, &request, user, false).await?;
+            let (visitor, _) = admit_visitor(state, &request, user, false).await?;
+            let slot = state
+                .open_stream(visitor.caller())
+                .map_err(|e| refuse(e, false))?;
             let server = server_in_query(request.uri.query()).map_err(|e| refuse(e, false))?;
             let row = state
                 .db
@@ -596,7 +614,21 @@ async fn own_path(
                         false,
                     )
                 })?;
-            Ok(crate::progress::follow(state.clone(), row).into_response())
+            let still = {
+                let (state, headers, user) = (state.clone(), request.headers.clone(), user.clone());
+                Box::new(move || -> futures::future::BoxFuture<'static, bool> {
+                    let (state, headers, user) = (state.clone(), headers.clone(), user.clone());
+                    Box::pin(async move {
+                        match access::visitor(&state, &headers).await {
+                            Ok(Some((visitor, _))) => may_enter(&visitor, &user).is_ok(),
+                            Ok(None) => false,
+                            // A database that does not answer ends nothing.
+                            Err(_) => true,
+                        }
+                    })
+                })
+            };
+            Ok(crate::progress::follow(state.clone(), row, slot, still).into_response())
         }
         ("start", Method::POST) => {
             let by = admit(state, &request, user, true).await?;
