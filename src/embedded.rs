@@ -151,8 +151,9 @@ async fn answers(address: std::net::SocketAddr) -> bool {
         return false;
     };
     let mut head = [0u8; 12];
+    let request = format!("GET /health HTTP/1.0\r\nHost: {address}\r\n\r\n");
     stream
-        .write_all(b"GET /health HTTP/1.0\r\nHost: berth\r\n\r\n")
+        .write_all(request.as_bytes())
         .await
         .is_ok()
         && stream.read_exact(&mut head).await.is_ok()

@@ -550,10 +550,57 @@ async fn the_dashboard_turns_away_strangers_non_admins_and_other_sites(backend: 
         .await
         .unwrap();
     assert_eq!(cross.status(), StatusCode::FORBIDDEN);
+    // Nor from this host under another scheme (the check once ignored the scheme),
+    // nor from a page whose name was rebound to this machine (its Host is its own).
+    let host = env.base.trim_start_matches("http://").to_owned();
+    for (origin, host_header) in [
+        (format!("https://{host}"), host.clone()),
+        (
+            "http://rebound.example:80".to_owned(),
+            "rebound.example:80".to_owned(),
+        ),
+    ] {
+        let refused = client
+            .post(format!("{}/admin/servers/stop-idle", env.base))
+            .header("cookie", format!("berth_session={admin}"))
+            .header("origin", &origin)
+            .header("host", &host_header)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body("minutes=1")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(refused.status(), StatusCode::FORBIDDEN, "{origin}");
+    }
     let audit = env
         .count("select count(*) from audit_log where action = 'idle_servers_stopped'")
         .await;
     assert_eq!(audit, 0);
+    // A Berth on the loopback answers nothing under a foreign name: DNS rebinding
+    // would let any web page read the API and the dashboard with the user's cookie.
+    for path in ["/admin", "/api/v1/users", "/health"] {
+        let rebound = client
+            .get(format!("{}{path}", env.base))
+            .header("host", "rebound.example")
+            .header("cookie", format!("berth_session={admin}"))
+            .bearer_auth(common::TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(rebound.status(), StatusCode::FORBIDDEN, "{path}");
+        let body: Value = rebound.json().await.unwrap();
+        assert_eq!(body["error"], "forbidden", "{body}");
+    }
+    for name in ["localhost", "127.0.0.1", "[::1]"] {
+        let port = host.rsplit_once(':').unwrap().1;
+        let ok = client
+            .get(format!("{}/health", env.base))
+            .header("host", format!("{name}:{port}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(ok.status(), StatusCode::OK, "{name}");
+    }
 
     // A link cannot make the dashboard say something: only what an action sealed.
     let lure = "Your session expired: log in again at evil.example";

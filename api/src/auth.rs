@@ -131,6 +131,29 @@ fn bearer(parts: &Parts) -> Result<&str, ApiError> {
         .ok_or_else(|| ApiError::Unauthorized("send Authorization: Bearer <token>".into()))
 }
 
+/// Whether a browser's request comes from Berth's own pages: its `Origin`, when
+/// it sends one, is the configured public origin (`BERTH_PUBLIC_URL`), scheme and
+/// port included, or without one `http://` and the request's own `Host`; and its
+/// `Sec-Fetch-Site`, when sent, is `same-origin` (or `none`: typed by the user).
+/// Comparing with the `Host` alone let `https://evil` match `http://evil`'s host.
+pub fn from_own_pages(state: &AppState, headers: &axum::http::HeaderMap) -> bool {
+    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    if let Some(site) = text("sec-fetch-site")
+        && site != "same-origin"
+        && site != "none"
+    {
+        return false;
+    }
+    let Some(origin) = text("origin") else {
+        // No Origin: not a browser's cross-site request.
+        return true;
+    };
+    if state.config.has_public_url() {
+        return origin.eq_ignore_ascii_case(&state.origin);
+    }
+    text("host").is_some_and(|host| origin.eq_ignore_ascii_case(&format!("http://{host}")))
+}
+
 /// The token of an `Authorization: Bearer <token>` header, if there is one.
 pub fn bearer_in(headers: &axum::http::HeaderMap) -> Option<&str> {
     let value = headers.get(AUTHORIZATION)?.to_str().ok()?;

@@ -195,6 +195,14 @@ pub struct ProxyConfig {
 impl ApiConfig {
     /// The origin of servers' public URLs, without a trailing slash:
     /// `BERTH_PUBLIC_URL`, else this process's own address (`bound`).
+    /// Whether `BERTH_PUBLIC_URL` names where users reach Berth.
+    pub fn has_public_url(&self) -> bool {
+        self.proxy
+            .public_url
+            .as_deref()
+            .is_some_and(|u| !u.is_empty())
+    }
+
     pub fn public_origin(&self, bound: SocketAddr) -> String {
         match self.proxy.public_url.as_deref().filter(|u| !u.is_empty()) {
             Some(url) => url.trim_end_matches('/').to_owned(),

@@ -312,6 +312,7 @@ pub async fn run(
     let limits = serve::Limits {
         connections: state.config.max_connections,
         header_timeout: Duration::from_secs(state.config.header_timeout),
+        loopback_hosts_only: address.ip().is_loopback() && !state.config.has_public_url(),
     };
     serve::serve(listener, app, proxied, limits, shutdown).await?;
     if let Some(background) = background {

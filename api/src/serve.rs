@@ -27,6 +27,23 @@ pub struct Limits {
     /// How long a client may take to send a request's headers, and how long a
     /// kept-alive connection may stay idle before the next request begins.
     pub header_timeout: Duration,
+    /// Answer only requests whose `Host` names this machine's loopback (a Berth
+    /// on 127.0.0.1 without a public URL): a web page whose name was rebound to
+    /// 127.0.0.1 reaches the listener with its own name as `Host`, and is refused.
+    pub loopback_hosts_only: bool,
+}
+
+/// Whether `host` (a `Host` header: name or address, maybe a port) names the
+/// loopback: `localhost`, an address in 127.0.0.0/8, or `[::1]`.
+pub fn is_loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split_once(']').map_or(rest, |(inside, _)| inside),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Serves `app` on `listener` until `shutdown` fires, then lets requests in
@@ -79,7 +96,22 @@ pub async fn serve(
                 .clone()
                 .filter(|_| crate::proxy::claims(request.uri().path()));
             let mut app = app.clone();
+            let foreign = limits.loopback_hosts_only
+                && request
+                    .headers()
+                    .get(hyper::header::HOST)
+                    .is_some_and(|h| !h.to_str().is_ok_and(is_loopback_host));
             async move {
+                if foreign {
+                    return Ok(axum::response::IntoResponse::into_response(
+                        crate::error::ApiError::Forbidden(
+                            "this Berth listens on the loopback and answers only to \
+                             localhost or 127.0.0.1; the Host header named another site \
+                             (set BERTH_PUBLIC_URL to serve under a name)"
+                                .into(),
+                        ),
+                    ));
+                }
                 let response = match proxy {
                     Some(state) => crate::proxy::answer(&state, request).await,
                     None => app

@@ -13,7 +13,7 @@ use axum::{
     Router,
     body::Bytes,
     extract::{FromRequestParts, Query, State},
-    http::{HeaderMap, HeaderValue, StatusCode, header, request::Parts},
+    http::{HeaderValue, StatusCode, header, request::Parts},
     response::{
         IntoResponse, Redirect, Response,
         sse::{Event, KeepAlive, Sse},
@@ -98,7 +98,9 @@ impl FromRequestParts<AppState> for Operator {
                 "This dashboard is for administrators. Your account is not one.",
             ));
         }
-        if parts.method == axum::http::Method::POST && !same_origin(&parts.headers) {
+        if parts.method == axum::http::Method::POST
+            && !crate::auth::from_own_pages(state, &parts.headers)
+        {
             return Err(page_error(
                 StatusCode::FORBIDDEN,
                 "Refused",
@@ -141,20 +143,6 @@ impl Operator {
             .sealed(&format!("{key}:{text}"), seal)
             .then_some(text.as_str())
     }
-}
-
-/// Browsers send Origin with every POST; when present it must name this host.
-fn same_origin(headers: &HeaderMap) -> bool {
-    let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
-        return true;
-    };
-    let host = headers
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default();
-    origin
-        .split_once("://")
-        .is_some_and(|(_, rest)| rest == host)
 }
 
 /// Percent-encodes a query value.

@@ -257,7 +257,7 @@ async fn visit(state: &AppState, request: Request<Body>) -> Answer {
         }
     };
     running(&user, &route, html)?;
-    if by == By::Cookie && !same_origin(&request) {
+    if by == By::Cookie && !same_origin(state, &request) {
         return Err(refuse(
             ApiError::Forbidden("a request from another site was refused".into()),
             html,
@@ -426,26 +426,13 @@ fn running(user: &UserName, route: &Route, html: bool) -> Result<(), Response> {
 /// A request that changes something (or opens a WebSocket), authenticated by a
 /// cookie, must come from this origin: `SameSite=Lax` keeps other sites' posts
 /// cookie-less, and this also refuses sibling hosts of the same site.
-fn same_origin(request: &Parts) -> bool {
+fn same_origin(state: &AppState, request: &Parts) -> bool {
     // A WebSocket handshake is a GET, but opens a channel that acts: checked too.
     let upgrade = request.headers.contains_key(header::UPGRADE);
     if !upgrade && matches!(request.method, Method::GET | Method::HEAD | Method::OPTIONS) {
         return true;
     }
-    let headers = &request.headers;
-    if let Some(site) = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()) {
-        return site == "same-origin" || site == "none";
-    }
-    let (Some(origin), Some(host)) = (
-        headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()),
-        headers.get(header::HOST).and_then(|v| v.to_str().ok()),
-    ) else {
-        // No Origin: not a browser's cross-site request.
-        return true;
-    };
-    origin
-        .split_once("://")
-        .is_some_and(|(_, authority)| authority.eq_ignore_ascii_case(host))
+    crate::auth::from_own_pages(state, &request.headers)
 }
 
 /// The client's address as the proxy tells servers.
@@ -632,7 +619,7 @@ async fn own_path(
         }
         ("start", Method::POST) => {
             let by = admit(state, &request, user, true).await?;
-            if by == By::Cookie && !same_origin(&request) {
+            if by == By::Cookie && !same_origin(state, &request) {
                 return Err(refuse(
                     ApiError::Forbidden("a request from another site was refused".into()),
                     true,
