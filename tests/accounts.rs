@@ -804,7 +804,7 @@ async fn an_sso_hand_off_is_for_one_server_single_use_and_expires(backend: Backe
         .await;
 
     // The server authenticates with the token it was given in its environment.
-    let server_token = env.container_env(&format!("berth-{ann}"), "BERTH_API_TOKEN");
+    let server_token = env.container_env(&env.container(&ann), "BERTH_API_TOKEN");
 
     let (status, sso) = as_user(&env, &token, Method::POST, &format!("{path}/sso"), None).await;
     assert_eq!(status, StatusCode::OK, "{sso}");
@@ -877,13 +877,10 @@ async fn another_servers_attempt_leaves_an_sso_token_unspent(backend: Backend) {
     let token = env.register(&ann, PASSWORD).await;
     let mut tokens = vec![];
     for (path, container) in [
-        (
-            format!("/api/v1/users/{ann}/server"),
-            format!("berth-{ann}"),
-        ),
+        (format!("/api/v1/users/{ann}/server"), env.container(&ann)),
         (
             format!("/api/v1/users/{ann}/servers/two"),
-            format!("berth-{ann}--two"),
+            env.container_of(&ann, "two"),
         ),
     ] {
         let (status, body) = as_user(&env, &token, Method::POST, &path, None).await;

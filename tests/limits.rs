@@ -85,12 +85,13 @@ async fn a_storm_of_200_spawns_on_3_workers_holds_both_limits(backend: Backend) 
 
     let containers: HashSet<String> = env.containers().into_iter().collect();
     let expected: HashSet<String> = sqlx::query_scalar::<_, String>(
-        "select 'berth-' || u.name from servers s join users u on u.id = s.user_id where s.state = 'running'",
+        "select u.name from servers s join users u on u.id = s.user_id where s.state = 'running'",
     )
     .fetch_all(env.pool())
     .await
     .unwrap()
     .into_iter()
+    .map(|user| env.container(&user))
     .collect();
     assert_eq!(
         containers, expected,
@@ -156,7 +157,7 @@ async fn a_worker_killed_mid_spawn_is_taken_over_and_the_spawn_completes_once(ba
     assert_ne!(job["worker"].as_str().unwrap(), first, "{job}");
     assert_eq!(
         env.containers(),
-        vec![format!("berth-{user}")],
+        vec![env.container(&user)],
         "exactly one container"
     );
     assert!(
@@ -386,8 +387,8 @@ async fn after_every_process_is_killed_and_restarted_reconciliation_makes_the_st
     }
     // Meanwhile the world changes: a container vanishes, one dies, one is no longer
     // wanted, and a stray one with our labels appears.
-    docker(&["rm", "-f", &format!("berth-{}", users[0])]);
-    docker(&["kill", &format!("berth-{}", users[1])]);
+    docker(&["rm", "-f", &env.container(&users[0])]);
+    docker(&["kill", &env.container(&users[1])]);
     sqlx::query("update servers set state = 'stopped' from users u where u.id = servers.user_id and u.name = $1")
         .bind(&users[2])
         .execute(env.pool())
@@ -439,7 +440,7 @@ async fn after_every_process_is_killed_and_restarted_reconciliation_makes_the_st
     wait_for(
         "stray and unwanted containers to go",
         Duration::from_secs(20),
-        async || env.containers() == vec![format!("berth-{}", users[3])],
+        async || env.containers() == vec![env.container(&users[3])],
     )
     .await;
     let fine = env

@@ -399,7 +399,7 @@ async fn docker_servers_are_reached_only_through_the_proxy(backend: Backend) {
     let ann = env.user("ann");
     let token = env.register(&ann, PASSWORD).await;
     let server = start_server(&env, &ann, &token, Duration::from_secs(30)).await;
-    let container = format!("berth-{ann}");
+    let container = env.container(&ann);
     let secret = env.container_env(&container, "BERTH_PROXY_TOKEN");
     let (_, admin_view) = env
         .call(Method::GET, &format!("/api/v1/users/{ann}/server"), None)
@@ -527,7 +527,7 @@ async fn a_servers_own_token_reports_its_own_activity_only(backend: Backend) {
         let token = env.register(user, PASSWORD).await;
         start_server(&env, user, &token, Duration::from_secs(30)).await;
     }
-    let own = env.container_env(&format!("berth-{ann}"), "BERTH_API_TOKEN");
+    let own = env.container_env(&env.container(&ann), "BERTH_API_TOKEN");
     let now = chrono::Utc::now().to_rfc3339();
     let report = |servers: Value| json!({ "servers": servers }).to_string();
     let (status, body) = env

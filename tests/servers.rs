@@ -65,7 +65,7 @@ async fn spawn_stop_and_cleanup_follow_the_container_contract(backend: Backend) 
         "{job}"
     );
 
-    let container = format!("berth-{user}");
+    let container = env.container(&user);
     assert_eq!(env.containers(), vec![container.clone()]);
     let inspect = env.inspect(&container);
     let host = &inspect["HostConfig"];
@@ -79,7 +79,7 @@ async fn spawn_stop_and_cleanup_follow_the_container_contract(backend: Backend) 
     assert_eq!(host["CapDrop"], serde_json::json!(["ALL"]));
     let mount = &inspect["Mounts"][0];
     assert_eq!(mount["Type"], "volume");
-    assert_eq!(mount["Name"], format!("berth-user-{user}"));
+    assert_eq!(mount["Name"], env.volume(&user));
     assert_eq!(mount["Destination"], "/data");
     let labels = &inspect["Config"]["Labels"];
     assert_eq!(labels["berth.user"], user.as_str());
@@ -138,7 +138,7 @@ async fn spawn_stop_and_cleanup_follow_the_container_contract(backend: Backend) 
         "succeeded"
     );
     assert!(env.containers().is_empty(), "{:?}", env.containers());
-    assert_eq!(env.volumes(), vec![format!("berth-user-{user}")]);
+    assert_eq!(env.volumes(), vec![env.volume(&user)]);
     // An API stop is audited as the dashboard's is: who stopped what, with the job.
     let (_, audit) = env
         .call(Method::GET, "/api/v1/admin/audit?per_page=500", None)
@@ -177,7 +177,7 @@ async fn spawn_stop_and_cleanup_follow_the_container_contract(backend: Backend) 
         is_running,
     )
     .await;
-    assert_eq!(env.containers(), vec![format!("berth-{user}--lab")]);
+    assert_eq!(env.containers(), vec![env.container_of(&user, "lab")]);
     let (_, shown) = env
         .call(Method::GET, &format!("/api/v1/users/{user}"), None)
         .await;
@@ -231,7 +231,7 @@ async fn twenty_concurrent_spawns_of_one_server_make_one_container(backend: Back
             .await,
         1
     );
-    assert_eq!(env.containers(), vec![format!("berth-{user}--nb")]);
+    assert_eq!(env.containers(), vec![env.container_of(&user, "nb")]);
 }
 
 async fn a_missing_image_fails_the_server_and_leaves_no_container(backend: Backend) {
@@ -334,7 +334,7 @@ async fn a_job_enqueued_while_the_worker_was_down_still_runs(backend: Backend) {
         .await;
     assert_eq!(job["state"], "succeeded");
     assert_eq!(job["attempts"], 1);
-    assert_eq!(env.containers(), vec![format!("berth-{user}")]);
+    assert_eq!(env.containers(), vec![env.container(&user)]);
 }
 
 on_every_store!(
@@ -346,3 +346,207 @@ on_every_store!(
 
 // Worker processes come and go: Postgres only.
 on_both_backends!(a_job_enqueued_while_the_worker_was_down_still_runs);
+
+/// What a test put on the engine under another deployment's labels: removed when
+/// the test ends, passed or not (the test's own instance label does not cover it).
+struct Foreign {
+    containers: Vec<String>,
+    volumes: Vec<String>,
+}
+
+impl Drop for Foreign {
+    fn drop(&mut self) {
+        for name in &self.containers {
+            let _ = std::process::Command::new("docker")
+                .args(["rm", "-f", name])
+                .output();
+        }
+        for name in &self.volumes {
+            let _ = std::process::Command::new("docker")
+                .args(["volume", "rm", "-f", name])
+                .output();
+        }
+    }
+}
+
+fn docker_ok(args: &[&str]) -> bool {
+    std::process::Command::new("docker")
+        .args(args)
+        .output()
+        .expect("docker cli")
+        .status
+        .success()
+}
+
+/// The address a server listens on, as an admin sees it (`http://ip:port/`).
+fn ip_and_port(server: &Value) -> (String, String) {
+    let url = server["internal_url"].as_str().expect("an internal url");
+    let authority = url
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_owned();
+    let (ip, port) = authority.split_once(':').expect("ip:port");
+    (ip.to_owned(), port.to_owned())
+}
+
+#[tokio::test]
+async fn servers_cannot_reach_one_another_and_deployments_sharing_an_engine_stay_apart() {
+    let mut env = TestEnv::on(Backend::Postgres).await;
+    env.start_worker(&[]);
+    let (ann, bob, carol, dave) = (
+        env.user("ann"),
+        env.user("bob"),
+        env.user("carol"),
+        env.user("dave"),
+    );
+    for user in [&ann, &bob, &carol, &dave] {
+        env.create_user(user).await;
+    }
+
+    // Another deployment's container holds the name Carol's server would get, and
+    // its volume Dave's; both carry that deployment's labels.
+    let foreign = Foreign {
+        containers: vec![env.container(&carol)],
+        volumes: vec![env.volume(&dave)],
+    };
+    assert!(docker_ok(&[
+        "run",
+        "-d",
+        "--name",
+        &foreign.containers[0],
+        "--label",
+        "berth.managed=true",
+        "--label",
+        "berth.instance=elsewhere",
+        "--label",
+        &format!("berth.user={carol}"),
+        "--label",
+        "berth.server=",
+        "--entrypoint",
+        "/bin/busybox",
+        common::TEST_IMAGE,
+        "sleep",
+        "600",
+    ]));
+    assert!(docker_ok(&[
+        "volume",
+        "create",
+        "--label",
+        "berth.managed=true",
+        "--label",
+        "berth.instance=elsewhere",
+        "--label",
+        &format!("berth.user={dave}"),
+        &foreign.volumes[0],
+    ]));
+
+    let mut servers = vec![];
+    for user in [&ann, &bob] {
+        let path = format!("/api/v1/users/{user}/server");
+        let (status, body) = env.call(Method::POST, &path, None).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+        servers.push(env.wait_server(&path, READY_WITHIN, is_running).await);
+    }
+    let mut containers = env.containers();
+    containers.sort();
+    assert_eq!(
+        containers,
+        vec![env.container(&ann), env.container(&bob)],
+        "containers carry this deployment's instance in their names"
+    );
+    assert!(env.container(&ann).contains(&env.id));
+
+    // From the host (where workers and the proxy run) both answer; from Ann's
+    // container, her own server answers and Bob's cannot be reached.
+    let (bob_ip, bob_port) = ip_and_port(&servers[1]);
+    let (_, ann_port) = ip_and_port(&servers[0]);
+    tokio::net::TcpStream::connect(format!("{bob_ip}:{bob_port}"))
+        .await
+        .expect("the host reaches Bob's server");
+    let from_ann = |target: String| {
+        docker_ok(&[
+            "exec",
+            &env.container(&ann),
+            "/bin/busybox",
+            "sh",
+            "-c",
+            &format!("echo | /bin/busybox nc -w 3 {target}"),
+        ])
+    };
+    assert!(
+        from_ann(format!("127.0.0.1 {ann_port}")),
+        "nc inside Ann's container reaches her own server"
+    );
+    assert!(
+        !from_ann(format!("{bob_ip} {bob_port}")),
+        "Ann's code reached Bob's server directly"
+    );
+    let network = env.network();
+    let options = docker_lines_of(&[
+        "network",
+        "inspect",
+        &network,
+        "--format",
+        "{{index .Options \"com.docker.network.bridge.enable_icc\"}}",
+    ]);
+    assert_eq!(options, "false");
+
+    // Carol's spawn meets the other deployment's container: it fails, saying so,
+    // and that container still runs.
+    let path = format!("/api/v1/users/{carol}/server");
+    let (status, body) = env.call(Method::POST, &path, None).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let carols = env
+        .wait_server(&path, READY_WITHIN, |s| s["state"] == "failed")
+        .await;
+    assert!(
+        carols["error"].as_str().unwrap().contains("did not create"),
+        "{carols}"
+    );
+    assert_eq!(
+        docker_lines_of(&[
+            "inspect",
+            "--format",
+            "{{.State.Running}}",
+            &foreign.containers[0]
+        ]),
+        "true",
+        "another deployment's container is left running"
+    );
+
+    // Dave's spawn meets the other deployment's volume: not mounted, not removed,
+    // not even when Dave is deleted.
+    let path = format!("/api/v1/users/{dave}/server");
+    let (status, body) = env.call(Method::POST, &path, None).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let daves = env
+        .wait_server(&path, READY_WITHIN, |s| s["state"] == "failed")
+        .await;
+    assert!(
+        daves["error"].as_str().unwrap().contains("volume"),
+        "{daves}"
+    );
+    let (status, body) = env
+        .call(Method::DELETE, &format!("/api/v1/users/{dave}"), None)
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    common::wait_for("Dave's removal", READY_WITHIN, async || {
+        env.call(Method::GET, &format!("/api/v1/users/{dave}"), None)
+            .await
+            .0
+            == StatusCode::NOT_FOUND
+    })
+    .await;
+    assert!(
+        docker_ok(&["volume", "inspect", &foreign.volumes[0]]),
+        "another deployment's volume survives the deletion of a user of the same name"
+    );
+}
+
+fn docker_lines_of(args: &[&str]) -> String {
+    let out = std::process::Command::new("docker")
+        .args(args)
+        .output()
+        .expect("docker cli");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}

@@ -32,7 +32,10 @@ pub use db::Db;
 pub use jobs::{JobEnvelope, JobKind, JobOutcome, JobRow, JobState};
 pub use lite::SqliteStore;
 pub use maintenance::Maintenance;
-pub use names::{InvalidName, ServerName, UserName, container_name, server_path};
+pub use names::{
+    DEFAULT_INSTANCE, EngineNames, InvalidName, ServerName, UserName, check_instance,
+    container_name, server_path,
+};
 pub use pg::PgStore;
 pub use platform::{Limits, Platform};
 pub use queue::{ApalisQueue, Queue, QueueError};

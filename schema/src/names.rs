@@ -53,11 +53,6 @@ impl UserName {
     pub fn as_str(&self) -> &str {
         &self.0
     }
-
-    /// The per-user named volume, kept across stops and removed with the user.
-    pub fn volume_name(&self) -> String {
-        format!("berth-user-{}", self.0)
-    }
 }
 
 /// A server's name; the empty name is the user's default server.
@@ -93,12 +88,55 @@ impl ServerName {
     }
 }
 
-/// `berth-{user}` for the default server, `berth-{user}--{server}` for a named one.
+/// `berth-{user}` for the default server, `berth-{user}--{server}` for a named one:
+/// how messages and the process spawner's run directories name a server.
 pub fn container_name(user: &UserName, server: &ServerName) -> String {
     if server.is_default() {
         format!("berth-{}", user.0)
     } else {
         format!("berth-{}--{}", user.0, server.0)
+    }
+}
+
+/// The `BERTH_INSTANCE` whose engine names carry no instance (as before instances
+/// were named).
+pub const DEFAULT_INSTANCE: &str = "berth";
+
+/// Checks a `BERTH_INSTANCE`: a lowercase DNS label of at most 32 characters, so
+/// that it can stand in Docker names, labels and directory names.
+pub fn check_instance(value: &str) -> Result<(), InvalidName> {
+    check_label("instance", value, USER_MAX)
+}
+
+/// What one deployment (`BERTH_INSTANCE`) names its containers and volumes on a
+/// Docker engine that others may share. The default instance keeps the plain
+/// names (`berth-ann`, `berth-user-ann`); another adds itself after an
+/// underscore (`berth_lab_ann--nb`, `berth_lab_user-ann`), which neither a user
+/// nor an instance name can contain, so no two deployments' names meet.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineNames<'a> {
+    instance: &'a str,
+}
+
+impl<'a> EngineNames<'a> {
+    pub fn new(instance: &'a str) -> Self {
+        Self { instance }
+    }
+
+    pub fn container(&self, user: &UserName, server: &ServerName) -> String {
+        let plain = container_name(user, server);
+        match self.instance {
+            DEFAULT_INSTANCE => plain,
+            instance => format!("berth_{instance}_{}", &plain["berth-".len()..]),
+        }
+    }
+
+    /// The user's named volume, kept across stops and removed with the user.
+    pub fn volume(&self, user: &UserName) -> String {
+        match self.instance {
+            DEFAULT_INSTANCE => format!("berth-user-{}", user.0),
+            instance => format!("berth_{instance}_user-{}", user.0),
+        }
     }
 }
 
@@ -186,6 +224,21 @@ mod tests {
         );
         let lab = ServerName::parse("lab-1").unwrap();
         assert_eq!(container_name(&user, &lab), "berth-ann--lab-1");
-        assert_eq!(user.volume_name(), "berth-user-ann");
+        let plain = EngineNames::new(DEFAULT_INSTANCE);
+        assert_eq!(plain.container(&user, &lab), "berth-ann--lab-1");
+        assert_eq!(plain.volume(&user), "berth-user-ann");
+        let other = EngineNames::new("lab");
+        let default = ServerName::default_server();
+        assert_eq!(other.container(&user, &default), "berth_lab_ann");
+        assert_eq!(other.container(&user, &lab), "berth_lab_ann--lab-1");
+        assert_eq!(other.volume(&user), "berth_lab_user-ann");
+        // The default instance's user `lab` with server `ann` is another name.
+        let lab_user = UserName::parse("lab").unwrap();
+        let ann_server = ServerName::parse("ann").unwrap();
+        assert_ne!(
+            plain.container(&lab_user, &ann_server),
+            other.container(&user, &default)
+        );
+        assert!(check_instance("Lab_1").is_err() && check_instance("lab-1").is_ok());
     }
 }

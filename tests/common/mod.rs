@@ -434,6 +434,21 @@ impl TestEnv {
         format!("{base}-{}", self.id)
     }
 
+    /// The container of `user`'s default server, as this test's instance names it.
+    pub fn container(&self, user: &str) -> String {
+        format!("berth_{}_{user}", self.id)
+    }
+
+    /// The container of `user`'s server `server`.
+    pub fn container_of(&self, user: &str, server: &str) -> String {
+        format!("berth_{}_{user}--{server}", self.id)
+    }
+
+    /// `user`'s volume, as this test's instance names it.
+    pub fn volume(&self, user: &str) -> String {
+        format!("berth_{}_user-{user}", self.id)
+    }
+
     pub fn network(&self) -> String {
         format!("berth-{}", self.id)
     }

@@ -169,7 +169,9 @@ pub struct DockerConfig {
     pub stop_timeout: u64,
 
     /// Value of the `berth.instance` label: separates deployments sharing one engine.
-    #[arg(long, env = "BERTH_INSTANCE", default_value = "berth")]
+    /// Docker names carry it too, except the default's (`berth-{user}`).
+    #[arg(long, env = "BERTH_INSTANCE", default_value = schema::DEFAULT_INSTANCE,
+          value_parser = parse_instance)]
     pub instance: String,
 
     /// Extra environment for every server, as `KEY=VALUE` pairs separated by commas.
@@ -209,6 +211,12 @@ impl DockerConfig {
     pub fn nano_cpus(&self) -> i64 {
         (self.cpu_limit * 1e9).round() as i64
     }
+}
+
+/// A `BERTH_INSTANCE`: a lowercase DNS label (it stands in Docker names).
+fn parse_instance(value: &str) -> Result<String, String> {
+    schema::check_instance(value).map_err(|e| e.to_string())?;
+    Ok(value.to_owned())
 }
 
 /// `2G`, `512M`, `1024k` or plain bytes.

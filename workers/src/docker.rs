@@ -16,7 +16,7 @@ use bollard::{
     },
 };
 use futures::StreamExt;
-use schema::{ServerName, UserName, container_name};
+use schema::{EngineNames, ServerName, UserName};
 use tokio::sync::OnceCell;
 
 use crate::{
@@ -32,6 +32,9 @@ pub const LABEL_INSTANCE: &str = "berth.instance";
 pub const LABEL_USER: &str = "berth.user";
 pub const LABEL_SERVER: &str = "berth.server";
 pub const LABEL_SERVER_ID: &str = "berth.server-id";
+
+/// The bridge driver's option that lets containers on one network talk directly.
+const ICC_OPTION: &str = "com.docker.network.bridge.enable_icc";
 
 /// How often a spawn probes readiness, how often it asks whether it is still
 /// wanted (a cheap database read), and how often it asks the engine whether the
@@ -98,6 +101,9 @@ impl DockerSpawner {
                 name: name.clone(),
                 driver: Some("bridge".into()),
                 labels: Some(HashMap::from([(LABEL_MANAGED.into(), "true".into())])),
+                // Servers cannot reach one another; the host (workers' readiness
+                // probes, the proxy, the API's port on the gateway) reaches them all.
+                options: Some(HashMap::from([(ICC_OPTION.into(), "false".into())])),
                 ..Default::default()
             };
             match self.docker.create_network(request).await {
@@ -109,16 +115,25 @@ impl DockerSpawner {
         for _ in 0..20 {
             let mut found = self.networks_named(name).await?;
             found.sort();
-            let Some((_, oldest)) = found.first().cloned() else {
+            let Some((_, oldest, isolated)) = found.first().cloned() else {
                 return Err(SpawnError::Engine(format!(
                     "network {name} vanished as it was created"
                 )));
             };
             if found.len() == 1 {
+                if !isolated {
+                    tracing::warn!(
+                        network = %name,
+                        "servers on this network can reach one another (it was not created by \
+                         this Berth, or by an older one): remove it when no server runs \
+                         (docker network rm {name}), or create it with \
+                         -o {ICC_OPTION}=false"
+                    );
+                }
                 *known = Some(oldest.clone());
                 return Ok(oldest);
             }
-            for (_, extra) in found.iter().skip(1) {
+            for (_, extra, _) in found.iter().skip(1) {
                 if let Err(e) = self.docker.remove_network(extra).await {
                     tracing::debug!(network = %extra, error = %e, "duplicate network left in place");
                 }
@@ -128,6 +143,54 @@ impl DockerSpawner {
         Err(SpawnError::Engine(format!(
             "network {name} stays duplicated; remove the extra ones with docker network rm"
         )))
+    }
+
+    fn names(&self) -> EngineNames<'_> {
+        EngineNames::new(&self.config.instance)
+    }
+
+    /// Whether `labels` say this deployment made the thing for `user` (and, for a
+    /// container, `server`).
+    fn ours(
+        &self,
+        labels: Option<&HashMap<String, String>>,
+        user: &UserName,
+        server: Option<&ServerName>,
+    ) -> bool {
+        let Some(labels) = labels else { return false };
+        let is = |key: &str, value: &str| labels.get(key).is_some_and(|v| v == value);
+        is(LABEL_MANAGED, "true")
+            && is(LABEL_INSTANCE, &self.config.instance)
+            && is(LABEL_USER, user.as_str())
+            && server.is_none_or(|s| is(LABEL_SERVER, s.as_str()))
+    }
+
+    /// Removes the container of `user`'s `server` when this deployment made it;
+    /// one of that name that it did not make is left alone (`Taken`).
+    async fn remove_own(
+        &self,
+        name: &str,
+        user: &UserName,
+        server: &ServerName,
+    ) -> Result<(), SpawnError> {
+        let labels = match self.docker.inspect_container(name, None).await {
+            Ok(found) => found.config.and_then(|c| c.labels),
+            Err(e) if is_status(&e, 404) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        if !self.ours(labels.as_ref(), user, Some(server)) {
+            return Err(self.taken("container", name));
+        }
+        self.remove_container(name).await
+    }
+
+    fn taken(&self, what: &str, name: &str) -> SpawnError {
+        SpawnError::Taken(format!(
+            "the engine has a {what} named {name} that this Berth (instance {}) did not \
+             create; it was left alone. Remove or rename it, or give this deployment its \
+             own BERTH_INSTANCE",
+            self.config.instance
+        ))
     }
 
     /// Forgets the network a spawn found gone or ambiguous: the next one settles again.
@@ -170,7 +233,7 @@ impl DockerSpawner {
     async fn networks_named(
         &self,
         name: &str,
-    ) -> Result<Vec<(chrono::DateTime<chrono::FixedOffset>, String)>, SpawnError> {
+    ) -> Result<Vec<(chrono::DateTime<chrono::FixedOffset>, String, bool)>, SpawnError> {
         let options = ListNetworksOptions {
             filters: Some(HashMap::from([("name".to_owned(), vec![name.to_owned()])])),
         };
@@ -182,7 +245,12 @@ impl DockerSpawner {
             .filter(|n| n.name.as_deref() == Some(name))
             .filter_map(|n| {
                 let created = chrono::DateTime::parse_from_rfc3339(&n.created?.to_string()).ok()?;
-                Some((created, n.id?))
+                let isolated = n
+                    .options
+                    .as_ref()
+                    .and_then(|o| o.get(ICC_OPTION))
+                    .is_some_and(|v| v == "false");
+                Some((created, n.id?, isolated))
             })
             .collect())
     }
@@ -261,7 +329,7 @@ impl DockerSpawner {
             network_mode: Some(network_id.to_owned()),
             mounts: Some(vec![Mount {
                 target: Some(c.volume_path.clone()),
-                source: Some(spec.user.volume_name()),
+                source: Some(self.names().volume(&spec.user)),
                 typ: Some(MountType::VOLUME),
                 ..Default::default()
             }]),
@@ -372,8 +440,9 @@ impl DockerSpawner {
                     pulled = true;
                 }
                 Err(e) if is_status(&e, 409) && !replaced => {
-                    // Left by an interrupted attempt of this job: replaced, never doubled.
-                    self.remove_container(name).await?;
+                    // Left by an interrupted attempt of this job: replaced, never
+                    // doubled; a container of that name from elsewhere is kept.
+                    self.remove_own(name, &spec.user, &spec.server).await?;
                     replaced = true;
                 }
                 Err(e) => return Err(e.into()),
@@ -394,8 +463,9 @@ impl DockerSpawner {
             self.ensure_image(image).await?;
         }
         let network_id = self.ensure_network().await?;
+        let volume_name = self.names().volume(&spec.user);
         let volume = VolumeCreateRequest {
-            name: Some(spec.user.volume_name()),
+            name: Some(volume_name.clone()),
             labels: Some(HashMap::from([
                 (LABEL_MANAGED.to_owned(), "true".to_owned()),
                 (LABEL_INSTANCE.to_owned(), self.config.instance.clone()),
@@ -403,8 +473,12 @@ impl DockerSpawner {
             ])),
             ..Default::default()
         };
-        // Creating a volume that exists returns it unchanged.
-        self.docker.create_volume(volume).await?;
+        // Creating a volume that exists returns it unchanged: one this deployment
+        // did not make for this user is not mounted.
+        let volume = self.docker.create_volume(volume).await?;
+        if !self.ours(Some(&volume.labels), &spec.user, None) {
+            return Err(self.taken("volume", &volume_name));
+        }
         progress(40, format!("creating container {name} from {image}"));
         let created = self
             .create(spec, name, image, &network_id, progress)
@@ -451,11 +525,12 @@ impl Spawner for DockerSpawner {
         still_wanted: StillWanted<'_>,
         progress: Progress<'_>,
     ) -> Result<Spawned, SpawnError> {
-        let name = container_name(&spec.user, &spec.server);
+        let name = self.names().container(&spec.user, &spec.server);
         let started = self.start(spec, &name, &still_wanted, progress).await;
         if started.is_err() {
-            // No half-started container outlives a failed spawn.
-            if let Err(e) = self.remove_container(&name).await {
+            // No half-started container outlives a failed spawn (and none of
+            // another deployment's is touched).
+            if let Err(e) = self.remove_own(&name, &spec.user, &spec.server).await {
                 tracing::warn!(container = %name, error = %e, "could not remove the container of a failed spawn");
             }
         }
@@ -463,7 +538,17 @@ impl Spawner for DockerSpawner {
     }
 
     async fn stop(&self, user: &UserName, server: &ServerName) -> Result<(), SpawnError> {
-        let name = container_name(user, server);
+        let name = self.names().container(user, server);
+        let labels = match self.docker.inspect_container(&name, None).await {
+            Ok(found) => found.config.and_then(|c| c.labels),
+            Err(e) if is_status(&e, 404) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        if !self.ours(labels.as_ref(), user, Some(server)) {
+            // Not this server's container: there is nothing of ours to stop.
+            tracing::warn!(container = %name, "a container of this server's name was not made by this Berth; left alone");
+            return Ok(());
+        }
         let options = StopContainerOptions {
             t: Some(self.config.stop_timeout as i32),
             ..Default::default()
@@ -557,9 +642,19 @@ impl Spawner for DockerSpawner {
                 self.remove_container(&id).await?;
             }
         }
+        let volume = self.names().volume(user);
+        match self.docker.inspect_volume(&volume).await {
+            Ok(found) if self.ours(Some(&found.labels), user, None) => {}
+            Ok(_) => {
+                tracing::warn!(volume = %volume, "a volume of this user's name was not made by this Berth; left alone");
+                return Ok(());
+            }
+            Err(e) if is_status(&e, 404) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
         match self
             .docker
-            .remove_volume(&user.volume_name(), None::<RemoveVolumeOptions>)
+            .remove_volume(&volume, None::<RemoveVolumeOptions>)
             .await
         {
             Ok(()) => Ok(()),

@@ -88,6 +88,10 @@ pub enum SpawnError {
     Abandoned,
     #[error("container engine: {0}")]
     Engine(String),
+    /// The engine holds a container or volume of the server's name that this
+    /// deployment did not create: it is left alone, and the spawn fails.
+    #[error("{0}")]
+    Taken(String),
 }
 
 /// Told each step of a spawn (a percentage and what happens); never blocks.
