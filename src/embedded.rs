@@ -152,10 +152,7 @@ async fn answers(address: std::net::SocketAddr) -> bool {
     };
     let mut head = [0u8; 12];
     let request = format!("GET /health HTTP/1.0\r\nHost: {address}\r\n\r\n");
-    stream
-        .write_all(request.as_bytes())
-        .await
-        .is_ok()
+    stream.write_all(request.as_bytes()).await.is_ok()
         && stream.read_exact(&mut head).await.is_ok()
         && head.ends_with(b"200")
 }
