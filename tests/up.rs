@@ -445,6 +445,34 @@ async fn local_servers_run_as_another_user_cannot_read_berths_secrets() {
     for file in ["berth.db", "admin-password", "jwt-key.pem"] {
         assert_eq!(mode(&up.data.join(file)), 0o600, "{file}");
     }
+    // And every other file there: the database's WAL, the servers' logs…
+    let mut dirs = vec![up.data.clone()];
+    let mut files = vec![];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.is_file()
+                // What the test captured of berth's output, not Berth's.
+                && !(dir == up.data && path.extension().is_some_and(|e| e == "log"))
+            {
+                files.push(path);
+            }
+        }
+    }
+    assert!(
+        files
+            .iter()
+            .any(|f| f.to_string_lossy().ends_with("berth.db-wal"))
+            && files
+                .iter()
+                .any(|f| f.extension().is_some_and(|e| e == "log")),
+        "{files:?}"
+    );
+    for file in &files {
+        assert_eq!(mode(file), 0o600, "{}", file.display());
+    }
     let home = up.homes().join(&up.id).join(&eve);
     assert!(!home.starts_with(&up.data));
     assert_eq!(std::fs::metadata(&home).unwrap().uid(), 65534);

@@ -279,15 +279,15 @@ impl ProcessSpawner {
                 tail(&log_path)
             )));
         };
-        std::fs::write(dir.join("pid"), format!("{} {}", pid.pid, pid.started))
-            .and_then(|()| std::fs::write(dir.join("server-id"), spec.server_id.to_string()))
+        write_private(&dir.join("pid"), &format!("{} {}", pid.pid, pid.started))
+            .and_then(|()| write_private(&dir.join("server-id"), &spec.server_id.to_string()))
             .map_err(|e| io("writing the pid file", e))?;
         // Reaps the child and keeps its exit status for whoever looks next.
         let exit_file = dir.join("exit");
         tokio::spawn(async move {
             if let Ok(status) = child.wait().await {
                 let code = status.code().map_or(-1, i64::from);
-                let _ = tokio::fs::write(exit_file, code.to_string()).await;
+                let _ = write_private(&exit_file, &code.to_string());
             }
         });
         progress(
@@ -495,6 +495,18 @@ impl Spawner for ProcessSpawner {
         terminate(pid, Duration::from_secs(self.config.stop_timeout)).await;
         Ok(())
     }
+}
+
+/// Writes a small file of Berth's own, readable by Berth only.
+fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?
+        .write_all(contents.as_bytes())
 }
 
 fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
