@@ -650,6 +650,31 @@ async fn the_dashboard_turns_away_strangers_non_admins_and_other_sites(backend: 
         .unwrap();
     assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED);
     assert!(wrong.headers().get("set-cookie").is_none());
+    // A `next` with control characters or spaces is not followed (it was a 500):
+    // the login lands on the dashboard, and the form shown again is well formed.
+    for next in [
+        "%2Fadmin%0D%0ASet-Cookie%3A%20x%3Dy",
+        "%2Fadmin%00",
+        "%2Fadmin%20x",
+    ] {
+        let response = client
+            .post(format!("{}/admin/login", env.base))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(format!(
+                "username={ADMIN_USER}&password={ADMIN_PASSWORD}&next={next}"
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::SEE_OTHER, "{next}");
+        assert_eq!(response.headers()["location"], "/admin", "{next}");
+        let shown = client
+            .get(format!("{}/admin/login?next={next}", env.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(shown.status(), StatusCode::OK, "{next}");
+    }
 }
 
 async fn bulk_actions_cancel_the_selected_then_all_matching_and_retry_them(backend: Backend) {

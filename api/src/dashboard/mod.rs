@@ -371,10 +371,15 @@ async fn login(State(state): State<AppState>, addr: ClientAddr, body: Bytes) -> 
         Ok(form) => form,
         Err(bad) => return bad.into_response(),
     };
-    // Only paths inside the dashboard: never an open redirect.
+    // Only paths inside the dashboard, of visible ASCII (a control character made
+    // the redirect's header invalid, a 500): never an open redirect.
     let next = form
         .get("next")
-        .filter(|n| n.starts_with("/admin") && !n.starts_with("/admin/login"))
+        .filter(|n| {
+            n.starts_with("/admin")
+                && !n.starts_with("/admin/login")
+                && n.chars().all(|c| c.is_ascii_graphic())
+        })
         .unwrap_or("/admin")
         .to_owned();
     let credentials = Login {
