@@ -2,9 +2,11 @@
 //! against an API, memory of a process, percentiles.
 
 use std::{
-    process::Child,
+    process::{Child, Command},
     time::{Duration, Instant},
 };
+
+use anyhow::{Context, bail};
 
 /// Processes a benchmark started, killed when it ends however it ends.
 pub struct Processes(pub Vec<Child>);
@@ -102,4 +104,70 @@ pub async fn spawn_burst(
         accepted: answers.iter().filter(|(s, _)| matches!(s, Ok(202))).count(),
         refused: answers.iter().filter(|(s, _)| matches!(s, Ok(429))).count(),
     }
+}
+
+/// A free TCP port on the loopback.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Waits until `url` answers at all (30 s at most).
+pub async fn wait_answers(http: &reqwest::Client, url: &str) -> anyhow::Result<()> {
+    for _ in 0..300 {
+        if http.get(url).send().await.is_ok() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("{url} did not answer")
+}
+
+/// Runs wrk (2 threads, latency percentiles) with `extra` arguments (a header, a
+/// script): requests per second, p50 and p99 in ms. Any answer that is not 2xx
+/// fails the run.
+pub fn wrk(
+    url: &str,
+    extra: &[&str],
+    connections: usize,
+    seconds: u64,
+) -> anyhow::Result<(f64, f64, f64)> {
+    let mut cmd = Command::new("wrk");
+    cmd.args(["-t2", "--latency"])
+        .arg(format!("-c{connections}"))
+        .arg(format!("-d{seconds}s"));
+    cmd.args(extra);
+    let out = cmd
+        .arg(url)
+        .output()
+        .context("wrk (Debian's wrk package)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if text.contains("Non-2xx") {
+        bail!("{url}: answers that are not 2xx\n{text}");
+    }
+    let number = |line: &str| -> Option<f64> {
+        let value = line.split_whitespace().nth(1)?;
+        let (digits, unit) = value.split_at(value.find(|c: char| c.is_alphabetic())?);
+        let n: f64 = digits.parse().ok()?;
+        Some(match unit {
+            "us" => n / 1000.0,
+            "ms" => n,
+            "s" => n * 1000.0,
+            _ => return None,
+        })
+    };
+    let rate = text
+        .lines()
+        .find(|l| l.starts_with("Requests/sec:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .with_context(|| format!("wrk's output: {text}"))?;
+    let p = |q: &str| {
+        text.lines()
+            .find(|l| l.trim_start().starts_with(q))
+            .and_then(number)
+            .unwrap_or(f64::NAN)
+    };
+    Ok((rate, p("50%"), p("99%")))
 }

@@ -19,7 +19,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use futures::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
@@ -27,7 +27,7 @@ use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
 // Shared with the storm benchmarks, whose burst helpers this one does not use.
 #[allow(dead_code)]
 mod measure;
-use measure::{Processes, percentile, rss_kib};
+use measure::{Processes, free_port, percentile, rss_kib, wait_answers, wrk};
 
 #[derive(Parser)]
 struct Args {
@@ -66,13 +66,6 @@ enum Backend {
 }
 
 const TOKEN: &str = "bench-admin-token-0123456789";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -226,10 +219,11 @@ async fn run(args: &Args, db: &str, processes: &mut Processes) -> anyhow::Result
     );
     let mut rates = vec![];
     for (name, target, header) in &targets {
+        let extra: Vec<&str> = header.iter().flat_map(|h| ["-H", *h]).collect();
         // Warm: connection pools open (Postgres logins cost milliseconds each),
         // caches fill; a fresh process's first second is not what it does.
-        wrk(target, *header, args.connections, 2)?;
-        let (rate, p50, p99) = wrk(target, *header, args.connections, args.seconds)?;
+        wrk(target, &extra, args.connections, 2)?;
+        let (rate, p50, p99) = wrk(target, &extra, args.connections, args.seconds)?;
         println!("  {name:<12} {rate:>9.0} req/s   p50 {p50:>7.3} ms   p99 {p99:>7.3} ms");
         rates.push((rate, p50, p99));
     }
@@ -298,16 +292,6 @@ async fn run(args: &Args, db: &str, processes: &mut Processes) -> anyhow::Result
     Ok(())
 }
 
-async fn wait_answers(http: &reqwest::Client, url: &str) -> anyhow::Result<()> {
-    for _ in 0..300 {
-        if http.get(url).send().await.is_ok() {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    bail!("{url} did not answer")
-}
-
 /// Resident memory of a process and its children (nginx's workers), KiB.
 fn rss_of_tree(pid: u32) -> u64 {
     let children: Vec<u32> = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
@@ -337,52 +321,6 @@ fn nginx_conf(dir: &std::path::Path, port: u16, backend: SocketAddr, idle: usize
 }
 
 /// wrk's requests per second and p50/p99 latency, ms.
-fn wrk(
-    url: &str,
-    header: Option<&str>,
-    connections: usize,
-    seconds: u64,
-) -> anyhow::Result<(f64, f64, f64)> {
-    let mut cmd = Command::new("wrk");
-    cmd.args(["-t2", "--latency"])
-        .arg(format!("-c{connections}"))
-        .arg(format!("-d{seconds}s"));
-    if let Some(header) = header {
-        cmd.args(["-H", header]);
-    }
-    let out = cmd
-        .arg(url)
-        .output()
-        .context("wrk (Debian's wrk package)")?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    if text.contains("Non-2xx") {
-        bail!("{url}: answers that are not 2xx\n{text}");
-    }
-    let number = |line: &str| -> Option<f64> {
-        let value = line.split_whitespace().nth(1)?;
-        let (digits, unit) = value.split_at(value.find(|c: char| c.is_alphabetic())?);
-        let n: f64 = digits.parse().ok()?;
-        Some(match unit {
-            "us" => n / 1000.0,
-            "ms" => n,
-            "s" => n * 1000.0,
-            _ => return None,
-        })
-    };
-    let rate = text
-        .lines()
-        .find(|l| l.starts_with("Requests/sec:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .with_context(|| format!("wrk's output: {text}"))?;
-    let p = |q: &str| {
-        text.lines()
-            .find(|l| l.trim_start().starts_with(q))
-            .and_then(number)
-            .unwrap_or(f64::NAN)
-    };
-    Ok((rate, p("50%"), p("99%")))
-}
-
 async fn connect_ws(
     url: &str,
     token: Option<&str>,

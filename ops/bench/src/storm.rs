@@ -48,6 +48,8 @@ struct Args {
     no_baseline: bool,
 }
 
+// Shared with the other benchmarks; not every helper is used here.
+#[allow(dead_code)]
 mod measure;
 use measure::{Burst, Processes, create_users, percentile, rss_kib, spawn_burst};
 
