@@ -22,7 +22,6 @@ use crate::{
     jobs::{JobEnvelope, JobKind, JobRow},
     platform::Limits,
     queue::Queue,
-    routes::ROUTES_CHANNEL,
     store::StoreError,
     telemetry,
 };
@@ -173,6 +172,7 @@ impl Db {
             store: self.clone(),
             enqueued: false,
             routes: vec![],
+            notices: vec![],
         })
     }
 
@@ -242,9 +242,11 @@ impl Db {
         .bind(at)
         .fetch_one(c)
         .await)?;
-        self.queue
-            .enqueue(tx.conn(), &JobEnvelope { job_id: id, kind }, at)
-            .await?;
+        let envelope = JobEnvelope { job_id: id, kind };
+        self.queue.enqueue(tx.conn(), &envelope, at).await?;
+        if let Some((channel, payload)) = self.queue.notice(&envelope) {
+            tx.notify_after_commit(channel, payload);
+        }
         tx.enqueued = true;
         telemetry::job_enqueued(kind);
         Ok(job)
@@ -259,6 +261,8 @@ pub(crate) struct Tx {
     enqueued: bool,
     /// Servers whose route (state, address) this transaction changes.
     routes: Vec<i64>,
+    /// Notifications (channel, payload) to send once this transaction commits.
+    notices: Vec<(&'static str, String)>,
 }
 
 impl Tx {
@@ -270,8 +274,7 @@ impl Tx {
     }
 
     /// Appends a spawn's progress event; its listeners hear of it after the commit
-    /// (on Postgres the NOTIFY is part of the transaction, on SQLite the
-    /// transaction remembers it).
+    /// (the transaction remembers it: see `commit`).
     pub(crate) async fn insert_progress(
         &mut self,
         job_id: Uuid,
@@ -281,10 +284,9 @@ impl Tx {
         match &mut self.inner {
             Dialect::Pg(tx) => {
                 sqlx::query(
-                    "with e as (insert into spawn_events \
+                    "insert into spawn_events \
                        (job_id, progress, message, ready, failed, url, created_at) \
-                       values ($1, $2, $3, $4, $5, $6, $8) returning job_id) \
-                     select pg_notify($7, job_id::text) from e",
+                     values ($1, $2, $3, $4, $5, $6, $7)",
                 )
                 .bind(job_id)
                 .bind(step.progress.clamp(0, 100))
@@ -292,10 +294,10 @@ impl Tx {
                 .bind(step.ready)
                 .bind(step.failed)
                 .bind(&step.url)
-                .bind(PROGRESS_CHANNEL)
                 .bind(at)
                 .execute(&mut **tx)
                 .await?;
+                self.notices.push((PROGRESS_CHANNEL, job_id.to_string()));
             }
             Dialect::Lite(tx) => {
                 sqlx::query(
@@ -324,28 +326,24 @@ impl Tx {
         self.routes.push(server_id);
     }
 
+    /// Sends `payload` on `channel` once this transaction commits (Postgres).
+    pub(crate) fn notify_after_commit(&mut self, channel: &'static str, payload: String) {
+        self.notices.push((channel, payload));
+    }
+
     pub(crate) async fn commit(self) -> Result<(), StoreError> {
         let Tx {
             inner,
             store,
             enqueued,
             routes,
+            notices,
         } = self;
         match (inner, &store.on) {
-            (Dialect::Pg(mut tx), _) => {
-                // Part of the transaction: heard only if it commits. The payload
-                // is the owner, whose routes a proxy keeps together.
-                if !routes.is_empty() {
-                    sqlx::query(
-                        "select pg_notify($1, user_id::text) \
-                         from (select distinct user_id from servers where id = any($2)) o",
-                    )
-                    .bind(ROUTES_CHANNEL)
-                    .bind(&routes)
-                    .execute(&mut *tx)
-                    .await?;
-                }
-                tx.commit().await?
+            (Dialect::Pg(tx), Dialect::Pg(pg)) => {
+                tx.commit().await?;
+                // After the commit, never inside it: see `pg_notify`.
+                pg.notifier().send(notices, routes).await;
             }
             (Dialect::Lite(mut tx), Dialect::Lite(lite)) => {
                 let owners: Vec<i64> = if routes.is_empty() {
@@ -361,7 +359,9 @@ impl Tx {
                 };
                 lite.commit(tx, &owners).await?
             }
-            (Dialect::Lite(_), Dialect::Pg(_)) => unreachable!("a transaction of its own store"),
+            (Dialect::Lite(_), Dialect::Pg(_)) | (Dialect::Pg(_), Dialect::Lite(_)) => {
+                unreachable!("a transaction of its own store")
+            }
         }
         if enqueued {
             store.queue.flush().await;

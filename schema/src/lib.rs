@@ -17,6 +17,7 @@ pub mod names;
 pub mod nats;
 pub mod pg;
 pub mod pg_locks;
+mod pg_notify;
 pub mod platform;
 pub mod queue;
 pub mod routes;

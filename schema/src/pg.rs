@@ -10,6 +10,7 @@ use crate::{
     QueueSettings,
     nats::Broker,
     pg_locks::{SERVER_LOCK_SPACE, SessionLock, lock_key},
+    pg_notify::Notifier,
     queue::{Queue, QueueError},
     store::{ServerLock, StoreError},
 };
@@ -20,12 +21,15 @@ pub struct PgStore {
     queue: Arc<dyn Queue>,
     /// The JetStream connection when jobs travel through NATS.
     broker: Option<Broker>,
+    /// Sends notifications after commits (`pg_notify`).
+    notifier: Notifier,
 }
 
 impl PgStore {
     /// The store over `pool` with a queue of the caller's making (no broker).
     pub fn new(pool: PgPool, queue: Arc<dyn Queue>) -> Self {
         Self {
+            notifier: Notifier::start(pool.clone()),
             pool,
             queue,
             broker: None,
@@ -42,6 +46,7 @@ impl PgStore {
     ) -> Result<Self, QueueError> {
         let (queue, broker) = queue.open(&pool, stop).await?;
         Ok(Self {
+            notifier: Notifier::start(pool.clone()),
             pool,
             queue,
             broker,
@@ -55,6 +60,10 @@ impl PgStore {
 
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    pub(crate) fn notifier(&self) -> &Notifier {
+        &self.notifier
     }
 
     pub(crate) fn queue_handle(&self) -> Arc<dyn Queue> {

@@ -30,6 +30,13 @@ pub trait Queue: Send + Sync + 'static {
         at: DateTime<Utc>,
     ) -> Result<(), QueueError>;
 
+    /// A notification to send once the enqueuing transaction has committed, for
+    /// a backend whose consumers listen for new jobs (never inside the
+    /// transaction: see `Tx::commit`).
+    fn notice(&self, _job: &JobEnvelope) -> Option<(&'static str, String)> {
+        None
+    }
+
     /// Called once the transaction that enqueued has committed: a backend outside
     /// the database hands the jobs to its broker here. Never fails: the jobs are
     /// durable already, and a relay retries what this could not do.
@@ -70,13 +77,33 @@ impl Queue for ApalisQueue {
             .await
             .map_err(|e| QueueError::Backend(e.to_string()))
     }
+
+    /// What apalis-postgres's trigger sent inside the transaction (dropped by
+    /// `setup_apalis`): its consumers wake on any event of their queue, the id
+    /// only has to read as a task id (the job's own, as a ULID).
+    fn notice(&self, job: &JobEnvelope) -> Option<(&'static str, String)> {
+        let id = ulid::Ulid::from(job.job_id.as_u128()).to_string();
+        let event = serde_json::json!({ "job_type": job.kind.queue(), "id": id });
+        Some((APALIS_INSERT_CHANNEL, event.to_string()))
+    }
 }
 
+/// Where apalis-postgres's consumers hear of new tasks.
+pub const APALIS_INSERT_CHANNEL: &str = "apalis::job::insert";
+
 /// Creates apalis-postgres's own tables (schema `apalis`) when missing.
+/// Its trigger that notifies consumers inside every enqueuing transaction is
+/// dropped: Berth notifies after the commit (`Queue::notice`), since a NOTIFY
+/// inside a transaction makes commits wait for one another.
 pub async fn setup_apalis(pool: &sqlx::PgPool) -> Result<(), QueueError> {
     apalis_postgres::PostgresStorage::setup(pool)
         .await
-        .map_err(|e| QueueError::Backend(e.to_string()))
+        .map_err(|e| QueueError::Backend(e.to_string()))?;
+    sqlx::query("drop trigger if exists notify_workers on apalis.jobs")
+        .execute(pool)
+        .await
+        .map_err(|e| QueueError::Backend(e.to_string()))?;
+    Ok(())
 }
 
 /// Hands back to the queue the tasks that apalis consumer `worker` had taken.
@@ -94,4 +121,29 @@ pub async fn hand_back_apalis_tasks(pool: &sqlx::PgPool, worker: &str) -> Result
     .await
     .map(|r| r.rows_affected())
     .map_err(|e| QueueError::Backend(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::JobKind;
+
+    /// apalis-postgres's consumers read the notification Berth sends after the
+    /// commit as they read the one its trigger sent: for the job's queue.
+    #[test]
+    fn the_new_task_notice_reads_as_apalis_postgres_own() {
+        let job = JobEnvelope {
+            job_id: uuid::Uuid::now_v7(),
+            kind: JobKind::Spawn,
+        };
+        let (channel, payload) = ApalisQueue.notice(&job).expect("a notice");
+        assert_eq!(channel, "apalis::job::insert");
+        let event: apalis_postgres::InsertEvent =
+            serde_json::from_str(&payload).expect("apalis-postgres reads it");
+        assert_eq!(event.job_type, crate::jobs::SPAWN_QUEUE);
+        assert_eq!(
+            event.id.to_string(),
+            ulid::Ulid::from(job.job_id.as_u128()).to_string()
+        );
+    }
 }

@@ -1,0 +1,3 @@
+-- A spawn request claims the lowest free place: with only the primary key, that
+-- read walked past every taken place. The free places get an index of their own.
+create index admission_tokens_free on admission_tokens (slot) where server_id is null;
