@@ -51,31 +51,18 @@ const TOKEN: &str = "bench-admin-token-0123456789";
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let mut processes = Processes(vec![]);
-    let db = format!("berth_bench_enqueue_{}", std::process::id());
-    let admin = sqlx::PgPool::connect(&args.database_url).await?;
-    sqlx::query(sqlx::AssertSqlSafe(format!("create database {db}")))
-        .execute(&admin)
-        .await?;
-    let result = run(&args, &db, &mut processes).await;
+    let db = measure::BenchDatabase::create(&args.database_url, "berth_bench_enqueue").await?;
+    let result = run(&args, &db.url, &mut processes).await;
     drop(processes);
-    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "drop database if exists {db} with (force)"
-    )))
-    .execute(&admin)
-    .await;
+    db.remove().await;
     result
 }
 
-async fn run(args: &Args, db: &str, processes: &mut Processes) -> anyhow::Result<()> {
-    let base_url = args
-        .database_url
-        .rsplit_once('/')
-        .map_or(args.database_url.as_str(), |(b, _)| b);
-    let url = format!("{base_url}/{db}");
+async fn run(args: &Args, url: &str, processes: &mut Processes) -> anyhow::Result<()> {
     let data = std::env::temp_dir().join(format!("berth-bench-enqueue-{}", std::process::id()));
     let port = free_port();
     let common = |cmd: &mut Command| {
-        cmd.env("BERTH_DATABASE_URL", &url)
+        cmd.env("BERTH_DATABASE_URL", url)
             .env("BERTH_LOG", "warn")
             .env("BERTH_LISTEN", format!("127.0.0.1:{port}"))
             .stdout(Stdio::null())
@@ -126,11 +113,11 @@ async fn run(args: &Args, db: &str, processes: &mut Processes) -> anyhow::Result
     let (rate, p50, p99) = wrk(&base, &["-s", &script], args.connections, args.seconds)?;
     println!("  berth api    {rate:>8.0} req/s   p50 {p50:>7.2} ms   p99 {p99:>7.2} ms");
     let spawns: i64 = sqlx::query_scalar("select count(*) from jobs where kind = 'spawn'")
-        .fetch_one(&sqlx::PgPool::connect(&url).await?)
+        .fetch_one(&sqlx::PgPool::connect(url).await?)
         .await?;
     println!("  ({spawns} spawn jobs committed)");
 
-    let (tps, latency) = pgbench(&url, args, &data)?;
+    let (tps, latency) = pgbench(url, args, &data)?;
     println!(
         "  pgbench      {tps:>8.0} tps     mean {latency:>6.2} ms   (the same shape: 9 round trips, prepared)"
     );

@@ -171,3 +171,34 @@ pub fn wrk(
     };
     Ok((rate, p("50%"), p("99%")))
 }
+
+/// A database of one benchmark run on the server of `server_url` (a superuser
+/// URL), dropped by `remove` at the end however the run ended.
+pub struct BenchDatabase {
+    admin: sqlx::PgPool,
+    name: String,
+    /// The URL of the new database.
+    pub url: String,
+}
+
+impl BenchDatabase {
+    pub async fn create(server_url: &str, prefix: &str) -> anyhow::Result<Self> {
+        let admin = sqlx::PgPool::connect(server_url).await?;
+        let name = format!("{prefix}_{}", std::process::id());
+        sqlx::query(sqlx::AssertSqlSafe(format!("create database {name}")))
+            .execute(&admin)
+            .await?;
+        let base = server_url.rsplit_once('/').map_or(server_url, |(b, _)| b);
+        let url = format!("{base}/{name}");
+        Ok(Self { admin, name, url })
+    }
+
+    pub async fn remove(self) {
+        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "drop database if exists {} with (force)",
+            self.name
+        )))
+        .execute(&self.admin)
+        .await;
+    }
+}

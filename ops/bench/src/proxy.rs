@@ -74,27 +74,14 @@ async fn main() -> anyhow::Result<()> {
         return backend(port).await;
     }
     let mut processes = Processes(vec![]);
-    let db = format!("berth_bench_proxy_{}", std::process::id());
-    let admin = sqlx::PgPool::connect(&args.database_url).await?;
-    sqlx::query(sqlx::AssertSqlSafe(format!("create database {db}")))
-        .execute(&admin)
-        .await?;
-    let result = run(&args, &db, &mut processes).await;
+    let db = measure::BenchDatabase::create(&args.database_url, "berth_bench_proxy").await?;
+    let result = run(&args, &db.url, &mut processes).await;
     drop(processes);
-    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "drop database if exists {db} with (force)"
-    )))
-    .execute(&admin)
-    .await;
+    db.remove().await;
     result
 }
 
-async fn run(args: &Args, db: &str, processes: &mut Processes) -> anyhow::Result<()> {
-    let base_url = args
-        .database_url
-        .rsplit_once('/')
-        .map_or(args.database_url.as_str(), |(b, _)| b);
-    let url = format!("{base_url}/{db}");
+async fn run(args: &Args, url: &str, processes: &mut Processes) -> anyhow::Result<()> {
     let data = std::env::temp_dir().join(format!("berth-bench-proxy-{}", std::process::id()));
     let me = std::env::current_exe()?;
     let key = Command::new("openssl")
@@ -105,7 +92,7 @@ async fn run(args: &Args, db: &str, processes: &mut Processes) -> anyhow::Result
     let key = String::from_utf8(key)?;
     let (api_port, proxy_port, nginx_port) = (free_port(), free_port(), free_port());
     let common = |cmd: &mut Command| {
-        cmd.env("BERTH_DATABASE_URL", &url)
+        cmd.env("BERTH_DATABASE_URL", url)
             .env("BERTH_JWT_PRIVATE_KEY", &key)
             .env("BERTH_LOG", "warn")
             .stdout(Stdio::null())
