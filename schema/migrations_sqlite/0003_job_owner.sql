@@ -5,4 +5,4 @@
 alter table jobs add column user_id integer;
 update jobs set user_id = (select u.id from users u
     where u.name = jobs.user_name and u.created_at <= jobs.created_at);
-create index jobs_user_id on jobs (user_id, created_at) where user_id is not null;
+-- No index: nothing looks jobs up by account.
