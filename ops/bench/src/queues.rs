@@ -346,7 +346,8 @@ where
 }
 
 /// One job, as the API enqueues it: a transaction through the `Queue`, a commit,
-/// then `flush` (which, on NATS, waits for the broker's acknowledgement).
+/// the queue's notice (apalis's new-task event), then `flush` (which, on NATS, waits
+/// for the broker's acknowledgement).
 async fn enqueue(pool: &PgPool, queue: &dyn Queue, record: &Record) -> anyhow::Result<()> {
     let job = JobEnvelope {
         job_id: Uuid::now_v7(),
@@ -362,6 +363,14 @@ async fn enqueue(pool: &PgPool, queue: &dyn Queue, record: &Record) -> anyhow::R
         .enqueue(schema::db::Dialect::Pg(&mut *tx), &job, chrono::Utc::now())
         .await?;
     tx.commit().await?;
+    // What the store's notifying task sends for the API after the commit.
+    if let Some((channel, payload)) = queue.notice(&job) {
+        sqlx::query("select pg_notify($1, $2)")
+            .bind(channel)
+            .bind(payload)
+            .execute(pool)
+            .await?;
+    }
     queue.flush().await;
     Ok(())
 }
