@@ -10,7 +10,7 @@
 //! process) and enqueueing ([`crate::queue::Queue`], which writes through the same
 //! transaction).
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgPool, Postgres, SqliteConnection, SqlitePool};
@@ -22,6 +22,7 @@ use crate::{
     jobs::{JobEnvelope, JobKind, JobRow},
     platform::Limits,
     queue::Queue,
+    spawn_batch::SpawnBatcher,
     store::StoreError,
     telemetry,
 };
@@ -109,6 +110,9 @@ pub struct Db {
     queue: Arc<dyn Queue>,
     /// The platform limits as configured; an admin's overrides in the database win.
     configured: Limits,
+    /// Postgres: the task that decides concurrent spawn requests together, started
+    /// at the first request (`spawn_batch`); `None` where requests go alone.
+    spawns: Option<Arc<OnceLock<Option<SpawnBatcher>>>>,
 }
 
 impl From<PgStore> for Db {
@@ -118,6 +122,7 @@ impl From<PgStore> for Db {
             on: Dialect::Pg(store),
             queue,
             configured: Limits::default(),
+            spawns: Some(Arc::default()),
         }
     }
 }
@@ -129,6 +134,7 @@ impl From<SqliteStore> for Db {
             on: Dialect::Lite(store),
             queue,
             configured: Limits::default(),
+            spawns: None,
         }
     }
 }
@@ -137,12 +143,28 @@ impl Db {
     /// The store with the platform limits as configured.
     pub fn with_limits(mut self, configured: Limits) -> Self {
         self.configured = configured;
+        // Its batches are decided with these limits: a batcher of its own.
+        if self.spawns.is_some() {
+            self.spawns = Some(Arc::default());
+        }
         self
     }
 
     /// The platform limits as configured (before an admin's overrides).
     pub fn configured_limits(&self) -> Limits {
         self.configured
+    }
+
+    /// Where this store's spawn requests go together, if anywhere.
+    pub(crate) fn spawn_batcher(&self) -> Option<&SpawnBatcher> {
+        let cell = self.spawns.as_ref()?;
+        cell.get_or_init(|| {
+            SpawnBatcher::start(Self {
+                spawns: None,
+                ..self.clone()
+            })
+        })
+        .as_ref()
     }
 
     pub(crate) fn pool(&self) -> Pool<'_> {
@@ -324,6 +346,11 @@ impl Tx {
     /// changed: whoever caches its owner's routes reads them again.
     pub(crate) fn route_changed(&mut self, server_id: i64) {
         self.routes.push(server_id);
+    }
+
+    /// Jobs were enqueued through this transaction: the queue flushes after the commit.
+    pub(crate) fn mark_enqueued(&mut self) {
+        self.enqueued = true;
     }
 
     /// Sends `payload` on `channel` once this transaction commits (Postgres).

@@ -30,6 +30,24 @@ pub trait Queue: Send + Sync + 'static {
         at: DateTime<Utc>,
     ) -> Result<(), QueueError>;
 
+    /// Records several jobs through the caller's transaction (a batch of
+    /// requests); one by one unless the backend can do better.
+    async fn enqueue_many(
+        &self,
+        mut tx: Conn<'_>,
+        jobs: &[JobEnvelope],
+        at: DateTime<Utc>,
+    ) -> Result<(), QueueError> {
+        for job in jobs {
+            let conn = match &mut tx {
+                Dialect::Pg(c) => Dialect::Pg(&mut **c),
+                Dialect::Lite(c) => Dialect::Lite(&mut **c),
+            };
+            self.enqueue(conn, job, at).await?;
+        }
+        Ok(())
+    }
+
     /// A notification to send once the enqueuing transaction has committed, for
     /// a backend whose consumers listen for new jobs (never inside the
     /// transaction: see `Tx::commit`).
@@ -63,17 +81,36 @@ impl Queue for ApalisQueue {
         &self,
         tx: Conn<'_>,
         job: &JobEnvelope,
+        at: DateTime<Utc>,
+    ) -> Result<(), QueueError> {
+        self.enqueue_many(tx, std::slice::from_ref(job), at).await
+    }
+
+    /// One statement for all of them (apalis-postgres inserts from arrays); the
+    /// jobs of one call share a queue.
+    async fn enqueue_many(
+        &self,
+        tx: Conn<'_>,
+        jobs: &[JobEnvelope],
         _at: DateTime<Utc>,
     ) -> Result<(), QueueError> {
         let Dialect::Pg(tx) = tx else {
             return Err(QueueError::Backend("apalis-postgres needs Postgres".into()));
         };
-        let bytes = serde_json::to_vec(job)?;
-        let task = apalis::prelude::TaskBuilder::new(bytes)
-            .idempotency_key(job.job_id.to_string())
-            .max_attempts(MAX_DELIVERIES)
-            .build();
-        apalis_postgres::queries::push_tasks(tx, job.kind.queue(), vec![task])
+        let Some(first) = jobs.first() else {
+            return Ok(());
+        };
+        debug_assert!(jobs.iter().all(|j| j.kind.queue() == first.kind.queue()));
+        let tasks = jobs
+            .iter()
+            .map(|job| {
+                Ok(apalis::prelude::TaskBuilder::new(serde_json::to_vec(job)?)
+                    .idempotency_key(job.job_id.to_string())
+                    .max_attempts(MAX_DELIVERIES)
+                    .build())
+            })
+            .collect::<Result<Vec<_>, QueueError>>()?;
+        apalis_postgres::queries::push_tasks(tx, first.kind.queue(), tasks)
             .await
             .map_err(|e| QueueError::Backend(e.to_string()))
     }

@@ -134,83 +134,13 @@ pub(crate) fn count_end(job: &JobRow) {
     );
 }
 
-#[async_trait]
-impl Store for Db {
-    async fn ping(&self) -> Result<(), StoreError> {
-        each!(self.pool(), p => sqlx::query("select 1").execute(p).await.map(|r| r.rows_affected()))?;
-        Ok(())
-    }
-
-    async fn create_user(&self, name: &UserName, admin: bool) -> Result<UserRow, StoreError> {
-        let row = self
-            .write(async |tx| {
-                Ok(each!(tx.conn(), c => sqlx::query_as::<_, UserRow>(
-                    "insert into users (name, role, created_at) values ($1, $2, $3) \
-                     on conflict (name) do nothing returning *",
-                )
-                .bind(name.as_str())
-                .bind(if admin { Role::Admin } else { Role::User })
-                .bind(now())
-                .fetch_optional(c)
-                .await)?)
-            })
-            .await?;
-        row.ok_or_else(|| StoreError::Conflict(format!("user {name:?} already exists")))
-    }
-
-    async fn get_user(&self, name: &UserName) -> Result<Option<UserRow>, StoreError> {
-        Ok(
-            each!(self.pool(), p => sqlx::query_as::<_, UserRow>("select * from users where name = $1")
-            .bind(name.as_str())
-            .fetch_optional(p)
-            .await)?,
-        )
-    }
-
-    async fn list_users(&self) -> Result<Vec<UserRow>, StoreError> {
-        Ok(
-            each!(self.pool(), p => sqlx::query_as::<_, UserRow>("select * from users order by name")
-            .fetch_all(p)
-            .await)?,
-        )
-    }
-
-    async fn servers_of(&self, user_ids: &[i64]) -> Result<Vec<ServerRow>, StoreError> {
-        Ok(match self.pool() {
-            Dialect::Pg(p) => {
-                sqlx::query_as::<_, ServerRow>(select_servers!(
-                    "where s.user_id = any($1) order by s.user_id, s.name"
-                ))
-                .bind(user_ids)
-                .fetch_all(p)
-                .await?
-            }
-            Dialect::Lite(p) => sqlx::query_as::<_, ServerRow>(select_servers!(
-                "where s.user_id in (select value from json_each($1)) order by s.user_id, s.name"
-            ))
-            .bind(json_list(user_ids))
-            .fetch_all(p)
-            .await?,
-        })
-    }
-
-    async fn get_server(
+impl Db {
+    /// A spawn request in a transaction of its own: how SQLite decides every
+    /// request, and Postgres one that cannot go with a batch.
+    pub(crate) async fn request_spawn_alone(
         &self,
-        user: &UserName,
-        server: &ServerName,
-    ) -> Result<Option<ServerRow>, StoreError> {
-        Ok(
-            each!(self.pool(), p => sqlx::query_as::<_, ServerRow>(select_servers!(
-            "where u.name = $1 and s.name = $2"
-        ))
-        .bind(user.as_str())
-        .bind(server.as_str())
-        .fetch_optional(p)
-        .await)?,
-        )
-    }
-
-    async fn request_spawn(&self, req: SpawnRequest) -> Result<SpawnOutcome, StoreError> {
+        req: SpawnRequest,
+    ) -> Result<SpawnOutcome, StoreError> {
         let mut tx = self.begin().await?;
         let at = now();
         // Locking the user serialises one user's spawn requests, so the per-user
@@ -308,14 +238,96 @@ impl Store for Db {
         .bind(at)
         .fetch_one(c)
         .await)?;
-        tx.insert_progress(
-            job.id,
-            &ProgressStep::at(0, "server requested; waiting for a worker"),
-        )
-        .await?;
+        tx.insert_progress(job.id, &ProgressStep::at(0, crate::spawn_batch::REQUESTED))
+            .await?;
         tx.route_changed(server.id);
         tx.commit().await?;
         Ok(SpawnOutcome::Enqueued(server))
+    }
+}
+
+#[async_trait]
+impl Store for Db {
+    async fn ping(&self) -> Result<(), StoreError> {
+        each!(self.pool(), p => sqlx::query("select 1").execute(p).await.map(|r| r.rows_affected()))?;
+        Ok(())
+    }
+
+    async fn create_user(&self, name: &UserName, admin: bool) -> Result<UserRow, StoreError> {
+        let row = self
+            .write(async |tx| {
+                Ok(each!(tx.conn(), c => sqlx::query_as::<_, UserRow>(
+                    "insert into users (name, role, created_at) values ($1, $2, $3) \
+                     on conflict (name) do nothing returning *",
+                )
+                .bind(name.as_str())
+                .bind(if admin { Role::Admin } else { Role::User })
+                .bind(now())
+                .fetch_optional(c)
+                .await)?)
+            })
+            .await?;
+        row.ok_or_else(|| StoreError::Conflict(format!("user {name:?} already exists")))
+    }
+
+    async fn get_user(&self, name: &UserName) -> Result<Option<UserRow>, StoreError> {
+        Ok(
+            each!(self.pool(), p => sqlx::query_as::<_, UserRow>("select * from users where name = $1")
+            .bind(name.as_str())
+            .fetch_optional(p)
+            .await)?,
+        )
+    }
+
+    async fn list_users(&self) -> Result<Vec<UserRow>, StoreError> {
+        Ok(
+            each!(self.pool(), p => sqlx::query_as::<_, UserRow>("select * from users order by name")
+            .fetch_all(p)
+            .await)?,
+        )
+    }
+
+    async fn servers_of(&self, user_ids: &[i64]) -> Result<Vec<ServerRow>, StoreError> {
+        Ok(match self.pool() {
+            Dialect::Pg(p) => {
+                sqlx::query_as::<_, ServerRow>(select_servers!(
+                    "where s.user_id = any($1) order by s.user_id, s.name"
+                ))
+                .bind(user_ids)
+                .fetch_all(p)
+                .await?
+            }
+            Dialect::Lite(p) => sqlx::query_as::<_, ServerRow>(select_servers!(
+                "where s.user_id in (select value from json_each($1)) order by s.user_id, s.name"
+            ))
+            .bind(json_list(user_ids))
+            .fetch_all(p)
+            .await?,
+        })
+    }
+
+    async fn get_server(
+        &self,
+        user: &UserName,
+        server: &ServerName,
+    ) -> Result<Option<ServerRow>, StoreError> {
+        Ok(
+            each!(self.pool(), p => sqlx::query_as::<_, ServerRow>(select_servers!(
+            "where u.name = $1 and s.name = $2"
+        ))
+        .bind(user.as_str())
+        .bind(server.as_str())
+        .fetch_optional(p)
+        .await)?,
+        )
+    }
+
+    /// On Postgres concurrent requests are decided together (`spawn_batch`).
+    async fn request_spawn(&self, req: SpawnRequest) -> Result<SpawnOutcome, StoreError> {
+        match self.spawn_batcher() {
+            Some(batcher) => batcher.request(self, req).await,
+            None => self.request_spawn_alone(req).await,
+        }
     }
 
     async fn request_stop(

@@ -476,6 +476,130 @@ async fn a_proxy_session_ends_with_the_session_that_handed_it_over(db: &Db) {
     );
 }
 
+/// One number from a statement run on the store's own database.
+async fn count(db: &Db, sql: &'static str) -> i64 {
+    match db_pool(db) {
+        Pool::Pg(p) => sqlx::query_scalar(sql).fetch_one(&p).await.unwrap(),
+        Pool::Lite(p) => sqlx::query_scalar(sql).fetch_one(&p).await.unwrap(),
+    }
+}
+
+/// Postgres decides concurrent spawn requests together (one transaction for a
+/// batch); each request still gets the answer it would get alone, the limits are
+/// exact, and a refused request leaves no server row behind.
+async fn concurrent_spawn_requests_get_their_own_answers_and_hold_every_limit(db: &Db) {
+    let db = &db.clone().with_limits(Limits {
+        concurrent_spawn_limit: 10,
+        active_server_limit: 10,
+    });
+    let users: Vec<String> = (0..10).map(|i| format!("c{i}")).collect();
+    for name in &users {
+        db.create_user(&user(name), false).await.unwrap();
+    }
+    // Per user: three servers (the per-user limit is 2), the first asked twice;
+    // and users that do not exist. 45 requests for a platform of 10.
+    let mut asks = vec![];
+    for name in &users {
+        for server in ["s0", "s1", "s2", "s0"] {
+            asks.push((name.clone(), server));
+        }
+        asks.push((format!("ghost-{name}"), "s0"));
+    }
+    let handles: Vec<_> = asks
+        .iter()
+        .map(|(name, server)| {
+            let db = db.clone();
+            let req = SpawnRequest {
+                user: user(name),
+                server: ServerName::parse(server).unwrap(),
+                image: Some("berth-test-server:latest".into()),
+                max_servers_per_user: Some(2),
+            };
+            tokio::spawn(async move { db.request_spawn(req).await })
+        })
+        .collect();
+    let mut answers = vec![];
+    for handle in handles {
+        answers.push(handle.await);
+    }
+    let (mut enqueued, mut pending, mut limited) = (vec![], vec![], 0);
+    for ((name, _), answer) in asks.iter().zip(answers) {
+        match answer.unwrap() {
+            Ok(SpawnOutcome::Enqueued(row)) => {
+                assert_eq!(row.state, ServerState::PendingSpawn);
+                assert_eq!(&row.user_name, name);
+                assert_eq!(row.image.as_deref(), Some("berth-test-server:latest"));
+                enqueued.push(row);
+            }
+            Ok(SpawnOutcome::AlreadyPending(row)) => pending.push(row),
+            Ok(SpawnOutcome::AlreadyRunning(row)) => panic!("nothing runs yet: {row:?}"),
+            Err(StoreError::NotFound(message)) => {
+                assert!(name.starts_with("ghost-"), "{name}: {message}");
+                assert_eq!(message, format!("no user named {name:?}"));
+            }
+            Err(StoreError::Limit(message)) => {
+                assert!(
+                    message.contains("the most allowed per user is 2")
+                        || message.contains("the platform is full: 10 of 10"),
+                    "{message}"
+                );
+                limited += 1;
+            }
+            Err(e) => panic!("{name}: {e}"),
+        }
+    }
+    assert_eq!(enqueued.len(), 10, "exactly the platform's 10 places");
+    assert_eq!(enqueued.len() + pending.len() + limited, 40);
+    for name in &users {
+        let mine = enqueued.iter().filter(|r| &r.user_name == name).count();
+        assert!(mine <= 2, "{name} has {mine} servers, at most 2 per user");
+    }
+    // A second request for a pending server answers with the first one's job.
+    for row in &pending {
+        let first = enqueued
+            .iter()
+            .find(|r| r.id == row.id)
+            .expect("the pending server was enqueued by another request");
+        assert_eq!(row.spawn_job_id, first.spawn_job_id);
+    }
+    let jobs: std::collections::HashSet<_> =
+        enqueued.iter().map(|r| r.spawn_job_id.unwrap()).collect();
+    assert_eq!(jobs.len(), 10, "one job per spawn");
+    for job in &jobs {
+        let row = db.get_job(*job).await.unwrap().expect("the job is there");
+        assert_eq!(row.kind, JobKind::Spawn);
+    }
+    // Nothing of a refused request stays.
+    assert_eq!(count(db, "select count(*) from servers").await, 10);
+    assert_eq!(count(db, "select count(*) from jobs").await, 10);
+    assert_eq!(count(db, "select count(*) from spawn_events").await, 10);
+    assert_eq!(
+        count(
+            db,
+            "select count(*) from admission_tokens where server_id is not null"
+        )
+        .await,
+        10
+    );
+    if let Pool::Pg(_) = db_pool(db) {
+        assert_eq!(count(db, "select count(*) from apalis.jobs").await, 10);
+    }
+    // Asked again later, a pending server answers with its job.
+    let SpawnOutcome::AlreadyPending(again) = db
+        .request_spawn(SpawnRequest {
+            user: user(&enqueued[0].user_name),
+            server: ServerName::parse(&enqueued[0].name).unwrap(),
+            image: None,
+            max_servers_per_user: Some(2),
+        })
+        .await
+        .unwrap()
+    else {
+        panic!("still pending");
+    };
+    assert_eq!(again.spawn_job_id, enqueued[0].spawn_job_id);
+}
+
 contracts!(
     routes_follow_their_servers_and_traffic_only_moves_activity_forward,
     a_proxy_session_ends_with_the_session_that_handed_it_over,
@@ -485,4 +609,42 @@ contracts!(
     an_sso_token_is_consumed_once_by_its_running_server,
     spawn_slots_hold_the_limit_and_go_to_the_oldest_waiter,
     limit_overrides_set_and_reset,
+    concurrent_spawn_requests_get_their_own_answers_and_hold_every_limit,
 );
+
+/// A request that Postgres refuses (a NUL byte in a text) fails the batch it
+/// went in; the others of that batch are decided again alone and succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_postgres_refuses_fails_alone_not_its_batch() {
+    let fresh = on_postgres().await;
+    let db = &fresh.db.clone().with_limits(Limits {
+        concurrent_spawn_limit: 10,
+        active_server_limit: 10,
+    });
+    let names: Vec<String> = (0..8).map(|i| format!("b{i}")).collect();
+    for name in &names {
+        db.create_user(&user(name), false).await.unwrap();
+    }
+    let handles: Vec<_> = names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let db = db.clone();
+            let req = SpawnRequest {
+                image: (i == 3).then(|| "bad\0image".to_owned()),
+                ..spawn_request(name)
+            };
+            tokio::spawn(async move { db.request_spawn(req).await })
+        })
+        .collect();
+    let mut enqueued = 0;
+    for (i, handle) in handles.into_iter().enumerate() {
+        match handle.await.unwrap() {
+            Ok(SpawnOutcome::Enqueued(_)) if i != 3 => enqueued += 1,
+            Err(StoreError::Database(_)) if i == 3 => {}
+            other => panic!("request {i}: {other:?}"),
+        }
+    }
+    assert_eq!(enqueued, 7);
+    assert_eq!(count(db, "select count(*) from servers").await, 7);
+}

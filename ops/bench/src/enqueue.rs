@@ -22,7 +22,7 @@ use clap::Parser;
 // Shared with the other benchmarks; not every helper is used here.
 #[allow(dead_code)]
 mod measure;
-use measure::{Processes, free_port, wait_answers, wrk};
+use measure::{Processes, free_port, rss_kib, wait_answers, wrk};
 
 #[derive(Parser)]
 struct Args {
@@ -80,7 +80,9 @@ async fn run(args: &Args, url: &str, processes: &mut Processes) -> anyhow::Resul
         .env("BERTH_MAX_SERVERS_PER_USER", "0")
         .env("BERTH_ACTIVE_SERVER_LIMIT", "100000");
     common(&mut api);
-    processes.0.push(api.spawn().context("berth api")?);
+    let api = api.spawn().context("berth api")?;
+    let api_pid = api.id();
+    processes.0.push(api);
     // A worker that takes one spawn at a time of a server that never answers: it
     // fetches, claims and waits for slots while the requests arrive.
     let mut worker = Command::new(&args.berth);
@@ -109,9 +111,16 @@ async fn run(args: &Args, url: &str, processes: &mut Processes) -> anyhow::Resul
         "Enqueue: POST /api/v1/users/{{user}}/servers/{{new name}} over {} users, wrk 2 threads × {} connections, {} s after 2 s of warm-up; one api, one worker",
         args.users, args.connections, args.seconds
     );
+    let rss_before = rss_kib(api_pid);
     wrk(&base, &["-s", &script], args.connections, 2)?;
     let (rate, p50, p99) = wrk(&base, &["-s", &script], args.connections, args.seconds)?;
+    let rss_after = rss_kib(api_pid);
     println!("  berth api    {rate:>8.0} req/s   p50 {p50:>7.2} ms   p99 {p99:>7.2} ms");
+    println!(
+        "  api memory   {:.1} MiB before wrk, {:.1} MiB after (target: within 10 MiB)",
+        rss_before as f64 / 1024.0,
+        rss_after as f64 / 1024.0
+    );
     let spawns: i64 = sqlx::query_scalar("select count(*) from jobs where kind = 'spawn'")
         .fetch_one(&sqlx::PgPool::connect(url).await?)
         .await?;
