@@ -433,6 +433,29 @@ async fn an_admin_watches_a_spawn_go_live_and_retries_a_failed_job_in_a_browser(
         .unwrap();
     assert_eq!(marker, json!(42), "the page was not reloaded");
 
+    // The overview's numbers follow live updates: a second spawn's success
+    // shows without a reload (queue names have dots: "berth.spawn").
+    browser.goto(&format!("{}/admin", env.base)).await.unwrap();
+    let succeeded = "[data-stat='queues/berth.spawn/succeeded']";
+    see(&browser, succeeded, "1").await;
+    browser
+        .execute("window.berthMarker = 43; return null;", vec![])
+        .await
+        .unwrap();
+    env.call(
+        Method::POST,
+        &format!("/api/v1/users/{user}/servers/two"),
+        None,
+    )
+    .await;
+    see(&browser, succeeded, "2").await;
+    see(&browser, "[data-stat='servers/running']", "2").await;
+    let marker = browser
+        .execute("return window.berthMarker;", vec![])
+        .await
+        .unwrap();
+    assert_eq!(marker, json!(43), "the overview was not reloaded");
+
     // A failed spawn, retried from its page.
     let body = json!({ "image": MISSING_IMAGE }).to_string();
     let (_, pending) = env
@@ -449,7 +472,8 @@ async fn an_admin_watches_a_spawn_go_live_and_retries_a_failed_job_in_a_browser(
         .goto(&format!("{}/admin/jobs?state=failed", env.base))
         .await
         .unwrap();
-    see(&browser, "tbody[data-live]", &job[..8]).await;
+    // Whole ids: prefixes of time-ordered ids collide.
+    see(&browser, "tbody[data-live]", &job).await;
     browser
         .goto(&format!("{}/admin/jobs/{job}", env.base))
         .await

@@ -3,8 +3,9 @@
 (function () {
   "use strict";
 
+  // A path of keys joined by "/": queue names have dots ("berth.spawn").
   function dig(obj, path) {
-    return path.split(".").reduce(function (o, k) { return o == null ? undefined : o[k]; }, obj);
+    return path.split("/").reduce(function (o, k) { return o == null ? undefined : o[k]; }, obj);
   }
 
   // Swaps a live table body for a fresh one, keeping the boxes an operator ticked.

@@ -125,7 +125,7 @@ fn job_row(job: &JobRow) -> Markup {
     html! {
         tr data-job=(job.id) {
             td { input type="checkbox" name="ids" value=(job.id); }
-            td { a href=(format!("/admin/jobs/{}", job.id)) { code { (short(job.id)) } } }
+            td { a href=(format!("/admin/jobs/{}", job.id)) { code.id { (job.id) } } }
             td { (job.kind) }
             td.state { (badge(job.state.as_str())) }
             td { (job.user_name) }
@@ -133,7 +133,7 @@ fn job_row(job: &JobRow) -> Markup {
             td { (job.attempts) }
             td { (when(Some(job.created_at))) }
             td { (when(job.finished_at)) }
-            td.error { (job.last_error.as_deref().unwrap_or("")) }
+            td.error { @if let Some(error) = &job.last_error { (folded(error)) } }
         }
     }
 }
@@ -149,8 +149,21 @@ fn job_id(raw: &str) -> Result<Uuid, Box<Response>> {
     })
 }
 
-fn short(id: Uuid) -> String {
-    id.to_string()[..8].to_owned()
+/// An error as it was written (line breaks and indentation kept); one that runs
+/// over a line shows its first line and unfolds to the rest.
+fn folded(error: &str) -> Markup {
+    let first = error.lines().next().unwrap_or("");
+    let short = first.chars().count() <= 120 && first.len() == error.trim_end().len();
+    html! {
+        @if short {
+            (error)
+        } @else {
+            details.error {
+                summary { (first.chars().take(120).collect::<String>()) "…" }
+                pre { (error) }
+            }
+        }
+    }
 }
 
 async fn detail(
@@ -203,7 +216,7 @@ async fn detail(
             dt { "Started" } dd { (when(job.started_at)) }
             dt { "Finished" } dd { (when(job.finished_at)) }
             dt { "Run time" } dd { @match (job.started_at, job.finished_at) { (Some(s), Some(f)) => { (format!("{:.3} s", (f - s).num_milliseconds() as f64 / 1000.0)) }, _ => { "—" } } }
-            dt { "Last error" } dd.error { (job.last_error.as_deref().unwrap_or("—")) }
+            dt { "Last error" } dd.error { @match &job.last_error { Some(error) => pre { (error) }, None => "—" } }
             @if let Some(of) = job.retry_of { dt { "Retry of" } dd { a href=(format!("/admin/jobs/{of}")) { code { (of) } } } }
         }
         h3 { "Payload" } pre { (payload) }
@@ -328,4 +341,24 @@ async fn bulk(
         text += &format!("; skipped {skipped} ({})", reasons.join("; "));
     }
     operator.back(&list, Ok(text))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::folded;
+
+    #[test]
+    fn long_errors_fold_and_keep_their_lines() {
+        assert_eq!(folded("image not found").into_string(), "image not found");
+        let trace = "spawn failed: the container exited\n  at line 1\n    <module>";
+        let html = folded(trace).into_string();
+        assert!(
+            html.starts_with("<details class=\"error\"><summary>spawn failed: the container exited…</summary><pre>"),
+            "{html}"
+        );
+        assert!(
+            html.contains("exited\n  at line 1\n    &lt;module&gt;</pre>"),
+            "{html}"
+        );
+    }
 }

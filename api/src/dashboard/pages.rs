@@ -55,8 +55,8 @@ pub async fn overview(
     let queues = [schema::jobs::SPAWN_QUEUE, schema::jobs::CONTROL_QUEUE];
     layout("Overview", &operator, &query, html! {
         section.cards {
-            div.card { h2 { "Spawn slots" } p.big { span data-stat="spawn_slots.in_use" { (n(&snap["spawn_slots"]["in_use"])) } " of " span data-stat="spawn_slots.limit" { (n(&snap["spawn_slots"]["limit"])) } } p.muted { span data-stat="waiting_spawns" { (n(&snap["waiting_spawns"])) } " spawns waiting" } }
-            div.card { h2 { "Active servers" } p.big { span data-stat="active_servers.count" { (n(&snap["active_servers"]["count"])) } " of " span data-stat="active_servers.limit" { (n(&snap["active_servers"]["limit"])) } } p.muted { span data-stat="servers.running" { (n(&snap["servers"]["running"])) } " running" } }
+            div.card { h2 { "Spawn slots" } p.big { span data-stat="spawn_slots/in_use" { (n(&snap["spawn_slots"]["in_use"])) } " of " span data-stat="spawn_slots/limit" { (n(&snap["spawn_slots"]["limit"])) } } p.muted { span data-stat="waiting_spawns" { (n(&snap["waiting_spawns"])) } " spawns waiting" } }
+            div.card { h2 { "Active servers" } p.big { span data-stat="active_servers/count" { (n(&snap["active_servers"]["count"])) } " of " span data-stat="active_servers/limit" { (n(&snap["active_servers"]["limit"])) } } p.muted { span data-stat="servers/running" { (n(&snap["servers"]["running"])) } " running" } }
             div.card { h2 { "Workers alive" } p.big data-stat="workers_alive" { (n(&snap["workers_alive"])) } p.muted { a href="/admin/workers" { "see workers" } } }
             div.card { h2 { "Failures, last hour" } p.big data-stat="failures_last_hour" { (n(&snap["failures_last_hour"])) } p.muted { a href="/admin/jobs?state=failed" { "see failed jobs" } } }
         }
@@ -65,7 +65,7 @@ pub async fn overview(
             thead { tr { th { "Queue" } @for s in states { th { (s) } } } }
             tbody {
                 @for q in queues {
-                    tr { th { (q) } @for s in states { td data-stat=(format!("queues.{q}.{s}")) { (n(&snap["queues"][q][s])) } } }
+                    tr { th { (q) } @for s in states { td data-stat=(format!("queues/{q}/{s}")) { (n(&snap["queues"][q][s])) } } }
                 }
             }
         }
