@@ -59,7 +59,8 @@ struct Common {
         long,
         env = "BERTH_CONCURRENT_SPAWN_LIMIT",
         default_value_t = schema::Limits::default().concurrent_spawn_limit,
-        global = true
+        global = true,
+        value_parser = |s: &str| schema::settings::at_least("BERTH_CONCURRENT_SPAWN_LIMIT", 1_u32, s)
     )]
     concurrent_spawn_limit: u32,
 
@@ -68,7 +69,8 @@ struct Common {
         long,
         env = "BERTH_ACTIVE_SERVER_LIMIT",
         default_value_t = schema::Limits::default().active_server_limit,
-        global = true
+        global = true,
+        value_parser = |s: &str| schema::settings::at_least("BERTH_ACTIVE_SERVER_LIMIT", 1_u32, s)
     )]
     active_server_limit: u32,
 
@@ -144,8 +146,8 @@ enum QueueBackend {
 impl Common {
     fn limits(&self) -> schema::Limits {
         schema::Limits {
-            concurrent_spawn_limit: self.concurrent_spawn_limit.max(1),
-            active_server_limit: self.active_server_limit.max(1),
+            concurrent_spawn_limit: self.concurrent_spawn_limit,
+            active_server_limit: self.active_server_limit,
         }
     }
 
@@ -390,6 +392,22 @@ async fn connect(common: &Common, pool_size: u32) -> anyhow::Result<PgPool> {
         .database_url
         .as_deref()
         .context("BERTH_DATABASE_URL (or --database-url) is required")?;
+    // Checked here, not by clap, whose refusal would print the URL, password and all.
+    schema::settings::postgres_url("BERTH_DATABASE_URL", url).map_err(anyhow::Error::msg)?;
+    // One connection first: the pool retries until its timeout and then says only
+    // that it timed out, where this says why (refused, no such host, a password).
+    let where_ = url
+        .rsplit_once('@')
+        .map_or(url, |(_, host)| host)
+        .trim_start_matches("//");
+    let first = tokio::time::timeout(
+        Duration::from_secs(10),
+        sqlx::ConnectOptions::connect(&url.parse::<sqlx::postgres::PgConnectOptions>()?),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("connecting to the database at {where_}: no answer in 10 s"))?
+    .with_context(|| format!("connecting to the database at {where_}"))?;
+    let _ = sqlx::Connection::close(first).await;
     PgPoolOptions::new()
         .max_connections(pool_size)
         .acquire_timeout(Duration::from_secs(10))

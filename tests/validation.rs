@@ -1,4 +1,5 @@
-//! Bad input gets a clear 4xx with `{error, message}` and writes nothing.
+//! Bad input gets a clear 4xx with `{error, message}` and writes nothing; bad
+//! settings are refused at start, by name and reason.
 
 mod common;
 
@@ -345,4 +346,126 @@ async fn slow_and_idle_connections_are_closed_and_the_api_stays_responsive(backe
         closed_within(&mut idle, Duration::from_secs(30)).await,
         "an idle kept-alive connection is closed"
     );
+}
+
+/// What `berth <args>` printed and how it ended, with only `settings` in its
+/// environment (and no database unless one is given).
+fn start_with(args: &[&str], settings: &[(&str, &str)]) -> (std::process::ExitStatus, String) {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_berth"));
+    command
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("RUST_BACKTRACE", "0")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    for (key, value) in settings {
+        command.env(key, value);
+    }
+    let mut child = command.spawn().unwrap();
+    // A refusal comes at once; a process still running after this is the defect
+    // (it used to start and fail a minute later, or wait out a pool's timeout).
+    let deadline = std::time::Instant::now() + Duration::from_secs(9);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("berth {args:?} with {settings:?} was still starting after 9 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut text = String::new();
+    use std::io::Read;
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut text)
+        .unwrap();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut text)
+        .unwrap();
+    (status, text)
+}
+
+#[test]
+fn nonsense_settings_are_refused_at_start_by_name_and_reason() {
+    let free_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dead = format!("postgres://berth:secret@127.0.0.1:{free_port}/berth");
+    // (command, settings, what the refusal says)
+    type Case<'a> = (&'a [&'a str], Vec<(&'a str, &'a str)>, &'a [&'a str]);
+    let cases: [Case; 8] = [
+        (
+            &["scheduler"],
+            vec![("BERTH_CULL_SCHEDULE", "*/5 * *")],
+            &[
+                "BERTH_CULL_SCHEDULE",
+                "has 3 fields",
+                "sec min hour day month weekday",
+            ],
+        ),
+        (
+            &["scheduler"],
+            vec![("BERTH_ARCHIVE_SCHEDULE", "0 61 * * * *")],
+            &["BERTH_ARCHIVE_SCHEDULE", "Minutes must be less than"],
+        ),
+        (
+            &["scheduler"],
+            vec![("BERTH_IDLE_TIMEOUT", "-5")],
+            &["BERTH_IDLE_TIMEOUT must be at least 1, not -5"],
+        ),
+        (
+            &["scheduler"],
+            vec![("BERTH_MAX_AGE", "-1")],
+            &["BERTH_MAX_AGE must be at least 0, not -1"],
+        ),
+        (
+            &["api"],
+            vec![("BERTH_CONCURRENT_SPAWN_LIMIT", "0")],
+            &["BERTH_CONCURRENT_SPAWN_LIMIT must be at least 1, not 0"],
+        ),
+        (
+            &["worker"],
+            vec![("BERTH_ACTIVE_SERVER_LIMIT", "many")],
+            &["BERTH_ACTIVE_SERVER_LIMIT must be a whole number"],
+        ),
+        (
+            &["api"],
+            vec![("BERTH_DATABASE_URL", "sqlite:///var/lib/berth/berth.db")],
+            &[
+                "BERTH_DATABASE_URL is a SQLite URL",
+                "`berth up` without BERTH_DATABASE_URL",
+            ],
+        ),
+        (
+            &["api"],
+            vec![("BERTH_DATABASE_URL", dead.as_str())],
+            &[
+                "connecting to the database at 127.0.0.1:",
+                "Connection refused",
+            ],
+        ),
+    ];
+    for (args, settings, expected) in cases {
+        let (status, text) = start_with(args, &settings);
+        assert!(!status.success(), "{args:?} {settings:?} started: {text}");
+        for part in expected {
+            assert!(
+                text.contains(part),
+                "{args:?} {settings:?}: {part:?} not in {text}"
+            );
+        }
+        assert!(!text.contains("secret"), "the password was printed: {text}");
+    }
 }

@@ -6,6 +6,7 @@
 //! there first. Only the latest due tick is ever enqueued, so ticks missed while
 //! no scheduler ran are made up once on start-up, not once each.
 
+use schema::settings::at_least;
 use std::{str::FromStr, sync::Arc, time::Duration};
 
 use chrono::{DateTime, Utc};
@@ -29,19 +30,23 @@ pub enum SchedulerError {
 pub struct SchedulerConfig {
     /// When to cull idle servers: a cron expression with seconds
     /// (`sec min hour day month weekday`; five fields mean seconds = 0), or `off`.
-    #[arg(long, env = "BERTH_CULL_SCHEDULE", default_value = "0 */10 * * * *")]
+    #[arg(long, env = "BERTH_CULL_SCHEDULE", default_value = "0 */10 * * * *",
+          value_parser = |s: &str| schedule_setting("BERTH_CULL_SCHEDULE", s))]
     pub cull_schedule: String,
 
     /// Seconds without activity after which a running server is stopped.
-    #[arg(long, env = "BERTH_IDLE_TIMEOUT", default_value_t = 3600)]
+    #[arg(long, env = "BERTH_IDLE_TIMEOUT", default_value_t = 3600,
+          value_parser = |s: &str| at_least("BERTH_IDLE_TIMEOUT", 1_i64, s))]
     pub idle_timeout: i64,
 
     /// Seconds after which a server is stopped whatever its activity; 0: no cap.
-    #[arg(long, env = "BERTH_MAX_AGE", default_value_t = 0)]
+    #[arg(long, env = "BERTH_MAX_AGE", default_value_t = 0,
+          value_parser = |s: &str| at_least("BERTH_MAX_AGE", 0_i64, s))]
     pub max_age: i64,
 
     /// Seconds before the maximum age that the user is warned (on the server).
-    #[arg(long, env = "BERTH_MAX_AGE_WARNING", default_value_t = 600)]
+    #[arg(long, env = "BERTH_MAX_AGE_WARNING", default_value_t = 600,
+          value_parser = |s: &str| at_least("BERTH_MAX_AGE_WARNING", 0_i64, s))]
     pub max_age_warning: i64,
 
     /// Leave admins' servers alone when culling.
@@ -52,16 +57,19 @@ pub struct SchedulerConfig {
     #[arg(
         long,
         env = "BERTH_SESSION_EXPIRY_SCHEDULE",
-        default_value = "0 */5 * * * *"
+        default_value = "0 */5 * * * *",
+        value_parser = |s: &str| schedule_setting("BERTH_SESSION_EXPIRY_SCHEDULE", s)
     )]
     pub session_expiry_schedule: String,
 
     /// When to archive old job, audit and activity rows, or `off`.
-    #[arg(long, env = "BERTH_ARCHIVE_SCHEDULE", default_value = "0 0 2 * * *")]
+    #[arg(long, env = "BERTH_ARCHIVE_SCHEDULE", default_value = "0 0 2 * * *",
+          value_parser = |s: &str| schedule_setting("BERTH_ARCHIVE_SCHEDULE", s))]
     pub archive_schedule: String,
 
     /// Rows older than this many days are archived.
-    #[arg(long, env = "BERTH_ARCHIVE_AFTER_DAYS", default_value_t = 90)]
+    #[arg(long, env = "BERTH_ARCHIVE_AFTER_DAYS", default_value_t = 90,
+          value_parser = |s: &str| at_least("BERTH_ARCHIVE_AFTER_DAYS", 1_i64, s))]
     pub archive_after_days: i64,
 
     /// Where archive files go (on the worker that runs the archive job: shared
@@ -70,7 +78,8 @@ pub struct SchedulerConfig {
     pub archive_dir: String,
 
     /// Milliseconds between the scheduler's looks at the clock.
-    #[arg(long, env = "BERTH_SCHEDULER_TICK_MS", default_value_t = 250)]
+    #[arg(long, env = "BERTH_SCHEDULER_TICK_MS", default_value_t = 250,
+          value_parser = |s: &str| at_least("BERTH_SCHEDULER_TICK_MS", 1_u64, s))]
     pub tick_ms: u64,
 }
 
@@ -84,6 +93,23 @@ struct Entry {
     /// Ticks at or before this are done (by any replica) or predate the schedule.
     done_until: DateTime<Utc>,
     next: Option<DateTime<Utc>>,
+}
+
+/// A schedule setting as given, once it parses (or is `off`).
+fn schedule_setting(setting: &str, raw: &str) -> Result<String, String> {
+    if raw.trim().eq_ignore_ascii_case("off") {
+        return Ok(raw.to_owned());
+    }
+    let fields = raw.split_whitespace().count();
+    if !(5..=7).contains(&fields) {
+        return Err(format!(
+            "{setting} {raw:?} has {fields} fields; a schedule is a cron expression of six: \
+             `sec min hour day month weekday` (five: seconds = 0), or `off`"
+        ));
+    }
+    parse_schedule(raw)
+        .map(|_| raw.to_owned())
+        .map_err(|e| format!("{setting}: {e}"))
 }
 
 /// Parses a cron expression; five fields (no seconds) are accepted as seconds = 0.

@@ -23,6 +23,7 @@ pub mod queue;
 pub mod routes;
 pub mod server_logs;
 pub(crate) mod servers;
+pub mod settings;
 mod spawn_batch;
 pub mod store;
 pub mod telemetry;
