@@ -139,6 +139,30 @@ fn sample(text: &str, name_and_labels: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Prometheus's conventions: every family has HELP and TYPE, and the job
+/// counters exist at 0 before anything happened (a rate needs the zero).
+fn follows_conventions(text: &str) {
+    let families: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .collect();
+    assert!(families.len() >= 5, "{text}");
+    for family in families {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(&format!("# HELP {family} "))),
+            "{family} has no help text: {text}"
+        );
+    }
+    for counter in ["failed", "cancelled", "succeeded"] {
+        for kind in ["spawn", "stop", "cleanup"] {
+            let series = format!("berth_jobs_{counter}_total{{kind=\"{kind}\"}} ");
+            assert!(text.contains(&series), "no {series}at 0: {text}");
+        }
+    }
+}
+
 async fn metrics_text(env: &TestEnv) -> String {
     let response = env
         .http()
@@ -154,6 +178,11 @@ async fn metrics_counters_move_when_jobs_run(backend: Backend) {
     let mut env = TestEnv::on(backend).await;
     env.start_worker(&[]);
     let before = metrics_text(&env).await;
+    follows_conventions(&before);
+    assert_eq!(
+        sample(&before, "berth_jobs_failed_total{kind=\"spawn\"}"),
+        0.0
+    );
     let user = env.user("met");
     env.create_user(&user).await;
     let path = format!("/api/v1/users/{user}/server");
@@ -819,6 +848,7 @@ async fn worker_and_scheduler_processes_serve_their_own_metrics() {
     )
     .await;
     let worker = scrape(worker_port).await;
+    follows_conventions(&worker);
     assert_eq!(
         sample(&worker, "berth_jobs_enqueued_total{kind=\"spawn\"}"),
         0.0,
@@ -836,4 +866,5 @@ async fn worker_and_scheduler_processes_serve_their_own_metrics() {
         },
     )
     .await;
+    follows_conventions(&scrape(scheduler_port).await);
 }

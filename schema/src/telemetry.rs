@@ -26,6 +26,7 @@ pub fn install() -> PrometheusHandle {
                 .expect("buckets are not empty")
                 .install_recorder()
                 .expect("no other metrics recorder is installed");
+            describe();
             let upkeep = handle.clone();
             tokio::spawn(async move {
                 loop {
@@ -36,6 +37,84 @@ pub fn install() -> PrometheusHandle {
             handle
         })
         .clone()
+}
+
+/// Every family's help text, and the job counters at 0 for every kind, so that a
+/// rate over them works from the first scrape (Prometheus's conventions; an
+/// absent series is not a zero).
+fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        "berth_jobs_enqueued_total",
+        "Jobs this process enqueued, by kind."
+    );
+    describe_counter!(
+        "berth_jobs_started_total",
+        "Jobs this process began running, by kind."
+    );
+    describe_counter!(
+        "berth_jobs_succeeded_total",
+        "Jobs that succeeded, counted by the process that ended them, by kind."
+    );
+    describe_counter!(
+        "berth_jobs_failed_total",
+        "Jobs that failed for good, counted by the process that ended them, by kind."
+    );
+    describe_counter!(
+        "berth_jobs_cancelled_total",
+        "Jobs cancelled (by an operator, or no longer wanted), by kind."
+    );
+    describe_histogram!(
+        "berth_job_duration_seconds",
+        Unit::Seconds,
+        "Time from a job's start to its end, by kind."
+    );
+    describe_histogram!(
+        "berth_spawn_latency_seconds",
+        Unit::Seconds,
+        "Time from a spawn request to its server answering."
+    );
+    describe_histogram!(
+        "berth_http_request_duration_seconds",
+        Unit::Seconds,
+        "Time to answer an HTTP request, by method, route template and status."
+    );
+    describe_gauge!(
+        "berth_spawn_slots_in_use",
+        "Spawns in flight, platform-wide."
+    );
+    describe_gauge!(
+        "berth_spawn_slot_limit",
+        "Spawns allowed in flight at once."
+    );
+    describe_gauge!(
+        "berth_active_servers",
+        "Servers pending or running, platform-wide."
+    );
+    describe_gauge!(
+        "berth_active_server_limit",
+        "Servers allowed pending or running at once."
+    );
+    describe_gauge!("berth_spawns_waiting", "Spawns waiting for a spawn slot.");
+    describe_gauge!(
+        "berth_queue_depth",
+        "Jobs queued and not yet started, by queue."
+    );
+    describe_gauge!(
+        "berth_workers_alive",
+        "Workers heard from within the last minute."
+    );
+    for kind in JobKind::ALL {
+        for name in [
+            "berth_jobs_enqueued_total",
+            "berth_jobs_started_total",
+            "berth_jobs_succeeded_total",
+            "berth_jobs_failed_total",
+            "berth_jobs_cancelled_total",
+        ] {
+            metrics::counter!(name, "kind" => kind.as_str()).increment(0);
+        }
+    }
 }
 
 pub(crate) fn job_enqueued(kind: JobKind) {
