@@ -20,6 +20,8 @@ if ! [[ -x /bin/busybox ]] || ldd /bin/busybox >/dev/null 2>&1; then missing+=(b
 # The dashboard's and the proxy's browser tests drive Debian's chromium through chromedriver.
 command -v chromium >/dev/null || missing+=(chromium)
 command -v chromedriver >/dev/null || missing+=(chromium-driver)
+# The README's example block is run as written: curl, as a newcomer pastes it.
+command -v curl >/dev/null || missing+=(curl)
 # The proxy's tests run a real Jupyter server, from PyPI into a venv.
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
 if ((${#missing[@]})); then

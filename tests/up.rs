@@ -477,3 +477,59 @@ async fn local_servers_run_as_another_user_cannot_read_berths_secrets() {
     assert!(!home.starts_with(&up.data));
     assert_eq!(std::fs::metadata(&home).unwrap().uid(), 65534);
 }
+
+/// The README's example block, run as written against a fresh `berth up`: only its
+/// address and data directory are this test's, and every `curl` in it fails the
+/// script on an HTTP error, so a broken example fails CI.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readmes_examples_run_as_written() {
+    let readme = include_str!("../README.md");
+    let marker = "<!-- README example: tests/up.rs runs this block -->";
+    let (_, after) = readme
+        .split_once(marker)
+        .expect("the README marks its example");
+    let block = after
+        .trim_start()
+        .strip_prefix("```sh\n")
+        .expect("a sh block follows the marker");
+    let script = &block[..block.find("\n```").expect("the block ends")];
+    assert!(script.matches("curl").count() >= 10, "{script}");
+
+    let mut up = Up::new();
+    up.start("3600", "readme.log").await;
+    let script = script
+        .replace("127.0.0.1:8080", &format!("127.0.0.1:{}", up.port))
+        .replace("berth-data/", &format!("{}/", up.data.display()));
+    let wrapped = format!(
+        "set -euo pipefail\n\
+         curl() {{ command curl -sS --fail-with-body --max-time 20 \"$@\"; echo; }}\n\
+         {script}\n"
+    );
+    let out = tokio::process::Command::new("timeout")
+        .args(["120", "bash", "-c", &wrapped])
+        .output()
+        .await
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "the README's example failed ({}):\n{text}\n{}",
+        out.status,
+        up.log("readme.log")
+    );
+    // What its comments promise.
+    for promised in [
+        r#""name":"alice","email":null,"role":"user""#,
+        r#""kind":"spawn""#,
+        r#""state":"running""#,
+        r#""ready":true"#,
+        "/user/alice/",
+        r#""status":"ok""#,
+    ] {
+        assert!(text.contains(promised), "{promised} not in:\n{text}");
+    }
+}
