@@ -75,10 +75,24 @@ pub async fn up(
         .with_context(|| format!("binding {}", api.listen))?;
     let address = listener.local_addr()?;
     let db = Arc::new(schema::Db::from(store.clone()).with_limits(common.limits()));
+    let json = matches!(common.log_format, crate::LogFormat::Json);
     let announce = async {
         // Once the API answers /health: its admin account exists by then.
         for _ in 0..600 {
             if answers(address).await {
+                if json {
+                    // One JSON line like every other, with the same facts.
+                    tracing::info!(
+                        database = %store.path().display(),
+                        api = %format!("http://{address}/api/v1"),
+                        dashboard = %format!("http://{address}/admin"),
+                        servers = %format!("http://{address}/user/{{user}}/"),
+                        spawner = %spawners,
+                        login = %login,
+                        "berth is up on its embedded store"
+                    );
+                    return;
+                }
                 eprintln!(
                     "\nBerth is up on its embedded store {}.\n  API        http://{address}/api/v1\n  \
                      dashboard  http://{address}/admin\n  servers    http://{address}/user/{{user}}/ \

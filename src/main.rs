@@ -203,13 +203,21 @@ enum Command {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logs(&cli.common);
+    let json = matches!(cli.common.log_format, LogFormat::Json);
     let shutdown = shutdown_on_signal();
     // The store's own background work (the NATS outbox relay) outlives the roles,
     // so that jobs enqueued during a shutdown's grace period still reach the broker.
     let background = CancellationToken::new();
     let result = run(cli, shutdown, background.clone()).await;
     background.cancel();
-    result
+    match result {
+        // In JSON mode the reason is one JSON line too, not Rust's plain `Error:`.
+        Err(e) if json => {
+            tracing::error!(error = format!("{e:#}"), "berth stopped");
+            std::process::exit(1)
+        }
+        result => result,
+    }
 }
 
 /// The composition root: builds the one store of this process and hands it to

@@ -77,9 +77,15 @@ impl Up {
 
     /// Starts `berth up`; returns once the API answers.
     async fn start(&mut self, idle_timeout: &str, log: &str) -> usize {
+        self.start_with(idle_timeout, log, &[]).await
+    }
+
+    /// `start` with more settings.
+    async fn start_with(&mut self, idle_timeout: &str, log: &str, env: &[(&str, &str)]) -> usize {
         std::fs::create_dir_all(&self.data).unwrap();
         let child = self
             .command(idle_timeout, log)
+            .envs(env.iter().copied())
             .spawn()
             .expect("start berth up");
         self.children.push(child);
@@ -532,4 +538,60 @@ async fn the_readmes_examples_run_as_written() {
     ] {
         assert!(text.contains(promised), "{promised} not in:\n{text}");
     }
+}
+
+/// With `BERTH_LOG_FORMAT=json` every line on stderr is JSON, the banner too, and
+/// so is the reason a start fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_are_only_json_lines_banner_and_failures_included() {
+    let mut up = Up::new();
+    let first = up
+        .start_with("3600", "json.log", &[("BERTH_LOG_FORMAT", "json")])
+        .await;
+    wait_for("the banner", Duration::from_secs(15), async || {
+        up.log("json.log")
+            .contains("berth is up on its embedded store")
+    })
+    .await;
+    assert!(up.terminate(first).await.success());
+    let log = up.log("json.log");
+    let lines: Vec<Value> = log
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}\n{log}")))
+        .collect();
+    let banner = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "berth is up on its embedded store")
+        .unwrap_or_else(|| panic!("no banner in {log}"));
+    let api = format!("http://127.0.0.1:{}/api/v1", up.port);
+    assert_eq!(banner["fields"]["api"], api.as_str(), "{banner}");
+    assert!(
+        banner["fields"]["login"]
+            .as_str()
+            .unwrap()
+            .contains("admin-password"),
+        "{banner}"
+    );
+
+    // A start that fails says why in one JSON line.
+    let out = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .arg("api")
+        .env("BERTH_LOG_FORMAT", "json")
+        .env("BERTH_DATABASE_URL", "postgres://berth@127.0.0.1:1/berth")
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let failure: Value = serde_json::from_str(stderr.trim())
+        .unwrap_or_else(|e| panic!("not one JSON line ({e}): {stderr}"));
+    assert_eq!(failure["level"], "ERROR");
+    assert!(
+        failure["fields"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("Connection refused"),
+        "{failure}"
+    );
 }
