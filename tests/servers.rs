@@ -249,7 +249,10 @@ async fn a_missing_image_fails_the_server_and_leaves_no_container(backend: Backe
         .await;
     let error = failed["error"].as_str().expect("an error");
     assert!(
-        error.contains(MISSING_IMAGE) && error.contains("could not be pulled"),
+        error.contains(MISSING_IMAGE)
+            && error.contains("could not be pulled")
+            && error.contains("Without a registry")
+            && error.contains("docker load"),
         "{error}"
     );
     assert_eq!(failed["ready"], false);

@@ -215,6 +215,16 @@ async fn bad_names_bodies_and_tokens_get_clear_errors_and_write_nothing(backend:
         before,
         "nothing was written by any bad request"
     );
+    // The default image is always allowed, listed or not.
+    let (status, body) = env
+        .call(
+            Method::POST,
+            &spawn,
+            Some(&format!("{{\"image\": \"{}\"}}", schema::DEFAULT_IMAGE)),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(body["image"], schema::DEFAULT_IMAGE, "{body}");
     let (status, users) = env.call(Method::GET, "/api/v1/users", None).await;
     assert_eq!(status, StatusCode::OK);
     let names: Vec<&str> = users

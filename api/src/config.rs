@@ -96,6 +96,11 @@ pub struct ApiConfig {
     #[arg(long, env = "BERTH_ALLOWED_IMAGES", value_delimiter = ',')]
     pub allowed_images: Vec<String>,
 
+    /// The workers' default image (`BERTH_IMAGE`, read here too): a request may
+    /// always name it.
+    #[arg(long = "default-image", env = "BERTH_IMAGE", default_value = schema::DEFAULT_IMAGE, hide = true)]
+    pub default_image: String,
+
     /// Password checks (argon2, 19 MiB each) run at once; more wait up to a second,
     /// then get 503 with `Retry-After`. Each checking thread keeps its 19 MiB. Default: one per core.
     #[arg(long, env = "BERTH_PASSWORD_CHECKS", default_value_t = crate::passwords::default_concurrency())]

@@ -84,11 +84,15 @@ async fn spawn(
 ) -> ApiResult<Response> {
     principal.may("servers:write", &user)?;
     if let Some(image) = &body.image
+        && *image != state.config.default_image
         && !state.config.allowed_images.contains(image)
     {
+        let allowed: Vec<&String> = std::iter::once(&state.config.default_image)
+            .chain(&state.config.allowed_images)
+            .collect();
         return Err(ApiError::BadRequest(format!(
-            "image {image:?} is not allowed; allowed: {:?}",
-            state.config.allowed_images
+            "image {image:?} is not allowed; allowed: {allowed:?} (the default, and \
+             BERTH_ALLOWED_IMAGES)"
         )));
     }
     let seen = state.addresses(&principal);

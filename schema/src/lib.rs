@@ -46,6 +46,9 @@ pub use routes::{Route, RouteChange, Routes};
 pub use rows::{ServerRow, ServerState, UserRow, UserState};
 pub use store::{Running, ServerLock, SpawnOutcome, SpawnRequest, StopOutcome, Store, StoreError};
 
+/// The server image when neither the request nor `BERTH_IMAGE` names one.
+pub const DEFAULT_IMAGE: &str = "quay.io/jupyter/base-notebook:latest";
+
 /// Berth's own migrations.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 

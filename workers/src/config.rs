@@ -112,7 +112,7 @@ pub struct DockerConfig {
     #[arg(
         long,
         env = "BERTH_IMAGE",
-        default_value = "quay.io/jupyter/base-notebook:latest"
+        default_value = schema::DEFAULT_IMAGE
     )]
     pub image: String,
 

@@ -266,7 +266,11 @@ impl DockerSpawner {
             if policy == PullPolicy::Never {
                 return Err(SpawnError::Image {
                     image: image.into(),
-                    reason: "not present on the engine, and the pull policy is never".into(),
+                    reason: format!(
+                        "not present on the engine, and the pull policy is never: put it \
+                         there (`docker load -i image.tar`, or `docker build -t {image} .`), \
+                         or set BERTH_IMAGE to one it has (`docker images`)"
+                    ),
                 });
             }
         }
@@ -279,7 +283,12 @@ impl DockerSpawner {
             if let Err(e) = step {
                 return Err(SpawnError::Image {
                     image: image.into(),
-                    reason: format!("could not be pulled: {e}"),
+                    reason: format!(
+                        "could not be pulled: {e}. Without a registry, put the image on the \
+                         engine yourself (`docker load -i image.tar`, or `docker build -t \
+                         {image} .`), or set BERTH_IMAGE to one it has (`docker images`); \
+                         BERTH_PULL_POLICY=never stops Berth from trying"
+                    ),
                 });
             }
         }
