@@ -4,11 +4,11 @@
 
 mod common;
 
-use std::{path::PathBuf, time::Duration};
+use std::time::Duration;
 
 use common::{
     TestEnv,
-    local::{Leftovers, alive, pid_of},
+    local::{LocalPlaces, alive, pid_of},
     wait_for,
 };
 use reqwest::{Method, StatusCode};
@@ -20,25 +20,15 @@ async fn answers(url: &str) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn local_process_servers_spawn_stop_outlive_a_worker_restart_and_are_reconciled() {
     let mut env = TestEnv::start().await;
-    let data = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("process-{}", env.id));
-    let root = data.join(&env.id);
-    let _leftovers = Leftovers(data.clone(), root.clone());
-    let data_flag = data.to_string_lossy().into_owned();
-    let homes = _leftovers.homes();
-    let homes_flag = homes.to_string_lossy().into_owned();
-    let home = homes.join(&env.id);
-    let flags = [
+    let places = LocalPlaces::new("process", &env.id);
+    let (root, home) = (&places.root, &places.home);
+    let mut flags = vec![
         "--spawner",
         "process",
         "--server-command",
         "busybox httpd -f -p 127.0.0.1:{port}",
-        "--data-dir",
-        &data_flag,
-        "--homes-dir",
-        &homes_flag,
-        "--reconcile-interval",
-        "1",
     ];
+    flags.extend(places.flags());
     let first = env.start_worker_process(&flags);
     let user = env.user("proc");
     env.create_user(&user).await;
@@ -93,7 +83,7 @@ async fn local_process_servers_spawn_stop_outlive_a_worker_restart_and_are_recon
 
     // A command that cannot serve fails the spawn with its output.
     env.kill_worker(second);
-    let mut broken_flags = flags;
+    let mut broken_flags = flags.clone();
     broken_flags[3] = "echo no such server >&2; exit 3";
     env.start_worker_process(&broken_flags);
     let broken = format!("/api/v1/users/{user}/servers/broken");
@@ -119,4 +109,74 @@ async fn local_process_servers_spawn_stop_outlive_a_worker_restart_and_are_recon
         async || !home.join(&user).exists(),
     )
     .await;
+}
+
+/// A worker restarted with another spawner (Docker here, after local processes)
+/// leaves the running process servers alone, and stops and removes them with the
+/// spawner that started them: each server records which one it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_spawner_change_across_restarts_never_fails_or_loses_a_live_server() {
+    let mut env = TestEnv::start().await;
+    let places = LocalPlaces::new("switch", &env.id);
+    let root = &places.root;
+    let mut process_flags = vec![
+        "--spawner",
+        "process",
+        "--server-command",
+        "busybox httpd -f -p 127.0.0.1:{port}",
+    ];
+    process_flags.extend(places.flags());
+    let first = env.start_worker_process(&process_flags);
+    let user = env.user("switch");
+    env.create_user(&user).await;
+    let path = format!("/api/v1/users/{user}/server");
+    env.call(Method::POST, &path, None).await;
+    let server = env
+        .wait_server(&path, Duration::from_secs(30), |s| s["state"] == "running")
+        .await;
+    assert_eq!(server["spawner"], "process", "{server}");
+    let url = server["internal_url"].as_str().unwrap().to_owned();
+    let pid = pid_of(&root.join("run").join(format!("berth-{user}"))).expect("a pid file");
+
+    // The same Berth restarted on Docker: several reconcile passes later the
+    // process server still runs and is still running in the database.
+    env.kill_worker(first);
+    let mut docker_flags = vec!["--spawner", "docker"];
+    docker_flags.extend(places.flags());
+    let docker = env.start_worker_process(&docker_flags);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let (_, now) = env.call(Method::GET, &path, None).await;
+    assert_eq!(now["state"], "running", "{now}");
+    assert!(
+        alive(pid) && answers(&url).await,
+        "the process server lives"
+    );
+
+    // The Docker worker stops it with the process spawner: the process ends.
+    env.call(Method::DELETE, &path, None).await;
+    env.wait_server(&path, Duration::from_secs(30), |s| s["state"] == "stopped")
+        .await;
+    assert!(!alive(pid), "the server process was stopped");
+
+    // A second process server, then the user removed by the Docker worker.
+    env.kill_worker(docker);
+    let third = env.start_worker_process(&process_flags);
+    env.call(Method::POST, &path, None).await;
+    env.wait_server(&path, Duration::from_secs(30), |s| s["state"] == "running")
+        .await;
+    let pid = pid_of(&root.join("run").join(format!("berth-{user}"))).expect("a pid file");
+    env.kill_worker(third);
+    env.start_worker_process(&docker_flags);
+    let (status, body) = env
+        .call(Method::DELETE, &format!("/api/v1/users/{user}"), None)
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    wait_for("the user removed", Duration::from_secs(30), async || {
+        env.call(Method::GET, &format!("/api/v1/users/{user}"), None)
+            .await
+            .0
+            == StatusCode::NOT_FOUND
+    })
+    .await;
+    assert!(!alive(pid), "removing the user stopped its process server");
 }

@@ -40,6 +40,9 @@ pub struct ServerView {
     /// Where the proxy reaches it (admins only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub internal_url: Option<String>,
+    /// What started it, `docker` or `process` (admins only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spawner: Option<String>,
     pub image: Option<String>,
     pub started: Option<DateTime<Utc>>,
     pub last_activity: Option<DateTime<Utc>>,
@@ -64,6 +67,7 @@ impl ServerView {
             },
             url: Some(seen.public(&row.user_name, &row.name)),
             internal_url: row.url.clone().filter(|_| seen.internal),
+            spawner: row.spawner.clone().filter(|_| seen.internal),
             image: row.image.clone(),
             started: row.started_at,
             last_activity: row.last_activity,

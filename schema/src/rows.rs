@@ -11,7 +11,7 @@ macro_rules! select_servers {
         concat!(
             "select s.id, s.user_id, u.name as user_name, s.name, s.state, s.image, ",
             "s.spawn_job_id, s.stop_job_id, s.container_id, s.url, s.error, s.requested_at, ",
-            "s.started_at, s.stopped_at, s.last_activity, s.warning, s.mem_limit, s.cpu_limit ",
+            "s.started_at, s.stopped_at, s.last_activity, s.warning, s.mem_limit, s.cpu_limit, s.spawner ",
             "from servers s join users u on u.id = s.user_id ",
             $tail
         )
@@ -78,4 +78,8 @@ pub struct ServerRow {
     pub last_activity: Option<DateTime<Utc>>,
     /// Set when the server nears its maximum age: when it will be stopped.
     pub warning: Option<String>,
+    /// The spawner that started it (`docker`, `process`); `None` before it ran, or
+    /// when it ran before Berth recorded this.
+    #[sqlx(default)]
+    pub spawner: Option<String>,
 }

@@ -547,7 +547,7 @@ impl Store for Db {
             tx.conn(),
             "update servers set state = 'running', container_id = $3, url = $4, token_hash = $5, \
              started_at = $8, last_activity = $8, error = null, warning = null, warned_at = null, \
-             mem_limit = $6, cpu_limit = $7, updated_at = $8, proxy_token = $9 \
+             mem_limit = $6, cpu_limit = $7, updated_at = $8, proxy_token = $9, spawner = $10 \
              where id = $1 and spawn_job_id = $2 and state = 'pending_spawn'",
             r.server_id,
             r.job_id,
@@ -557,7 +557,8 @@ impl Store for Db {
             r.mem_limit,
             r.cpu_limit,
             now(),
-            &r.proxy_token
+            &r.proxy_token,
+            &r.spawner
         )?;
         let done = done == 1;
         if done {

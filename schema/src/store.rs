@@ -148,4 +148,6 @@ pub struct Running {
     /// The limits the container was started with: bytes of memory, CPUs.
     pub mem_limit: Option<i64>,
     pub cpu_limit: Option<f32>,
+    /// Which spawner started it (`docker`, `process`).
+    pub spawner: String,
 }

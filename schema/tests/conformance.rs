@@ -128,6 +128,7 @@ fn running(server_id: i64, job_id: uuid::Uuid) -> Running {
         proxy_token: "proxy-secret".into(),
         mem_limit: None,
         cpu_limit: None,
+        spawner: "docker".into(),
     }
 }
 

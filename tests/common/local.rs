@@ -77,3 +77,43 @@ pub fn data_dir(id: &str) -> (PathBuf, Leftovers) {
     let leftovers = Leftovers(data.clone(), data.join(id));
     (data, leftovers)
 }
+
+/// A test's own data and working directories for local-process workers, cleaned
+/// up (processes included) when dropped.
+pub struct LocalPlaces {
+    /// The instance's directory in the data directory (`run/`, `logs/`).
+    pub root: PathBuf,
+    /// The users' working directories of the instance.
+    pub home: PathBuf,
+    data: String,
+    homes: String,
+    _leftovers: Leftovers,
+}
+
+impl LocalPlaces {
+    pub fn new(prefix: &str, id: &str) -> Self {
+        let data = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{prefix}-{id}"));
+        let root = data.join(id);
+        let leftovers = Leftovers(data.clone(), root.clone());
+        let homes = leftovers.homes();
+        Self {
+            root,
+            home: homes.join(id),
+            data: data.to_string_lossy().into_owned(),
+            homes: homes.to_string_lossy().into_owned(),
+            _leftovers: leftovers,
+        }
+    }
+
+    /// A worker's flags naming these places, reconciling every second.
+    pub fn flags(&self) -> Vec<&str> {
+        vec![
+            "--data-dir",
+            &self.data,
+            "--homes-dir",
+            &self.homes,
+            "--reconcile-interval",
+            "1",
+        ]
+    }
+}

@@ -29,14 +29,23 @@ async fn cleanup(ctx: &Context, job: &JobRow) -> HandlerResult {
         Ok(u) => u,
         Err(e) => return Ok(JobOutcome::Failed(format!("stored user name: {e}"))),
     };
+    // Every spawner that started one of the user's servers, and this worker's.
+    let mut kinds = vec![None];
     for server in ctx.db.servers_of_user(payload.user_id).await? {
+        if !kinds.contains(&server.spawner) {
+            kinds.push(server.spawner.clone());
+        }
         let lock = ctx.db.lock_server(server.id).await?;
-        let stopped = match names(&server.user_name, &server.name) {
-            Ok((user, name)) => ctx
-                .with_retries(job, || ctx.spawner.stop(&user, &name))
+        let stopped = match (
+            names(&server.user_name, &server.name),
+            ctx.spawner_for(&server),
+        ) {
+            (Ok((user, name)), Ok(spawner)) => ctx
+                .with_retries(job, || spawner.stop(&user, &name))
                 .await
                 .map(|r| r.map_err(|e| e.to_string())),
-            Err(e) => Ok(Err(e)),
+            (Err(e), _) => Ok(Err(e)),
+            (_, Err(e)) => Ok(Err(e.to_string())),
         };
         let marked = match stopped {
             Ok(Ok(())) => ctx.db.mark_stopped(server.id, None).await.map(|_| ()),
@@ -55,13 +64,16 @@ async fn cleanup(ctx: &Context, job: &JobRow) -> HandlerResult {
         lock.release().await;
         marked?;
     }
-    if let Err(e) = ctx
-        .with_retries(job, || ctx.spawner.remove_user(&user))
-        .await?
-    {
-        return Ok(JobOutcome::Failed(format!(
-            "removing the containers and volume of {user}: {e}"
-        )));
+    for kind in kinds {
+        let removed = match ctx.spawner_of(kind.as_deref()) {
+            Ok(spawner) => ctx.with_retries(job, || spawner.remove_user(&user)).await?,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = removed {
+            return Ok(JobOutcome::Failed(format!(
+                "removing the containers and volume of {user}: {e}"
+            )));
+        }
     }
     if !ctx.db.delete_user(payload.user_id, job.id).await? {
         return Ok(JobOutcome::Cancelled(

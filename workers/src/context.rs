@@ -16,10 +16,18 @@ use tokio_util::sync::CancellationToken;
 
 use crate::spawner::{SpawnError, Spawner};
 
+/// Makes the spawner of another kind (`docker`, `process`) than this worker's,
+/// for servers that one started.
+pub type OtherSpawner = Box<dyn Fn(&str) -> Result<Arc<dyn Spawner>, SpawnError> + Send + Sync>;
+
 pub struct Context {
     /// The store, on whichever database this Berth runs.
     pub db: Arc<Db>,
+    /// This worker's spawner: every spawn it runs, and the containers it lists.
     pub spawner: Arc<dyn Spawner>,
+    /// Spawners of other kinds, made when a server started by one is met.
+    other_spawner: OtherSpawner,
+    others: Mutex<Vec<Arc<dyn Spawner>>>,
     pub worker_name: String,
     /// Tries of a job whose failures are transient, before it fails.
     pub max_attempts: u32,
@@ -38,6 +46,7 @@ impl Context {
     pub fn new(
         db: Arc<Db>,
         spawner: Arc<dyn Spawner>,
+        other_spawner: OtherSpawner,
         worker_name: String,
         max_attempts: u32,
         shutdown: CancellationToken,
@@ -45,6 +54,8 @@ impl Context {
         Self {
             db,
             spawner,
+            other_spawner,
+            others: Mutex::new(vec![]),
             worker_name,
             max_attempts,
             shutdown,
@@ -52,6 +63,28 @@ impl Context {
             slot_freed: tokio::sync::Notify::new(),
             limits_cache: Mutex::new(None),
         }
+    }
+
+    /// The spawner that started `server`: a server started by another kind than
+    /// this worker's (before a restart with another `BERTH_SPAWNER`) is stopped and
+    /// checked with that one, never taken for gone. Servers from before Berth
+    /// recorded it are taken to be this worker's.
+    pub fn spawner_for(&self, server: &ServerRow) -> Result<Arc<dyn Spawner>, SpawnError> {
+        self.spawner_of(server.spawner.as_deref())
+    }
+
+    /// The spawner of `kind` (this worker's when `None`).
+    pub fn spawner_of(&self, kind: Option<&str>) -> Result<Arc<dyn Spawner>, SpawnError> {
+        let Some(kind) = kind.filter(|k| *k != self.spawner.kind()) else {
+            return Ok(self.spawner.clone());
+        };
+        let mut others = self.others.lock().expect("other spawners");
+        if let Some(known) = others.iter().find(|s| s.kind() == kind) {
+            return Ok(known.clone());
+        }
+        let made = (self.other_spawner)(kind)?;
+        others.push(made.clone());
+        Ok(made)
     }
 
     /// The limits in force, re-read at most once a second so that an admin's

@@ -528,6 +528,10 @@ impl DockerSpawner {
 
 #[async_trait]
 impl Spawner for DockerSpawner {
+    fn kind(&self) -> &'static str {
+        "docker"
+    }
+
     async fn spawn(
         &self,
         spec: &SpawnSpec,

@@ -64,9 +64,14 @@ pub async fn run(
         .worker_name
         .clone()
         .unwrap_or_else(default_worker_name);
+    let others = {
+        let config = config.clone();
+        Box::new(move |kind: &str| other_spawner(&config, kind))
+    };
     let ctx = Arc::new(Context::new(
         db.clone(),
         spawner,
+        others,
         worker_name.clone(),
         config.max_attempts.max(1),
         shutdown.clone(),
@@ -278,6 +283,26 @@ pub async fn choose_spawner(config: &WorkerConfig) -> Result<SpawnerChoice, Work
         _ => None,
     };
     Ok(SpawnerChoice { kind, why, runs_as })
+}
+
+/// A spawner of `kind` for servers another worker (or this one before a restart
+/// with another `BERTH_SPAWNER`) started: made from this worker's settings, which
+/// name the same engine, data directory and instance.
+fn other_spawner(
+    config: &WorkerConfig,
+    kind: &str,
+) -> Result<Arc<dyn spawner::Spawner>, SpawnError> {
+    let docker = Arc::new(config.docker.clone());
+    match kind {
+        "docker" => Ok(Arc::new(DockerSpawner::connect(docker)?)),
+        "process" => Ok(Arc::new(process::ProcessSpawner::new(
+            docker,
+            &config.process,
+        )?)),
+        other => Err(SpawnError::Engine(format!(
+            "the server was started by a spawner this Berth does not know: {other:?}"
+        ))),
+    }
 }
 
 /// The chosen spawner, said in the log at every start.

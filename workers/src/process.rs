@@ -389,6 +389,10 @@ async fn signal(pid: Pid, name: &str) {
 
 #[async_trait]
 impl Spawner for ProcessSpawner {
+    fn kind(&self) -> &'static str {
+        "process"
+    }
+
     async fn spawn(
         &self,
         spec: &SpawnSpec,

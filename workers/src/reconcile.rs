@@ -120,13 +120,33 @@ async fn reconcile_locked(ctx: &Context) -> Result<Report, HandlerError> {
         };
         // The listing may be older than the server: look at both again, under the lock.
         let now = ctx.db.server_by_id(server.id).await?;
-        let container_now = match now.as_ref().and_then(|s| s.container_id.clone()) {
-            Some(id) => ctx
-                .spawner
-                .container_state(&id)
-                .await
-                .map_err(|e| HandlerError::Transient(e.to_string()))?,
-            None => None,
+        // Asked of the spawner that started it: a server of another kind than
+        // this worker's is not gone because this one has no container of it.
+        let spawner = match now.as_ref().map(|s| ctx.spawner_for(s)).transpose() {
+            Ok(spawner) => spawner,
+            Err(e) => {
+                tracing::warn!(user = %server.user_name, server = %server.name, error = %e,
+                    "reconcile: cannot look at a server started by another spawner; left alone");
+                lock.release().await;
+                continue;
+            }
+        };
+        let container_now = match (spawner, now.as_ref().and_then(|s| s.container_id.clone())) {
+            (Some(spawner), Some(id)) => match spawner.container_state(&id).await {
+                Ok(state) => state,
+                Err(e) if spawner.kind() == ctx.spawner.kind() => {
+                    lock.release().await;
+                    return Err(HandlerError::Transient(e.to_string()));
+                }
+                Err(e) => {
+                    tracing::warn!(user = %server.user_name, server = %server.name,
+                        spawner = spawner.kind(), error = %e,
+                        "reconcile: the spawner that started this server does not answer; left alone");
+                    lock.release().await;
+                    continue;
+                }
+            },
+            _ => None,
         };
         let vanished =
             now.is_some_and(|s| s.state == ServerState::Running) && container_now.is_none();

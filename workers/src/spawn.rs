@@ -192,6 +192,7 @@ async fn spawn(ctx: &Context, job: &JobRow, claimed: Claimed) -> HandlerResult {
                 proxy_token: spec.proxy_token.clone(),
                 mem_limit: spawned.mem_limit,
                 cpu_limit: spawned.cpu_limit.map(|c| c as f32),
+                spawner: ctx.spawner.kind().to_owned(),
             };
             if ctx.db.mark_running(&running).await? {
                 tracing::info!(user = %user, server = %server_name, "server running");

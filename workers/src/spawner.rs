@@ -171,6 +171,9 @@ pub struct ManagedContainer {
 
 #[async_trait]
 pub trait Spawner: Send + Sync + 'static {
+    /// What it is, as recorded on the servers it starts: `docker` or `process`.
+    fn kind(&self) -> &'static str;
+
     /// Starts the server and waits until it answers HTTP. Idempotent: whatever a
     /// previous attempt left under the same name is replaced, never doubled.
     async fn spawn(

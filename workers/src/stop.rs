@@ -13,10 +13,12 @@ pub async fn run(ctx: &Context, job: &JobRow) -> Result<(), HandlerError> {
 
 async fn stop(ctx: &Context, job: &JobRow, claimed: Claimed) -> HandlerResult {
     let Claimed { server, user, name } = claimed;
-    if let Err(e) = ctx
-        .with_retries(job, || ctx.spawner.stop(&user, &name))
-        .await?
-    {
+    // With the spawner that started it, whichever this worker runs.
+    let stopped = match ctx.spawner_for(&server) {
+        Ok(spawner) => ctx.with_retries(job, || spawner.stop(&user, &name)).await?,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = stopped {
         // Left in pending_stop with the error on the job; the reconciler or a new
         // stop request finishes the work once the engine answers again.
         return Ok(JobOutcome::Failed(format!(
