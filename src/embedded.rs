@@ -75,6 +75,7 @@ pub async fn up(
         .with_context(|| format!("binding {}", api.listen))?;
     let address = listener.local_addr()?;
     let db = Arc::new(schema::Db::from(store.clone()).with_limits(common.limits()));
+    crate::started();
     let json = matches!(common.log_format, crate::LogFormat::Json);
     let announce = async {
         // Once the API answers /health: its admin account exists by then.

@@ -305,6 +305,7 @@ async fn open_store(
     let store = PgStore::open(pool, &common.queue(), background.clone())
         .await
         .context("opening the queue")?;
+    started();
     Ok(Arc::new(Db::from(store).with_limits(common.limits())))
 }
 
@@ -454,8 +455,22 @@ fn shutdown_on_signal() -> CancellationToken {
         }
         #[cfg(not(unix))]
         let _ = ctrl_c.await;
+        // Before the roles run there is nothing to drain: a start-up that waits
+        // (for a database, a broker, a lock) ends now, not when it gives up.
+        if !STARTED.load(std::sync::atomic::Ordering::SeqCst) {
+            tracing::warn!("interrupted while starting; nothing was running yet");
+            std::process::exit(130);
+        }
         tracing::info!("shutting down");
         trigger.cancel();
     });
     token
+}
+
+/// Set once this process's roles run: from then on a signal drains them.
+static STARTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The roles are about to run: signals now shut them down gracefully.
+pub(crate) fn started() {
+    STARTED.store(true, std::sync::atomic::Ordering::SeqCst);
 }

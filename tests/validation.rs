@@ -479,3 +479,57 @@ fn nonsense_settings_are_refused_at_start_by_name_and_reason() {
         assert!(!text.contains("secret"), "the password was printed: {text}");
     }
 }
+
+/// Ctrl-C works at every moment of start-up: here while the database accepts the
+/// connection and never answers (the start-up would wait 10 s for it).
+#[test]
+fn an_interrupt_ends_a_start_that_waits_for_the_database() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = vec![];
+        for conn in silent.incoming().flatten() {
+            held.push(conn);
+        }
+    });
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_berth"))
+        .arg("api")
+        .env(
+            "BERTH_DATABASE_URL",
+            format!("postgres://berth@127.0.0.1:{port}/berth"),
+        )
+        .env("BERTH_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(child.try_wait().unwrap().is_none(), "still starting");
+    let sent = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("berth api ignored the interrupt while waiting for its database");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(130), "{status}");
+    let mut text = String::new();
+    use std::io::Read;
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut text)
+        .unwrap();
+    assert!(text.contains("interrupted while starting"), "{text}");
+}
