@@ -1393,7 +1393,108 @@ async fn a_newcomer_with_a_deleted_users_name_cannot_read_their_jobs(backend: Ba
     .await;
 }
 
+/// An admin finds audit entries by actor, action, part of the target and time,
+/// through the API and on the dashboard's audit page.
+async fn the_audit_log_is_searched_by_actor_action_target_and_time(backend: Backend) {
+    let env = TestEnv::on(backend).await;
+    let ann = env.user("aud");
+    env.register(&ann, "a long enough password").await;
+    let wrong = json!({ "username": ann, "password": "not the password" }).to_string();
+    for _ in 0..2 {
+        let (status, _) = env
+            .call_with(Method::POST, "/api/v1/auth/login", Some(&wrong), None)
+            .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+    let own = env.login(&ann, "a long enough password").await;
+    let admin = env.login(ADMIN_USER, ADMIN_PASSWORD).await;
+    let search = async |query: &str| {
+        let (status, body) = as_user(
+            &env,
+            &admin,
+            Method::GET,
+            &format!("/api/v1/admin/audit?{query}"),
+            None,
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{query}: {body}");
+        body
+    };
+    let failed = search(&format!("action=login_failed&target={ann}")).await;
+    assert_eq!(failed["total"], 2, "{failed}");
+    for entry in failed["entries"].as_array().unwrap() {
+        assert_eq!(entry["action"], "login_failed");
+        assert_eq!(entry["target"], ann.as_str());
+    }
+    // Part of the target, and the actor exactly.
+    let part = &ann[..ann.len() - 2];
+    let theirs = search(&format!("target={part}")).await;
+    let actions: Vec<&str> = theirs["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert!(
+        actions.contains(&"user_registered")
+            && actions.contains(&"login_failed")
+            && actions.contains(&"login_succeeded"),
+        "{theirs}"
+    );
+    // Ann acted twice: registering logged her in, then she logged in.
+    let by_ann = search(&format!("actor=user:{ann}")).await;
+    assert_eq!(by_ann["total"], 2, "{by_ann}");
+    for entry in by_ann["entries"].as_array().unwrap() {
+        assert_eq!(entry["action"], "login_succeeded");
+    }
+    // Time: nothing after a minute from now, everything of the last hour.
+    let later = (chrono::Utc::now() + chrono::Duration::minutes(1))
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let hour_ago = (chrono::Utc::now() - chrono::Duration::hours(1))
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    assert_eq!(
+        search(&format!("target={ann}&since={later}")).await["total"],
+        0
+    );
+    assert_eq!(
+        search(&format!("target={ann}&since={hour_ago}&until={later}")).await["total"],
+        theirs["total"]
+    );
+    // Bad searches are 400s that say why.
+    for bad in ["since=yesterday", "actor=x&color=red", "per_page=0"] {
+        let (status, body) = as_user(
+            &env,
+            &admin,
+            Method::GET,
+            &format!("/api/v1/admin/audit?{bad}"),
+            None,
+        )
+        .await;
+        assert_error(status, &body, StatusCode::BAD_REQUEST, "bad_request");
+    }
+    let (status, _) = as_user(&env, &own, Method::GET, "/api/v1/admin/audit", None).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+
+    // The dashboard's audit page, filtered the same way.
+    let page = env
+        .http()
+        .get(format!(
+            "{}/admin/audit?action=login_failed&target={ann}",
+            env.base
+        ))
+        .header("cookie", format!("berth_session={admin}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), StatusCode::OK);
+    let html = page.text().await.unwrap();
+    assert_eq!(html.matches("<td>login_failed</td>").count(), 2, "{html}");
+    assert!(!html.contains("<td>login_succeeded</td>"), "{html}");
+    assert!(html.contains("2 in all"), "{html}");
+}
+
 on_both_stores!(
+    the_audit_log_is_searched_by_actor_action_target_and_time,
     a_newcomer_with_a_deleted_users_name_cannot_read_their_jobs,
     registrations_are_throttled_per_address_and_do_not_say_what_is_taken,
     forwarded_for_is_believed_only_from_trusted_proxies,

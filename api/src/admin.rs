@@ -6,7 +6,7 @@ use axum::{
     http::StatusCode,
     routing::{delete, get, patch},
 };
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use schema::{Role, accounts::ApiTokenRow, prelude::*};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -241,9 +241,9 @@ struct TokenView {
     name: String,
     scopes: Vec<String>,
     created_by: Option<String>,
-    created: chrono::DateTime<Utc>,
-    expires_at: Option<chrono::DateTime<Utc>>,
-    last_used: Option<chrono::DateTime<Utc>>,
+    created: DateTime<Utc>,
+    expires_at: Option<DateTime<Utc>>,
+    last_used: Option<DateTime<Utc>>,
     revoked: Option<chrono::DateTime<Utc>>,
 }
 
@@ -367,14 +367,55 @@ async fn revoke_token(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// The audit log's query: a page, and what narrows it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditQuery {
+    #[serde(default = "first_page")]
+    page: i64,
+    #[serde(default = "default_per_page")]
+    per_page: i64,
+    /// Who acted (exactly).
+    actor: Option<String>,
+    /// What they did (exactly).
+    action: Option<String>,
+    /// Part of the target.
+    target: Option<String>,
+    /// At or after (RFC 3339).
+    since: Option<DateTime<Utc>>,
+    /// Before (RFC 3339).
+    until: Option<DateTime<Utc>>,
+}
+
 async fn audit(
     State(state): State<AppState>,
     principal: Principal,
-    query: Result<Query<Paging>, axum::extract::rejection::QueryRejection>,
+    query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Json<Value>> {
     principal.require("admin")?;
-    let (paging, offset, limit) = paging(query)?;
-    let page = state.db.audit_page(offset, limit).await?;
+    let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let paging = Paging {
+        page: q.page,
+        per_page: q.per_page,
+        q: None,
+    };
+    let (offset, limit) = paging.window()?;
+    let text = |name: &str, value: Option<String>| -> ApiResult<Option<String>> {
+        match value.filter(|v| !v.is_empty()) {
+            Some(v) if v.chars().count() > MAX_SEARCH => Err(ApiError::BadRequest(format!(
+                "{name} is at most {MAX_SEARCH} characters"
+            ))),
+            v => Ok(v),
+        }
+    };
+    let filter = schema::accounts::AuditFilter {
+        actor: text("actor", q.actor)?,
+        action: text("action", q.action)?,
+        target: text("target", q.target)?,
+        since: q.since,
+        until: q.until,
+    };
+    let page = state.db.audit_page(&filter, offset, limit).await?;
     let entries: Vec<Value> = page
         .items
         .into_iter()

@@ -10,12 +10,13 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post},
 };
-use chrono::{DateTime, NaiveDateTime, Utc};
 use maud::{Markup, html};
 use schema::{JobRow, console::JobFilter, prelude::*};
 use uuid::Uuid;
 
-use super::{Form, Operator, badge, layout, page_error, page_of, pager, rows_or_page, say, when};
+use super::{
+    Form, Operator, badge, layout, page_error, page_of, pager, rows_or_page, say, time_of, when,
+};
 use crate::{
     AppState,
     auth::ClientAddr,
@@ -47,18 +48,7 @@ fn filter_from(get: impl Fn(&str) -> Option<String>) -> Result<JobFilter, String
             Some(v) => Err(format!("{key} {v:?} is not one of {}", allowed.join(", "))),
         }
     };
-    let time = |key: &str| -> Result<Option<DateTime<Utc>>, String> {
-        match get(key).filter(|v| !v.is_empty()) {
-            None => Ok(None),
-            Some(v) => DateTime::parse_from_rfc3339(&v)
-                .map(|t| t.with_timezone(&Utc))
-                .or_else(|_| {
-                    NaiveDateTime::parse_from_str(&v, "%Y-%m-%dT%H:%M").map(|t| t.and_utc())
-                })
-                .map(Some)
-                .map_err(|_| format!("{key} {v:?} is not a time (YYYY-MM-DDTHH:MM, UTC)")),
-        }
-    };
+    let time = |key: &str| time_of(key, get(key));
     Ok(JobFilter {
         kind: pick("kind", KINDS)?,
         state: pick("state", STATES)?,

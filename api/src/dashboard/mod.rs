@@ -313,6 +313,20 @@ pub fn pager(
     }
 }
 
+/// A time a filter form sent (`datetime-local`, read as UTC, or RFC 3339), if any.
+pub fn time_of(key: &str, value: Option<String>) -> Result<Option<DateTime<Utc>>, String> {
+    match value.filter(|v| !v.is_empty()) {
+        None => Ok(None),
+        Some(v) => DateTime::parse_from_rfc3339(&v)
+            .map(|t| t.with_timezone(&Utc))
+            .or_else(|_| {
+                chrono::NaiveDateTime::parse_from_str(&v, "%Y-%m-%dT%H:%M").map(|t| t.and_utc())
+            })
+            .map(Some)
+            .map_err(|_| format!("{key} {v:?} is not a time (YYYY-MM-DDTHH:MM, UTC)")),
+    }
+}
+
 /// `page` from the query, from 1.
 pub fn page_of(query: &HashMap<String, String>) -> Result<i64, String> {
     match query.get("page").filter(|p| !p.is_empty()) {

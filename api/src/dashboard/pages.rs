@@ -13,12 +13,14 @@ use axum::{
 use chrono::Utc;
 use maud::html;
 use schema::{
-    Role, ServerName, ServerState, StopOutcome, UserName, console::ServerFilter, prelude::*,
+    Role, ServerName, ServerState, StopOutcome, UserName, accounts::AuditFilter,
+    console::ServerFilter, prelude::*,
 };
 use serde_json::{Value, json};
 
 use super::{
-    Form, Operator, badge, layout, page_error, page_of, pager, rows_or_page, say, snapshot, when,
+    Form, Operator, badge, layout, page_error, page_of, pager, rows_or_page, say, snapshot,
+    time_of, when,
 };
 use crate::{AppState, auth::ClientAddr, error::ApiError};
 
@@ -480,7 +482,26 @@ async fn audit(
         Ok(p) => p,
         Err(message) => return page_error(StatusCode::BAD_REQUEST, "Bad page", &message),
     };
-    let list = match state.db.audit_page((page - 1) * PER_PAGE, PER_PAGE).await {
+    let value = |key: &str| query.get(key).cloned().unwrap_or_default();
+    let text = |key: &str| query.get(key).filter(|v| !v.is_empty()).cloned();
+    let times =
+        time_of("since", text("since")).and_then(|s| Ok((s, time_of("until", text("until"))?)));
+    let (since, until) = match times {
+        Ok(t) => t,
+        Err(message) => return page_error(StatusCode::BAD_REQUEST, "Bad filter", &message),
+    };
+    let filter = AuditFilter {
+        actor: text("actor"),
+        action: text("action"),
+        target: text("target"),
+        since,
+        until,
+    };
+    let list = match state
+        .db
+        .audit_page(&filter, (page - 1) * PER_PAGE, PER_PAGE)
+        .await
+    {
         Ok(l) => l,
         Err(e) => return failure(e),
     };
@@ -495,6 +516,15 @@ async fn audit(
             &operator,
             &query,
             html! {
+                form.filters #audit-filter method="get" action="/admin/audit" {
+                    label { "Actor" input name="actor" value=(value("actor")) size="14"; }
+                    label { "Action" input name="action" value=(value("action")) size="18" placeholder="e.g. login_failed"; }
+                    label { "Target" input name="target" value=(value("target")) size="14"; }
+                    label { "From (UTC)" input name="since" type="datetime-local" value=(value("since")); }
+                    label { "To (UTC)" input name="until" type="datetime-local" value=(value("until")); }
+                    button type="submit" { "Filter" }
+                    a href="/admin/audit" { "clear" }
+                }
                 table {
                     thead { tr { th { "When" } th { "Actor" } th { "Action" } th { "Target" } th { "Address" } th { "Detail" } } }
                     tbody data-live { (rows) }
