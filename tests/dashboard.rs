@@ -386,7 +386,83 @@ async fn progress_streams_are_capped_per_user_and_end_with_the_session(backend: 
     }
 }
 
+/// An admin adds a user from the dashboard's users page and deletes them again,
+/// with the API's checks (a bad name is refused, nothing created) and audit.
+async fn admins_add_and_delete_users_from_the_dashboard(backend: Backend) {
+    let mut env = TestEnv::on(backend).await;
+    env.start_worker(&[]);
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let admin = env.login(ADMIN_USER, ADMIN_PASSWORD).await;
+    // A form posted from the dashboard's own page.
+    let post = async |path: &str, form: &str| {
+        let answer = client
+            .post(format!("{}{path}", env.base))
+            .header("cookie", format!("berth_session={admin}"))
+            .header("origin", &env.base)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(form.to_owned())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), StatusCode::SEE_OTHER, "{path} {form}");
+        let to = answer.headers()["location"].to_str().unwrap().to_owned();
+        // What the page it leads to says.
+        client
+            .get(format!("{}{to}", env.base))
+            .header("cookie", format!("berth_session={admin}"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let users_before = env.count("select count(*) from users").await;
+    let refused = post(
+        "/admin/users",
+        "username=Not+A+Name&password=a+long+password",
+    )
+    .await;
+    assert!(refused.contains("class=\"error\""), "{refused}");
+    assert_eq!(env.count("select count(*) from users").await, users_before);
+
+    let name = env.user("added");
+    let added = post(
+        "/admin/users",
+        &format!("username={name}&email=&password=a+long+enough+password&role=user"),
+    )
+    .await;
+    assert!(
+        added.contains(&format!("{name} was added as user")),
+        "{added}"
+    );
+    assert!(added.contains(&format!("data-user=\"{name}\"")), "{added}");
+    let token = env.login(&name, "a long enough password").await;
+    assert!(!token.is_empty());
+
+    let deleted = post(&format!("/admin/users/{name}/delete"), "").await;
+    assert!(
+        deleted.contains(&format!("{name} is being deleted")),
+        "{deleted}"
+    );
+    wait_for("the user removed", Duration::from_secs(30), async || {
+        env.call(Method::GET, &format!("/api/v1/users/{name}"), None)
+            .await
+            .0
+            == StatusCode::NOT_FOUND
+    })
+    .await;
+    let audited = env
+        .count("select count(*) from audit_log where action in ('user_created', 'user_deleted') and actor like 'user:%'")
+        .await;
+    assert_eq!(audited, 2);
+}
+
 on_both_stores!(
+    admins_add_and_delete_users_from_the_dashboard,
     progress_streams_are_capped_per_user_and_end_with_the_session,
     metrics_counters_move_when_jobs_run,
     the_dashboard_turns_away_strangers_non_admins_and_other_sites,

@@ -34,8 +34,9 @@ pub fn router() -> Router<AppState> {
         .route("/workers", get(workers))
         .route("/schedules", get(schedules))
         .route("/schedules/{name}/run", post(run_schedule))
-        .route("/users", get(users))
+        .route("/users", get(users).post(add_user))
         .route("/users/{name}", post(change_user))
+        .route("/users/{name}/delete", post(delete_user))
         .route("/audit", get(audit))
 }
 
@@ -396,6 +397,9 @@ async fn users(
                         @if u.is_admin() { button name="role" value="user" { "Make user" } } @else { button name="role" value="admin" { "Make admin" } }
                         @if u.active { button name="active" value="false" data-confirm="Deactivate this account? Its sessions end." { "Deactivate" } } @else { button name="active" value="true" { "Activate" } }
                     }
+                    form method="post" action=(format!("/admin/users/{}/delete", u.name)) data-confirm=(format!("Delete {} with their servers and files?", u.name)) {
+                        button.danger { "Delete" }
+                    }
                 }
             }
         }
@@ -410,6 +414,16 @@ async fn users(
                     label { "Search" input name="q" value=(q.clone().unwrap_or_default()) placeholder="name or email"; }
                     button type="submit" { "Search" }
                 }
+                details.add-user {
+                    summary { "Add a user" }
+                    form.filters #add-user method="post" action="/admin/users" {
+                        label { "Name" input name="username" required size="16" autocomplete="off"; }
+                        label { "Email" input name="email" type="email" size="20"; }
+                        label { "Password" input name="password" type="password" size="16" autocomplete="new-password" placeholder="none: a portal logs them in"; }
+                        label { "Role" select name="role" { option value="user" { "user" } option value="admin" { "admin" } } }
+                        button type="submit" { "Add" }
+                    }
+                }
                 table {
                     thead { tr { th { "User" } th { "Email" } th { "Role" } th { "Account" } th { "Created" } th { "Last activity" } th {} } }
                     tbody data-live { (rows) }
@@ -418,6 +432,73 @@ async fn users(
             },
         )
     })
+}
+
+/// Adds an account, with the same checks and audit entry as the API's.
+async fn add_user(
+    State(state): State<AppState>,
+    operator: Operator,
+    addr: ClientAddr,
+    body: Bytes,
+) -> Response {
+    let form = match Form::parse(&body) {
+        Ok(f) => f,
+        Err(bad) => return bad.into_response(),
+    };
+    let Some(name) = form.get("username") else {
+        return operator.back("/admin/users", Err("a user needs a name".into()));
+    };
+    let role = match Role::parse(form.get("role").unwrap_or("user")) {
+        Some(role) => role,
+        None => return operator.back("/admin/users", Err("the role is user or admin".into())),
+    };
+    let account = crate::accounts::new_account(
+        name,
+        form.get("email").map(str::to_owned),
+        form.get("password").map(str::to_owned),
+        role,
+    )
+    .await;
+    let created = match account {
+        Ok(account) => {
+            crate::users::create_account(&state, &operator.principal, &addr, &account).await
+        }
+        Err(e) => Err(e),
+    };
+    match created {
+        Ok((_, user)) => operator.back(
+            &format!("/admin/users?q={}", super::encode(&user.name)),
+            Ok(format!("{} was added as {}", user.name, user.role)),
+        ),
+        Err(e) => operator.back("/admin/users", Err(say(e))),
+    }
+}
+
+/// Deletes an account as the API does: a cleanup job stops its servers and
+/// removes its files, then the account.
+async fn delete_user(
+    State(state): State<AppState>,
+    operator: Operator,
+    addr: ClientAddr,
+    Path(name): Path<String>,
+) -> Response {
+    let removed = crate::users::remove_user(
+        State(state),
+        operator.principal.clone(),
+        addr,
+        Ok(Path(name.clone())),
+    )
+    .await;
+    match removed {
+        Ok((_, body)) => operator.back(
+            "/admin/users",
+            Ok(format!(
+                "{name} is being deleted (job {})",
+                body["job_id"].as_str().unwrap_or("?")
+            )),
+        ),
+        Err(e) => operator.back("/admin/users", Err(say(e))),
+    }
 }
 
 async fn change_user(
