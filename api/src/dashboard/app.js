@@ -43,6 +43,11 @@
       first = false;
     });
     source.onerror = function () { dot.className = "live off"; };
+    // A page left (or kept in the back-forward cache) gives its stream back:
+    // browsers allow six connections to a host, and streams of pages gone by
+    // held them, so that after a few pages a click waited for a minute.
+    window.addEventListener("pagehide", function () { source.close(); });
+    window.addEventListener("pageshow", function (e) { if (e.persisted) window.location.reload(); });
   }
 
   function selection() {
