@@ -443,6 +443,39 @@ async fn admins_add_and_delete_users_from_the_dashboard(backend: Backend) {
     let token = env.login(&name, "a long enough password").await;
     assert!(!token.is_empty());
 
+    // Their page: a server started from it runs, with its job and their session.
+    let starting = post(&format!("/admin/users/{name}/servers/start"), "server=lab").await;
+    assert!(starting.contains("Starting"), "{starting}");
+    env.wait_server(
+        &format!("/api/v1/users/{name}/servers/lab"),
+        Duration::from_secs(30),
+        |s| s["state"] == "running",
+    )
+    .await;
+    let page = client
+        .get(format!("{}/admin/users/{name}", env.base))
+        .header("cookie", format!("berth_session={admin}"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let row = page
+        .split(&format!("data-server=\"{name}/lab\""))
+        .nth(1)
+        .and_then(|rest| rest.split("</tr>").next())
+        .unwrap_or_else(|| panic!("no row of the server: {page}"));
+    assert!(
+        row.contains(">running<") && row.contains(">open<") && row.contains(">Stop<"),
+        "{row}"
+    );
+    assert!(row.contains(&format!("/user/{name}/lab/")), "{row}");
+    let jobs = page.split("id=\"user-jobs\"").nth(1).unwrap();
+    assert!(jobs.contains(">spawn<") && jobs.contains(">lab<"), "{jobs}");
+    let sessions = page.split("id=\"user-sessions\"").nth(1).unwrap();
+    assert!(sessions.contains("127.0.0.1"), "{sessions}");
+
     let deleted = post(&format!("/admin/users/{name}/delete"), "").await;
     assert!(
         deleted.contains(&format!("{name} is being deleted")),
@@ -560,6 +593,23 @@ async fn an_admin_watches_a_spawn_go_live_and_retries_a_failed_job_in_a_browser(
         .await
         .unwrap();
     assert_eq!(marker, json!(43), "the overview was not reloaded");
+    let png = browser.screenshot().await.unwrap();
+    std::fs::write(artefacts.join("dashboard-overview-live.png"), &png).unwrap();
+
+    // The user's page: both servers running, with the jobs that started them.
+    browser
+        .goto(&format!("{}/admin/users/{user}", env.base))
+        .await
+        .unwrap();
+    see(
+        &browser,
+        &format!("tr[data-server='{user}/two'] td.state"),
+        "running",
+    )
+    .await;
+    see(&browser, "#user-jobs", "spawn").await;
+    let png = browser.screenshot().await.unwrap();
+    std::fs::write(artefacts.join("dashboard-user.png"), &png).unwrap();
 
     // A failed spawn, retried from its page.
     let body = json!({ "image": MISSING_IMAGE }).to_string();

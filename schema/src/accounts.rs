@@ -61,6 +61,16 @@ pub struct AuditRow {
     pub detail: serde_json::Value,
 }
 
+/// A login session (the dashboard's cookie or an access token).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct SessionRow {
+    pub jti: Uuid,
+    pub issued_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    pub revoked_at: Option<DateTime<Utc>>,
+    pub client_addr: Option<String>,
+}
+
 /// Which audit entries a listing shows: each part narrows it.
 #[derive(Debug, Clone, Default)]
 pub struct AuditFilter {
@@ -142,6 +152,9 @@ pub trait Accounts: Send + Sync + 'static {
     /// The active account behind a session that exists, is not revoked and has not
     /// expired; `None` otherwise. Roles are read here, so a demotion acts at once.
     async fn session_user(&self, jti: Uuid) -> Result<Option<UserRow>, StoreError>;
+    /// The account's sessions that have not expired, newest first (revoked ones
+    /// included, with when).
+    async fn sessions_of(&self, user_id: i64) -> Result<Vec<SessionRow>, StoreError>;
     /// Ends a session and every proxy session it handed over.
     async fn revoke_session(&self, jti: Uuid) -> Result<(), StoreError>;
 
@@ -467,6 +480,17 @@ impl Accounts for Db {
         .bind(jti)
         .bind(now())
         .fetch_optional(p)
+        .await)?)
+    }
+
+    async fn sessions_of(&self, user_id: i64) -> Result<Vec<SessionRow>, StoreError> {
+        Ok(each!(self.pool(), p => sqlx::query_as::<_, SessionRow>(
+            "select jti, issued_at, expires_at, revoked_at, client_addr from sessions \
+             where user_id = $1 and expires_at > $2 order by issued_at desc limit 100",
+        )
+        .bind(user_id)
+        .bind(now())
+        .fetch_all(p)
         .await)?)
     }
 

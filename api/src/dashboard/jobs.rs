@@ -141,7 +141,7 @@ fn job_id(raw: &str) -> Result<Uuid, Box<Response>> {
 
 /// An error as it was written (line breaks and indentation kept); one that runs
 /// over a line shows its first line and unfolds to the rest.
-fn folded(error: &str) -> Markup {
+pub(super) fn folded(error: &str) -> Markup {
     let first = error.lines().next().unwrap_or("");
     let short = first.chars().count() <= 120 && first.len() == error.trim_end().len();
     html! {

@@ -13,7 +13,7 @@ use axum::{
 use chrono::Utc;
 use maud::html;
 use schema::{
-    Role, ServerName, ServerState, StopOutcome, UserName, accounts::AuditFilter,
+    Role, ServerName, ServerState, SpawnOutcome, StopOutcome, UserName, accounts::AuditFilter,
     console::ServerFilter, prelude::*,
 };
 use serde_json::{Value, json};
@@ -35,7 +35,8 @@ pub fn router() -> Router<AppState> {
         .route("/schedules", get(schedules))
         .route("/schedules/{name}/run", post(run_schedule))
         .route("/users", get(users).post(add_user))
-        .route("/users/{name}", post(change_user))
+        .route("/users/{name}", get(user_page).post(change_user))
+        .route("/users/{name}/servers/start", post(start_server))
         .route("/users/{name}/delete", post(delete_user))
         .route("/audit", get(audit))
 }
@@ -389,7 +390,7 @@ async fn users(
     let rows = html! {
         @for u in &list.items {
             tr data-user=(u.name) {
-                td { (u.name) } td { (u.email.as_deref().unwrap_or("")) } td { (badge(u.role.as_str())) }
+                td { a href=(format!("/admin/users/{}", u.name)) { (u.name) } } td { (u.email.as_deref().unwrap_or("")) } td { (badge(u.role.as_str())) }
                 td { @if u.active { (badge("active")) } @else { (badge("deactivated")) } }
                 td { (when(Some(u.created_at))) } td { (when(u.last_activity)) }
                 td.actions {
@@ -432,6 +433,163 @@ async fn users(
             },
         )
     })
+}
+
+/// One user: their servers (open, start, stop), recent jobs and sessions.
+async fn user_page(
+    State(state): State<AppState>,
+    operator: Operator,
+    Path(name): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    let Ok(name) = UserName::parse(&name) else {
+        return page_error(
+            StatusCode::NOT_FOUND,
+            "No such user",
+            "That is not a user's name.",
+        );
+    };
+    let user = match state.db.get_user(&name).await {
+        Ok(Some(u)) => u,
+        Ok(None) => {
+            return page_error(
+                StatusCode::NOT_FOUND,
+                "No such user",
+                &format!("There is no user named {:?}.", name.as_str()),
+            );
+        }
+        Err(e) => return failure(e),
+    };
+    let filter = schema::console::JobFilter {
+        user: Some(user.name.clone()),
+        ..Default::default()
+    };
+    let ids = [user.id];
+    let (servers, jobs, sessions) = match tokio::try_join!(
+        state.db.servers_of(&ids),
+        state.db.jobs_page(&filter, 0, 20),
+        state.db.sessions_of(user.id),
+    ) {
+        Ok(all) => all,
+        Err(e) => return failure(e),
+    };
+    let seen = state.addresses(&operator.principal);
+    let u = &user.name;
+    layout(
+        &format!("User {u}"),
+        &operator,
+        &query,
+        html! {
+            p.muted {
+                (user.email.as_deref().unwrap_or("no email")) " · " (badge(user.role.as_str())) " · "
+                @if user.active { (badge("active")) } @else { (badge("deactivated")) }
+                " · created " (when(Some(user.created_at))) " · last active " (when(user.last_activity))
+            }
+            h2 { "Servers" }
+            table #user-servers {
+                thead { tr { th { "Server" } th { "State" } th { "Spawner" } th { "Image" } th { "Started" } th { "Last activity" } th { "Error" } th {} } }
+                tbody {
+                    @for s in &servers {
+                        @let label = if s.name.is_empty() { "(default)" } else { s.name.as_str() };
+                        tr data-server=(format!("{u}/{}", s.name)) {
+                            td { (label) }
+                            td.state { (badge(s.state.as_str())) }
+                            td { (s.spawner.as_deref().unwrap_or("")) }
+                            td { (s.image.as_deref().unwrap_or("default")) }
+                            td { (when(s.started_at)) }
+                            td { (when(s.last_activity)) }
+                            td.error { @if let Some(e) = &s.error { (super::jobs::folded(e)) } }
+                            td.actions {
+                                @if s.state == ServerState::Running {
+                                    a href=(seen.public(u, &s.name)) target="_blank" rel="noopener" { "open" } " "
+                                }
+                                @if matches!(s.state, ServerState::Running | ServerState::PendingSpawn) {
+                                    form method="post" action="/admin/servers/stop" {
+                                        input type="hidden" name="user" value=(u);
+                                        @if !s.name.is_empty() { input type="hidden" name="server" value=(s.name); }
+                                        button { "Stop" }
+                                    }
+                                }
+                                @if matches!(s.state, ServerState::Stopped | ServerState::Failed) {
+                                    form method="post" action=(format!("/admin/users/{u}/servers/start")) {
+                                        @if !s.name.is_empty() { input type="hidden" name="server" value=(s.name); }
+                                        button { "Start" }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            form.filters #start-server method="post" action=(format!("/admin/users/{u}/servers/start")) {
+                label { "Start a server named" input name="server" size="14" placeholder="(default)"; }
+                button type="submit" { "Start" }
+            }
+            h2 { "Recent jobs" }
+            table #user-jobs {
+                thead { tr { th { "Job" } th { "Kind" } th { "State" } th { "Server" } th { "Created" } th { "Finished" } th { "Error" } } }
+                tbody {
+                    @for j in &jobs.items {
+                        tr {
+                            td { a href=(format!("/admin/jobs/{}", j.id)) { code.id { (j.id) } } }
+                            td { (j.kind) } td.state { (badge(j.state.as_str())) }
+                            td { (j.server_name.as_deref().unwrap_or("")) }
+                            td { (when(Some(j.created_at))) } td { (when(j.finished_at)) }
+                            td.error { @if let Some(e) = &j.last_error { (super::jobs::folded(e)) } }
+                        }
+                    }
+                }
+            }
+            p.muted { a href=(format!("/admin/jobs?user={u}")) { "all " (jobs.total) " jobs of " (u) } }
+            h2 { "Sessions" }
+            table #user-sessions {
+                thead { tr { th { "Since" } th { "Until" } th { "Ended" } th { "Address" } } }
+                tbody {
+                    @for s in &sessions {
+                        tr { td { (when(Some(s.issued_at))) } td { (when(Some(s.expires_at))) } td { (when(s.revoked_at)) } td { (s.client_addr.as_deref().unwrap_or("")) } }
+                    }
+                }
+            }
+        },
+    )
+    .into_response()
+}
+
+/// Starts one of a user's servers as a spawn request of theirs would.
+async fn start_server(
+    State(state): State<AppState>,
+    operator: Operator,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Response {
+    let form = match Form::parse(&body) {
+        Ok(f) => f,
+        Err(bad) => return bad.into_response(),
+    };
+    let back = format!("/admin/users/{}", super::encode(&name));
+    let names = UserName::parse(&name).and_then(|u| {
+        Ok((
+            u,
+            match form.get("server") {
+                None => ServerName::default_server(),
+                Some(server) => ServerName::parse(server)?,
+            },
+        ))
+    });
+    let (user, server) = match names {
+        Ok(n) => n,
+        Err(e) => return operator.back(&back, Err(e.to_string())),
+    };
+    match crate::servers::request_spawn(&state, user, server.clone(), None).await {
+        Ok(SpawnOutcome::Enqueued(_) | SpawnOutcome::AlreadyPending(_)) => operator.back(
+            &back,
+            Ok(format!("Starting {name}'s server {:?}", server.as_str())),
+        ),
+        Ok(SpawnOutcome::AlreadyRunning(_)) => {
+            operator.back(&back, Ok("That server is running already".into()))
+        }
+        Err(e) => operator.back(&back, Err(say(e))),
+    }
 }
 
 /// Adds an account, with the same checks and audit entry as the API's.
