@@ -263,6 +263,22 @@ async fn berth_up_runs_from_an_empty_data_directory_and_keeps_everything_across_
     let log = log.text().await.unwrap();
     let hello = format!("hello from {alice}");
     assert!(log.lines().any(|l| l == hello), "{log}");
+    // The same output from the dashboard, linked from the user's page.
+    let dashboard = async |path: &str| {
+        let answer = reqwest::Client::new()
+            .get(format!("{base}{path}"))
+            .header("cookie", format!("berth_session={token}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), StatusCode::OK, "{path}");
+        answer.text().await.unwrap()
+    };
+    let page = dashboard(&format!("/admin/users/{alice}")).await;
+    let link = format!("/admin/users/{alice}/log?server=");
+    assert!(page.contains(&format!("href=\"{link}\"")), "{page}");
+    let shown = dashboard(&link).await;
+    assert!(shown.lines().any(|l| l == hello), "{shown}");
 
     // Stopped on request: the process is gone.
     let (status, _) = call(&base, &token, Method::DELETE, &path, None).await;

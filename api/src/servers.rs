@@ -149,15 +149,26 @@ async fn log(
 ) -> ApiResult<Response> {
     principal.may("servers:read", &user)?;
     let axum::extract::Query(query) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
-    let bytes = query.bytes.unwrap_or(LOG_DEFAULT_BYTES);
+    log_text(&state, &user, &server, query.bytes).await
+}
+
+/// The end of a server's output (`bytes`, default 64 KiB) as `text/plain`; for the
+/// API and the dashboard's user page.
+pub(crate) async fn log_text(
+    state: &AppState,
+    user: &UserName,
+    server: &ServerName,
+    bytes: Option<u64>,
+) -> ApiResult<Response> {
+    let bytes = bytes.unwrap_or(LOG_DEFAULT_BYTES);
     if bytes == 0 || bytes > LOG_MAX_BYTES {
         return Err(ApiError::BadRequest(format!(
             "bytes must be between 1 and {LOG_MAX_BYTES}"
         )));
     }
-    if state.db.get_server(&user, &server).await?.is_none() {
+    if state.db.get_server(user, server).await?.is_none() {
         return Err(ApiError::NotFound(
-            if state.db.get_user(&user).await?.is_none() {
+            if state.db.get_user(user).await?.is_none() {
                 format!("no user named {user:?}")
             } else {
                 format!("user {user:?} has no server {server:?}")
@@ -170,7 +181,7 @@ async fn log(
                 .into(),
         ));
     };
-    let path = schema::server_logs::path(logs, &user, &server);
+    let path = schema::server_logs::path(logs, user, server);
     let text = tokio::task::spawn_blocking(move || schema::server_logs::tail(&path, bytes))
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?;

@@ -37,6 +37,7 @@ pub fn router() -> Router<AppState> {
         .route("/users", get(users).post(add_user))
         .route("/users/{name}", get(user_page).post(change_user))
         .route("/users/{name}/servers/start", post(start_server))
+        .route("/users/{name}/log", get(server_log))
         .route("/users/{name}/delete", post(delete_user))
         .route("/audit", get(audit))
 }
@@ -503,6 +504,9 @@ async fn user_page(
                                 @if s.state == ServerState::Running {
                                     a href=(seen.public(u, &s.name)) target="_blank" rel="noopener" { "open" } " "
                                 }
+                                @if state.config.server_logs.is_some() {
+                                    a href=(format!("/admin/users/{u}/log?server={}", s.name)) { "log" } " "
+                                }
                                 @if matches!(s.state, ServerState::Running | ServerState::PendingSpawn) {
                                     form method="post" action="/admin/servers/stop" {
                                         input type="hidden" name="user" value=(u);
@@ -555,6 +559,35 @@ async fn user_page(
     .into_response()
 }
 
+/// A user's name and one of their servers' (the default one when none or empty).
+fn user_and_server(
+    user: &str,
+    server: Option<&str>,
+) -> Result<(UserName, ServerName), schema::InvalidName> {
+    let server = match server.filter(|s| !s.is_empty()) {
+        None => ServerName::default_server(),
+        Some(server) => ServerName::parse(server)?,
+    };
+    Ok((UserName::parse(user)?, server))
+}
+
+/// The end of a local-process server's output, as the API gives it to its owner.
+async fn server_log(
+    State(state): State<AppState>,
+    _operator: Operator,
+    Path(name): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    let (user, server) = match user_and_server(&name, query.get("server").map(String::as_str)) {
+        Ok(n) => n,
+        Err(e) => return page_error(StatusCode::BAD_REQUEST, "Bad name", &e.to_string()),
+    };
+    match crate::servers::log_text(&state, &user, &server, None).await {
+        Ok(text) => text,
+        Err(e) => failure(e),
+    }
+}
+
 /// Starts one of a user's servers as a spawn request of theirs would.
 async fn start_server(
     State(state): State<AppState>,
@@ -567,16 +600,7 @@ async fn start_server(
         Err(bad) => return bad.into_response(),
     };
     let back = format!("/admin/users/{}", super::encode(&name));
-    let names = UserName::parse(&name).and_then(|u| {
-        Ok((
-            u,
-            match form.get("server") {
-                None => ServerName::default_server(),
-                Some(server) => ServerName::parse(server)?,
-            },
-        ))
-    });
-    let (user, server) = match names {
+    let (user, server) = match user_and_server(&name, form.get("server")) {
         Ok(n) => n,
         Err(e) => return operator.back(&back, Err(e.to_string())),
     };
