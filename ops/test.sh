@@ -101,3 +101,6 @@ fi
 
 log "tests"
 cargo nextest run --workspace --no-fail-fast "$@"
+
+log "fuzzing the API against its OpenAPI document (Schemathesis)"
+bash ops/fuzz/schemathesis.sh

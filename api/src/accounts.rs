@@ -1,46 +1,51 @@
 //! `/api/v1/auth`: register, log in, log out, who am I, change password; and the
 //! public key set that verifies access tokens.
 
-use axum::{
-    Json, Router,
-    extract::State,
-    http::StatusCode,
-    routing::{get, post},
-};
+use axum::{Json, extract::State, http::StatusCode};
 use schema::{NewAccount, Role, StoreError, UserName, accounts::ThrottleRule, prelude::*};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::{
     AppState,
     auth::{ClientAddr, Principal},
     body::JsonBody,
     error::{ApiError, ApiResult},
+    openapi::Errors,
     passwords,
     tokens::expiry,
     views::UserView,
 };
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/auth/register", post(register))
-        .route("/auth/login", post(login))
-        .route("/auth/logout", post(logout))
-        .route("/auth/me", get(me))
-        .route("/auth/password", post(change_password))
-        .route("/auth/jwks", get(jwks))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(register))
+        .routes(routes!(login))
+        .routes(routes!(logout))
+        .routes(routes!(me))
+        .routes(routes!(change_password))
+        .routes(routes!(jwks))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Registration {
+    #[schema(pattern = "^[a-z0-9]+(-[a-z0-9]+)*$", max_length = 32)]
     username: String,
     #[serde(default)]
+    #[schema(
+        pattern = "^[A-Za-z0-9._+%'~-]{1,64}@[A-Za-z0-9_+%~-]+(\\.[A-Za-z0-9_+%~-]+)+$",
+        max_length = 254
+    )]
     email: Option<String>,
+    /// 10 to 256 characters, not one repeated.
+    #[schema(min_length = 10, max_length = 256, pattern = "^(?!(.)\\1*$)")]
     password: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct Login {
     /// A user name or an email address.
@@ -49,10 +54,12 @@ pub(crate) struct Login {
     pub(crate) password: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct PasswordChange {
     current_password: String,
+    /// 10 to 256 characters, not one repeated.
+    #[schema(min_length = 10, max_length = 256, pattern = "^(?!(.)\\1*$)")]
     new_password: String,
 }
 
@@ -105,6 +112,10 @@ pub async fn new_account(
     })
 }
 
+/// Creates an account with the `user` role, when self-registration is on.
+#[utoipa::path(post, path = "/auth/register", tag = "auth", security(()),
+    request_body = Registration,
+    responses((status = 201, description = "The new account", body = UserView), Errors))]
 async fn register(
     State(state): State<AppState>,
     addr: ClientAddr,
@@ -153,19 +164,35 @@ async fn register(
     ))
 }
 
-/// The same answer for an unknown account and a wrong password, in the same time.
+/// An open session: its access token and the account.
+#[derive(Debug, Serialize, ToSchema)]
+struct Session {
+    /// A JWT to send as `Authorization: Bearer <token>`.
+    access_token: String,
+    /// Always `bearer`.
+    token_type: &'static str,
+    /// Seconds until the token expires.
+    expires_in: u64,
+    user: UserView,
+}
+
+/// Opens a session. The same answer for an unknown account and a wrong password,
+/// in the same time.
+#[utoipa::path(post, path = "/auth/login", tag = "auth", security(()),
+    request_body = Login,
+    responses((status = 200, description = "The session", body = Session), Errors))]
 async fn login(
     State(state): State<AppState>,
     addr: ClientAddr,
     JsonBody(body): JsonBody<Login>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Session>> {
     let (token, user) = log_in(&state, &addr, body).await?;
-    Ok(Json(json!({
-        "access_token": token,
-        "token_type": "bearer",
-        "expires_in": state.config.token_ttl,
-        "user": UserView::new(&user, &[], state.public_addresses()),
-    })))
+    Ok(Json(Session {
+        access_token: token,
+        token_type: "bearer",
+        expires_in: state.config.token_ttl,
+        user: UserView::new(&user, &[], state.public_addresses()),
+    }))
 }
 
 /// Checks a login (throttled, audited) and opens a session: the access token and
@@ -249,13 +276,15 @@ pub(crate) async fn log_in(
 }
 
 /// Revokes the session behind this token on every API process at once.
+#[utoipa::path(post, path = "/auth/logout", tag = "auth",
+    responses((status = 204, description = "The session is revoked"), Errors))]
 async fn logout(
     State(state): State<AppState>,
     principal: Principal,
     addr: ClientAddr,
 ) -> ApiResult<StatusCode> {
     let Principal::User { user, jti } = &principal else {
-        return Err(ApiError::BadRequest(
+        return Err(ApiError::Forbidden(
             "only login sessions log out; revoke service tokens instead".into(),
         ));
     };
@@ -272,22 +301,40 @@ async fn logout(
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn me(State(state): State<AppState>, principal: Principal) -> ApiResult<Json<Value>> {
+/// Who the caller is.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+enum Me {
+    /// A logged-in user, with their servers.
+    User { user: UserView },
+    /// An API token.
+    Service { name: String, scopes: Vec<String> },
+    /// A server's own token.
+    Server { user: String, server: String },
+}
+
+/// Who the credentials belong to.
+#[utoipa::path(get, path = "/auth/me", tag = "auth",
+    responses((status = 200, description = "The caller", body = Me), Errors))]
+async fn me(State(state): State<AppState>, principal: Principal) -> ApiResult<Json<Me>> {
     Ok(Json(match principal {
         Principal::User { user, .. } => {
             let servers = state.db.servers_of(&[user.id]).await?;
-            json!({ "kind": "user", "user": UserView::new(&user, &servers, state.public_addresses()) })
+            Me::User {
+                user: UserView::new(&user, &servers, state.public_addresses()),
+            }
         }
-        Principal::Service { name, scopes } => {
-            json!({ "kind": "service", "name": name, "scopes": scopes })
-        }
-        Principal::Server { server } => {
-            json!({ "kind": "server", "user": server.user_name, "server": server.name })
-        }
+        Principal::Service { name, scopes } => Me::Service { name, scopes },
+        Principal::Server { server } => Me::Server {
+            user: server.user_name,
+            server: server.name,
+        },
     }))
 }
 
 /// Changes the password and ends every other session of the account.
+#[utoipa::path(post, path = "/auth/password", tag = "auth", request_body = PasswordChange,
+    responses((status = 204, description = "Changed; other sessions ended"), Errors))]
 async fn change_password(
     State(state): State<AppState>,
     principal: Principal,
@@ -295,7 +342,7 @@ async fn change_password(
     JsonBody(body): JsonBody<PasswordChange>,
 ) -> ApiResult<StatusCode> {
     let Principal::User { user, jti } = &principal else {
-        return Err(ApiError::BadRequest(
+        return Err(ApiError::Forbidden(
             "only a logged-in user changes a password".into(),
         ));
     };
@@ -342,6 +389,9 @@ async fn change_password(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// The public keys that verify access tokens (RFC 7517).
+#[utoipa::path(get, path = "/auth/jwks", tag = "auth", security(()),
+    responses((status = 200, description = "The key set", body = Object), Errors))]
 async fn jwks(State(state): State<AppState>) -> Json<Value> {
     Json(state.keys.jwks())
 }

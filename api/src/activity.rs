@@ -4,37 +4,48 @@
 
 use std::collections::HashMap;
 
-use axum::{Router, extract::State, http::StatusCode, routing::post};
+use axum::{extract::State, http::StatusCode};
 use chrono::{DateTime, Utc};
 use schema::{ServerName, UserName, prelude::*};
 use serde::Deserialize;
+use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::{
     AppState,
     auth::Principal,
     body::JsonBody,
     error::{ApiError, ApiResult},
+    openapi::{Errors, ServerParams, UserParam},
     servers::ServerPath,
 };
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/users/{user}/activity", post(activity))
-        .route("/users/{user}/server/heartbeat", post(heartbeat))
-        .route("/users/{user}/servers/{name}/heartbeat", post(heartbeat))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(activity))
+        .routes(routes!(heartbeat_default))
+        .routes(routes!(heartbeat))
 }
 
 /// JupyterHub's shape: `{"last_activity": …, "servers": {"name": {"last_activity": …}}}`
 /// (the default server is `""`).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 struct ActivityBody {
+    /// RFC 3339, not in the future.
+    #[schema(
+        pattern = "^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\\.[0-9]+)?(Z|[+-][0-9]{2}:[0-9]{2})$"
+    )]
     last_activity: Option<DateTime<Utc>>,
     #[serde(default)]
     servers: HashMap<String, ServerActivity>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 struct ServerActivity {
+    /// RFC 3339, not in the future.
+    #[schema(
+        pattern = "^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\\.[0-9]+)?(Z|[+-][0-9]{2}:[0-9]{2})$"
+    )]
     last_activity: DateTime<Utc>,
 }
 
@@ -51,6 +62,11 @@ fn not_in_future(what: &str, at: DateTime<Utc>) -> ApiResult<DateTime<Utc>> {
     Ok(at)
 }
 
+/// Reports when the user and their servers were last active (JupyterHub's body);
+/// times only move forward.
+#[utoipa::path(post, path = "/users/{user}/activity", tag = "users", params(UserParam),
+    request_body = ActivityBody,
+    responses((status = 204, description = "Recorded"), Errors))]
 async fn activity(
     State(state): State<AppState>,
     principal: Principal,
@@ -88,6 +104,20 @@ async fn activity(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// The default server is in use now: keeps it from being culled.
+#[utoipa::path(post, path = "/users/{user}/server/heartbeat", tag = "servers",
+    params(UserParam), responses((status = 204, description = "Recorded"), Errors))]
+async fn heartbeat_default(
+    state: State<AppState>,
+    principal: Principal,
+    path: ServerPath,
+) -> ApiResult<StatusCode> {
+    heartbeat(state, principal, path).await
+}
+
+/// The named server is in use now: keeps it from being culled.
+#[utoipa::path(post, path = "/users/{user}/servers/{name}/heartbeat", tag = "servers",
+    params(ServerParams), responses((status = 204, description = "Recorded"), Errors))]
 async fn heartbeat(
     State(state): State<AppState>,
     principal: Principal,

@@ -1,15 +1,16 @@
 //! `/api/v1/admin`: accounts, service tokens and the audit log. Admins only.
 
 use axum::{
-    Json, Router,
+    Json,
     extract::{Path, Query, State, rejection::PathRejection},
     http::StatusCode,
-    routing::{delete, get, patch},
 };
 use chrono::{DateTime, Utc};
 use schema::{Role, accounts::ApiTokenRow, prelude::*};
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::json;
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
 use crate::{
@@ -18,31 +19,35 @@ use crate::{
     auth::{ClientAddr, Principal, SCOPES, SERVICE_TOKEN_PREFIX},
     body::JsonBody,
     error::{ApiError, ApiResult},
+    openapi::{Errors, UserParam},
     tokens::{hash_opaque, new_opaque},
-    users::{create_account, remove_user, user_name},
+    users::{Removal, create_account, remove_user, user_name},
     views::UserView,
 };
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/admin/users", get(list_users).post(create_user))
-        .route(
-            "/admin/users/{user}",
-            patch(update_user).delete(delete_user),
-        )
-        .route("/admin/tokens", get(list_tokens).post(create_token))
-        .route("/admin/tokens/{id}", delete(revoke_token))
-        .route("/admin/audit", get(audit))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_users, create_user))
+        .routes(routes!(update_user, delete_user))
+        .routes(routes!(list_tokens, create_token))
+        .routes(routes!(revoke_token))
+        .routes(routes!(audit))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct Paging {
+    /// Which page, from 1.
     #[serde(default = "first_page")]
+    #[param(minimum = 1, maximum = 1_000_000)]
     page: i64,
+    /// How many on a page.
     #[serde(default = "default_per_page")]
+    #[param(minimum = 1, maximum = 500)]
     per_page: i64,
     /// Part of a name or email.
+    #[param(max_length = 200)]
     q: Option<String>,
 }
 
@@ -86,11 +91,24 @@ fn paging(
     Ok((paging, offset, limit))
 }
 
+/// A page of accounts.
+#[derive(Debug, Serialize, ToSchema)]
+struct UsersPage {
+    users: Vec<UserView>,
+    page: i64,
+    per_page: i64,
+    /// How many match, on every page.
+    total: i64,
+}
+
+/// Accounts with their servers, a page at a time, optionally narrowed by `q`.
+#[utoipa::path(get, path = "/admin/users", tag = "admin", params(Paging),
+    responses((status = 200, description = "A page of accounts", body = UsersPage), Errors))]
 async fn list_users(
     State(state): State<AppState>,
     principal: Principal,
     query: Result<Query<Paging>, axum::extract::rejection::QueryRejection>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<UsersPage>> {
     principal.require("admin")?;
     let (paging, offset, limit) = paging(query)?;
     let page = state
@@ -104,20 +122,33 @@ async fn list_users(
         .iter()
         .map(|u| UserView::new(u, &servers, state.addresses(&principal)))
         .collect();
-    Ok(Json(
-        json!({ "users": users, "page": paging.page, "per_page": paging.per_page, "total": page.total }),
-    ))
+    Ok(Json(UsersPage {
+        users,
+        page: paging.page,
+        per_page: paging.per_page,
+        total: page.total,
+    }))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NewUserBody {
+    #[schema(pattern = "^[a-z0-9]+(-[a-z0-9]+)*$", max_length = 32)]
     username: String,
     #[serde(default)]
+    #[schema(
+        pattern = "^[A-Za-z0-9._+%'~-]{1,64}@[A-Za-z0-9_+%~-]+(\\.[A-Za-z0-9_+%~-]+)+$",
+        max_length = 254
+    )]
     email: Option<String>,
+    /// Without one the account cannot log in with a password; 10 to 256
+    /// characters, not one repeated.
     #[serde(default)]
+    #[schema(min_length = 10, max_length = 256, pattern = "^(?!(.)\\1*$)")]
     password: Option<String>,
+    /// `user` when absent.
     #[serde(default)]
+    #[schema(value_type = Option<Role>)]
     role: Option<String>,
 }
 
@@ -127,6 +158,9 @@ fn role(value: &str) -> ApiResult<Role> {
     })
 }
 
+/// Creates an account.
+#[utoipa::path(post, path = "/admin/users", tag = "admin", request_body = NewUserBody,
+    responses((status = 201, description = "The new account", body = UserView), Errors))]
 async fn create_user(
     State(state): State<AppState>,
     principal: Principal,
@@ -139,13 +173,30 @@ async fn create_user(
     create_account(&state, &principal, &addr, &account).await
 }
 
-#[derive(Debug, Deserialize)]
+/// At least one of the two.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct UserChange {
+    #[serde(default, deserialize_with = "not_null")]
+    #[schema(value_type = Role, required = false)]
     role: Option<String>,
+    /// False deactivates the account: it can no longer log in.
+    #[serde(default, deserialize_with = "not_null")]
+    #[schema(value_type = bool, required = false)]
     active: Option<bool>,
 }
 
+/// A field that may be left out but is not `null` (which would change nothing).
+fn not_null<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
+}
+
+/// Promotes, demotes, deactivates or reactivates an account.
+#[utoipa::path(patch, path = "/admin/users/{user}", tag = "admin", params(UserParam),
+    request_body = UserChange,
+    responses((status = 200, description = "The account", body = UserView), Errors))]
 async fn update_user(
     State(state): State<AppState>,
     principal: Principal,
@@ -215,27 +266,54 @@ pub(crate) async fn change_account(
     user.ok_or_else(|| ApiError::BadRequest("change \"role\" or \"active\"".into()))
 }
 
+/// Removes an account: a cleanup job stops its servers and removes its volume first.
+#[utoipa::path(delete, path = "/admin/users/{user}", tag = "admin", params(UserParam),
+    responses((status = 202, description = "The removal is under way", body = Removal), Errors))]
 async fn delete_user(
     state: State<AppState>,
     principal: Principal,
     addr: ClientAddr,
     path: Result<Path<String>, PathRejection>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<Removal>)> {
     principal.require("admin")?;
     remove_user(state, principal, addr, path).await
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NewToken {
+    /// 1 to 100 characters, not only spaces.
+    #[schema(min_length = 1, max_length = 100, pattern = "\\S")]
     name: String,
+    /// At least one.
+    #[schema(value_type = Vec<Scope>, min_items = 1)]
     scopes: Vec<String>,
     /// Seconds until the token expires; never when absent.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::body::whole_or_none")]
+    #[schema(minimum = 1, maximum = 316_224_000)]
     expires_in: Option<i64>,
 }
 
-#[derive(Debug, Serialize)]
+/// What a token may do; `admin` implies every other.
+#[derive(ToSchema)]
+#[schema(rename_all = "snake_case")]
+#[allow(dead_code)]
+enum Scope {
+    #[schema(rename = "servers:read")]
+    ServersRead,
+    #[schema(rename = "servers:write")]
+    ServersWrite,
+    #[schema(rename = "servers:access")]
+    ServersAccess,
+    #[schema(rename = "users:read")]
+    UsersRead,
+    #[schema(rename = "users:write")]
+    UsersWrite,
+    #[schema(rename = "admin")]
+    Admin,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
 struct TokenView {
     id: Uuid,
     name: String,
@@ -262,16 +340,27 @@ impl From<ApiTokenRow> for TokenView {
     }
 }
 
-/// The token itself is in this answer only; Berth keeps its hash.
+/// A new token: the token itself is in this answer only, Berth keeps its hash.
+#[derive(Debug, Serialize, ToSchema)]
+struct NewTokenView {
+    #[serde(flatten)]
+    view: TokenView,
+    /// Send as `Authorization: Bearer <token>`.
+    token: String,
+}
+
+/// Issues an API token with scopes.
+#[utoipa::path(post, path = "/admin/tokens", tag = "admin", request_body = NewToken,
+    responses((status = 201, description = "The token, shown once", body = NewTokenView), Errors))]
 async fn create_token(
     State(state): State<AppState>,
     principal: Principal,
     addr: ClientAddr,
     JsonBody(body): JsonBody<NewToken>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<NewTokenView>)> {
     principal.require("admin")?;
     let name = body.name.trim();
-    if name.is_empty() || name.len() > 100 {
+    if name.is_empty() || name.chars().count() > 100 {
         return Err(ApiError::BadRequest(
             "a token needs a name of 1 to 100 characters".into(),
         ));
@@ -321,11 +410,18 @@ async fn create_token(
             json!({ "id": row.id, "scopes": row.scopes }),
         )
         .await;
-    let mut view = serde_json::to_value(TokenView::from(row)).expect("serialises");
-    view["token"] = Value::String(token);
-    Ok((StatusCode::CREATED, Json(view)))
+    Ok((
+        StatusCode::CREATED,
+        Json(NewTokenView {
+            view: row.into(),
+            token,
+        }),
+    ))
 }
 
+/// Every API token, revoked ones too, without the tokens themselves.
+#[utoipa::path(get, path = "/admin/tokens", tag = "admin",
+    responses((status = 200, description = "The tokens", body = Vec<TokenView>), Errors))]
 async fn list_tokens(
     State(state): State<AppState>,
     principal: Principal,
@@ -342,6 +438,10 @@ async fn list_tokens(
     ))
 }
 
+/// Revokes a token at once, on every API process.
+#[utoipa::path(delete, path = "/admin/tokens/{id}", tag = "admin",
+    params(("id" = Uuid, Path, description = "The token's id")),
+    responses((status = 204, description = "Revoked"), Errors))]
 async fn revoke_token(
     State(state): State<AppState>,
     principal: Principal,
@@ -368,18 +468,26 @@ async fn revoke_token(
 }
 
 /// The audit log's query: a page, and what narrows it.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct AuditQuery {
+    /// Which page, from 1.
     #[serde(default = "first_page")]
+    #[param(minimum = 1, maximum = 1_000_000)]
     page: i64,
+    /// How many on a page.
     #[serde(default = "default_per_page")]
+    #[param(minimum = 1, maximum = 500)]
     per_page: i64,
     /// Who acted (exactly).
+    #[param(max_length = 200)]
     actor: Option<String>,
     /// What they did (exactly).
+    #[param(max_length = 200)]
     action: Option<String>,
     /// Part of the target.
+    #[param(max_length = 200)]
     target: Option<String>,
     /// At or after (RFC 3339).
     since: Option<DateTime<Utc>>,
@@ -387,11 +495,36 @@ pub struct AuditQuery {
     until: Option<DateTime<Utc>>,
 }
 
+/// One security event.
+#[derive(Debug, Serialize, ToSchema)]
+struct AuditEntry {
+    id: i64,
+    at: DateTime<Utc>,
+    /// Who acted: a user's name, `token:<name>`, or none for the anonymous.
+    actor: Option<String>,
+    action: String,
+    target: Option<String>,
+    client_addr: Option<String>,
+    detail: serde_json::Value,
+}
+
+/// A page of the audit log, newest first.
+#[derive(Debug, Serialize, ToSchema)]
+struct AuditPage {
+    entries: Vec<AuditEntry>,
+    page: i64,
+    per_page: i64,
+    total: i64,
+}
+
+/// The audit log, newest first, narrowed by who, what, which and when.
+#[utoipa::path(get, path = "/admin/audit", tag = "admin", params(AuditQuery),
+    responses((status = 200, description = "A page of events", body = AuditPage), Errors))]
 async fn audit(
     State(state): State<AppState>,
     principal: Principal,
     query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<AuditPage>> {
     principal.require("admin")?;
     let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let paging = Paging {
@@ -416,15 +549,23 @@ async fn audit(
         until: q.until,
     };
     let page = state.db.audit_page(&filter, offset, limit).await?;
-    let entries: Vec<Value> = page
+    let entries = page
         .items
         .into_iter()
-        .map(|e| {
-            json!({ "id": e.id, "at": e.at, "actor": e.actor, "action": e.action,
-                    "target": e.target, "client_addr": e.client_addr, "detail": e.detail })
+        .map(|e| AuditEntry {
+            id: e.id,
+            at: e.at,
+            actor: e.actor,
+            action: e.action,
+            target: e.target,
+            client_addr: e.client_addr,
+            detail: e.detail,
         })
         .collect();
-    Ok(Json(
-        json!({ "entries": entries, "page": paging.page, "per_page": paging.per_page, "total": page.total }),
-    ))
+    Ok(Json(AuditPage {
+        entries,
+        page: paging.page,
+        per_page: paging.per_page,
+        total: page.total,
+    }))
 }

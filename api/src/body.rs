@@ -38,8 +38,30 @@ fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
     serde_json::from_value(value).map_err(|e| ApiError::BadRequest(format!("unexpected JSON: {e}")))
 }
 
+/// A whole number as JSON Schema counts them: `604` and `604.0` alike.
+pub fn whole<'de, D: serde::Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+    use serde::Deserialize;
+    let n = serde_json::Number::deserialize(d)?;
+    n.as_i64()
+        .or_else(|| {
+            n.as_f64()
+                .filter(|f| f.fract() == 0.0 && f.abs() <= 9_007_199_254_740_992.0)
+                .map(|f| f as i64)
+        })
+        .ok_or_else(|| serde::de::Error::custom(format!("expected a whole number, got {n}")))
+}
+
+/// An optional [`whole`] number.
+pub fn whole_or_none<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    #[derive(serde::Deserialize)]
+    struct Whole(#[serde(deserialize_with = "whole")] i64);
+    Ok(<Option<Whole> as serde::Deserialize>::deserialize(d)?.map(|w| w.0))
+}
+
+/// No body, or `null`: nothing chosen, every default.
 fn is_blank(body: &Bytes) -> bool {
-    body.iter().all(u8::is_ascii_whitespace)
+    let text = body.trim_ascii();
+    text.is_empty() || text == b"null"
 }
 
 impl<S, T> FromRequest<S> for OptionalJson<T>

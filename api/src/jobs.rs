@@ -2,12 +2,12 @@
 //! an admin's retry (of a failed or cancelled job) and cancel (of a waiting one).
 
 use axum::{
-    Json, Router,
+    Json,
     extract::{Path, State, rejection::PathRejection},
     http::StatusCode,
-    routing::{get, post},
 };
 use serde_json::json;
+use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
 use schema::{
@@ -18,14 +18,15 @@ use crate::{
     AppState,
     auth::{ClientAddr, Principal},
     error::{ApiError, ApiResult},
+    openapi::Errors,
     views::JobView,
 };
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/jobs/{id}", get(show))
-        .route("/jobs/{id}/retry", post(retry))
-        .route("/jobs/{id}/cancel", post(cancel))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(show))
+        .routes(routes!(retry))
+        .routes(routes!(cancel))
 }
 
 fn job_id(path: Result<Path<String>, PathRejection>) -> ApiResult<Uuid> {
@@ -36,6 +37,9 @@ fn job_id(path: Result<Path<String>, PathRejection>) -> ApiResult<Uuid> {
 /// A user sees the jobs about their own account's servers (not those of an
 /// earlier account of the same name: to them such a job does not exist);
 /// services need `servers:read`.
+#[utoipa::path(get, path = "/jobs/{id}", tag = "jobs",
+    params(("id" = Uuid, Path, description = "The job's id")),
+    responses((status = 200, description = "The job", body = JobView), Errors))]
 async fn show(
     State(state): State<AppState>,
     principal: Principal,
@@ -59,6 +63,10 @@ async fn show(
     Ok(Json(job.into()))
 }
 
+/// Retries a failed or cancelled job as a new job (admins).
+#[utoipa::path(post, path = "/jobs/{id}/retry", tag = "jobs",
+    params(("id" = Uuid, Path, description = "The job's id")),
+    responses((status = 202, description = "The new job", body = JobView), Errors))]
 async fn retry(
     State(state): State<AppState>,
     principal: Principal,
@@ -70,6 +78,10 @@ async fn retry(
     Ok((StatusCode::ACCEPTED, Json(job.into())))
 }
 
+/// Cancels a job that has not begun (admins).
+#[utoipa::path(post, path = "/jobs/{id}/cancel", tag = "jobs",
+    params(("id" = Uuid, Path, description = "The job's id")),
+    responses((status = 200, description = "The cancelled job", body = JobView), Errors))]
 async fn cancel(
     State(state): State<AppState>,
     principal: Principal,

@@ -12,6 +12,7 @@ pub mod error;
 pub mod health;
 pub mod jobs;
 pub mod metrics;
+pub mod openapi;
 pub mod passwords;
 pub mod platform;
 pub mod progress;
@@ -41,6 +42,7 @@ use tower_http::{
     timeout::TimeoutLayer,
     trace::TraceLayer,
 };
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use auth::{ClientAddr, Principal};
 pub use config::{ApiConfig, Environment};
@@ -125,16 +127,10 @@ pub enum StartError {
 }
 
 pub fn router(state: AppState) -> Router {
-    let api = Router::new()
-        .merge(accounts::router())
-        .merge(admin::router())
-        .merge(users::router())
-        .merge(servers::router())
-        .merge(jobs::router())
-        .merge(platform::router())
-        .merge(activity::router())
-        .merge(progress::router())
-        .route_layer(axum::middleware::from_fn(metrics::track));
+    let (documented, mut doc) = api_routes().split_for_parts();
+    let images = std::iter::once(&state.config.default_image).chain(&state.config.allowed_images);
+    openapi::finish(&mut doc, images);
+    let doc = openapi::Document(Arc::new(doc));
     let security_headers = [
         (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
         (header::X_FRAME_OPTIONS, "DENY"),
@@ -145,13 +141,8 @@ pub fn router(state: AppState) -> Router {
             "default-src 'none'; frame-ancestors 'none'",
         ),
     ];
-    let mut app = Router::new()
-        .nest("/api/v1", api)
-        .merge(
-            health::router()
-                .merge(metrics::router())
-                .route_layer(axum::middleware::from_fn(metrics::track)),
-        )
+    let mut app = documented
+        .layer(axum::Extension(doc))
         .nest("/admin", dashboard::router())
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|| async {
@@ -186,6 +177,28 @@ pub fn router(state: AppState) -> Router {
         ));
     }
     app.with_state(state)
+}
+
+/// The API's routes with their OpenAPI document: one source for both.
+pub fn api_routes() -> OpenApiRouter<AppState> {
+    let api = OpenApiRouter::new()
+        .merge(accounts::router())
+        .merge(admin::router())
+        .merge(users::router())
+        .merge(servers::router())
+        .merge(jobs::router())
+        .merge(platform::router())
+        .merge(activity::router())
+        .merge(progress::router())
+        .routes(routes!(openapi::document))
+        .route_layer(axum::middleware::from_fn(metrics::track));
+    OpenApiRouter::with_openapi(openapi::base())
+        .nest("/api/v1", api)
+        .merge(
+            health::router()
+                .merge(metrics::router())
+                .route_layer(axum::middleware::from_fn(metrics::track)),
+        )
 }
 
 /// Every client error of the API is `{error, message}`: a rejection that axum
@@ -287,8 +300,7 @@ pub async fn run(
     };
     let app = match serve {
         Serve::Api => router(state.clone()),
-        Serve::Proxy => health::router()
-            .merge(metrics::router())
+        Serve::Proxy => Router::from(health::router().merge(metrics::router()))
             .route_layer(axum::middleware::from_fn(metrics::track))
             .fallback(|| async { ApiError::NotFound("no such route".into()) })
             .with_state(state.clone()),

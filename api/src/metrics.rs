@@ -6,14 +6,13 @@
 use std::time::Instant;
 
 use axum::{
-    Router,
     extract::{MatchedPath, Request, State},
     http::{HeaderMap, header},
     middleware::Next,
     response::{IntoResponse, Response},
-    routing::get,
 };
 use chrono::Utc;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use schema::prelude::*;
 
@@ -21,10 +20,11 @@ use crate::{
     AppState,
     auth::same_secret,
     error::{ApiError, ApiResult},
+    openapi::Errors,
 };
 
-pub fn router() -> Router<AppState> {
-    Router::new().route("/metrics", get(render))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(render))
 }
 
 /// Records every request's duration by method, route template and status.
@@ -46,6 +46,11 @@ pub async fn track(request: Request, next: Next) -> Response {
     response
 }
 
+/// The metrics, for Prometheus. Open unless `BERTH_METRICS_TOKEN` is set; then that
+/// token as a bearer.
+#[utoipa::path(get, path = "/metrics", tag = "health", security((), ("bearer" = [])),
+    responses((status = 200, description = "Prometheus's text format",
+        content_type = "text/plain", body = String), Errors))]
 async fn render(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<Response> {
     if let Some(expected) = &state.config.metrics_token {
         let given = headers

@@ -11,22 +11,23 @@ use std::{
 };
 
 use axum::{
-    Router,
     extract::State,
     http::HeaderMap,
     response::sse::{Event, KeepAlive, Sse},
-    routing::get,
 };
 use futures::{Stream, future::BoxFuture};
 use schema::{ServerRow, ServerState, UserName, console::SpawnEvent, prelude::*};
-use serde_json::json;
+use serde::Serialize;
 use tokio::{sync::broadcast, time::Instant};
+use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
 use crate::{
     AppState,
     auth::Principal,
     error::{ApiError, ApiResult},
+    openapi::{Errors, ServerParams, UserParam},
     servers::ServerPath,
 };
 
@@ -92,12 +93,33 @@ impl Drop for Slot {
     }
 }
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/users/{user}/server/progress", get(progress))
-        .route("/users/{user}/servers/{name}/progress", get(progress))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(progress_default))
+        .routes(routes!(progress))
 }
 
+/// The default server's spawn progress, as Server-Sent Events until it is ready
+/// or failed: each `data:` is `{progress, message, ready?, failed?, url?}`.
+#[utoipa::path(get, path = "/users/{user}/server/progress", tag = "servers",
+    params(UserParam),
+    responses((status = 200, description = "An event stream", content_type = "text/event-stream",
+        body = ProgressEvent), Errors))]
+async fn progress_default(
+    state: State<AppState>,
+    principal: Principal,
+    headers: HeaderMap,
+    path: ServerPath,
+) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
+    progress(state, principal, headers, path).await
+}
+
+/// A named server's spawn progress, as Server-Sent Events until it is ready or
+/// failed: each `data:` is `{progress, message, ready?, failed?, url?}`.
+#[utoipa::path(get, path = "/users/{user}/servers/{name}/progress", tag = "servers",
+    params(ServerParams),
+    responses((status = 200, description = "An event stream", content_type = "text/event-stream",
+        body = ProgressEvent), Errors))]
 async fn progress(
     State(state): State<AppState>,
     principal: Principal,
@@ -176,6 +198,44 @@ pub(crate) fn follow(
     Sse::new(stream).keep_alive(KeepAlive::default())
 }
 
+/// One event of a spawn's progress, JupyterHub's shape.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Progress {
+    /// 0 to 100.
+    progress: i16,
+    message: String,
+    /// The last event of a spawn that succeeded.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    ready: bool,
+    /// The last event of a spawn that did not.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    failed: bool,
+    /// Where the user reaches the server, once it is ready.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    url: Option<String>,
+}
+
+impl Progress {
+    fn failed(message: String) -> Self {
+        Self {
+            progress: 100,
+            message,
+            ready: false,
+            failed: true,
+            url: None,
+        }
+    }
+}
+
+/// One Server-Sent Event of a progress stream.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct ProgressEvent {
+    /// A [`Progress`] as JSON.
+    #[schema(content_media_type = "application/json")]
+    data: String,
+}
+
 /// One client's view of one spawn.
 struct Follow {
     state: AppState,
@@ -192,16 +252,22 @@ struct Follow {
 
 impl Follow {
     /// The next event to send; `None` once the spawn has ended (the stream closes).
-    async fn next(&mut self) -> Option<serde_json::Value> {
+    async fn next(&mut self) -> Option<Progress> {
         loop {
             if let Some(event) = self.pending.pop_front() {
                 self.last = event.id;
                 self.done = event.ready || event.failed;
-                let mut shown = serde_json::to_value(&event).expect("events serialise");
-                if event.ready {
-                    shown["url"] = self.url().into();
-                }
-                return Some(shown);
+                return Some(Progress {
+                    url: if event.ready {
+                        Some(self.url())
+                    } else {
+                        event.url
+                    },
+                    progress: event.progress,
+                    message: event.message,
+                    ready: event.ready,
+                    failed: event.failed,
+                });
             }
             if self.done {
                 return None;
@@ -229,7 +295,7 @@ impl Follow {
         }
     }
 
-    async fn ended(&mut self) -> Option<serde_json::Value> {
+    async fn ended(&mut self) -> Option<Progress> {
         let fresh = self
             .state
             .db
@@ -238,9 +304,7 @@ impl Follow {
             .ok()
             .flatten();
         let Some(server) = fresh else {
-            return Some(
-                json!({"progress": 100, "failed": true, "message": "the server was removed"}),
-            );
+            return Some(Progress::failed("the server was removed".into()));
         };
         // A newer spawn replaced the one followed: follow that one.
         if server.spawn_job_id != self.job && server.state == ServerState::PendingSpawn {
@@ -250,16 +314,20 @@ impl Follow {
         }
         let end = match server.state {
             ServerState::PendingSpawn => None,
-            ServerState::Running => Some(json!({
-                "progress": 100, "ready": true, "url": self.url(), "message": "server ready",
-            })),
-            ServerState::Failed => Some(json!({
-                "progress": 100, "failed": true,
-                "message": format!("spawn failed: {}", server.error.as_deref().unwrap_or("unknown error")),
-            })),
-            ServerState::PendingStop | ServerState::Stopped => Some(json!({
-                "progress": 100, "failed": true, "message": "the server was stopped before it was ready",
-            })),
+            ServerState::Running => Some(Progress {
+                progress: 100,
+                message: "server ready".into(),
+                ready: true,
+                failed: false,
+                url: Some(self.url()),
+            }),
+            ServerState::Failed => Some(Progress::failed(format!(
+                "spawn failed: {}",
+                server.error.as_deref().unwrap_or("unknown error")
+            ))),
+            ServerState::PendingStop | ServerState::Stopped => Some(Progress::failed(
+                "the server was stopped before it was ready".into(),
+            )),
         };
         self.server = server;
         end

@@ -5,23 +5,25 @@
 use std::collections::HashMap;
 
 use axum::{
-    Json, Router,
+    Json,
     extract::{FromRequestParts, Path, State},
     http::{StatusCode, request::Parts},
     response::{IntoResponse, Response},
-    routing::{get, post},
 };
 use schema::{
     ServerName, ServerState, SpawnOutcome, SpawnRequest, StopOutcome, UserName, prelude::*,
 };
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::{
     AppState,
     auth::{ClientAddr, Principal},
     body::{JsonBody, OptionalJson},
     error::{ApiError, ApiResult},
+    openapi::{Errors, ServerParams, UserParam},
     tokens::{hash_opaque, new_opaque},
     views::ServerView,
 };
@@ -32,18 +34,15 @@ pub const SSO_PARAM: &str = "berth_sso";
 /// How long an SSO hand-off token lives.
 const SSO_TTL_SECS: i64 = 300;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/users/{user}/server", post(spawn).get(show).delete(stop))
-        .route(
-            "/users/{user}/servers/{name}",
-            post(spawn).get(show).delete(stop),
-        )
-        .route("/users/{user}/server/log", get(log))
-        .route("/users/{user}/servers/{name}/log", get(log))
-        .route("/users/{user}/server/sso", post(sso))
-        .route("/users/{user}/servers/{name}/sso", post(sso))
-        .route("/sso/verify", post(verify_sso))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(spawn_default, show_default, stop_default))
+        .routes(routes!(spawn, show, stop))
+        .routes(routes!(log_default))
+        .routes(routes!(log))
+        .routes(routes!(sso_default))
+        .routes(routes!(sso))
+        .routes(routes!(verify_sso))
 }
 
 /// The user and server a route names; the default server when it names none.
@@ -67,15 +66,39 @@ impl<S: Send + Sync> FromRequestParts<S> for ServerPath {
     }
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct SpawnBody {
     /// One of the allowed images; the default image when absent.
     image: Option<String>,
 }
 
-/// 202 with the job while a spawn is pending (a second request is not a second
-/// spawn), 200 when the server is already running.
+/// Starts the default server: 202 with the job while the spawn is pending (a second
+/// request is not a second spawn), 200 when it is already running, 429 over a limit.
+#[utoipa::path(post, path = "/users/{user}/server", tag = "servers", params(UserParam),
+    request_body(content = Option<SpawnBody>, description = "May be left out"),
+    responses(
+        (status = 202, description = "The spawn is pending", body = ServerView),
+        (status = 200, description = "Already running", body = ServerView),
+        Errors))]
+async fn spawn_default(
+    state: State<AppState>,
+    principal: Principal,
+    path: ServerPath,
+    body: OptionalJson<SpawnBody>,
+) -> ApiResult<Response> {
+    spawn(state, principal, path, body).await
+}
+
+/// Starts a named server: 202 with the job while the spawn is pending (a second
+/// request is not a second spawn), 200 when it is already running, 429 over a limit.
+#[utoipa::path(post, path = "/users/{user}/servers/{name}", tag = "servers",
+    params(ServerParams),
+    request_body(content = Option<SpawnBody>, description = "May be left out"),
+    responses(
+        (status = 202, description = "The spawn is pending", body = ServerView),
+        (status = 200, description = "Already running", body = ServerView),
+        Errors))]
 async fn spawn(
     State(state): State<AppState>,
     principal: Principal,
@@ -108,6 +131,21 @@ async fn spawn(
     )
 }
 
+/// The default server: its state, address and the job working on it.
+#[utoipa::path(get, path = "/users/{user}/server", tag = "servers", params(UserParam),
+    responses((status = 200, description = "The server", body = ServerView), Errors))]
+async fn show_default(
+    state: State<AppState>,
+    principal: Principal,
+    path: ServerPath,
+) -> ApiResult<Json<ServerView>> {
+    show(state, principal, path).await
+}
+
+/// A named server: its state, address and the job working on it.
+#[utoipa::path(get, path = "/users/{user}/servers/{name}", tag = "servers",
+    params(ServerParams),
+    responses((status = 200, description = "The server", body = ServerView), Errors))]
 async fn show(
     State(state): State<AppState>,
     principal: Principal,
@@ -129,23 +167,46 @@ async fn show(
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct LogQuery {
-    /// How much of the end of the log, in bytes (at most 1 MiB).
+    /// How much of the end of the log, in bytes (64 KiB when absent).
+    #[param(minimum = 1, maximum = 1_048_576)]
     bytes: Option<u64>,
 }
 
 const LOG_DEFAULT_BYTES: u64 = 64 * 1024;
 const LOG_MAX_BYTES: u64 = 1024 * 1024;
 
-/// The end of a local-process server's output (every run, each after a `--- `
-/// line), as text.
+type LogParams = Result<axum::extract::Query<LogQuery>, axum::extract::rejection::QueryRejection>;
+
+/// The end of the default server's output (local processes: every run, each after
+/// a `--- ` line), as text.
+#[utoipa::path(get, path = "/users/{user}/server/log", tag = "servers",
+    params(UserParam, LogQuery),
+    responses((status = 200, description = "The output's end", content_type = "text/plain",
+        body = String), Errors))]
+async fn log_default(
+    state: State<AppState>,
+    principal: Principal,
+    path: ServerPath,
+    query: LogParams,
+) -> ApiResult<Response> {
+    log(state, principal, path, query).await
+}
+
+/// The end of a named server's output (local processes: every run, each after a
+/// `--- ` line), as text.
+#[utoipa::path(get, path = "/users/{user}/servers/{name}/log", tag = "servers",
+    params(ServerParams, LogQuery),
+    responses((status = 200, description = "The output's end", content_type = "text/plain",
+        body = String), Errors))]
 async fn log(
     State(state): State<AppState>,
     principal: Principal,
     ServerPath { user, server }: ServerPath,
-    query: Result<axum::extract::Query<LogQuery>, axum::extract::rejection::QueryRejection>,
+    query: LogParams,
 ) -> ApiResult<Response> {
     principal.may("servers:read", &user)?;
     let axum::extract::Query(query) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
@@ -245,7 +306,30 @@ pub(crate) async fn request_stop(
     Ok(outcome)
 }
 
-/// 202 with the stop job, or 204 when there is nothing to stop.
+/// Stops the default server: 202 with the stop job, or 204 when there is nothing to
+/// stop.
+#[utoipa::path(delete, path = "/users/{user}/server", tag = "servers", params(UserParam),
+    responses(
+        (status = 202, description = "The stop is pending", body = ServerView),
+        (status = 204, description = "Nothing to stop"),
+        Errors))]
+async fn stop_default(
+    state: State<AppState>,
+    principal: Principal,
+    addr: ClientAddr,
+    path: ServerPath,
+) -> ApiResult<Response> {
+    stop(state, principal, addr, path).await
+}
+
+/// Stops a named server: 202 with the stop job, or 204 when there is nothing to
+/// stop.
+#[utoipa::path(delete, path = "/users/{user}/servers/{name}", tag = "servers",
+    params(ServerParams),
+    responses(
+        (status = 202, description = "The stop is pending", body = ServerView),
+        (status = 204, description = "Nothing to stop"),
+        Errors))]
 async fn stop(
     State(state): State<AppState>,
     principal: Principal,
@@ -265,13 +349,40 @@ async fn stop(
     )
 }
 
-/// A URL that carries a 5-minute, single-use token for this user and server only,
-/// so the user's browser reaches the server without logging in again.
+/// A browser's way in without logging in again.
+#[derive(Debug, Serialize, ToSchema)]
+struct SsoLink {
+    /// The server's address through the proxy, with the token.
+    url: String,
+    /// Single use, for this server only.
+    token: String,
+    expires_at: chrono::DateTime<chrono::Utc>,
+    /// Seconds.
+    expires_in: i64,
+}
+
+/// A URL that carries a 5-minute, single-use token for the default server only, so
+/// the user's browser reaches it without logging in again.
+#[utoipa::path(post, path = "/users/{user}/server/sso", tag = "servers", params(UserParam),
+    responses((status = 200, description = "The hand-off", body = SsoLink), Errors))]
+async fn sso_default(
+    state: State<AppState>,
+    principal: Principal,
+    path: ServerPath,
+) -> ApiResult<Json<SsoLink>> {
+    sso(state, principal, path).await
+}
+
+/// A URL that carries a 5-minute, single-use token for this named server only, so
+/// the user's browser reaches it without logging in again.
+#[utoipa::path(post, path = "/users/{user}/servers/{name}/sso", tag = "servers",
+    params(ServerParams),
+    responses((status = 200, description = "The hand-off", body = SsoLink), Errors))]
 async fn sso(
     State(state): State<AppState>,
     principal: Principal,
     ServerPath { user, server }: ServerPath,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<SsoLink>> {
     principal.may("servers:write", &user)?;
     let row = state
         .db
@@ -304,27 +415,37 @@ async fn sso(
         .await?;
     // It lands on the proxy, which spends it, sets its cookie and drops it from the URL.
     let url = format!("{}{}", state.origin, schema::server_path(&user, &server));
-    Ok(Json(json!({
-        "url": format!("{url}?{SSO_PARAM}={token}"),
-        "token": token,
-        "expires_at": expires_at,
-        "expires_in": SSO_TTL_SECS,
-    })))
+    Ok(Json(SsoLink {
+        url: format!("{url}?{SSO_PARAM}={token}"),
+        token,
+        expires_at,
+        expires_in: SSO_TTL_SECS,
+    }))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct SsoCheck {
     token: String,
 }
 
+/// Whose a spent hand-off was.
+#[derive(Debug, Serialize, ToSchema)]
+struct SsoGrant {
+    user: String,
+    /// `""` for the default server.
+    server: String,
+}
+
 /// Used by the server (with its own token) or a proxy (with `servers:read`): says
 /// whose the token is, and spends it.
+#[utoipa::path(post, path = "/sso/verify", tag = "servers", request_body = SsoCheck,
+    responses((status = 200, description = "Whose it was", body = SsoGrant), Errors))]
 async fn verify_sso(
     State(state): State<AppState>,
     principal: Principal,
     JsonBody(check): JsonBody<SsoCheck>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<SsoGrant>> {
     if !matches!(principal, Principal::Server { .. }) {
         principal.require("servers:read")?;
     }
@@ -344,7 +465,8 @@ async fn verify_sso(
                     .into(),
             )
         })?;
-    Ok(Json(
-        json!({ "user": grant.user_name, "server": grant.server_name }),
-    ))
+    Ok(Json(SsoGrant {
+        user: grant.user_name,
+        server: grant.server_name,
+    }))
 }

@@ -1,34 +1,48 @@
 //! `/api/v1/users`: create, list, show and delete users.
 
 use axum::{
-    Json, Router,
+    Json,
     extract::{Path, State, rejection::PathRejection},
     http::StatusCode,
-    routing::get,
 };
 use schema::{Role, UserName, prelude::*};
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::{
     AppState,
     auth::{ClientAddr, Principal},
     body::OptionalJson,
     error::{ApiError, ApiResult},
+    openapi::{Errors, UserParam},
     views::{JobView, UserView},
 };
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/users", get(list))
-        .route("/users/{user}", get(show).post(create).delete(delete_user))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list))
+        .routes(routes!(show, create, delete_user))
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NewUser {
+    /// An admin account (needs an admin).
     #[serde(default)]
     admin: bool,
+}
+
+/// A user's removal under way.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Removal {
+    name: String,
+    /// Always `deleting`.
+    state: &'static str,
+    pub job_id: uuid::Uuid,
+    /// The cleanup job.
+    job: JobView,
 }
 
 pub fn user_name(path: Result<Path<String>, PathRejection>) -> ApiResult<UserName> {
@@ -36,6 +50,9 @@ pub fn user_name(path: Result<Path<String>, PathRejection>) -> ApiResult<UserNam
     Ok(UserName::parse(&raw)?)
 }
 
+/// Every user with their servers.
+#[utoipa::path(get, path = "/users", tag = "users",
+    responses((status = 200, description = "The users", body = Vec<UserView>), Errors))]
 async fn list(
     State(state): State<AppState>,
     principal: Principal,
@@ -52,6 +69,9 @@ async fn list(
     ))
 }
 
+/// A user with their servers.
+#[utoipa::path(get, path = "/users/{user}", tag = "users", params(UserParam),
+    responses((status = 200, description = "The user", body = UserView), Errors))]
 async fn show(
     State(state): State<AppState>,
     principal: Principal,
@@ -73,6 +93,9 @@ async fn show(
 }
 
 /// An account without a password, for portals that authenticate users themselves.
+#[utoipa::path(post, path = "/users/{user}", tag = "users", params(UserParam),
+    request_body(content = Option<NewUser>, description = "May be left out"),
+    responses((status = 201, description = "The new account", body = UserView), Errors))]
 async fn create(
     State(state): State<AppState>,
     principal: Principal,
@@ -114,12 +137,15 @@ pub async fn create_account(
     ))
 }
 
+/// Removes a user: a cleanup job stops their servers and removes their volume first.
+#[utoipa::path(delete, path = "/users/{user}", tag = "users", params(UserParam),
+    responses((status = 202, description = "The removal is under way", body = Removal), Errors))]
 async fn delete_user(
     state: State<AppState>,
     principal: Principal,
     addr: ClientAddr,
     path: Result<Path<String>, PathRejection>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<Removal>)> {
     principal.require("users:write")?;
     remove_user(state, principal, addr, path).await
 }
@@ -130,7 +156,7 @@ pub async fn remove_user(
     principal: Principal,
     addr: ClientAddr,
     path: Result<Path<String>, PathRejection>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<Removal>)> {
     let name = user_name(path)?;
     // A `users:write` token manages ordinary accounts; taking an admin's away
     // needs an admin (demoting one already does).
@@ -158,6 +184,11 @@ pub async fn remove_user(
         .await;
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({ "name": name, "state": "deleting", "job_id": job.id, "job": job })),
+        Json(Removal {
+            name: name.as_str().to_owned(),
+            state: "deleting",
+            job_id: job.id,
+            job,
+        }),
     ))
 }

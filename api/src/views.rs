@@ -8,6 +8,7 @@ use schema::{
     UserState, server_path,
 };
 use serde::Serialize;
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 /// How servers' addresses are shown to one caller: each through the proxy at
@@ -28,7 +29,7 @@ impl Addresses<'_> {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ServerView {
     pub name: String,
     pub state: ServerState,
@@ -88,7 +89,7 @@ impl ServerView {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct UserView {
     pub name: String,
     pub email: Option<String>,
@@ -125,7 +126,7 @@ impl UserView {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct JobView {
     pub id: Uuid,
     pub kind: JobKind,

@@ -14,7 +14,7 @@ use crate::{
 };
 
 /// A schedule as registered, with its latest run.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema, sqlx::FromRow)]
 pub struct ScheduleView {
     pub name: String,
     pub expression: String,

@@ -21,7 +21,7 @@ const CLAIM_FRESH: chrono::TimeDelta = chrono::TimeDelta::seconds(5);
 const RECONCILER: i64 = 0;
 
 /// The limits in force: the configured ones unless an admin overrode them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Limits {
     pub concurrent_spawn_limit: u32,
     pub active_server_limit: u32,
@@ -79,7 +79,7 @@ impl LimitChange {
     }
 }
 
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize, utoipa::ToSchema)]
 pub struct Usage {
     pub spawns_in_flight: i64,
     pub active_servers: i64,

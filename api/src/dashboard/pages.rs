@@ -674,10 +674,7 @@ async fn delete_user(
     match removed {
         Ok((_, body)) => operator.back(
             "/admin/users",
-            Ok(format!(
-                "{name} is being deleted (job {})",
-                body["job_id"].as_str().unwrap_or("?")
-            )),
+            Ok(format!("{name} is being deleted (job {})", body.job_id)),
         ),
         Err(e) => operator.back("/admin/users", Err(say(e))),
     }
