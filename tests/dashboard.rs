@@ -494,7 +494,88 @@ async fn admins_add_and_delete_users_from_the_dashboard(backend: Backend) {
     assert_eq!(audited, 2);
 }
 
+/// Asks for a server of an image that cannot be pulled: a spawn bound to fail.
+async fn spawn_missing_image(env: &TestEnv, user: &str, server: &str) -> Value {
+    let body = json!({ "image": MISSING_IMAGE }).to_string();
+    let (status, pending) = env
+        .call(
+            Method::POST,
+            &format!("/api/v1/users/{user}/servers/{server}"),
+            Some(&body),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{pending}");
+    pending
+}
+
+/// The `<figure>` of one chart in a page.
+fn figure<'a>(page: &'a str, key: &str) -> &'a str {
+    let start = page
+        .find(&format!("data-chart=\"{key}\""))
+        .unwrap_or_else(|| panic!("a {key} chart in the page"));
+    let end = start + page[start..].find("</figure>").expect("the figure ends");
+    &page[start..end]
+}
+
+async fn the_overview_charts_what_the_platform_did(backend: Backend) {
+    let mut env = TestEnv::on(backend).await;
+    env.start_worker(&["--heartbeat", "1"]);
+    let admin = env.login(ADMIN_USER, ADMIN_PASSWORD).await;
+    let user = env.user("chart");
+    env.create_user(&user).await;
+    let (_, ok) = env
+        .call(Method::POST, &format!("/api/v1/users/{user}/server"), None)
+        .await;
+    let bad = spawn_missing_image(&env, &user, "bad").await;
+    for job in [&ok, &bad] {
+        env.wait_job(job["job_id"].as_str().unwrap(), Duration::from_secs(30))
+            .await;
+    }
+    // The workers sample the platform (here every heartbeat, once a minute).
+    wait_for(
+        "a sample of the platform",
+        Duration::from_secs(15),
+        async || env.count("select count(*) from platform_samples").await > 0,
+    )
+    .await;
+
+    for (window, label) in [("hour", "−60 min"), ("day", "−24 h")] {
+        let page = env
+            .http()
+            .get(format!("{}/admin?chart={window}", env.base))
+            .header("cookie", format!("berth_session={admin}"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(
+            page.contains(&format!("data-window=\"{window}\"")),
+            "{page}"
+        );
+        // One server active of its limit, none queued or spawning now.
+        let active = figure(&page, "active_servers");
+        assert!(active.contains("data-latest=\"1\""), "{active}");
+        assert!(active.contains("limit 50"), "{active}");
+        assert!(active.contains(label), "{active}");
+        assert!(figure(&page, "queue_depth").contains("data-latest=\"0\""));
+        assert!(figure(&page, "spawns_in_flight").contains("limit 10"));
+        // The spawn that succeeded has a latency; the one that failed is one bar.
+        let latency = figure(&page, "spawn_latency");
+        assert!(latency.contains("data-latest=\"p50 "), "{latency}");
+        assert!(
+            latency.contains("<circle") || latency.contains("<polyline"),
+            "{latency}"
+        );
+        let failures = figure(&page, "failures");
+        assert!(failures.contains("data-latest=\"1 in all\""), "{failures}");
+        assert_eq!(failures.matches("class=\"bar\"").count(), 1, "{failures}");
+    }
+}
+
 on_both_stores!(
+    the_overview_charts_what_the_platform_did,
     admins_add_and_delete_users_from_the_dashboard,
     progress_streams_are_capped_per_user_and_end_with_the_session,
     metrics_counters_move_when_jobs_run,
@@ -612,14 +693,7 @@ async fn an_admin_watches_a_spawn_go_live_and_retries_a_failed_job_in_a_browser(
     std::fs::write(artefacts.join("dashboard-user.png"), &png).unwrap();
 
     // A failed spawn, retried from its page.
-    let body = json!({ "image": MISSING_IMAGE }).to_string();
-    let (_, pending) = env
-        .call(
-            Method::POST,
-            &format!("/api/v1/users/{user}/servers/bad"),
-            Some(&body),
-        )
-        .await;
+    let pending = spawn_missing_image(&env, &user, "bad").await;
     let job = pending["job_id"].as_str().unwrap().to_owned();
     let failed = env.wait_job(&job, Duration::from_secs(30)).await;
     assert_eq!(failed["state"], "failed");
@@ -649,6 +723,13 @@ async fn an_admin_watches_a_spawn_go_live_and_retries_a_failed_job_in_a_browser(
         .await;
     assert_eq!(retried["retry_of"], job.as_str(), "{retried}");
     assert_eq!(retried["kind"], "spawn");
+
+    // The overview's charts, for a person to look at.
+    browser.goto(&format!("{}/admin", env.base)).await.unwrap();
+    see(&browser, "[data-chart='failures'] .latest", "in all").await;
+    let charts = browser.find(Locator::Css("section.charts")).await.unwrap();
+    let png = charts.screenshot().await.unwrap();
+    std::fs::write(artefacts.join("dashboard-charts.png"), &png).unwrap();
 
     // Logging out ends the session: the dashboard asks for a login again.
     browser

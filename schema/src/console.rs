@@ -155,8 +155,38 @@ pub struct ServerListing {
     pub cpu_limit: Option<f32>,
 }
 
+/// One minute's reading of the platform, for the dashboard's charts.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Sample {
+    pub at: DateTime<Utc>,
+    /// Jobs waiting for a worker, every kind.
+    pub queued: i64,
+    pub spawns_in_flight: i64,
+    pub active_servers: i64,
+}
+
+/// A job that ended: what it was, when it was asked for, when it ended, and how.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct EndedJob {
+    pub kind: JobKind,
+    pub created_at: DateTime<Utc>,
+    pub finished_at: DateTime<Utc>,
+    pub state: JobState,
+}
+
+/// How long samples are kept.
+const SAMPLES_KEPT: chrono::TimeDelta = chrono::TimeDelta::days(8);
+
 #[async_trait]
 pub trait Console: Send + Sync + 'static {
+    /// Records this minute's sample unless another process already did; false then.
+    /// Drops samples older than eight days.
+    async fn record_sample(&self) -> Result<bool, StoreError>;
+    /// Samples since `since`, oldest first.
+    async fn samples_since(&self, since: DateTime<Utc>) -> Result<Vec<Sample>, StoreError>;
+    /// Jobs that ended (succeeded, failed or cancelled) since `since`, oldest first.
+    async fn jobs_ended_since(&self, since: DateTime<Utc>) -> Result<Vec<EndedJob>, StoreError>;
+
     /// Appends a progress event to a spawn and announces it.
     async fn record_progress(&self, job_id: Uuid, step: &ProgressStep) -> Result<(), StoreError>;
     /// Passes on the id of every job with a new progress event, from any process,
@@ -204,6 +234,68 @@ pub trait Console: Send + Sync + 'static {
 
 #[async_trait]
 impl Console for Db {
+    async fn record_sample(&self) -> Result<bool, StoreError> {
+        use chrono::DurationRound;
+        let at = now();
+        let minute = at
+            .duration_trunc(chrono::TimeDelta::minutes(1))
+            .unwrap_or(at);
+        let taken: i64 = each!(self.pool(), p => sqlx::query_scalar(
+            "select count(*) from platform_samples where at = $1",
+        )
+        .bind(minute)
+        .fetch_one(p)
+        .await)?;
+        if taken > 0 {
+            return Ok(false);
+        }
+        let usage = crate::platform::Platform::usage(self).await?;
+        let queued: i64 = each!(self.pool(), p => sqlx::query_scalar(
+            "select count(*) from jobs where state = 'queued'",
+        )
+        .fetch_one(p)
+        .await)?;
+        let written = each!(self.pool(), p => sqlx::query(
+            "insert into platform_samples (at, queued, spawns_in_flight, active_servers) \
+             values ($1, $2, $3, $4) on conflict (at) do nothing",
+        )
+        .bind(minute)
+        .bind(queued)
+        .bind(usage.spawns_in_flight)
+        .bind(usage.active_servers)
+        .execute(p)
+        .await
+        .map(|r| r.rows_affected()))?;
+        if written > 0 {
+            each!(self.pool(), p => sqlx::query("delete from platform_samples where at < $1")
+                .bind(minute - SAMPLES_KEPT)
+                .execute(p)
+                .await
+                .map(drop))?;
+        }
+        Ok(written > 0)
+    }
+
+    async fn samples_since(&self, since: DateTime<Utc>) -> Result<Vec<Sample>, StoreError> {
+        Ok(each!(self.pool(), p => sqlx::query_as::<_, Sample>(
+            "select at, queued, spawns_in_flight, active_servers from platform_samples \
+             where at >= $1 order by at",
+        )
+        .bind(since)
+        .fetch_all(p)
+        .await)?)
+    }
+
+    async fn jobs_ended_since(&self, since: DateTime<Utc>) -> Result<Vec<EndedJob>, StoreError> {
+        Ok(each!(self.pool(), p => sqlx::query_as::<_, EndedJob>(
+            "select kind, created_at, finished_at, state from jobs \
+             where finished_at >= $1 order by finished_at",
+        )
+        .bind(since)
+        .fetch_all(p)
+        .await)?)
+    }
+
     async fn record_progress(&self, job_id: Uuid, step: &ProgressStep) -> Result<(), StoreError> {
         let mut tx = self.begin().await?;
         tx.insert_progress(job_id, step).await?;

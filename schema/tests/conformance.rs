@@ -359,6 +359,62 @@ async fn spawn_slots_hold_the_limit_and_go_to_the_oldest_waiter(db: &Db) {
     second.release().await;
 }
 
+async fn a_minute_has_one_sample_and_ended_jobs_read_back(db: &Db) {
+    use schema::{Console, JobState};
+    let since = chrono::Utc::now() - chrono::TimeDelta::minutes(2);
+    db.create_user(&user("sam"), false).await.unwrap();
+    db.create_user(&user("sue"), false).await.unwrap();
+    let mut jobs = Vec::new();
+    for name in ["sam", "sue"] {
+        let SpawnOutcome::Enqueued(server) = db.request_spawn(spawn_request(name)).await.unwrap()
+        else {
+            panic!("enqueued");
+        };
+        jobs.push(server.spawn_job_id.unwrap());
+    }
+    // Two spawns waiting, two places taken: what the minute's sample reads.
+    let first = db.record_sample().await.unwrap();
+    let second = db.record_sample().await.unwrap();
+    let samples = db.samples_since(since).await.unwrap();
+    // A minute that turned between the two may hold one each; never two in one.
+    assert!(first, "the first sample of a minute is written");
+    assert_eq!(samples.len(), 1 + usize::from(second), "{samples:?}");
+    let last = samples.last().unwrap();
+    assert_eq!((last.queued, last.active_servers), (2, 2), "{samples:?}");
+    assert_eq!(
+        last.at.timestamp() % 60,
+        0,
+        "a sample is keyed by its minute"
+    );
+
+    assert!(db.jobs_ended_since(since).await.unwrap().is_empty());
+    for job in &jobs {
+        assert!(db.begin_job(*job, "w").await.unwrap().is_some());
+    }
+    db.finish_job(jobs[0], &JobOutcome::Succeeded)
+        .await
+        .unwrap();
+    db.finish_job(jobs[1], &JobOutcome::Failed("no image".into()))
+        .await
+        .unwrap();
+    let ended = db.jobs_ended_since(since).await.unwrap();
+    let seen: Vec<_> = ended.iter().map(|e| (e.kind, e.state)).collect();
+    assert_eq!(
+        seen,
+        [
+            (JobKind::Spawn, JobState::Succeeded),
+            (JobKind::Spawn, JobState::Failed)
+        ]
+    );
+    assert!(ended.iter().all(|e| e.finished_at >= e.created_at));
+    assert!(
+        db.jobs_ended_since(chrono::Utc::now() + chrono::TimeDelta::seconds(1))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
 async fn limit_overrides_set_and_reset(db: &Db) {
     let set = db
         .set_limits(LimitChange::Set(3), LimitChange::Keep, "admin")
@@ -610,6 +666,7 @@ contracts!(
     an_sso_token_is_consumed_once_by_its_running_server,
     spawn_slots_hold_the_limit_and_go_to_the_oldest_waiter,
     limit_overrides_set_and_reset,
+    a_minute_has_one_sample_and_ended_jobs_read_back,
     concurrent_spawn_requests_get_their_own_answers_and_hold_every_limit,
 );
 

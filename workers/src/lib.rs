@@ -334,6 +334,8 @@ where
     Box::pin(async move { tokio::try_join!(spawns, control).map(|_| ()) })
 }
 
+/// Reports this worker alive every `every` (and samples the platform for the
+/// dashboard's charts).
 async fn heartbeats(ctx: Arc<Context>, every: Duration, done: CancellationToken) {
     loop {
         tokio::select! {
@@ -346,6 +348,10 @@ async fn heartbeats(ctx: Arc<Context>, every: Duration, done: CancellationToken)
             .await
         {
             tracing::warn!(error = %e, "heartbeat failed");
+        }
+        // The dashboard's charts: one sample a minute, by whichever worker is first.
+        if let Err(e) = ctx.db.record_sample().await {
+            tracing::warn!(error = %e, "could not record the platform's sample");
         }
     }
 }

@@ -4,6 +4,7 @@
 //! SameSite=Strict cookie scoped to `/admin`. Every action is a POST whose Origin,
 //! when the browser sends one, must be this host.
 
+mod charts;
 mod jobs;
 mod pages;
 

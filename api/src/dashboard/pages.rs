@@ -55,6 +55,11 @@ pub async fn overview(
         Ok(s) => s,
         Err(e) => return failure(e),
     };
+    let window = super::charts::Window::parse(query.get("chart").map(String::as_str));
+    let charts = match super::charts::section(&state, window).await {
+        Ok(c) => c,
+        Err(e) => return failure(e),
+    };
     let n = |v: &Value| v.as_i64().unwrap_or(0);
     let states = schema::JobState::WORDS;
     let queues = [schema::jobs::SPAWN_QUEUE, schema::jobs::CONTROL_QUEUE];
@@ -74,6 +79,7 @@ pub async fn overview(
                 }
             }
         }
+        (charts)
     })
     .into_response()
 }
