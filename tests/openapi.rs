@@ -197,3 +197,56 @@ async fn requests_the_document_allows_are_taken_as_documented() {
     let (status, body) = env.call(Method::POST, "/api/v1/auth/logout", None).await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
 }
+
+/// The document as a page to read: every operation and schema on it, served
+/// without credentials and without any script.
+#[tokio::test]
+async fn the_reference_page_shows_every_operation_and_schema() {
+    let env = TestEnv::start().await;
+    let doc: Value = env
+        .http()
+        .get(format!("{}/api/v1/openapi.json", env.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let response = env
+        .http()
+        .get(format!("{}/api/v1/reference", env.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let headers = response.headers().clone();
+    assert!(
+        headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
+    let csp = headers["content-security-policy"].to_str().unwrap();
+    assert!(
+        csp.contains("default-src 'none'") && !csp.contains("script-src"),
+        "{csp}"
+    );
+    let page = response.text().await.unwrap();
+    assert!(!page.contains("<script"), "no script on the page");
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for method in item.as_object().unwrap().keys() {
+            assert!(
+                page.contains(&format!("id=\"{method}-{path}\"")),
+                "{method} {path} is on the page"
+            );
+        }
+    }
+    for schema in doc["components"]["schemas"].as_object().unwrap().keys() {
+        assert!(
+            page.contains(&format!("id=\"schema-{schema}\"")),
+            "{schema}"
+        );
+    }
+    // Names link to their schemas.
+    assert!(page.contains("href=\"#schema-ServerView\""));
+}

@@ -17,6 +17,7 @@ pub mod passwords;
 pub mod platform;
 pub mod progress;
 pub mod proxy;
+pub mod reference;
 pub mod serve;
 pub mod servers;
 pub mod tokens;
@@ -191,6 +192,7 @@ pub fn api_routes() -> OpenApiRouter<AppState> {
         .merge(activity::router())
         .merge(progress::router())
         .routes(routes!(openapi::document))
+        .routes(routes!(reference::reference))
         .route_layer(axum::middleware::from_fn(metrics::track));
     OpenApiRouter::with_openapi(openapi::base())
         .nest("/api/v1", api)
