@@ -6,6 +6,11 @@
 //!
 //!     cargo run --release -p bench --bin queues -- --jobs 5000 --workers 4
 //!
+//! `--prefill` enqueues every job before the workers start and reports how fast they
+//! drain the queue; with `--reference pgqueuer` the same drain by pgqueuer (PyPI, in a
+//! venv made on first use) runs on the same Postgres in the same run, and the ratio is
+//! printed. `--rate R` paces the producers to R jobs a second (latency at a steady load).
+//!
 //! Needs Postgres (BERTH_BENCH_DATABASE_URL, a superuser URL) and a nats-server
 //! with JetStream (BERTH_BENCH_NATS_URL). The backends `sqlite`, `sqlite-normal` and
 //! `sqlite-off` run the embedded store's queue (a job row and its queue entry per
@@ -47,6 +52,15 @@ struct Args {
     /// Which backends, in order.
     #[arg(long, value_delimiter = ',', default_value = "postgres,nats")]
     backends: Vec<String>,
+    /// Enqueue every job first, then start the workers: the drain rate.
+    #[arg(long)]
+    prefill: bool,
+    /// Producers together enqueue at most this many jobs a second.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// A reference run in the same sitting: `pgqueuer` (drain of a pre-filled queue).
+    #[arg(long)]
+    reference: Option<String>,
     #[arg(
         long,
         env = "BERTH_BENCH_DATABASE_URL",
@@ -97,13 +111,109 @@ async fn main() -> anyhow::Result<()> {
         "{:<13} {:>10} {:>12} {:>9} {:>9} {:>9}",
         "backend", "enqueue/s", "jobs/s", "p50 ms", "p99 ms", "max ms"
     );
+    let mut postgres_drain = None;
     for backend in &args.backends {
-        run(&args, backend).await?;
+        let rate = run(&args, backend).await?;
+        if backend == "postgres" {
+            postgres_drain = Some(rate);
+        }
+    }
+    if args.reference.as_deref() == Some("pgqueuer") {
+        let reference = pgqueuer(&args).await?;
+        println!("{:<13} {:>10} {:>12.0}", "pgqueuer", "", reference);
+        if let Some(berth) = postgres_drain {
+            println!(
+                "Berth on Postgres / pgqueuer, {}: {:.2}x",
+                if args.prefill {
+                    "draining a pre-filled queue"
+                } else {
+                    "jobs/s"
+                },
+                berth / reference
+            );
+        }
     }
     Ok(())
 }
 
-async fn run(args: &Args, backend: &str) -> anyhow::Result<()> {
+/// pgqueuer's drain of `args.jobs` pre-filled no-op jobs by `args.workers` worker
+/// processes fetching `args.concurrency` at a time, on a fresh database of the same
+/// Postgres: jobs per second.
+async fn pgqueuer(args: &Args) -> anyhow::Result<f64> {
+    let venv = std::env::var("BERTH_BENCH_PGQUEUER_VENV").unwrap_or_else(|_| {
+        format!(
+            "{}/.cache/berth-pgqueuer",
+            std::env::var("HOME").unwrap_or_default()
+        )
+    });
+    let python = format!("{venv}/bin/python");
+    if !std::path::Path::new(&python).exists() {
+        eprintln!("installing pgqueuer into {venv}");
+        let made = std::process::Command::new("python3")
+            .args(["-m", "venv", &venv])
+            .status()?;
+        anyhow::ensure!(made.success(), "python3 -m venv {venv}");
+        let installed = std::process::Command::new(format!("{venv}/bin/pip"))
+            .args(["install", "--quiet", "pgqueuer==1.6.0", "asyncpg"])
+            .status();
+        if !installed.is_ok_and(|s| s.success()) {
+            let any = std::process::Command::new(format!("{venv}/bin/pip"))
+                .args(["install", "--quiet", "pgqueuer", "asyncpg"])
+                .status()?;
+            anyhow::ensure!(any.success(), "pip install pgqueuer");
+        }
+    }
+    let (admin, url, db) = fresh_database(args).await?;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/reference/pgqueuer_drain.py");
+    let output = tokio::process::Command::new(&python)
+        .arg(script)
+        .args(["--dsn", &url])
+        .args(["--jobs", &args.jobs.to_string()])
+        .args(["--workers", &args.workers.to_string()])
+        // Fetching as many at a time as a Berth worker does (apalis's batch is its
+        // concurrency).
+        .args(["--batch", &args.concurrency.to_string()])
+        .output()
+        .await?;
+    drop_database(&admin, &db).await?;
+    anyhow::ensure!(
+        output.status.success(),
+        "pgqueuer: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let line = String::from_utf8_lossy(&output.stdout);
+    let result: serde_json::Value = serde_json::from_str(line.trim().lines().last().unwrap_or(""))?;
+    anyhow::ensure!(result["left"] == 0, "pgqueuer left jobs: {result}");
+    result["per_second"].as_f64().context("pgqueuer's rate")
+}
+
+/// A database of its own on the bench's Postgres: the admin pool, its URL, its name.
+async fn fresh_database(args: &Args) -> anyhow::Result<(PgPool, String, String)> {
+    let db = format!("berth_bench_q_{:08x}", rand::random::<u32>());
+    let admin = PgPool::connect(&args.database_url)
+        .await
+        .context("bench Postgres")?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("create database {db}")))
+        .execute(&admin)
+        .await?;
+    let url = match args.database_url.rsplit_once('/') {
+        Some((base, _)) => format!("{base}/{db}"),
+        None => anyhow::bail!("database URL without a database"),
+    };
+    Ok((admin, url, db))
+}
+
+async fn drop_database(admin: &PgPool, db: &str) -> anyhow::Result<()> {
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "drop database if exists {db} with (force)"
+    )))
+    .execute(admin)
+    .await?;
+    Ok(())
+}
+
+/// One backend's run; its jobs per second (the drain rate with `--prefill`).
+async fn run(args: &Args, backend: &str) -> anyhow::Result<f64> {
     let durability = match backend {
         "sqlite" => Some(schema::lite::Durability::Full),
         "sqlite-normal" => Some(schema::lite::Durability::Normal),
@@ -116,28 +226,14 @@ async fn run(args: &Args, backend: &str) -> anyhow::Result<()> {
         let _ = std::fs::remove_dir_all(&dir);
         return result;
     }
-    let tag = format!("{:08x}", rand::random::<u32>());
-    let db = format!("berth_bench_q_{tag}");
-    let admin = PgPool::connect(&args.database_url)
-        .await
-        .context("bench Postgres")?;
-    sqlx::query(sqlx::AssertSqlSafe(format!("create database {db}")))
-        .execute(&admin)
-        .await?;
-    let url = match args.database_url.rsplit_once('/') {
-        Some((base, _)) => format!("{base}/{db}"),
-        None => anyhow::bail!("database URL without a database"),
-    };
+    let (admin, url, db) = fresh_database(args).await?;
+    let tag = db.trim_start_matches("berth_bench_q_").to_owned();
     let result = measure(args, backend, &url, &tag).await;
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "drop database if exists {db} with (force)"
-    )))
-    .execute(&admin)
-    .await?;
+    drop_database(&admin, &db).await?;
     result
 }
 
-async fn measure(args: &Args, backend: &str, url: &str, tag: &str) -> anyhow::Result<()> {
+async fn measure(args: &Args, backend: &str, url: &str, tag: &str) -> anyhow::Result<f64> {
     let pool = PgPoolOptions::new()
         .max_connections(args.producers as u32 + 4)
         .connect(url)
@@ -158,64 +254,99 @@ async fn measure(args: &Args, backend: &str, url: &str, tag: &str) -> anyhow::Re
         ..Default::default()
     });
 
-    // Workers first, idle and waiting, as in production.
-    let mut workers = Vec::new();
-    for w in 0..args.workers {
-        let record = record.clone();
-        let stop = stop.clone();
-        let concurrency = args.concurrency;
-        match &broker {
-            Some(broker) => {
-                let settings = broker.settings.clone();
-                let own = schema::nats::Broker::connect(settings).await?;
-                workers.push(tokio::spawn(async move {
-                    let _ =
-                        workers::jetstream::pull(own, SPAWN_QUEUE, concurrency, stop, move |m| {
-                            let record = record.clone();
-                            async move {
-                                if let Ok(e) = serde_json::from_slice::<JobEnvelope>(&m.payload) {
-                                    record.start(e.job_id);
+    // Workers idle and waiting, as in production; or, with `--prefill`, started
+    // once every job is on the queue.
+    let start_workers = || async {
+        let mut workers = Vec::new();
+        for w in 0..args.workers {
+            let record = record.clone();
+            let stop = stop.clone();
+            let concurrency = args.concurrency;
+            match &broker {
+                Some(broker) => {
+                    let settings = broker.settings.clone();
+                    let own = schema::nats::Broker::connect(settings).await?;
+                    workers.push(tokio::spawn(async move {
+                        let _ = workers::jetstream::pull(
+                            own,
+                            SPAWN_QUEUE,
+                            concurrency,
+                            stop,
+                            move |m| {
+                                let record = record.clone();
+                                async move {
+                                    if let Ok(e) = serde_json::from_slice::<JobEnvelope>(&m.payload)
+                                    {
+                                        record.start(e.job_id);
+                                    }
+                                    let _ = m.ack().await;
                                 }
-                                let _ = m.ack().await;
-                            }
-                        })
+                            },
+                        )
                         .await;
-                }));
-            }
-            None => {
-                let pool = PgPoolOptions::new().max_connections(8).connect(url).await?;
-                workers.push(tokio::spawn(async move {
-                    // The strategy of `berth worker`: NOTIFY plus a 250 ms poll.
-                    let strategy = Strategy::new()
-                        .stream(Pubsub::new(pool.clone(), SPAWN_QUEUE.to_owned()))
-                        .interval(Duration::from_millis(250));
-                    let storage = PollWith::new(
-                        PostgresStorage::<JobEnvelope>::new(&pool)
-                            .with_config(workers::apalis_config(SPAWN_QUEUE, concurrency, 5, 3)),
-                        strategy,
-                    );
-                    let _ = WorkerBuilder::new(format!("bench-{w}"))
-                        .backend(storage)
-                        .data(record)
-                        .concurrency(concurrency)
-                        .build(noop)
-                        .run_until(async move {
-                            stop.cancelled().await;
-                            Ok::<(), std::io::Error>(())
-                        })
-                        .await;
-                }));
+                    }));
+                }
+                None => {
+                    let pool = PgPoolOptions::new().max_connections(8).connect(url).await?;
+                    workers.push(tokio::spawn(async move {
+                        // The strategy of `berth worker`: NOTIFY plus a 250 ms poll.
+                        let strategy = Strategy::new()
+                            .stream(Pubsub::new(pool.clone(), SPAWN_QUEUE.to_owned()))
+                            .interval(Duration::from_millis(250));
+                        let storage = PollWith::new(
+                            PostgresStorage::<JobEnvelope>::new(&pool).with_config(
+                                workers::apalis_config(SPAWN_QUEUE, concurrency, 5, 3),
+                            ),
+                            strategy,
+                        );
+                        let _ = WorkerBuilder::new(format!("bench-{w}"))
+                            .backend(storage)
+                            .data(record)
+                            .concurrency(concurrency)
+                            .build(noop)
+                            .run_until(async move {
+                                stop.cancelled().await;
+                                Ok::<(), std::io::Error>(())
+                            })
+                            .await;
+                    }));
+                }
             }
         }
-    }
-    tokio::time::sleep(Duration::from_secs(1)).await;
+        anyhow::Ok(workers)
+    };
 
     let producing = (pool.clone(), queue.clone());
-    let (enqueued_in, drained_in) = produce_and_drain(args, &record, move |record| {
+    let enqueue_one = move |record: Arc<Record>| {
         let (pool, queue) = producing.clone();
         async move { enqueue(&pool, queue.as_ref(), &record).await }
-    })
-    .await?;
+    };
+    let (workers, enqueued_in, drained_in) = if args.prefill {
+        let enqueued_in = produce(args, &record, enqueue_one).await?;
+        let began = Instant::now();
+        let workers = start_workers().await?;
+        drained(&record, began).await?;
+        // Drained means acknowledged, as pgqueuer counts it: no task left undone.
+        if broker.is_none() {
+            loop {
+                let open: i64 =
+                    sqlx::query_scalar("select count(*) from apalis.jobs where status <> 'Done'")
+                        .fetch_one(&pool)
+                        .await?;
+                if open == 0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        (workers, enqueued_in, began.elapsed())
+    } else {
+        let workers = start_workers().await?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let began = Instant::now();
+        let enqueued_in = produce(args, &record, enqueue_one).await?;
+        (workers, enqueued_in, drained(&record, began).await?)
+    };
     stop.cancel();
     for worker in workers {
         let _ = worker.await;
@@ -227,18 +358,33 @@ async fn measure(args: &Args, backend: &str, url: &str, tag: &str) -> anyhow::Re
             .await;
     }
 
-    report(args, backend, &record, enqueued_in, drained_in);
+    let rate = report(args, backend, &record, enqueued_in, drained_in);
     pool.close().await;
-    Ok(())
+    Ok(rate)
 }
 
+/// Prints the backend's line; returns its jobs per second.
 fn report(
     args: &Args,
     backend: &str,
     record: &Record,
     enqueued_in: Duration,
     drained_in: Duration,
-) {
+) -> f64 {
+    let rate = args.jobs as f64 / drained_in.as_secs_f64();
+    if args.prefill {
+        // Every job waited for the workers to start: latency says nothing here.
+        println!(
+            "{:<13} {:>10.0} {:>12.0} {:>9} {:>9} {:>9}",
+            backend,
+            args.jobs as f64 / enqueued_in.as_secs_f64(),
+            rate,
+            "-",
+            "-",
+            "-"
+        );
+        return rate;
+    }
     let mut latencies = std::mem::take(&mut *record.latencies.lock().unwrap());
     latencies.sort();
     let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e3;
@@ -246,11 +392,12 @@ fn report(
         "{:<13} {:>10.0} {:>12.0} {:>9.1} {:>9.1} {:>9.1}",
         backend,
         args.jobs as f64 / enqueued_in.as_secs_f64(),
-        args.jobs as f64 / drained_in.as_secs_f64(),
+        rate,
         at(0.5),
         at(0.99),
         at(1.0),
     );
+    rate
 }
 
 /// The embedded store's queue: producers write a job and its queue entry per
@@ -261,13 +408,29 @@ async fn measure_sqlite(
     backend: &str,
     dir: &std::path::Path,
     durability: schema::lite::Durability,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<f64> {
     let store = schema::SqliteStore::open_with(dir, durability).await?;
     let record = Arc::new(Record {
         expected: args.jobs,
         ..Default::default()
     });
     let stop = CancellationToken::new();
+    let db = schema::Db::from(store.clone());
+    let enqueue_one = move |record: Arc<Record>| {
+        let db = db.clone();
+        async move {
+            let id = Uuid::now_v7();
+            record.enqueued.lock().unwrap().insert(id, Instant::now());
+            db.enqueue(id, JobKind::Spawn, "bench", serde_json::json!({}))
+                .await?;
+            anyhow::Ok(())
+        }
+    };
+    let mut enqueued_in = Duration::ZERO;
+    if args.prefill {
+        enqueued_in = produce(args, &record, enqueue_one.clone()).await?;
+    }
+    let began = Instant::now();
     let mut consumers = Vec::new();
     for w in 0..args.workers {
         let (store, record) = (store.clone(), record.clone());
@@ -287,47 +450,50 @@ async fn measure_sqlite(
             },
         )));
     }
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let db = schema::Db::from(store.clone());
-    let (enqueued_in, drained_in) = produce_and_drain(args, &record, move |record| {
-        let db = db.clone();
-        async move {
-            let id = Uuid::now_v7();
-            record.enqueued.lock().unwrap().insert(id, Instant::now());
-            db.enqueue(id, JobKind::Spawn, "bench", serde_json::json!({}))
-                .await?;
-            anyhow::Ok(())
-        }
-    })
-    .await?;
+    let began = if args.prefill {
+        began
+    } else {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let began = Instant::now();
+        enqueued_in = produce(args, &record, enqueue_one).await?;
+        began
+    };
+    let drained_in = drained(&record, began).await?;
     stop.cancel();
     for consumer in consumers {
         let _ = consumer.await;
     }
-    report(args, backend, &record, enqueued_in, drained_in);
-    Ok(())
+    Ok(report(args, backend, &record, enqueued_in, drained_in))
 }
 
 /// `args.jobs` jobs enqueued by `args.producers` producers at once, each through
-/// `enqueue_one`; returns how long enqueueing took and how long until the last job
-/// started (both from the first enqueue).
-async fn produce_and_drain<F, Fut>(
+/// `enqueue_one` (at most `args.rate` a second together); how long it took.
+async fn produce<F, Fut>(
     args: &Args,
     record: &Arc<Record>,
     enqueue_one: F,
-) -> anyhow::Result<(Duration, Duration)>
+) -> anyhow::Result<Duration>
 where
     F: Fn(Arc<Record>) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = anyhow::Result<()>> + Send,
 {
     let next = Arc::new(AtomicUsize::new(0));
     let began = Instant::now();
+    let rate = args.rate;
     let producers: Vec<_> = (0..args.producers)
         .map(|_| {
             let (record, next, enqueue_one) = (record.clone(), next.clone(), enqueue_one.clone());
             let jobs = args.jobs;
             tokio::spawn(async move {
-                while next.fetch_add(1, Ordering::SeqCst) < jobs {
+                loop {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    if i >= jobs {
+                        break;
+                    }
+                    if let Some(rate) = rate {
+                        let due = began + Duration::from_secs_f64(i as f64 / rate);
+                        tokio::time::sleep_until(due.into()).await;
+                    }
                     enqueue_one(record.clone()).await?;
                 }
                 anyhow::Ok(())
@@ -337,12 +503,17 @@ where
     for producer in producers {
         producer.await??;
     }
-    let enqueued_in = began.elapsed();
-    tokio::time::timeout(Duration::from_secs(600), record.all_started.notified())
-        .await
-        .context("not every job started within 10 minutes")?;
-    let drained_in = record.last_start.lock().unwrap().expect("a start") - began;
-    Ok((enqueued_in, drained_in))
+    Ok(began.elapsed())
+}
+
+/// Waits until every job has started; how long after `began` the last one did.
+async fn drained(record: &Record, began: Instant) -> anyhow::Result<Duration> {
+    if record.started.load(Ordering::SeqCst) < record.expected {
+        tokio::time::timeout(Duration::from_secs(600), record.all_started.notified())
+            .await
+            .context("not every job started within 10 minutes")?;
+    }
+    Ok(record.last_start.lock().unwrap().expect("a start") - began)
 }
 
 /// One job, as the API enqueues it: a transaction through the `Queue`, a commit,
