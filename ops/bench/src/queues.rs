@@ -27,8 +27,8 @@ use std::{
 };
 
 use anyhow::Context as _;
-use apalis::prelude::{BoxDynError, Data, PollWith, Strategy, WorkerBuilder, WorkerBuilderExt};
-use apalis_postgres::{PostgresStorage, Pubsub};
+use apalis::prelude::{BoxDynError, Data, PollWith, WorkerBuilder, WorkerBuilderExt};
+use apalis_postgres::PostgresStorage;
 use clap::Parser;
 use schema::{
     JobEnvelope, JobKind, QueueSettings, jobs::SPAWN_QUEUE, nats::NatsSettings, queue::Queue,
@@ -80,8 +80,13 @@ struct Args {
 struct Record {
     enqueued: Mutex<HashMap<Uuid, Instant>>,
     latencies: Mutex<Vec<Duration>>,
+    /// Jobs that waited over a second: when they were enqueued, and how long.
+    slow: Mutex<Vec<(Instant, Duration)>>,
+    /// The longest an enqueue (transaction, commit, notice) took.
+    slowest_enqueue: Mutex<Duration>,
     started: AtomicUsize,
     all_started: tokio::sync::Notify,
+    first_enqueue: Mutex<Option<Instant>>,
     expected: usize,
     last_start: Mutex<Option<Instant>>,
 }
@@ -93,6 +98,9 @@ impl Record {
             return;
         };
         self.latencies.lock().unwrap().push(now - at);
+        if now - at > Duration::from_secs(1) {
+            self.slow.lock().unwrap().push((at, now - at));
+        }
         *self.last_start.lock().unwrap() = Some(now);
         if self.started.fetch_add(1, Ordering::SeqCst) + 1 == self.expected {
             self.all_started.notify_one();
@@ -290,9 +298,8 @@ async fn measure(args: &Args, backend: &str, url: &str, tag: &str) -> anyhow::Re
                     let pool = PgPoolOptions::new().max_connections(8).connect(url).await?;
                     workers.push(tokio::spawn(async move {
                         // The strategy of `berth worker`: NOTIFY plus a 250 ms poll.
-                        let strategy = Strategy::new()
-                            .stream(Pubsub::new(pool.clone(), SPAWN_QUEUE.to_owned()))
-                            .interval(Duration::from_millis(250));
+                        let strategy =
+                            workers::wake_on(&pool, SPAWN_QUEUE, Duration::from_millis(250));
                         let storage = PollWith::new(
                             PostgresStorage::<JobEnvelope>::new(&pool).with_config(
                                 workers::apalis_config(SPAWN_QUEUE, concurrency, 5, 3),
@@ -387,6 +394,21 @@ fn report(
     }
     let mut latencies = std::mem::take(&mut *record.latencies.lock().unwrap());
     latencies.sort();
+    let slow = record.slow.lock().unwrap();
+    if let (Some(first), Some(last)) = (
+        slow.iter().map(|s| s.0).min(),
+        slow.iter().map(|s| s.0).max(),
+    ) {
+        let begun = record.first_enqueue.lock().unwrap().unwrap_or(first);
+        eprintln!(
+            "  {backend}: {} jobs waited over 1 s, enqueued {:.2}–{:.2} s into the run; \
+             the slowest enqueue took {:.0} ms",
+            slow.len(),
+            (first - begun).as_secs_f64(),
+            (last - begun).as_secs_f64(),
+            record.slowest_enqueue.lock().unwrap().as_secs_f64() * 1e3
+        );
+    }
     let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e3;
     println!(
         "{:<13} {:>10.0} {:>12.0} {:>9.1} {:>9.1} {:>9.1}",
@@ -524,11 +546,9 @@ async fn enqueue(pool: &PgPool, queue: &dyn Queue, record: &Record) -> anyhow::R
         job_id: Uuid::now_v7(),
         kind: JobKind::Spawn,
     };
-    record
-        .enqueued
-        .lock()
-        .unwrap()
-        .insert(job.job_id, Instant::now());
+    let began = Instant::now();
+    record.first_enqueue.lock().unwrap().get_or_insert(began);
+    record.enqueued.lock().unwrap().insert(job.job_id, began);
     let mut tx = pool.begin().await?;
     queue
         .enqueue(schema::db::Dialect::Pg(&mut *tx), &job, chrono::Utc::now())
@@ -543,6 +563,9 @@ async fn enqueue(pool: &PgPool, queue: &dyn Queue, record: &Record) -> anyhow::R
             .await?;
     }
     queue.flush().await;
+    let took = began.elapsed();
+    let mut slowest = record.slowest_enqueue.lock().unwrap();
+    *slowest = (*slowest).max(took);
     Ok(())
 }
 
