@@ -4,7 +4,6 @@
 use std::{io::Write, path::Path, sync::Arc};
 
 use anyhow::Context as _;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::Common;
@@ -70,9 +69,8 @@ pub async fn up(
 
     // Which spawner, why, and (local processes) who they run as: said at every start.
     let spawners = workers::choose_spawner(&worker).await?.describe();
-    let listener = TcpListener::bind(api.listen)
-        .await
-        .with_context(|| format!("binding {}", api.listen))?;
+    let listener =
+        api::serve::bind(api.listen).with_context(|| format!("binding {}", api.listen))?;
     let address = listener.local_addr()?;
     let db = Arc::new(schema::Db::from(store.clone()).with_limits(common.limits()));
     crate::started();

@@ -6,7 +6,6 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use schema::{Db, PgStore};
 use sqlx::{PgPool, postgres::PgPoolOptions};
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 mod embedded;
@@ -355,9 +354,8 @@ async fn serve_api(
     shutdown: CancellationToken,
     serve: api::Serve,
 ) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("binding {}", config.listen))?;
+    let listener =
+        api::serve::bind(config.listen).with_context(|| format!("binding {}", config.listen))?;
     api::run(config, db, listener, shutdown, serve).await?;
     Ok(())
 }
@@ -367,9 +365,8 @@ async fn serve_metrics(
     address: std::net::SocketAddr,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(address)
-        .await
-        .with_context(|| format!("binding {address} for metrics"))?;
+    let listener =
+        api::serve::bind(address).with_context(|| format!("binding {address} for metrics"))?;
     tracing::info!(address = %listener.local_addr()?, "metrics listening");
     let handle = schema::telemetry::install();
     let app = axum::Router::new().route(

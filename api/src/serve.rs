@@ -33,6 +33,23 @@ pub struct Limits {
     pub loopback_hosts_only: bool,
 }
 
+/// Connections the kernel holds for a listener until they are accepted (capped
+/// at `net.core.somaxconn`, 4096 by default). Tokio's `bind` asks for 128: a
+/// storm of 1,000 users connecting at once overflowed it, and each dropped
+/// connection waited a second for its SYN to be sent again (`ops/bench/src/up.rs`).
+const BACKLOG: u32 = 4096;
+
+/// A listener on `address` with room for a storm's connections (`BACKLOG`).
+pub fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match address {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(address)?;
+    socket.listen(BACKLOG)
+}
+
 /// Whether `host` (a `Host` header: name or address, maybe a port) names the
 /// loopback: `localhost`, an address in 127.0.0.0/8, or `[::1]`.
 pub fn is_loopback_host(host: &str) -> bool {
