@@ -134,7 +134,7 @@ impl From<SqliteStore> for Db {
             on: Dialect::Lite(store),
             queue,
             configured: Limits::default(),
-            spawns: None,
+            spawns: Some(Arc::default()),
         }
     }
 }
@@ -275,6 +275,13 @@ impl Db {
     }
 }
 
+/// Where a part of a transaction began (`Tx::part`): what it had to tell then.
+pub(crate) struct Part {
+    routes: usize,
+    notices: usize,
+    progress: usize,
+}
+
 /// A write transaction on either database, with what to do once it commits:
 /// hand enqueued jobs to the broker, wake the embedded store's waiters.
 pub(crate) struct Tx {
@@ -356,6 +363,39 @@ impl Tx {
     /// Sends `payload` on `channel` once this transaction commits (Postgres).
     pub(crate) fn notify_after_commit(&mut self, channel: &'static str, payload: String) {
         self.notices.push((channel, payload));
+    }
+
+    /// Starts a part of this transaction that can be undone alone (`undo`) or
+    /// kept (`keep`): one request of several sharing a commit.
+    pub(crate) async fn part(&mut self) -> Result<Part, StoreError> {
+        each!(self.conn(), c => sqlx::query("savepoint part").execute(c).await.map(|_| ()))?;
+        Ok(Part {
+            routes: self.routes.len(),
+            notices: self.notices.len(),
+            progress: match &self.inner {
+                Dialect::Lite(tx) => tx.progress.len(),
+                Dialect::Pg(_) => 0,
+            },
+        })
+    }
+
+    /// Keeps what was written since `part`.
+    pub(crate) async fn keep(&mut self, _part: Part) -> Result<(), StoreError> {
+        each!(self.conn(), c => sqlx::query("release savepoint part").execute(c).await.map(|_| ()))?;
+        Ok(())
+    }
+
+    /// Undoes what was written since `part`, and forgets what it would have told
+    /// after the commit.
+    pub(crate) async fn undo(&mut self, part: Part) -> Result<(), StoreError> {
+        each!(self.conn(), c => sqlx::query("rollback to savepoint part").execute(c).await.map(|_| ()))?;
+        each!(self.conn(), c => sqlx::query("release savepoint part").execute(c).await.map(|_| ()))?;
+        self.routes.truncate(part.routes);
+        self.notices.truncate(part.notices);
+        if let Dialect::Lite(tx) = &mut self.inner {
+            tx.progress.truncate(part.progress);
+        }
+        Ok(())
     }
 
     pub(crate) async fn commit(self) -> Result<(), StoreError> {

@@ -135,13 +135,27 @@ pub(crate) fn count_end(job: &JobRow) {
 }
 
 impl Db {
-    /// A spawn request in a transaction of its own: how SQLite decides every
-    /// request, and Postgres one that cannot go with a batch.
+    /// A spawn request in a transaction of its own: a request that cannot go with
+    /// a batch.
     pub(crate) async fn request_spawn_alone(
         &self,
         req: SpawnRequest,
     ) -> Result<SpawnOutcome, StoreError> {
         let mut tx = self.begin().await?;
+        let outcome = self.spawn_in(&mut tx, &req).await?;
+        if let SpawnOutcome::Enqueued(_) = outcome {
+            tx.commit().await?;
+        }
+        Ok(outcome)
+    }
+
+    /// Decides a spawn request in `tx`; only an `Enqueued` outcome wrote anything
+    /// that must stay (an error may leave a new server row: undo it).
+    pub(crate) async fn spawn_in(
+        &self,
+        tx: &mut Tx,
+        req: &SpawnRequest,
+    ) -> Result<SpawnOutcome, StoreError> {
         let at = now();
         // Locking the user serialises one user's spawn requests, so the per-user
         // count below is exact, and keeps a concurrent delete from slipping in.
@@ -202,7 +216,7 @@ impl Db {
                 )));
             }
         }
-        if !claim_admission(&mut tx, server.id, limit).await? {
+        if !claim_admission(tx, server.id, limit).await? {
             let active: i64 = each!(tx.conn(), c => sqlx::query_scalar(
                 "select count(*) from admission_tokens where server_id is not null",
             )
@@ -218,7 +232,7 @@ impl Db {
         .expect("payload serialises");
         let job = self
             .insert_job(
-                &mut tx,
+                tx,
                 JobKind::Spawn,
                 req.user.as_str(),
                 Some(req.server.as_str()),
@@ -241,7 +255,6 @@ impl Db {
         tx.insert_progress(job.id, &ProgressStep::at(0, crate::spawn_batch::REQUESTED))
             .await?;
         tx.route_changed(server.id);
-        tx.commit().await?;
         Ok(SpawnOutcome::Enqueued(server))
     }
 }

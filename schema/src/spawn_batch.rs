@@ -1,7 +1,7 @@
-//! Spawn requests that arrive together share one transaction and one commit on
-//! Postgres (group commit). Alone, a request cost about ten statements, each a
+//! Spawn requests that arrive together share one transaction and one commit
+//! (group commit). Alone, a request on Postgres cost about ten statements, each a
 //! round trip with its own locks, plan and execution: Postgres's CPU, not the
-//! disk, capped the API near 1k requests a second on two cores (issue 16). Here
+//! disk, capped the API near 1k requests a second on two cores (issue 16). There
 //! the requests waiting when a batch starts are decided together in a fixed
 //! number of set-wise statements (arrays bound once, `unnest` in the SQL), so the
 //! cost per request falls with the load.
@@ -13,6 +13,10 @@
 //! request of it is tried again alone, so one request's trouble never fails the
 //! others. A request for a server already in the batch waits for the batch and
 //! then runs alone, seeing what the batch did (one pending spawn, not two).
+//!
+//! On the embedded store a request's statements cost microseconds and its commit
+//! an fsync: the batch's requests run one after another in one transaction, each
+//! in a savepoint of its own (`decide_in_parts`).
 //!
 //! Every answer is sent after the commit, so each 202 is as durable as before.
 
@@ -114,6 +118,9 @@ impl SpawnBatcher {
 
 /// Decides one batch and answers each request.
 async fn decide(db: &Db, requests: Vec<Pending>) {
+    if let Dialect::Lite(_) = db.pool() {
+        return decide_in_parts(db, requests).await;
+    }
     // A second request for a server already in the batch runs after it, alone.
     let mut seen = HashSet::new();
     let (together, after): (Vec<Pending>, Vec<Pending>) = requests.into_iter().partition(|p| {
@@ -123,28 +130,64 @@ async fn decide(db: &Db, requests: Vec<Pending>) {
         ))
     });
     let reqs: Vec<&SpawnRequest> = together.iter().map(|p| &p.req).collect();
-    match spawn_together(db, &reqs).await {
+    let decided = spawn_together(db, &reqs).await;
+    answer(db, together, decided).await;
+    for pending in after {
+        let outcome = db.request_spawn_alone(pending.req).await;
+        let _ = pending.answer.send(outcome);
+    }
+}
+
+/// Sends each request its outcome; when the batch failed as a whole, each is
+/// decided again alone.
+async fn answer(
+    db: &Db,
+    requests: Vec<Pending>,
+    decided: Result<Vec<Result<SpawnOutcome, StoreError>>, StoreError>,
+) {
+    match decided {
         Ok(outcomes) => {
-            for (pending, outcome) in together.into_iter().zip(outcomes) {
+            for (pending, outcome) in requests.into_iter().zip(outcomes) {
                 let _ = pending.answer.send(outcome);
             }
         }
         Err(e) => {
             tracing::warn!(
-                requests = reqs.len(),
+                requests = requests.len(),
                 error = %e,
                 "a batch of spawn requests failed as a whole; each is tried alone"
             );
-            for pending in together {
+            for pending in requests {
                 let outcome = db.request_spawn_alone(pending.req).await;
                 let _ = pending.answer.send(outcome);
             }
         }
     }
-    for pending in after {
-        let outcome = db.request_spawn_alone(pending.req).await;
-        let _ = pending.answer.send(outcome);
+}
+
+/// The embedded store: the batch's requests one after another in one
+/// transaction, each in a part of its own (a savepoint, undone if the request is
+/// refused), and one commit for all. SQLite's statements run in the process in
+/// microseconds; what a request alone costs there is its commit's fsync, which
+/// the writers took in turns.
+async fn decide_in_parts(db: &Db, requests: Vec<Pending>) {
+    let decided = async {
+        let mut tx = db.begin().await?;
+        let mut outcomes = Vec::with_capacity(requests.len());
+        for pending in &requests {
+            let part = tx.part().await?;
+            let outcome = db.spawn_in(&mut tx, &pending.req).await;
+            match outcome {
+                Ok(_) => tx.keep(part).await?,
+                Err(_) => tx.undo(part).await?,
+            }
+            outcomes.push(outcome);
+        }
+        tx.commit().await?;
+        Ok::<_, StoreError>(outcomes)
     }
+    .await;
+    answer(db, requests, decided).await;
 }
 
 /// What became of one request while its batch is decided (one per request, for

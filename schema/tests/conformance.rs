@@ -541,9 +541,10 @@ async fn count(db: &Db, sql: &'static str) -> i64 {
     }
 }
 
-/// Postgres decides concurrent spawn requests together (one transaction for a
-/// batch); each request still gets the answer it would get alone, the limits are
-/// exact, and a refused request leaves no server row behind.
+/// Concurrent spawn requests are decided together (one transaction for a batch:
+/// set-wise on Postgres, a savepoint per request on the embedded store); each
+/// request still gets the answer it would get alone, the limits are exact, and a
+/// refused request leaves no server row behind.
 async fn concurrent_spawn_requests_get_their_own_answers_and_hold_every_limit(db: &Db) {
     let db = &db.clone().with_limits(Limits {
         concurrent_spawn_limit: 10,
