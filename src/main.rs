@@ -9,6 +9,7 @@ use sqlx::{PgPool, postgres::PgPoolOptions};
 use tokio_util::sync::CancellationToken;
 
 mod embedded;
+mod memory;
 mod sample;
 
 #[derive(Debug, Parser)]
@@ -202,6 +203,7 @@ enum Command {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logs(&cli.common);
+    memory::give_back_freed();
     let json = matches!(cli.common.log_format, LogFormat::Json);
     let shutdown = shutdown_on_signal();
     // The store's own background work (the NATS outbox relay) outlives the roles,
