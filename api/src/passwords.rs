@@ -2,7 +2,11 @@
 
 use std::{
     cell::RefCell,
-    sync::{LazyLock, Mutex, OnceLock, mpsc},
+    sync::{
+        LazyLock, Mutex, OnceLock,
+        atomic::{AtomicUsize, Ordering},
+        mpsc,
+    },
     time::Duration,
 };
 
@@ -35,7 +39,7 @@ pub fn check_strength(password: &str) -> Result<(), String> {
 /// one block buffer it keeps (argon2's 19 MiB). Hashing with a fresh buffer every
 /// time was measured to keep another 19.5 MiB per check (120 concurrent bogus
 /// logins: 34 → 680 MiB), whichever thread ran it; with the buffer reused, memory
-/// stays at the threads' buffers. At most one check per thread runs; a check waits
+/// stays at the threads' buffers while checks keep coming (`WANTED`). At most one check per thread runs; a check waits
 /// up to `TURN_WAIT` for a thread, then is told to come back (503).
 struct Checkers {
     turns: tokio::sync::Semaphore,
@@ -46,6 +50,13 @@ type Job = Box<dyn FnOnce() + Send>;
 
 static CHECKERS: OnceLock<Checkers> = OnceLock::new();
 const TURN_WAIT: Duration = Duration::from_secs(1);
+/// Checks asked for and not yet begun. A thread keeps its buffer while more are
+/// coming and frees it after its last one: 19 MiB a thread is most of an idle
+/// Berth's memory (the embedded store's `berth up` hashes its admin password at
+/// its first start; `ops/bench/src/up.rs` measured 46 MiB idle with the buffer
+/// kept, 30 MiB without). A lone check then allocates its buffer again, a few
+/// milliseconds of page faults beside tens of hashing.
+static WANTED: AtomicUsize = AtomicUsize::new(0);
 
 thread_local! {
     /// This checking thread's argon2 memory, kept between checks.
@@ -97,7 +108,9 @@ async fn checked<T: Send + 'static>(
     check: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, ApiError> {
     let checkers = CHECKERS.get_or_init(|| Checkers::start(default_concurrency()));
+    WANTED.fetch_add(1, Ordering::SeqCst);
     let Ok(Ok(permit)) = tokio::time::timeout(TURN_WAIT, checkers.turns.acquire()).await else {
+        WANTED.fetch_sub(1, Ordering::SeqCst);
         return Err(ApiError::Overloaded {
             message: "too many password checks at once; try again in a second".into(),
             retry_after: 1,
@@ -105,14 +118,22 @@ async fn checked<T: Send + 'static>(
     };
     let (done, answer) = tokio::sync::oneshot::channel();
     let job: Job = Box::new(move || {
+        WANTED.fetch_sub(1, Ordering::SeqCst);
         let _ = done.send(check());
+        if WANTED.load(Ordering::SeqCst) == 0 {
+            BLOCKS.with_borrow_mut(|blocks| *blocks = Vec::new());
+        }
     });
-    checkers
-        .work
-        .lock()
-        .map_err(|_| ApiError::Internal("the password checkers failed".into()))?
-        .send(job)
-        .map_err(|_| ApiError::Internal("the password checkers are gone".into()))?;
+    let sent = match checkers.work.lock() {
+        Ok(work) => work
+            .send(job)
+            .map_err(|_| ApiError::Internal("the password checkers are gone".into())),
+        Err(_) => Err(ApiError::Internal("the password checkers failed".into())),
+    };
+    if let Err(e) = sent {
+        WANTED.fetch_sub(1, Ordering::SeqCst);
+        return Err(e);
+    }
     let result = answer
         .await
         .map_err(|_| ApiError::Internal("a password check was lost".into()));
