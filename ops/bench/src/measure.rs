@@ -32,6 +32,27 @@ pub fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU time a process has used, user and system, ms (0 when it is gone).
+pub fn cpu_ms(pid: u32) -> u64 {
+    let ticks = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // After the command's name in parentheses: utime and stime are the
+            // 12th and 13th fields.
+            let rest = s.rsplit_once(')')?.1.to_owned();
+            let fields: Vec<u64> = rest
+                .split_whitespace()
+                .skip(11)
+                .take(2)
+                .filter_map(|f| f.parse().ok())
+                .collect();
+            Some(fields.iter().sum::<u64>())
+        })
+        .unwrap_or(0);
+    // USER_HZ is 100 on Linux.
+    ticks * 10
+}
+
 /// The `p` quantile (0..=1) of sorted figures.
 pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
@@ -67,6 +88,8 @@ pub struct Burst {
     pub latencies: Vec<f64>,
     pub accepted: usize,
     pub refused: usize,
+    /// The users whose request was accepted.
+    pub admitted: Vec<String>,
 }
 
 /// Every user asks for their default server at the same moment.
@@ -102,6 +125,12 @@ pub async fn spawn_burst(
         answered_in,
         latencies,
         accepted: answers.iter().filter(|(s, _)| matches!(s, Ok(202))).count(),
+        admitted: users
+            .iter()
+            .zip(&answers)
+            .filter(|(_, (s, _))| matches!(s, Ok(202)))
+            .map(|(u, _)| u.clone())
+            .collect(),
         refused: answers.iter().filter(|(s, _)| matches!(s, Ok(429))).count(),
     }
 }

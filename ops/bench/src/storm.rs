@@ -274,6 +274,7 @@ async fn run(args: &Args, tag: &str, url: &str, network: &str) -> anyhow::Result
         latencies,
         accepted,
         refused,
+        ..
     } = spawn_burst(&client, &api_base, TOKEN, &users).await;
 
     if args.workers == 0 {
