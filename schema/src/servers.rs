@@ -172,10 +172,7 @@ impl Db {
         )?;
         let (user_id, user_state, limit) = user.ok_or_else(|| StoreError::no_user(&req.user))?;
         if user_state == UserState::Deleting {
-            return Err(StoreError::Conflict(format!(
-                "user {:?} is being deleted",
-                req.user.as_str()
-            )));
+            return Err(StoreError::user_deleting(&req.user));
         }
         // Creates the row on first use and locks it either way, in one statement.
         let server = each!(tx.conn(), c => sqlx::query_as::<_, ServerRow>(concat!(
@@ -194,9 +191,7 @@ impl Db {
             ServerState::PendingSpawn => return Ok(SpawnOutcome::AlreadyPending(server)),
             ServerState::Running => return Ok(SpawnOutcome::AlreadyRunning(server)),
             ServerState::PendingStop => {
-                return Err(StoreError::Conflict(
-                    "the server is stopping; start it again once it has stopped".into(),
-                ));
+                return Err(StoreError::server_stopping());
             }
             ServerState::Stopped | ServerState::Failed => {}
         }
@@ -209,11 +204,7 @@ impl Db {
             .fetch_one(c)
             .await)?;
             if live >= i64::from(most) {
-                return Err(StoreError::Limit(format!(
-                    "user {:?} already has {live} servers, the most allowed per user is {most}; \
-                     stop one first",
-                    req.user.as_str()
-                )));
+                return Err(StoreError::per_user_limit(&req.user, live, most));
             }
         }
         if !claim_admission(tx, server.id, limit).await? {
@@ -222,9 +213,7 @@ impl Db {
             )
             .fetch_one(c)
             .await)?;
-            return Err(StoreError::Limit(format!(
-                "the platform is full: {active} of {limit} servers are active; try again when one stops"
-            )));
+            return Err(StoreError::platform_full(active, limit));
         }
         let payload = serde_json::to_value(ServerJob {
             server_id: server.id,

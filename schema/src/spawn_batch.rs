@@ -30,7 +30,7 @@ use uuid::Uuid;
 
 use crate::{
     console::{PROGRESS_CHANNEL, ProgressStep},
-    db::{Db, Dialect},
+    db::{Conn, Db, Dialect, each},
     jobs::{JobEnvelope, JobKind, ServerJob},
     rows::{ServerRow, ServerState, UserState},
     store::{SpawnOutcome, SpawnRequest, StoreError},
@@ -118,6 +118,13 @@ impl SpawnBatcher {
 
 /// Decides one batch and answers each request.
 async fn decide(db: &Db, requests: Vec<Pending>) {
+    match refused_when_full(db, &requests).await {
+        Ok(Some(outcomes)) => return answer(db, requests, Ok(outcomes)).await,
+        Ok(None) => {}
+        Err(e) => {
+            tracing::debug!(error = %e, "the read before a batch failed; it is decided by writing")
+        }
+    }
     if let Dialect::Lite(_) = db.pool() {
         return decide_in_parts(db, requests).await;
     }
@@ -136,6 +143,158 @@ async fn decide(db: &Db, requests: Vec<Pending>) {
         let outcome = db.request_spawn_alone(pending.req).await;
         let _ = pending.answer.send(outcome);
     }
+}
+
+type PgTx = sqlx::Transaction<'static, sqlx::Postgres>;
+type LiteTx = sqlx::Transaction<'static, sqlx::Sqlite>;
+
+/// A statement's connection in a read transaction of either dialect.
+fn conn(tx: &mut Dialect<PgTx, LiteTx>) -> Conn<'_> {
+    match tx {
+        Dialect::Pg(t) => Dialect::Pg(&mut **t),
+        Dialect::Lite(t) => Dialect::Lite(&mut **t),
+    }
+}
+
+/// The platform limit, whether every place below it has been made (places are
+/// made from 0 up, all at once, never removed: the last one tells), and whether
+/// one of them is free; one statement over the primary key and the index of free
+/// places, whatever the number of places.
+const PLACES: &str = "select l.most, \
+       exists (select 1 from admission_tokens where slot = l.most - 1), \
+       exists (select 1 from admission_tokens where server_id is null and slot < l.most) \
+     from (select coalesce((select active_server_limit from platform_limits), $1) as most) l";
+
+/// When no admission place is free, a batch is answered from reads alone: none
+/// of its requests can start a server, and what each is told (already pending or
+/// running, stopping, no such user, a limit) needs nothing written. In a storm
+/// refusals are most of the requests (950 of 1,000 at a limit of 50), and each
+/// went through the batch's writes, its new server row created and removed again.
+/// The reads share one snapshot, so every answer held at one moment. `None` when
+/// a place is free, or can be made: the batch is decided by writing.
+async fn refused_when_full(
+    db: &Db,
+    requests: &[Pending],
+) -> Result<Option<Vec<Result<SpawnOutcome, StoreError>>>, StoreError> {
+    let configured = db.configured_limits().active_server_limit as i32;
+    let full = |(_, made, free): (i32, bool, bool)| made && !free;
+    let first: (i32, bool, bool) = each!(db.pool(), p => sqlx::query_as(PLACES)
+        .bind(configured)
+        .fetch_one(p)
+        .await)?;
+    if !full(first) {
+        return Ok(None);
+    }
+    let names: Vec<&str> = requests
+        .iter()
+        .map(|p| p.req.user.as_str())
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+    // One snapshot: still full, who is active, the users and their servers.
+    let mut tx = match db.pool() {
+        Dialect::Pg(p) => Dialect::Pg(
+            p.begin_with("begin isolation level repeatable read, read only")
+                .await?,
+        ),
+        Dialect::Lite(p) => Dialect::Lite(p.begin().await?),
+    };
+    let places: (i32, bool, bool) = each!(conn(&mut tx), c => sqlx::query_as(PLACES)
+        .bind(configured)
+        .fetch_one(c)
+        .await)?;
+    let active: i64 = each!(conn(&mut tx), c => sqlx::query_scalar(
+        "select count(*) from admission_tokens where server_id is not null",
+    )
+    .fetch_one(c)
+    .await)?;
+    let (users, servers): (Vec<(String, UserState)>, Vec<ServerRow>) = match conn(&mut tx) {
+        Dialect::Pg(c) => (
+            sqlx::query_as("select name, state from users where name = any($1)")
+                .bind(&names)
+                .fetch_all(&mut *c)
+                .await?,
+            sqlx::query_as(select_servers!("where u.name = any($1)"))
+                .bind(&names)
+                .fetch_all(&mut *c)
+                .await?,
+        ),
+        Dialect::Lite(c) => {
+            let names = crate::db::json_list(&names);
+            (
+                sqlx::query_as(
+                    "select name, state from users \
+                     where name in (select value from json_each($1))",
+                )
+                .bind(&names)
+                .fetch_all(&mut *c)
+                .await?,
+                sqlx::query_as(select_servers!(
+                    "where u.name in (select value from json_each($1))"
+                ))
+                .bind(&names)
+                .fetch_all(&mut *c)
+                .await?,
+            )
+        }
+    };
+    match tx {
+        Dialect::Pg(t) => t.commit().await?,
+        Dialect::Lite(t) => t.commit().await?,
+    }
+    if !full(places) {
+        return Ok(None);
+    }
+    let users: HashMap<&str, UserState> = users.iter().map(|(n, s)| (n.as_str(), *s)).collect();
+    let mut live: HashMap<&str, i64> = HashMap::new();
+    for row in &servers {
+        if matches!(
+            row.state,
+            ServerState::PendingSpawn | ServerState::Running | ServerState::PendingStop
+        ) {
+            *live.entry(row.user_name.as_str()).or_default() += 1;
+        }
+    }
+    let servers: HashMap<(&str, &str), &ServerRow> = servers
+        .iter()
+        .map(|row| ((row.user_name.as_str(), row.name.as_str()), row))
+        .collect();
+    let limit = places.0;
+    Ok(Some(
+        requests
+            .iter()
+            .map(|Pending { req, .. }| {
+                let user = req.user.as_str();
+                match users.get(user) {
+                    None => return Err(StoreError::no_user(&req.user)),
+                    Some(UserState::Deleting) => return Err(StoreError::user_deleting(&req.user)),
+                    Some(_) => {}
+                }
+                match servers
+                    .get(&(user, req.server.as_str()))
+                    .map(|row| (row.state, *row))
+                {
+                    Some((ServerState::PendingSpawn, row)) => {
+                        return Ok(SpawnOutcome::AlreadyPending(row.clone()));
+                    }
+                    Some((ServerState::Running, row)) => {
+                        return Ok(SpawnOutcome::AlreadyRunning(row.clone()));
+                    }
+                    Some((ServerState::PendingStop, _)) => {
+                        return Err(StoreError::server_stopping());
+                    }
+                    _ => {}
+                }
+                let mine = live.get(user).copied().unwrap_or(0);
+                match req.max_servers_per_user {
+                    Some(most) if mine >= i64::from(most) => {
+                        Err(StoreError::per_user_limit(&req.user, mine, most))
+                    }
+                    _ => Err(StoreError::platform_full(active, limit)),
+                }
+            })
+            .collect(),
+    ))
 }
 
 /// Sends each request its outcome; when the batch failed as a whole, each is
@@ -257,10 +416,9 @@ async fn spawn_together(
     for req in reqs {
         steps.push(match users.get(req.user.as_str()) {
             None => Some(Step::Done(Err(StoreError::no_user(&req.user)))),
-            Some((_, UserState::Deleting)) => Some(Step::Done(Err(StoreError::Conflict(format!(
-                "user {:?} is being deleted",
-                req.user.as_str()
-            ))))),
+            Some((_, UserState::Deleting)) => {
+                Some(Step::Done(Err(StoreError::user_deleting(&req.user))))
+            }
             Some((id, _)) => {
                 upserts.push((*id, req.server.as_str()));
                 None
@@ -301,9 +459,7 @@ async fn spawn_together(
         let (server_id, state, inserted) = rows[&(user_id, req.server.as_str())];
         *step = Some(match state {
             ServerState::PendingSpawn | ServerState::Running => Step::Current(server_id),
-            ServerState::PendingStop => Step::Done(Err(StoreError::Conflict(
-                "the server is stopping; start it again once it has stopped".into(),
-            ))),
+            ServerState::PendingStop => Step::Done(Err(StoreError::server_stopping())),
             ServerState::Stopped | ServerState::Failed => Step::Wants(Want {
                 server_id,
                 user_id,
@@ -371,11 +527,9 @@ async fn spawn_together(
             if want.inserted {
                 refused_new.push(want.server_id);
             }
-            *step = Some(Step::Done(Err(StoreError::Limit(format!(
-                "user {:?} already has {count} servers, the most allowed per user is {most}; \
-                 stop one first",
-                req.user.as_str()
-            )))));
+            *step = Some(Step::Done(Err(StoreError::per_user_limit(
+                &req.user, *count, most,
+            ))));
         } else {
             *count += 1;
         }
@@ -415,9 +569,7 @@ async fn spawn_together(
                 *active.insert(n)
             }
         };
-        *step = Some(Step::Done(Err(StoreError::Limit(format!(
-            "the platform is full: {active} of {limit} servers are active; try again when one stops"
-        )))));
+        *step = Some(Step::Done(Err(StoreError::platform_full(active, limit))));
     }
     if !refused_new.is_empty() {
         sqlx::query("delete from servers where id = any($1)")

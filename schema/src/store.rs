@@ -33,6 +33,32 @@ impl StoreError {
     pub fn no_user(user: &UserName) -> Self {
         StoreError::NotFound(format!("no user named {user:?}"))
     }
+
+    /// A spawn for a user whose removal is under way.
+    pub(crate) fn user_deleting(user: &UserName) -> Self {
+        StoreError::Conflict(format!("user {:?} is being deleted", user.as_str()))
+    }
+
+    /// A spawn for a server that is stopping.
+    pub(crate) fn server_stopping() -> Self {
+        StoreError::Conflict("the server is stopping; start it again once it has stopped".into())
+    }
+
+    /// A spawn past the per-user limit: the user already has `live` servers.
+    pub(crate) fn per_user_limit(user: &UserName, live: i64, most: u32) -> Self {
+        StoreError::Limit(format!(
+            "user {:?} already has {live} servers, the most allowed per user is {most}; \
+             stop one first",
+            user.as_str()
+        ))
+    }
+
+    /// A spawn past the platform's limit of active servers.
+    pub(crate) fn platform_full(active: i64, limit: i32) -> Self {
+        StoreError::Limit(format!(
+            "the platform is full: {active} of {limit} servers are active; try again when one stops"
+        ))
+    }
 }
 
 /// What a spawn request led to.

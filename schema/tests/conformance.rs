@@ -658,6 +658,99 @@ async fn concurrent_spawn_requests_get_their_own_answers_and_hold_every_limit(db
     assert_eq!(again.spawn_job_id, enqueued[0].spawn_job_id);
 }
 
+/// On a full platform a batch is answered from reads alone: every request is told
+/// what it would be told by writing (its server's state, no such user, the
+/// per-user or the platform limit), and nothing is written.
+async fn a_full_platform_answers_every_request_as_writing_would_and_writes_nothing(db: &Db) {
+    let db = &db.clone().with_limits(Limits {
+        concurrent_spawn_limit: 10,
+        active_server_limit: 3,
+    });
+    for name in ["fa", "fb", "fc", "fd"] {
+        db.create_user(&user(name), false).await.unwrap();
+    }
+    // fa's server runs, fb's is pending, fc's is stopping: 3 of 3 places taken.
+    let mut servers = vec![];
+    for name in ["fa", "fb", "fc"] {
+        let SpawnOutcome::Enqueued(row) = db.request_spawn(spawn_request(name)).await.unwrap()
+        else {
+            panic!("{name}: enqueued");
+        };
+        servers.push(row);
+    }
+    let job = servers[0].spawn_job_id.unwrap();
+    assert!(db.begin_job(job, "w").await.unwrap().is_some());
+    assert!(db.mark_running(&running(servers[0].id, job)).await.unwrap());
+    db.request_stop(&user("fc"), &ServerName::default_server())
+        .await
+        .unwrap();
+    let (rows, jobs) = (
+        count(db, "select count(*) from servers").await,
+        count(db, "select count(*) from jobs").await,
+    );
+    let second = |name: &str, most: u32| SpawnRequest {
+        server: ServerName::parse("second").unwrap(),
+        max_servers_per_user: Some(most),
+        ..spawn_request(name)
+    };
+    let asks = [
+        spawn_request("fa"),
+        spawn_request("fb"),
+        spawn_request("fc"),
+        spawn_request("fd"),
+        second("fa", 1),
+        second("fb", 2),
+        spawn_request("ghost"),
+    ];
+    let handles: Vec<_> = asks
+        .into_iter()
+        .map(|req| {
+            let db = db.clone();
+            tokio::spawn(async move { db.request_spawn(req).await })
+        })
+        .collect();
+    let mut answers = vec![];
+    for handle in handles {
+        answers.push(handle.await.unwrap());
+    }
+    let full = "the platform is full: 3 of 3 servers are active; try again when one stops";
+    match &answers[0] {
+        Ok(SpawnOutcome::AlreadyRunning(row)) => assert_eq!(row.id, servers[0].id),
+        other => panic!("fa's running server: {other:?}"),
+    }
+    match &answers[1] {
+        Ok(SpawnOutcome::AlreadyPending(row)) => {
+            assert_eq!(row.spawn_job_id, servers[1].spawn_job_id)
+        }
+        other => panic!("fb's pending server: {other:?}"),
+    }
+    match &answers[2] {
+        Err(StoreError::Conflict(m)) => assert!(m.contains("the server is stopping"), "{m}"),
+        other => panic!("fc's stopping server: {other:?}"),
+    }
+    match &answers[3] {
+        Err(StoreError::Limit(m)) => assert_eq!(m, full),
+        other => panic!("fd: {other:?}"),
+    }
+    match &answers[4] {
+        Err(StoreError::Limit(m)) => assert!(
+            m.contains("already has 1 servers, the most allowed per user is 1"),
+            "{m}"
+        ),
+        other => panic!("fa's second server, one per user: {other:?}"),
+    }
+    match &answers[5] {
+        Err(StoreError::Limit(m)) => assert_eq!(m, full),
+        other => panic!("fb's second server, two per user: {other:?}"),
+    }
+    match &answers[6] {
+        Err(StoreError::NotFound(m)) => assert_eq!(m, "no user named \"ghost\""),
+        other => panic!("no such user: {other:?}"),
+    }
+    assert_eq!(count(db, "select count(*) from servers").await, rows);
+    assert_eq!(count(db, "select count(*) from jobs").await, jobs);
+}
+
 contracts!(
     routes_follow_their_servers_and_traffic_only_moves_activity_forward,
     a_proxy_session_ends_with_the_session_that_handed_it_over,
@@ -669,6 +762,7 @@ contracts!(
     limit_overrides_set_and_reset,
     a_minute_has_one_sample_and_ended_jobs_read_back,
     concurrent_spawn_requests_get_their_own_answers_and_hold_every_limit,
+    a_full_platform_answers_every_request_as_writing_would_and_writes_nothing,
 );
 
 /// A request that Postgres refuses (a NUL byte in a text) fails the batch it
