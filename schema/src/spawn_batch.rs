@@ -56,6 +56,8 @@ type Answer = oneshot::Sender<Result<SpawnOutcome, StoreError>>;
 struct Pending {
     req: SpawnRequest,
     answer: Answer,
+    /// When the request was handed to the batcher.
+    since: std::time::Instant,
 }
 
 /// Hands spawn requests to the store's batching task.
@@ -103,7 +105,8 @@ impl SpawnBatcher {
         req: SpawnRequest,
     ) -> Result<SpawnOutcome, StoreError> {
         let (answer, outcome) = oneshot::channel();
-        match self.to.send(Pending { req, answer }) {
+        let since = std::time::Instant::now();
+        match self.to.send(Pending { req, answer, since }) {
             Ok(()) => match outcome.await {
                 Ok(outcome) => outcome,
                 // The task is gone (its runtime is shutting down): decide alone.
@@ -118,15 +121,36 @@ impl SpawnBatcher {
 
 /// Decides one batch and answers each request.
 async fn decide(db: &Db, requests: Vec<Pending>) {
+    let began = std::time::Instant::now();
+    let (size, waited) = (
+        requests.len(),
+        requests.iter().map(|p| p.since.elapsed()).max(),
+    );
+    let read = decide_by_path(db, requests).await;
+    tracing::debug!(
+        requests = size,
+        path = if read { "read" } else { "write" },
+        waited_ms = waited.unwrap_or_default().as_secs_f64() * 1e3,
+        took_ms = began.elapsed().as_secs_f64() * 1e3,
+        "a batch of spawn requests decided"
+    );
+}
+
+/// Decides one batch by reads when the platform is full (true), else by writing.
+async fn decide_by_path(db: &Db, requests: Vec<Pending>) -> bool {
     match refused_when_full(db, &requests).await {
-        Ok(Some(outcomes)) => return answer(db, requests, Ok(outcomes)).await,
+        Ok(Some(outcomes)) => {
+            answer(db, requests, Ok(outcomes)).await;
+            return true;
+        }
         Ok(None) => {}
         Err(e) => {
             tracing::debug!(error = %e, "the read before a batch failed; it is decided by writing")
         }
     }
     if let Dialect::Lite(_) = db.pool() {
-        return decide_in_parts(db, requests).await;
+        decide_in_parts(db, requests).await;
+        return false;
     }
     // A second request for a server already in the batch runs after it, alone.
     let mut seen = HashSet::new();
@@ -143,6 +167,7 @@ async fn decide(db: &Db, requests: Vec<Pending>) {
         let outcome = db.request_spawn_alone(pending.req).await;
         let _ = pending.answer.send(outcome);
     }
+    false
 }
 
 type PgTx = sqlx::Transaction<'static, sqlx::Postgres>;

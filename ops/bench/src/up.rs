@@ -54,6 +54,12 @@ struct Args {
     image: String,
     #[arg(long, default_value = "target/release/berth")]
     berth: String,
+    /// Keep `berth up`'s log in this file, at `--log-filter` (by default it is
+    /// discarded).
+    #[arg(long)]
+    log: Option<PathBuf>,
+    #[arg(long, default_value = "warn")]
+    log_filter: String,
 }
 
 // Shared with the other benchmarks; not every helper is used here.
@@ -217,9 +223,12 @@ async fn run(
         )
         .env("BERTH_IMAGE", &args.image)
         .env("BERTH_NETWORK", format!("berth-{instance}"))
-        .env("BERTH_LOG", "warn")
+        .env("BERTH_LOG", &args.log_filter)
         .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        .stderr(match &args.log {
+            Some(path) => Stdio::from(std::fs::File::create(path).context("the log file")?),
+            None => Stdio::null(),
+        });
     if let Some(url) = database_url {
         up.env("BERTH_DATABASE_URL", url);
     }
