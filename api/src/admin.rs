@@ -184,6 +184,10 @@ struct UserChange {
     #[serde(default, deserialize_with = "not_null")]
     #[schema(value_type = bool, required = false)]
     active: Option<bool>,
+    /// The groups the account is in (replaces them), for profiles' rules.
+    #[serde(default, deserialize_with = "not_null")]
+    #[schema(value_type = Vec<schema::profiles::GroupName>, required = false, max_items = 100)]
+    groups: Option<Vec<String>>,
 }
 
 /// A field that may be left out but is not `null` (which would change nothing).
@@ -207,18 +211,47 @@ async fn update_user(
     principal.require("admin")?;
     let name = user_name(path)?;
     let new_role = change.role.as_deref().map(role).transpose()?;
-    if new_role.is_none() && change.active.is_none() {
-        return Err(ApiError::BadRequest("change \"role\" or \"active\"".into()));
+    if new_role.is_none() && change.active.is_none() && change.groups.is_none() {
+        return Err(ApiError::BadRequest(
+            "change \"role\", \"active\" or \"groups\"".into(),
+        ));
     }
-    let user = change_account(
-        &state,
-        &principal.actor(),
-        &addr,
-        &name,
-        new_role,
-        change.active,
-    )
-    .await?;
+    if let Some(groups) = &change.groups {
+        for group in groups {
+            schema::profiles::check_group(group).map_err(ApiError::BadRequest)?;
+        }
+        if groups.len() > 100 {
+            return Err(ApiError::BadRequest("at most 100 groups".into()));
+        }
+    }
+    let mut user = None;
+    if new_role.is_some() || change.active.is_some() {
+        user = Some(
+            change_account(
+                &state,
+                &principal.actor(),
+                &addr,
+                &name,
+                new_role,
+                change.active,
+            )
+            .await?,
+        );
+    }
+    if let Some(groups) = &change.groups {
+        let updated = state.db.set_groups(&name, groups).await?;
+        state
+            .audit(
+                Some(&principal.actor()),
+                "groups_changed",
+                Some(&updated.name),
+                &addr,
+                json!({ "groups": updated.groups() }),
+            )
+            .await;
+        user = Some(updated);
+    }
+    let user = user.expect("one change was made");
     let servers = state.db.servers_of(&[user.id]).await?;
     Ok(Json(UserView::new(
         &user,

@@ -44,7 +44,7 @@ pub enum Principal {
     },
     /// A user server authenticating with its own token.
     Server {
-        server: ServerRow,
+        server: Box<ServerRow>,
     },
 }
 
@@ -198,7 +198,9 @@ impl Principal {
         if token.starts_with(SERVER_TOKEN_PREFIX) {
             let server = state.db.server_by_token(&hash_opaque(token)).await?;
             return server
-                .map(|server| Principal::Server { server })
+                .map(|server| Principal::Server {
+                    server: Box::new(server),
+                })
                 .ok_or_else(|| ApiError::Unauthorized("the server token is not valid".into()));
         }
         let claims = state.keys.verify(token).map_err(|e| match e {

@@ -92,6 +92,13 @@ pub struct ApiConfig {
     #[arg(long, env = "BERTH_TRUST_FORWARDED_FOR", default_value_t = false, action = ArgAction::Set, hide = true)]
     pub trust_forwarded_for: bool,
 
+    /// Server profiles as code: a JSON file, a list of profiles (the fields of
+    /// `POST /api/v1/admin/profiles`). At every start its profiles replace those of
+    /// the same name made through the API, and profiles an earlier file defined
+    /// that it no longer does are removed; profiles made through the API stay.
+    #[arg(long, env = "BERTH_PROFILES")]
+    pub profiles_file: Option<std::path::PathBuf>,
+
     /// Images a spawn request may ask for besides the default (comma-separated).
     #[arg(long, env = "BERTH_ALLOWED_IMAGES", value_delimiter = ',')]
     pub allowed_images: Vec<String>,

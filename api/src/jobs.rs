@@ -143,12 +143,12 @@ pub(crate) async fn retry_job(
     let new_id = match job.kind {
         JobKind::Spawn => {
             let (user, server) = names(&job)?;
-            let image = state
-                .db
-                .get_server(&user, &server)
-                .await?
-                .and_then(|s| s.image);
-            match crate::servers::request_spawn(state, user, server, image).await? {
+            let last = state.db.get_server(&user, &server).await?;
+            let (image, profile) = match last.as_ref().and_then(|s| s.profile.as_ref()) {
+                Some(_) => (None, crate::profiles::again(state, &user, &server).await?),
+                None => (last.and_then(|s| s.image), None),
+            };
+            match crate::servers::request_spawn(state, user, server, image, profile).await? {
                 SpawnOutcome::Enqueued(row) => row.spawn_job_id,
                 SpawnOutcome::AlreadyPending(_) => return Err(moved_on("starting")),
                 SpawnOutcome::AlreadyRunning(_) => return Err(moved_on("running")),

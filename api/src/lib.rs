@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod openapi;
 pub mod passwords;
 pub mod platform;
+pub mod profiles;
 pub mod progress;
 pub mod proxy;
 pub mod reference;
@@ -68,6 +69,8 @@ pub struct AppState {
     pub trusted: Arc<auth::TrustedProxies>,
     /// Spawn-progress streams open in this process, per caller.
     pub streams: Arc<progress::Streams>,
+    /// The server profiles, as this process last read them.
+    pub profiles: Arc<profiles::ProfileCache>,
 }
 
 impl AppState {
@@ -189,6 +192,7 @@ pub fn api_routes() -> OpenApiRouter<AppState> {
         .merge(servers::router())
         .merge(jobs::router())
         .merge(platform::router())
+        .merge(profiles::router())
         .merge(activity::router())
         .merge(progress::router())
         .routes(routes!(openapi::document))
@@ -299,6 +303,7 @@ pub async fn run(
             auth::TrustedProxies::parse(&config_trusted).map_err(StartError::Config)?,
         ),
         streams: Arc::default(),
+        profiles: Arc::default(),
     };
     let app = match serve {
         Serve::Api => router(state.clone()),
@@ -361,5 +366,10 @@ async fn bootstrap(config: &ApiConfig, store: &Db) -> Result<(), StartError> {
     store
         .ensure_admission_places(limits.active_server_limit)
         .await?;
+    if let Some(file) = &config.profiles_file {
+        profiles::load_file(store, file)
+            .await
+            .map_err(StartError::Config)?;
+    }
     Ok(())
 }

@@ -107,6 +107,7 @@ impl utoipa::IntoResponses for Errors {
         (name = "users", description = "Users and their servers, as JupyterHub's REST API"),
         (name = "servers", description = "Start, show, stop and reach a user's servers"),
         (name = "jobs", description = "The jobs requests become"),
+        (name = "profiles", description = "Server profiles: what users may pick when spawning"),
         (name = "admin", description = "Operators: accounts, tokens, limits, workers, schedules, audit"),
         (name = "health", description = "Liveness, readiness and metrics"),
     ),

@@ -69,8 +69,11 @@ impl<S: Send + Sync> FromRequestParts<S> for ServerPath {
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct SpawnBody {
-    /// One of the allowed images; the default image when absent.
+    /// One of the allowed images; the default image when absent. Not with `profile`.
     image: Option<String>,
+    /// One of the profiles open to the user (`GET /api/v1/profiles`); the
+    /// `default` profile, if one is defined, when absent.
+    profile: Option<String>,
 }
 
 /// Starts the default server: 202 with the job while the spawn is pending (a second
@@ -118,9 +121,25 @@ async fn spawn(
              BERTH_ALLOWED_IMAGES)"
         )));
     }
+    let profile = match (&body.image, &body.profile) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::BadRequest(
+                "name a profile or an image, not both (a profile names its image)".into(),
+            ));
+        }
+        // An image of the allowed list is the platform's own settings with that image.
+        (Some(_), None) => None,
+        (None, named) => {
+            let caller = match &principal {
+                Principal::User { user, .. } => Some(user),
+                _ => None,
+            };
+            crate::profiles::choose(&state, &user, caller, named.as_deref()).await?
+        }
+    };
     let seen = state.addresses(&principal);
     Ok(
-        match request_spawn(&state, user, server, body.image).await? {
+        match request_spawn(&state, user, server, body.image, profile).await? {
             SpawnOutcome::Enqueued(row) | SpawnOutcome::AlreadyPending(row) => {
                 (StatusCode::ACCEPTED, Json(ServerView::with_job(&row, seen))).into_response()
             }
@@ -269,6 +288,7 @@ pub(crate) async fn request_spawn(
     user: UserName,
     server: ServerName,
     image: Option<String>,
+    profile: Option<schema::profiles::Profile>,
 ) -> ApiResult<SpawnOutcome> {
     let limit = state.config.max_servers_per_user;
     Ok(state
@@ -278,6 +298,7 @@ pub(crate) async fn request_spawn(
             server,
             image,
             max_servers_per_user: (limit > 0).then_some(limit),
+            profile,
         })
         .await?)
 }

@@ -45,6 +45,8 @@ pub struct ServerView {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub spawner: Option<String>,
     pub image: Option<String>,
+    /// The profile it was requested with; none: the platform's settings.
+    pub profile: Option<String>,
     pub started: Option<DateTime<Utc>>,
     pub last_activity: Option<DateTime<Utc>>,
     pub error: Option<String>,
@@ -69,7 +71,11 @@ impl ServerView {
             url: Some(seen.public(&row.user_name, &row.name)),
             internal_url: row.url.clone().filter(|_| seen.internal),
             spawner: row.spawner.clone().filter(|_| seen.internal),
-            image: row.image.clone(),
+            image: row
+                .image
+                .clone()
+                .or_else(|| row.profile_definition().and_then(|p| p.image)),
+            profile: row.profile.clone(),
             started: row.started_at,
             last_activity: row.last_activity,
             error: row.error.clone(),
@@ -102,6 +108,8 @@ pub struct UserView {
     pub state: UserState,
     pub created: DateTime<Utc>,
     pub last_activity: Option<DateTime<Utc>>,
+    /// Groups, for the profiles they may use.
+    pub groups: Vec<String>,
     /// The user's servers by name; `""` is the default server.
     pub servers: BTreeMap<String, ServerView>,
 }
@@ -116,6 +124,7 @@ impl UserView {
             active: user.active,
             state: user.state,
             created: user.created_at,
+            groups: user.groups(),
             last_activity: user.last_activity,
             servers: servers
                 .iter()

@@ -19,6 +19,7 @@ pub mod pg;
 pub mod pg_locks;
 mod pg_notify;
 pub mod platform;
+pub mod profiles;
 pub mod queue;
 pub mod routes;
 pub mod server_logs;
@@ -71,6 +72,6 @@ pub enum MigrateError {
 pub mod prelude {
     pub use crate::{
         accounts::Accounts as _, console::Console as _, maintenance::Maintenance as _,
-        platform::Platform as _, routes::Routes as _, store::Store as _,
+        platform::Platform as _, profiles::Profiles as _, routes::Routes as _, store::Store as _,
     };
 }

@@ -81,19 +81,31 @@ pub trait Maintenance: Send + Sync + 'static {
         idle_before: DateTime<Utc>,
         exempt_admins: bool,
     ) -> Result<Vec<ServerRow>, StoreError>;
-    /// Warns running servers started before `started_before` that have no warning
-    /// yet: they will be stopped at `stop_at`. How many were warned.
+    /// Running servers idle for longer than their own timeout: their profile's
+    /// (`0`: never culled for idleness), else `idle_secs`.
+    async fn idle_servers_by_timeout(
+        &self,
+        at: DateTime<Utc>,
+        idle_secs: i64,
+        exempt_admins: bool,
+    ) -> Result<Vec<ServerRow>, StoreError>;
+    /// Warns running servers within `warning_secs` of their maximum age (their
+    /// profile's, else `max_age_secs`; 0: no cap) that have no warning yet: they
+    /// will be stopped at start + maximum age. How many were warned.
     async fn warn_old_servers(
         &self,
-        started_before: DateTime<Utc>,
+        at: DateTime<Utc>,
         max_age_secs: i64,
+        warning_secs: i64,
         exempt_admins: bool,
     ) -> Result<u64, StoreError>;
-    /// Running servers started before `started_before` and warned before `warned_before`.
+    /// Running servers past their maximum age (as for the warning) whose warning
+    /// is at least `warning_secs` old.
     async fn expired_servers(
         &self,
-        started_before: DateTime<Utc>,
-        warned_before: DateTime<Utc>,
+        at: DateTime<Utc>,
+        max_age_secs: i64,
+        warning_secs: i64,
         exempt_admins: bool,
     ) -> Result<Vec<ServerRow>, StoreError>;
     async fn expire_sessions(&self) -> Result<Expired, StoreError>;
@@ -296,57 +308,100 @@ impl Maintenance for Db {
         )
     }
 
+    async fn idle_servers_by_timeout(
+        &self,
+        at: DateTime<Utc>,
+        idle_secs: i64,
+        exempt_admins: bool,
+    ) -> Result<Vec<ServerRow>, StoreError> {
+        // Those of the default timeout by the index; those with a timeout of their
+        // own (a profile's, few) are all read and decided here.
+        let mut rows = each!(self.pool(), p => sqlx::query_as::<_, ServerRow>(select_servers!(
+            "where s.state = 'running' and not ($2 and u.role = 'admin') \
+             and (s.idle_timeout_secs is not null or coalesce(s.last_activity, s.started_at) < $1)"
+        ))
+        .bind(at - TimeDelta::seconds(idle_secs))
+        .bind(exempt_admins)
+        .fetch_all(p)
+        .await)?;
+        rows.retain(|row| {
+            let secs = row.idle_timeout_secs.unwrap_or(idle_secs);
+            secs > 0
+                && row
+                    .last_activity
+                    .or(row.started_at)
+                    .is_some_and(|last| last < at - TimeDelta::seconds(secs))
+        });
+        Ok(rows)
+    }
+
     async fn warn_old_servers(
         &self,
-        started_before: DateTime<Utc>,
+        at: DateTime<Utc>,
         max_age_secs: i64,
+        warning_secs: i64,
         exempt_admins: bool,
     ) -> Result<u64, StoreError> {
-        let at = now();
+        let written = now();
         let mut tx = self.begin().await?;
-        let due: Vec<(i64, DateTime<Utc>)> = each!(tx.conn(), c => sqlx::query_as(
-            "select s.id, s.started_at from servers s join users u on u.id = s.user_id \
-             where s.state = 'running' and s.started_at < $1 and s.warned_at is null \
-             and not ($2 and u.role = 'admin')",
+        let candidates: Vec<(i64, DateTime<Utc>, Option<i64>)> = each!(tx.conn(), c => sqlx::query_as(
+            "select s.id, s.started_at, s.max_age_secs from servers s join users u on u.id = s.user_id \
+             where s.state = 'running' and s.warned_at is null and s.started_at is not null \
+             and not ($1 and u.role = 'admin') and (s.max_age_secs is not null or $2)",
         )
-        .bind(started_before)
         .bind(exempt_admins)
+        .bind(max_age_secs > 0)
         .fetch_all(c)
         .await)?;
-        for (id, started) in &due {
-            let stop_at = (*started + TimeDelta::seconds(max_age_secs))
-                .to_rfc3339_opts(SecondsFormat::Secs, true);
+        let mut warned = 0;
+        for (id, started, own) in &candidates {
+            let max_age = own.unwrap_or(max_age_secs);
+            if max_age <= 0
+                || *started >= at - TimeDelta::seconds(max_age - warning_secs.min(max_age))
+            {
+                continue;
+            }
+            let stop_at =
+                (*started + TimeDelta::seconds(max_age)).to_rfc3339_opts(SecondsFormat::Secs, true);
             let warning =
                 format!("this server reaches its maximum age and will be stopped at {stop_at}");
             execute!(
                 tx.conn(),
                 "update servers set warned_at = $2, warning = $3 where id = $1",
                 id,
-                at,
+                written,
                 &warning
             )?;
+            warned += 1;
         }
         tx.commit().await?;
-        Ok(due.len() as u64)
+        Ok(warned)
     }
 
     async fn expired_servers(
         &self,
-        started_before: DateTime<Utc>,
-        warned_before: DateTime<Utc>,
+        at: DateTime<Utc>,
+        max_age_secs: i64,
+        warning_secs: i64,
         exempt_admins: bool,
     ) -> Result<Vec<ServerRow>, StoreError> {
-        Ok(
-            each!(self.pool(), p => sqlx::query_as::<_, ServerRow>(select_servers!(
-            "where s.state = 'running' and s.started_at < $1 and s.warned_at < $2 \
-             and not ($3 and u.role = 'admin')"
+        let mut rows = each!(self.pool(), p => sqlx::query_as::<_, ServerRow>(select_servers!(
+            "where s.state = 'running' and s.warned_at < $1 and not ($2 and u.role = 'admin') \
+             and (s.max_age_secs is not null or $3)"
         ))
-        .bind(started_before)
-        .bind(warned_before)
+        .bind(at - TimeDelta::seconds(warning_secs))
         .bind(exempt_admins)
+        .bind(max_age_secs > 0)
         .fetch_all(p)
-        .await)?,
-        )
+        .await)?;
+        rows.retain(|row| {
+            let max_age = row.max_age_secs.unwrap_or(max_age_secs);
+            max_age > 0
+                && row
+                    .started_at
+                    .is_some_and(|started| started < at - TimeDelta::seconds(max_age))
+        });
+        Ok(rows)
     }
 
     async fn expire_sessions(&self) -> Result<Expired, StoreError> {

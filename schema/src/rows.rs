@@ -11,7 +11,8 @@ macro_rules! select_servers {
         concat!(
             "select s.id, s.user_id, u.name as user_name, s.name, s.state, s.image, ",
             "s.spawn_job_id, s.stop_job_id, s.container_id, s.url, s.error, s.requested_at, ",
-            "s.started_at, s.stopped_at, s.last_activity, s.warning, s.mem_limit, s.cpu_limit, s.spawner ",
+            "s.started_at, s.stopped_at, s.last_activity, s.warning, s.mem_limit, s.cpu_limit, s.spawner, ",
+            "s.profile, s.profile_spec, s.idle_timeout_secs, s.max_age_secs ",
             "from servers s join users u on u.id = s.user_id ",
             $tail
         )
@@ -50,9 +51,20 @@ pub struct UserRow {
     pub email: Option<String>,
     pub password_hash: Option<String>,
     pub active: bool,
+    /// The groups the account is in, as a JSON list (`groups()` reads it).
+    #[sqlx(default)]
+    pub groups: Option<String>,
 }
 
 impl UserRow {
+    /// The groups the account is in, for profiles' rules.
+    pub fn groups(&self) -> Vec<String> {
+        self.groups
+            .as_deref()
+            .and_then(|g| serde_json::from_str(g).ok())
+            .unwrap_or_default()
+    }
+
     pub fn is_admin(&self) -> bool {
         self.role == Role::Admin
     }
@@ -82,4 +94,23 @@ pub struct ServerRow {
     /// when it ran before Berth recorded this.
     #[sqlx(default)]
     pub spawner: Option<String>,
+    /// The profile it was requested with, and that profile's definition then.
+    #[sqlx(default)]
+    pub profile: Option<String>,
+    #[sqlx(default)]
+    pub profile_spec: Option<String>,
+    /// The profile's culling overrides (seconds); the scheduler's when `None`.
+    #[sqlx(default)]
+    pub idle_timeout_secs: Option<i64>,
+    #[sqlx(default)]
+    pub max_age_secs: Option<i64>,
+}
+
+impl ServerRow {
+    /// The profile as it was when the server was requested.
+    pub fn profile_definition(&self) -> Option<crate::profiles::Profile> {
+        self.profile_spec
+            .as_deref()
+            .and_then(|text| crate::profiles::Profile::from_json(text).ok())
+    }
 }

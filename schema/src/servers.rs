@@ -10,6 +10,7 @@ use crate::{
     db::{Db, Dialect, Tx, apply, each, execute, json_list, locking, now},
     jobs::{CleanupJob, JobKind, JobOutcome, JobRow, JobState, ServerJob},
     names::{ServerName, UserName},
+    profiles::Profile,
     rows::{ServerRow, ServerState, UserRow, UserState},
     store::{Running, ServerLock, SpawnOutcome, SpawnRequest, StopOutcome, Store, StoreError},
     telemetry,
@@ -22,16 +23,22 @@ macro_rules! server_columns {
             "returning id, user_id, ",
             $name,
             " as user_name, name, state, image, spawn_job_id, stop_job_id, container_id, url, \
-             error, requested_at, started_at, stopped_at, last_activity, warning"
+             error, requested_at, started_at, stopped_at, last_activity, warning, profile, \
+             profile_spec, idle_timeout_secs, max_age_secs"
         )
     };
 }
 
-/// Gives a server's admission place back.
+/// Gives a server's admission places back: the platform's and its profile's.
 pub(crate) async fn release_admission(tx: &mut Tx, server_id: i64) -> Result<(), StoreError> {
     execute!(
         tx.conn(),
         "update admission_tokens set server_id = null where server_id = $1",
+        server_id
+    )?;
+    execute!(
+        tx.conn(),
+        "update profile_places set server_id = null where server_id = $1",
         server_id
     )?;
     Ok(())
@@ -49,33 +56,67 @@ pub(crate) async fn provision_admission(tx: &mut Tx, limit: i32) -> Result<(), S
     Ok(())
 }
 
-/// Claims the lowest free place below `limit` for the server. On Postgres
-/// concurrent claims skip each other's rows instead of queueing; on SQLite writers
-/// take turns, so the first free place is free for this one.
-async fn claim_admission(tx: &mut Tx, server_id: i64, limit: i32) -> Result<bool, StoreError> {
+/// A set of admission places: the platform's (`admission_tokens`) or one
+/// profile's (`profile_places`). Both work alike: one row per place, made from 0
+/// up on first need and never removed, claimed by a server and given back.
+#[derive(Clone, Copy)]
+pub(crate) enum Places<'a> {
+    Platform,
+    Profile(&'a str),
+}
+
+impl Places<'_> {
+    /// The table, and the condition that picks this set's rows with the profile
+    /// bound as parameter `n` (null for the platform's, whose table has no column).
+    fn table(self, n: u8) -> (&'static str, String) {
+        match self {
+            Places::Platform => ("admission_tokens", format!("${n} is null")),
+            Places::Profile(_) => ("profile_places", format!("profile = ${n}")),
+        }
+    }
+
+    fn profile(self) -> Option<String> {
+        match self {
+            Places::Platform => None,
+            Places::Profile(name) => Some(name.to_owned()),
+        }
+    }
+}
+
+/// Claims the lowest free place below `limit` of `places` for the server. On
+/// Postgres concurrent claims skip each other's rows instead of queueing; on
+/// SQLite writers take turns, so the first free place is free for this one.
+pub(crate) async fn claim_place(
+    tx: &mut Tx,
+    places: Places<'_>,
+    server_id: i64,
+    limit: i32,
+) -> Result<bool, StoreError> {
+    let (table, mine) = places.table(2);
+    let claim = |lock: &str| {
+        sqlx::AssertSqlSafe(format!(
+            "update {table} set server_id = $1 where {mine} and slot = ( \
+               select slot from {table} where {mine} and server_id is null and slot < $3 \
+               order by slot limit 1 {lock}) returning slot"
+        ))
+    };
     for provisioned in [false, true] {
         let claimed: Option<i32> = match tx.conn() {
             Dialect::Pg(c) => {
-                sqlx::query_scalar(
-                    "update admission_tokens set server_id = $1 where slot = ( \
-                       select slot from admission_tokens where server_id is null and slot < $2 \
-                       order by slot limit 1 for update skip locked) returning slot",
-                )
-                .bind(server_id)
-                .bind(limit)
-                .fetch_optional(c)
-                .await?
+                sqlx::query_scalar(claim("for update skip locked"))
+                    .bind(server_id)
+                    .bind(places.profile())
+                    .bind(limit)
+                    .fetch_optional(c)
+                    .await?
             }
             Dialect::Lite(c) => {
-                sqlx::query_scalar(
-                    "update admission_tokens set server_id = $1 where slot = ( \
-                       select slot from admission_tokens where server_id is null and slot < $2 \
-                       order by slot limit 1) returning slot",
-                )
-                .bind(server_id)
-                .bind(limit)
-                .fetch_optional(c)
-                .await?
+                sqlx::query_scalar(claim(""))
+                    .bind(server_id)
+                    .bind(places.profile())
+                    .bind(limit)
+                    .fetch_optional(c)
+                    .await?
             }
         };
         if claimed.is_some() {
@@ -84,18 +125,48 @@ async fn claim_admission(tx: &mut Tx, server_id: i64, limit: i32) -> Result<bool
         if provisioned {
             break;
         }
-        let places: i64 = each!(tx.conn(), c => sqlx::query_scalar(
-            "select count(*) from admission_tokens where slot < $1",
-        )
+        // Places are made from 0 up, never removed: the last one tells whether all are.
+        let (_, mine) = places.table(2);
+        let made: bool = each!(tx.conn(), c => sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "select exists (select 1 from {table} where {mine} and slot = $1 - 1)"
+        )))
         .bind(limit)
+        .bind(places.profile())
         .fetch_one(c)
         .await)?;
-        if places >= i64::from(limit) {
+        if made {
             break;
         }
-        provision_admission(tx, limit).await?;
+        match places {
+            Places::Platform => provision_admission(tx, limit).await?,
+            Places::Profile(name) => {
+                execute!(
+                    tx.conn(),
+                    "with recursive n(slot) as \
+                       (select 0 union all select slot + 1 from n where slot + 1 < $2) \
+                     insert into profile_places (profile, slot) select $1, slot from n \
+                     where exists (select 1 from profiles where name = $1) \
+                     on conflict (profile, slot) do nothing",
+                    name,
+                    limit
+                )?;
+            }
+        }
     }
     Ok(false)
+}
+
+/// How many servers hold a place of `places` now.
+pub(crate) async fn places_taken(tx: &mut Tx, places: Places<'_>) -> Result<i64, StoreError> {
+    let (table, mine) = places.table(1);
+    Ok(
+        each!(tx.conn(), c => sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "select count(*) from {table} where {mine} and server_id is not null"
+    )))
+    .bind(places.profile())
+    .fetch_one(c)
+    .await)?,
+    )
 }
 
 /// Ends a job that has not ended yet. The workers' server transitions end their
@@ -207,13 +278,18 @@ impl Db {
                 return Err(StoreError::per_user_limit(&req.user, live, most));
             }
         }
-        if !claim_admission(tx, server.id, limit).await? {
-            let active: i64 = each!(tx.conn(), c => sqlx::query_scalar(
-                "select count(*) from admission_tokens where server_id is not null",
-            )
-            .fetch_one(c)
-            .await)?;
+        if !claim_place(tx, Places::Platform, server.id, limit).await? {
+            let active = places_taken(tx, Places::Platform).await?;
             return Err(StoreError::platform_full(active, limit));
+        }
+        if let Some(profile) = &req.profile
+            && let Some(most) = profile.max_active
+        {
+            let places = Places::Profile(&profile.name);
+            if !claim_place(tx, places, server.id, most).await? {
+                let active = places_taken(tx, places).await?;
+                return Err(StoreError::profile_full(&profile.name, active, most));
+            }
         }
         let payload = serde_json::to_value(ServerJob {
             server_id: server.id,
@@ -231,7 +307,8 @@ impl Db {
         let server = each!(tx.conn(), c => sqlx::query_as::<_, ServerRow>(concat!(
             "update servers set state = 'pending_spawn', spawn_job_id = $2, stop_job_id = null, \
              image = $3, error = null, url = null, container_id = null, started_at = null, \
-             stopped_at = null, requested_at = $5, updated_at = $5 where id = $1 ",
+             stopped_at = null, requested_at = $5, updated_at = $5, profile = $6, \
+             profile_spec = $7, idle_timeout_secs = $8, max_age_secs = $9 where id = $1 ",
             server_columns!("$4")
         ))
         .bind(server.id)
@@ -239,6 +316,10 @@ impl Db {
         .bind(&req.image)
         .bind(req.user.as_str())
         .bind(at)
+        .bind(req.profile.as_ref().map(|p| p.name.as_str()))
+        .bind(req.profile.as_ref().map(Profile::to_json))
+        .bind(req.profile.as_ref().and_then(|p| p.idle_timeout))
+        .bind(req.profile.as_ref().and_then(|p| p.max_age))
         .fetch_one(c)
         .await)?;
         tx.insert_progress(job.id, &ProgressStep::at(0, crate::spawn_batch::REQUESTED))

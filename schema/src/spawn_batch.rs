@@ -152,13 +152,18 @@ async fn decide_by_path(db: &Db, requests: Vec<Pending>) -> bool {
         decide_in_parts(db, requests).await;
         return false;
     }
-    // A second request for a server already in the batch runs after it, alone.
+    // A second request for a server already in the batch runs after it, alone, and
+    // so does one whose profile has a limit of its own (claimed one by one).
     let mut seen = HashSet::new();
     let (together, after): (Vec<Pending>, Vec<Pending>) = requests.into_iter().partition(|p| {
-        seen.insert((
-            p.req.user.as_str().to_owned(),
-            p.req.server.as_str().to_owned(),
-        ))
+        p.req
+            .profile
+            .as_ref()
+            .is_none_or(|pr| pr.max_active.is_none())
+            && seen.insert((
+                p.req.user.as_str().to_owned(),
+                p.req.server.as_str().to_owned(),
+            ))
     });
     let reqs: Vec<&SpawnRequest> = together.iter().map(|p| &p.req).collect();
     let decided = spawn_together(db, &reqs).await;
@@ -628,6 +633,22 @@ async fn spawn_together(
             .iter()
             .map(|(i, _, _)| reqs[*i].image.as_deref())
             .collect();
+        let profiles: Vec<Option<&crate::profiles::Profile>> = spawns
+            .iter()
+            .map(|(i, _, _)| reqs[*i].profile.as_ref())
+            .collect();
+        let profile_names: Vec<Option<&str>> = profiles
+            .iter()
+            .map(|p| p.map(|p| p.name.as_str()))
+            .collect();
+        let profile_specs: Vec<Option<String>> =
+            profiles.iter().map(|p| p.map(|p| p.to_json())).collect();
+        let idle_timeouts: Vec<Option<i64>> = profiles
+            .iter()
+            .map(|p| p.and_then(|p| p.idle_timeout))
+            .collect();
+        let max_ages: Vec<Option<i64>> =
+            profiles.iter().map(|p| p.and_then(|p| p.max_age)).collect();
         let payloads: Vec<serde_json::Value> = server_ids
             .iter()
             .map(|&server_id| {
@@ -663,17 +684,24 @@ async fn spawn_together(
             "update servers s set state = 'pending_spawn', spawn_job_id = v.job, \
                stop_job_id = null, image = v.img, error = null, url = null, \
                container_id = null, started_at = null, stopped_at = null, \
-               requested_at = $4, updated_at = $4 \
-             from unnest($1::bigint[], $2::uuid[], $3::text[]) as v(sid, job, img) \
+               requested_at = $4, updated_at = $4, profile = v.profile, \
+               profile_spec = v.spec, idle_timeout_secs = v.idle, max_age_secs = v.age \
+             from unnest($1::bigint[], $2::uuid[], $3::text[], $5::text[], $6::text[], \
+               $7::bigint[], $8::bigint[]) as v(sid, job, img, profile, spec, idle, age) \
              where s.id = v.sid \
              returning s.id, s.user_id, ''::text as user_name, s.name, s.state, s.image, \
                s.spawn_job_id, s.stop_job_id, s.container_id, s.url, s.error, \
-               s.requested_at, s.started_at, s.stopped_at, s.last_activity, s.warning",
+               s.requested_at, s.started_at, s.stopped_at, s.last_activity, s.warning, \
+               s.profile, s.profile_spec, s.idle_timeout_secs, s.max_age_secs",
         )
         .bind(&server_ids)
         .bind(&ids)
         .bind(&images)
         .bind(at)
+        .bind(&profile_names)
+        .bind(&profile_specs)
+        .bind(&idle_timeouts)
+        .bind(&max_ages)
         .fetch_all(&mut *c)
         .await?;
         let mut updated: HashMap<i64, ServerRow> =

@@ -26,6 +26,9 @@ pub enum StoreError {
     /// Reading or writing files (archives).
     #[error("file: {0}")]
     Io(String),
+    /// A stored value that no longer reads (a profile's definition).
+    #[error("stored data: {0}")]
+    Corrupt(String),
 }
 
 impl StoreError {
@@ -54,6 +57,14 @@ impl StoreError {
     }
 
     /// A spawn past the platform's limit of active servers.
+    /// A profile's own limit is reached.
+    pub(crate) fn profile_full(profile: &str, active: i64, limit: i32) -> Self {
+        StoreError::Limit(format!(
+            "profile {profile:?} is full: {active} of its {limit} servers are active; \
+             try again when one stops, or pick another profile"
+        ))
+    }
+
     pub(crate) fn platform_full(active: i64, limit: i32) -> Self {
         StoreError::Limit(format!(
             "the platform is full: {active} of {limit} servers are active; try again when one stops"
@@ -89,6 +100,8 @@ pub struct SpawnRequest {
     pub image: Option<String>,
     /// Most servers the user may have pending or running at once; `None`: no limit.
     pub max_servers_per_user: Option<u32>,
+    /// The profile the API resolved and allowed; the server keeps this copy.
+    pub profile: Option<crate::profiles::Profile>,
 }
 
 /// A per-server lock held while a worker acts on the server. It is a session lock

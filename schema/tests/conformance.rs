@@ -138,6 +138,7 @@ fn spawn_request(name: &str) -> SpawnRequest {
         server: ServerName::default_server(),
         image: None,
         max_servers_per_user: None,
+        profile: None,
     }
 }
 
@@ -572,6 +573,7 @@ async fn concurrent_spawn_requests_get_their_own_answers_and_hold_every_limit(db
                 server: ServerName::parse(server).unwrap(),
                 image: Some("berth-test-server:latest".into()),
                 max_servers_per_user: Some(2),
+                profile: None,
             };
             tokio::spawn(async move { db.request_spawn(req).await })
         })
@@ -649,6 +651,7 @@ async fn concurrent_spawn_requests_get_their_own_answers_and_hold_every_limit(db
             server: ServerName::parse(&enqueued[0].name).unwrap(),
             image: None,
             max_servers_per_user: Some(2),
+            profile: None,
         })
         .await
         .unwrap()
@@ -691,6 +694,7 @@ async fn a_full_platform_answers_every_request_as_writing_would_and_writes_nothi
     let second = |name: &str, most: u32| SpawnRequest {
         server: ServerName::parse("second").unwrap(),
         max_servers_per_user: Some(most),
+        profile: None,
         ..spawn_request(name)
     };
     let asks = [
@@ -751,7 +755,189 @@ async fn a_full_platform_answers_every_request_as_writing_would_and_writes_nothi
     assert_eq!(count(db, "select count(*) from jobs").await, jobs);
 }
 
+/// A profile's own limit holds under concurrent requests like the platform's: of
+/// 12 requests for a profile of 3 places, exactly 3 spawn and the rest get the
+/// profile's 429, while requests without the profile fill other places; a server
+/// that ends gives its profile's place back. The server keeps the definition it
+/// was requested with, whatever becomes of the profile.
+async fn a_profile_s_limit_holds_under_concurrent_requests_and_its_servers_keep_their_definition(
+    db: &Db,
+) {
+    use schema::profiles::{Profile, Profiles};
+    let db = &db.clone().with_limits(Limits {
+        concurrent_spawn_limit: 10,
+        active_server_limit: 20,
+    });
+    let gpu = Profile {
+        name: "gpu-small".into(),
+        image: Some("lab/gpu:1".into()),
+        idle_timeout: Some(60),
+        max_active: Some(3),
+        ..Profile::default()
+    };
+    db.create_profile(&gpu, "test").await.unwrap();
+    let created = db.create_profile(&gpu, "test").await;
+    assert!(
+        matches!(created, Err(StoreError::Conflict(_))),
+        "{created:?}"
+    );
+    let names: Vec<String> = (0..18).map(|i| format!("p{i}")).collect();
+    for name in &names {
+        db.create_user(&user(name), false).await.unwrap();
+    }
+    let handles: Vec<_> = names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let db = db.clone();
+            let req = SpawnRequest {
+                profile: (i % 3 != 0).then(|| gpu.clone()),
+                ..spawn_request(name)
+            };
+            tokio::spawn(async move { db.request_spawn(req).await })
+        })
+        .collect();
+    let (mut with_profile, mut without, mut full) = (vec![], 0, 0);
+    for (i, handle) in handles.into_iter().enumerate() {
+        match handle.await.unwrap() {
+            Ok(SpawnOutcome::Enqueued(row)) if i % 3 != 0 => {
+                assert_eq!(row.profile.as_deref(), Some("gpu-small"));
+                assert_eq!(row.idle_timeout_secs, Some(60));
+                with_profile.push(row);
+            }
+            Ok(SpawnOutcome::Enqueued(row)) => {
+                assert_eq!(row.profile, None);
+                without += 1;
+            }
+            Err(StoreError::Limit(message)) => {
+                assert!(
+                    message.contains("profile \"gpu-small\" is full: 3 of its 3"),
+                    "{message}"
+                );
+                full += 1;
+            }
+            other => panic!("request {i}: {other:?}"),
+        }
+    }
+    assert_eq!((with_profile.len(), without, full), (3, 6, 9));
+    assert_eq!(
+        count(db, "select count(*) from servers").await,
+        9,
+        "nothing refused stays"
+    );
+    assert_eq!(
+        count(
+            db,
+            "select count(*) from profile_places where server_id is not null"
+        )
+        .await,
+        3
+    );
+
+    // The profile changes and goes: the servers keep what they were given.
+    db.replace_profile(
+        &Profile {
+            image: Some("lab/gpu:2".into()),
+            ..gpu.clone()
+        },
+        "test",
+    )
+    .await
+    .unwrap();
+    let kept = db.server_by_id(with_profile[0].id).await.unwrap().unwrap();
+    assert_eq!(
+        kept.profile_definition().unwrap().image.as_deref(),
+        Some("lab/gpu:1")
+    );
+
+    // One ends: its place is free for the next request of the profile.
+    let first = &with_profile[0];
+    assert!(
+        db.mark_spawn_failed(first.id, first.spawn_job_id.unwrap(), "test")
+            .await
+            .unwrap()
+    );
+    let req = SpawnRequest {
+        profile: Some(gpu.clone()),
+        ..spawn_request("p0")
+    };
+    let again = db
+        .request_spawn(SpawnRequest {
+            server: ServerName::parse("second").unwrap(),
+            ..req
+        })
+        .await;
+    assert!(matches!(again, Ok(SpawnOutcome::Enqueued(_))), "{again:?}");
+
+    assert!(db.delete_profile("gpu-small").await.unwrap());
+    assert!(!db.delete_profile("gpu-small").await.unwrap());
+    assert_eq!(count(db, "select count(*) from profile_places").await, 0);
+    let kept = db.server_by_id(with_profile[1].id).await.unwrap().unwrap();
+    assert_eq!(kept.profile.as_deref(), Some("gpu-small"));
+    assert_eq!(kept.state, ServerState::PendingSpawn);
+}
+
+/// The profiles file wins at start: its profiles replace those of the same name,
+/// and a profile an earlier file defined that this one does not is removed;
+/// profiles made through the API stay.
+async fn the_profiles_file_replaces_its_own_and_same_named_profiles(db: &Db) {
+    use schema::profiles::{FileSync, Profile, Profiles};
+    let made = |name: &str, image: &str| Profile {
+        name: name.into(),
+        image: Some(image.into()),
+        ..Profile::default()
+    };
+    db.create_profile(&made("api-only", "a"), "admin")
+        .await
+        .unwrap();
+    db.create_profile(&made("shared", "from-api"), "admin")
+        .await
+        .unwrap();
+    let sync = db
+        .sync_file_profiles(&[made("shared", "from-file"), made("old", "x")])
+        .await
+        .unwrap();
+    assert_eq!(
+        sync,
+        FileSync {
+            replaced: vec!["shared".into()],
+            removed: vec![]
+        }
+    );
+    let sync = db
+        .sync_file_profiles(&[made("shared", "from-file-2")])
+        .await
+        .unwrap();
+    assert_eq!(
+        sync,
+        FileSync {
+            replaced: vec![],
+            removed: vec!["old".into()]
+        }
+    );
+    let rows = db.list_profiles().await.unwrap();
+    let listed: Vec<(&str, &str, Option<&str>)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r.profile.name.as_str(),
+                r.source.as_str(),
+                r.profile.image.as_deref(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        listed,
+        vec![
+            ("api-only", "api", Some("a")),
+            ("shared", "file", Some("from-file-2"))
+        ]
+    );
+}
+
 contracts!(
+    a_profile_s_limit_holds_under_concurrent_requests_and_its_servers_keep_their_definition,
+    the_profiles_file_replaces_its_own_and_same_named_profiles,
     routes_follow_their_servers_and_traffic_only_moves_activity_forward,
     a_proxy_session_ends_with_the_session_that_handed_it_over,
     states_kinds_and_roles_read_back_typed_and_unknown_words_are_errors,

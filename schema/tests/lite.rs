@@ -47,6 +47,7 @@ async fn spawn(store: &SqliteStore, user: &str) -> uuid::Uuid {
             server: ServerName::default_server(),
             image: None,
             max_servers_per_user: None,
+            profile: None,
         })
         .await
         .unwrap();

@@ -221,59 +221,19 @@ fn parse_instance(value: &str) -> Result<String, String> {
 
 /// `2G`, `512M`, `1024k` or plain bytes.
 pub fn parse_bytes(value: &str) -> Result<i64, String> {
-    let value = value.trim();
-    let (digits, unit) = match value.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
-        Some((i, _)) => value.split_at(i),
-        None => (value, ""),
-    };
-    let number: i64 = digits
-        .parse()
-        .map_err(|_| format!("{value:?} is not a size such as 2G or 512M"))?;
-    let shift = match unit.to_ascii_lowercase().trim_end_matches('b') {
-        "" => 0,
-        "k" => 10,
-        "m" => 20,
-        "g" => 30,
-        "t" => 40,
-        _ => return Err(format!("{value:?} has an unknown unit; use K, M, G or T")),
-    };
-    let bytes = number
-        .checked_mul(1 << shift)
-        .ok_or_else(|| format!("{value:?} is too large"))?;
-    if bytes < 6 << 20 {
-        return Err(format!("{value:?} is below Docker's minimum of 6M"));
-    }
-    Ok(bytes)
+    schema::profiles::parse_bytes(value)
 }
 
 fn parse_cpus(value: &str) -> Result<f64, String> {
     let cpus: f64 = value
         .parse()
         .map_err(|_| format!("{value:?} is not a number of cores"))?;
-    if !(0.01..=1024.0).contains(&cpus) {
-        return Err(format!("{value:?} must be between 0.01 and 1024 cores"));
-    }
-    Ok(cpus)
+    schema::profiles::check_cpus(cpus)
 }
 
 fn parse_env_pair(value: &str) -> Result<String, String> {
     match value.split_once('=') {
         Some((key, _)) if !key.is_empty() => Ok(value.to_owned()),
         _ => Err(format!("{value:?} is not KEY=VALUE")),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes_use_powers_of_1024() {
-        assert_eq!(parse_bytes("2G"), Ok(2 << 30));
-        assert_eq!(parse_bytes("512m"), Ok(512 << 20));
-        assert_eq!(parse_bytes("64MB"), Ok(64 << 20));
-        assert!(parse_bytes("1k").is_err());
-        assert!(parse_bytes("2X").is_err());
-        assert!(parse_bytes("G").is_err());
     }
 }

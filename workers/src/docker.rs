@@ -7,8 +7,8 @@ use bollard::{
     Docker,
     errors::Error as DockerError,
     models::{
-        ContainerCreateBody, ContainerCreateResponse, ContainerSummaryStateEnum, HostConfig, Mount,
-        MountType, NetworkCreateRequest, VolumeCreateRequest,
+        ContainerCreateBody, ContainerCreateResponse, ContainerSummaryStateEnum, DeviceRequest,
+        HostConfig, Mount, MountType, NetworkCreateRequest, VolumeCreateRequest,
     },
     query_parameters::{
         CreateContainerOptions, CreateImageOptions, ListContainersOptions, ListNetworksOptions,
@@ -60,6 +60,13 @@ impl From<DockerError> for SpawnError {
 fn is_network_error(e: &DockerError) -> bool {
     matches!(e, DockerError::DockerResponseServerError { message, .. }
         if message.contains("network") && (message.contains("not found") || message.contains("ambiguous")))
+}
+
+/// The engine has no driver for the devices a profile asks for (GPUs on a host
+/// without them): trying again will not help.
+fn is_missing_device(e: &DockerError) -> bool {
+    matches!(e, DockerError::DockerResponseServerError { message, .. }
+        if message.contains("could not select device driver"))
 }
 
 fn is_status(e: &DockerError, code: u16) -> bool {
@@ -328,29 +335,56 @@ impl DockerSpawner {
             .into_iter()
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
+        let (mem, cpus) = self.limits(spec);
+        let profile = spec.profile.as_ref();
+        let mut mounts = vec![Mount {
+            target: Some(c.volume_path.clone()),
+            source: Some(self.names().volume(&spec.user)),
+            typ: Some(MountType::VOLUME),
+            ..Default::default()
+        }];
+        mounts.extend(profile.into_iter().flat_map(|p| &p.mounts).map(|m| Mount {
+            target: Some(m.target.clone()),
+            source: Some(m.source.clone()),
+            typ: Some(if m.kind == "volume" {
+                MountType::VOLUME
+            } else {
+                MountType::BIND
+            }),
+            read_only: Some(m.read_only),
+            ..Default::default()
+        }));
+        let device_requests = profile.and_then(|p| p.gpus.as_ref()).map(|gpus| {
+            vec![DeviceRequest {
+                driver: Some(gpus.driver.clone().unwrap_or_else(|| "nvidia".into())),
+                count: gpus.count,
+                device_ids: (!gpus.device_ids.is_empty()).then(|| gpus.device_ids.clone()),
+                capabilities: Some(vec![vec!["gpu".into()]]),
+                ..Default::default()
+            }]
+        });
         let host_config = HostConfig {
-            memory: Some(c.mem_limit),
-            memory_swap: Some(c.mem_limit),
-            nano_cpus: Some(c.nano_cpus()),
-            pids_limit: Some(c.pids_limit),
+            memory: Some(mem),
+            memory_swap: Some(mem),
+            nano_cpus: Some((cpus * 1e9).round() as i64),
+            pids_limit: Some(profile.and_then(|p| p.pids_limit).unwrap_or(c.pids_limit)),
             security_opt: Some(vec!["no-new-privileges:true".into()]),
             cap_drop: Some(vec!["ALL".into()]),
             network_mode: Some(network_id.to_owned()),
-            mounts: Some(vec![Mount {
-                target: Some(c.volume_path.clone()),
-                source: Some(self.names().volume(&spec.user)),
-                typ: Some(MountType::VOLUME),
-                ..Default::default()
-            }]),
+            mounts: Some(mounts),
+            device_requests,
             ..Default::default()
         };
-        // The image's own command unless one is configured, word by word.
-        let cmd = c.container_command.as_deref().map(|template| {
-            spec.command(template, c.server_port)
-                .split_whitespace()
-                .map(str::to_owned)
-                .collect()
-        });
+        // The image's own command unless the profile or the configuration names
+        // one, word by word.
+        let cmd = spec
+            .command_template(c.container_command.as_deref())
+            .map(|template| {
+                spec.command(template, c.server_port)
+                    .split_whitespace()
+                    .map(str::to_owned)
+                    .collect()
+            });
         ContainerCreateBody {
             image: Some(image.into()),
             cmd,
@@ -363,12 +397,34 @@ impl DockerSpawner {
         }
     }
 
+    /// Bytes of memory and CPUs the server gets: its profile's, else the configuration's.
+    fn limits(&self, spec: &SpawnSpec) -> (i64, f64) {
+        let profile = spec.profile.as_ref();
+        (
+            profile
+                .and_then(|p| p.mem_bytes())
+                .unwrap_or(self.config.mem_limit),
+            profile
+                .and_then(|p| p.cpu_limit)
+                .unwrap_or(self.config.cpu_limit),
+        )
+    }
+
+    /// The image: the request's, else its profile's, else `BERTH_IMAGE`.
+    fn image<'a>(&'a self, spec: &'a SpawnSpec) -> &'a str {
+        spec.image
+            .as_deref()
+            .or_else(|| spec.profile.as_ref().and_then(|p| p.image.as_deref()))
+            .unwrap_or(&self.config.image)
+    }
+
     /// Waits until the server answers HTTP, the container exits, the spawn is no
     /// longer wanted, or the start timeout passes.
     async fn wait_ready(
         &self,
         name: &str,
         ip: &str,
+        timeout_secs: u64,
         still_wanted: &StillWanted<'_>,
     ) -> Result<(), SpawnError> {
         let exited = || async move {
@@ -383,7 +439,7 @@ impl DockerSpawner {
         wait_ready(
             ip,
             self.config.server_port,
-            self.config.start_timeout,
+            timeout_secs,
             still_wanted,
             INSPECT_EVERY,
             exited,
@@ -466,7 +522,7 @@ impl DockerSpawner {
         still_wanted: &StillWanted<'_>,
         progress: Progress<'_>,
     ) -> Result<Spawned, SpawnError> {
-        let image = spec.image.as_deref().unwrap_or(&self.config.image);
+        let image = self.image(spec);
         if self.config.pull_policy == PullPolicy::Always {
             progress(30, format!("pulling image {image}"));
             self.ensure_image(image).await?;
@@ -497,7 +553,13 @@ impl DockerSpawner {
             if is_network_error(&e) {
                 self.forget_network(&network_id).await;
             }
-            return Err(e.into());
+            // A container that never started is not left behind.
+            let _ = self.remove_container(&created.id).await;
+            return Err(if is_missing_device(&e) {
+                SpawnError::Devices(e.to_string())
+            } else {
+                e.into()
+            });
         }
         let inspect = self.docker.inspect_container(&created.id, None).await?;
         let ip = inspect
@@ -516,12 +578,15 @@ impl DockerSpawner {
                 self.config.server_port
             ),
         );
-        self.wait_ready(&created.id, &ip, still_wanted).await?;
+        let timeout = spec.start_timeout(self.config.start_timeout);
+        self.wait_ready(&created.id, &ip, timeout, still_wanted)
+            .await?;
+        let (mem, cpus) = self.limits(spec);
         Ok(Spawned {
             container_id: created.id,
             url: format!("http://{ip}:{}/", self.config.server_port),
-            mem_limit: Some(self.config.mem_limit),
-            cpu_limit: Some(self.config.cpu_limit),
+            mem_limit: Some(mem),
+            cpu_limit: Some(cpus),
         })
     }
 }
@@ -674,5 +739,100 @@ impl Spawner for DockerSpawner {
             Err(e) if is_status(&e, 404) => Ok(()),
             Err(e) => Err(e.into()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+    use schema::profiles::{Gpus, Profile, ProfileMount};
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Flags {
+        #[command(flatten)]
+        docker: DockerConfig,
+    }
+
+    fn spawner() -> DockerSpawner {
+        let flags = Flags::try_parse_from(["worker", "--mem-limit", "256M", "--cpu-limit", "0.5"])
+            .expect("flags parse");
+        DockerSpawner::connect(Arc::new(flags.docker)).expect("a client (no connection yet)")
+    }
+
+    fn spec(profile: Option<Profile>) -> SpawnSpec {
+        SpawnSpec {
+            server_id: 7,
+            job_id: uuid::Uuid::nil(),
+            user: UserName::parse("ann").unwrap(),
+            server: ServerName::default_server(),
+            image: None,
+            token: "bs_x".into(),
+            proxy_token: "bp_x".into(),
+            profile,
+        }
+    }
+
+    /// The device request is what `docker run --gpus` sends: the e2e tests cannot
+    /// show one start (the machine has no GPU driver), so its shape is shown here.
+    #[test]
+    fn a_profile_s_settings_win_over_the_worker_s_and_its_gpus_become_a_device_request() {
+        let spawner = spawner();
+        let profile = Profile {
+            name: "gpu".into(),
+            image: Some("lab/gpu:1".into()),
+            command: Some("serve --port {port} --user {user}".into()),
+            mem_limit: Some("1G".into()),
+            cpu_limit: Some(2.0),
+            pids_limit: Some(99),
+            env: [("KEY".to_owned(), "value".to_owned())].into(),
+            mounts: vec![ProfileMount {
+                kind: "bind".into(),
+                source: "/srv/data".into(),
+                target: "/data/shared".into(),
+                read_only: true,
+            }],
+            gpus: Some(Gpus {
+                count: Some(2),
+                device_ids: vec![],
+                driver: None,
+            }),
+            ..Profile::default()
+        };
+        let spec = spec(Some(profile));
+        assert_eq!(spawner.image(&spec), "lab/gpu:1");
+        let body = spawner.container_body(&spec, "lab/gpu:1", "net", "http://api");
+        let host = body.host_config.expect("host config");
+        assert_eq!(host.memory, Some(1 << 30));
+        assert_eq!(host.nano_cpus, Some(2_000_000_000));
+        assert_eq!(host.pids_limit, Some(99));
+        let requests = host.device_requests.expect("a device request");
+        assert_eq!(requests.len(), 1);
+        assert_eq!(requests[0].driver.as_deref(), Some("nvidia"));
+        assert_eq!(requests[0].count, Some(2));
+        assert_eq!(requests[0].capabilities, Some(vec![vec!["gpu".to_owned()]]));
+        let mounts = host.mounts.expect("mounts");
+        assert_eq!(mounts.len(), 2, "the home volume and the profile's bind");
+        assert_eq!(mounts[1].typ, Some(MountType::BIND));
+        assert_eq!(mounts[1].read_only, Some(true));
+        assert!(body.env.unwrap().contains(&"KEY=value".to_owned()));
+        assert_eq!(
+            body.cmd,
+            Some(vec![
+                "serve".into(),
+                "--port".into(),
+                "8888".into(),
+                "--user".into(),
+                "ann".into()
+            ])
+        );
+
+        // Without a profile: the worker's own settings, and no devices.
+        let plain = spawner.container_body(&super::tests::spec(None), "img", "net", "http://api");
+        let host = plain.host_config.unwrap();
+        assert_eq!(host.memory, Some(256 << 20));
+        assert_eq!(host.nano_cpus, Some(500_000_000));
+        assert!(host.device_requests.is_none());
     }
 }

@@ -51,32 +51,22 @@ async fn cull(ctx: &Context, job: &JobRow) -> Result<Result<Value, String>, Hand
         Err(e) => return Ok(Err(e)),
     };
     let now = Utc::now();
+    // Each server by its own timeouts: its profile's, else the scheduler's.
     let idle = ctx
         .db
-        .idle_servers(
-            now - Duration::seconds(settings.idle_timeout_secs),
-            settings.exempt_admins,
-        )
+        .idle_servers_by_timeout(now, settings.idle_timeout_secs, settings.exempt_admins)
         .await?;
     let stopped_idle = stop_all(ctx, &idle, "idle").await?;
-    let (mut warned, mut stopped_old) = (0, 0);
-    if settings.max_age_secs > 0 {
-        let max_age = Duration::seconds(settings.max_age_secs);
-        let warning = Duration::seconds(settings.max_age_warning_secs.max(0));
-        warned = ctx
-            .db
-            .warn_old_servers(
-                now - (max_age - warning),
-                settings.max_age_secs,
-                settings.exempt_admins,
-            )
-            .await?;
-        let old = ctx
-            .db
-            .expired_servers(now - max_age, now - warning, settings.exempt_admins)
-            .await?;
-        stopped_old = stop_all(ctx, &old, "past its maximum age").await?;
-    }
+    let warning = settings.max_age_warning_secs.max(0);
+    let warned = ctx
+        .db
+        .warn_old_servers(now, settings.max_age_secs, warning, settings.exempt_admins)
+        .await?;
+    let old = ctx
+        .db
+        .expired_servers(now, settings.max_age_secs, warning, settings.exempt_admins)
+        .await?;
+    let stopped_old = stop_all(ctx, &old, "past its maximum age").await?;
     Ok(Ok(json!({
         "stopped_idle": stopped_idle,
         "warned": warned,

@@ -225,9 +225,10 @@ impl ProcessSpawner {
             .and_then(|l| l.local_addr())
             .map_err(|e| io("finding a free port", e))?
             .port();
-        let command = spec
-            .command(&self.command, port)
-            .replace("{berth}", &self.berth);
+        let template = spec
+            .command_template(Some(&self.command))
+            .unwrap_or(&self.command);
+        let command = spec.command(template, port).replace("{berth}", &self.berth);
         progress(40, format!("starting `{command}` on port {port}"));
         let log_path = self.log(&spec.user, &spec.server);
         if let Some(parent) = log_path.parent() {
@@ -294,7 +295,8 @@ impl ProcessSpawner {
             70,
             format!("waiting for the server to answer on port {port}"),
         );
-        self.wait_ready(dir, &log_path, pid, port, still_wanted)
+        let timeout = spec.start_timeout(self.config.start_timeout);
+        self.wait_ready(dir, &log_path, pid, port, timeout, still_wanted)
             .await?;
         Ok(Spawned {
             container_id: pid.id(),
@@ -310,6 +312,7 @@ impl ProcessSpawner {
         log: &Path,
         pid: Pid,
         port: u16,
+        timeout_secs: u64,
         still_wanted: &StillWanted<'_>,
     ) -> Result<(), SpawnError> {
         let exited = || async move {
@@ -328,7 +331,7 @@ impl ProcessSpawner {
         wait_ready(
             "127.0.0.1",
             port,
-            self.config.start_timeout,
+            timeout_secs,
             still_wanted,
             EXIT_CHECK_EVERY,
             exited,

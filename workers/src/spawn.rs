@@ -149,6 +149,7 @@ async fn spawn(ctx: &Context, job: &JobRow, claimed: Claimed) -> HandlerResult {
         image: server.image.clone(),
         token: token.clone(),
         proxy_token: new_token("bp_"),
+        profile: server.profile_definition(),
     };
     // Steps go out in order through one writer; it drains before the outcome is recorded.
     let (steps, mut written) = tokio::sync::mpsc::unbounded_channel::<(i16, String)>();

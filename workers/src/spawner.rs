@@ -17,6 +17,9 @@ pub struct SpawnSpec {
     pub token: String,
     /// The secret the server accepts from the proxy only (`JUPYTER_TOKEN`).
     pub proxy_token: String,
+    /// The profile the server was requested with, as it was then; its settings
+    /// win over the worker's configuration.
+    pub profile: Option<schema::profiles::Profile>,
 }
 
 impl SpawnSpec {
@@ -40,7 +43,8 @@ impl SpawnSpec {
     /// it is served and listens, how to reach the API, and the secrets. Jupyter
     /// reads `JUPYTER_TOKEN` as the token it requires (the proxy sends it), and
     /// images built for JupyterHub read their prefix from
-    /// `JUPYTERHUB_SERVICE_PREFIX`. The configured `BERTH_SERVER_ENV` comes last.
+    /// `JUPYTERHUB_SERVICE_PREFIX`. The configured `BERTH_SERVER_ENV` comes next,
+    /// then the profile's environment (which may not name Berth's own variables).
     pub fn environment(&self, port: u16, api_url: &str, extra: &[String]) -> Vec<(String, String)> {
         let base = self.base_url();
         let mut env: Vec<(String, String)> = [
@@ -63,7 +67,26 @@ impl SpawnSpec {
                 .filter_map(|kv| kv.split_once('='))
                 .map(|(k, v)| (k.to_owned(), v.to_owned())),
         );
+        if let Some(profile) = &self.profile {
+            env.extend(profile.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
         env
+    }
+
+    /// Seconds the server may take to answer: the profile's, else `configured`.
+    pub fn start_timeout(&self, configured: u64) -> u64 {
+        self.profile
+            .as_ref()
+            .and_then(|p| p.start_timeout)
+            .unwrap_or(configured)
+    }
+
+    /// The command template: the profile's, else `configured`.
+    pub fn command_template<'a>(&'a self, configured: Option<&'a str>) -> Option<&'a str> {
+        self.profile
+            .as_ref()
+            .and_then(|p| p.command.as_deref())
+            .or(configured)
     }
 }
 
@@ -88,6 +111,9 @@ pub enum SpawnError {
     Abandoned,
     #[error("container engine: {0}")]
     Engine(String),
+    /// The engine cannot provide the devices the server's profile asks for.
+    #[error("the engine cannot provide the profile's devices: {0}")]
+    Devices(String),
     /// The engine holds a container or volume of the server's name that this
     /// deployment did not create: it is left alone, and the spawn fails.
     #[error("{0}")]

@@ -610,7 +610,15 @@ async fn start_server(
         Ok(n) => n,
         Err(e) => return operator.back(&back, Err(e.to_string())),
     };
-    match crate::servers::request_spawn(&state, user, server.clone(), None).await {
+    let profile = match form.get("profile").filter(|p| !p.is_empty()) {
+        Some(named) => crate::profiles::choose(&state, &user, None, Some(named)).await,
+        None => crate::profiles::again(&state, &user, &server).await,
+    };
+    let profile = match profile {
+        Ok(profile) => profile,
+        Err(e) => return operator.back(&back, Err(e.to_string())),
+    };
+    match crate::servers::request_spawn(&state, user, server.clone(), None, profile).await {
         Ok(SpawnOutcome::Enqueued(_) | SpawnOutcome::AlreadyPending(_)) => operator.back(
             &back,
             Ok(format!("Starting {name}'s server {:?}", server.as_str())),

@@ -657,7 +657,11 @@ fn server_in_query(query: Option<&str>) -> Result<ServerName, ApiError> {
 /// Starts the owner's server from the stopped page, then on to it (the starting page).
 async fn start(state: &AppState, user: &UserName, server: ServerName) -> Answer {
     let to = schema::server_path(user, &server);
-    match request_spawn(state, user.clone(), server, None).await {
+    let profile = match crate::profiles::again(state, user, &server).await {
+        Ok(profile) => profile,
+        Err(e) => return Err(refuse(e, true)),
+    };
+    match request_spawn(state, user.clone(), server, None, profile).await {
         Ok(
             SpawnOutcome::Enqueued(_)
             | SpawnOutcome::AlreadyPending(_)
