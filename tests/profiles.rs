@@ -321,7 +321,7 @@ async fn a_profile_s_own_limit_admits_exactly_its_places_under_concurrent_reques
         refused[0]["message"]
             .as_str()
             .unwrap()
-            .contains("profile \"gpu-small\" is full: 2 of its 2 servers are active"),
+            .contains("profile \"gpu-small\" is full: all 2 of its places are taken"),
         "{}",
         refused[0]
     );
@@ -641,4 +641,138 @@ fn walk(dir: &std::path::Path) -> String {
         }
     }
     text
+}
+
+/// The dashboard: an operator defines, edits and removes a profile, puts a user
+/// in a group, starts a server of the profile for them, and filters servers by it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn operators_manage_profiles_and_start_servers_with_them_from_the_dashboard() {
+    let mut env = TestEnv::start().await;
+    env.start_worker(&[]);
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let admin = env.login(common::ADMIN_USER, common::ADMIN_PASSWORD).await;
+    let get = async |path: &str| {
+        client
+            .get(format!("{}{path}", env.base))
+            .header("cookie", format!("berth_session={admin}"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    // A form posted from the dashboard's own page; what the page it leads to says.
+    let post = async |path: &str, form: &[(&str, &str)]| {
+        let answer = client
+            .post(format!("{}{path}", env.base))
+            .header("cookie", format!("berth_session={admin}"))
+            .header("origin", &env.base)
+            .form(form)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), StatusCode::SEE_OTHER, "{path} {form:?}");
+        let to = answer.headers()["location"].to_str().unwrap().to_owned();
+        get(&to).await
+    };
+    let refused = post("/admin/profiles", &[("definition", "{not json")]).await;
+    assert!(
+        refused.contains("class=\"error\"") && refused.contains("not JSON"),
+        "{refused}"
+    );
+    let refused = post(
+        "/admin/profiles",
+        &[("definition", r#"{"name": "lab", "mem_limit": "1"}"#)],
+    )
+    .await;
+    assert!(refused.contains("mem_limit"), "{refused}");
+    assert_eq!(env.count("select count(*) from profiles").await, 0);
+
+    let definition = json!({"name": "lab", "display_name": "Lab environment", "groups": ["lab"], "max_active": 3});
+    let page = post(
+        "/admin/profiles",
+        &[("definition", &definition.to_string())],
+    )
+    .await;
+    assert!(
+        page.contains("Profile lab defined") && page.contains("data-profile=\"lab\""),
+        "{page}"
+    );
+
+    let user = env.user("dora");
+    env.create_user(&user).await;
+    let page = post(
+        &format!("/admin/users/{user}"),
+        &[("groups", "lab, course-101"), ("set_groups", "1")],
+    )
+    .await;
+    assert!(page.contains("is in groups: course-101, lab"), "{page}");
+    assert!(
+        page.contains("<option value=\"lab\">Lab environment</option>"),
+        "{page}"
+    );
+    let page = post(
+        &format!("/admin/users/{user}/servers/start"),
+        &[("server", "work"), ("profile", "lab")],
+    )
+    .await;
+    assert!(page.contains("Starting"), "{page}");
+    let server = env
+        .wait_server(
+            &format!("/api/v1/users/{user}/servers/work"),
+            READY_WITHIN,
+            |s| s["state"] == "running",
+        )
+        .await;
+    assert_eq!(server["profile"], "lab");
+    let listed = get("/admin/servers?profile=lab").await;
+    assert!(
+        listed.contains(&format!("data-server=\"{user}/work\"")),
+        "{listed}"
+    );
+    let other = get("/admin/servers?profile=other").await;
+    assert!(
+        !other.contains(&format!("data-server=\"{user}/work\"")),
+        "{other}"
+    );
+    let page = get("/admin/profiles").await;
+    let row = page
+        .split("data-profile=\"lab\"")
+        .nth(1)
+        .unwrap()
+        .split("</tr>")
+        .next()
+        .unwrap();
+    assert!(row.contains(">1</a> of 3"), "one active of three: {row}");
+
+    // Saving the form replaces the definition: a field left out is cleared.
+    let page = post(
+        "/admin/profiles/lab",
+        &[(
+            "definition",
+            r#"{"display_name": "Lab 2", "groups": ["lab"]}"#,
+        )],
+    )
+    .await;
+    assert!(page.contains("Profile lab saved"), "{page}");
+    let (_, shown) = env
+        .call(Method::GET, "/api/v1/admin/profiles/lab", None)
+        .await;
+    assert_eq!(shown["profile"]["display_name"], "Lab 2");
+    assert!(shown["profile"]["max_active"].is_null(), "{shown}");
+
+    let page = post("/admin/profiles/lab/delete", &[]).await;
+    assert!(page.contains("Profile lab removed"), "{page}");
+    assert_eq!(env.count("select count(*) from profiles").await, 0);
+    assert_eq!(
+        env.count(
+            "select count(*) from audit_log where action like 'profile_%' and actor like 'user:%'"
+        )
+        .await,
+        3
+    );
 }

@@ -217,12 +217,7 @@ async fn update_user(
         ));
     }
     if let Some(groups) = &change.groups {
-        for group in groups {
-            schema::profiles::check_group(group).map_err(ApiError::BadRequest)?;
-        }
-        if groups.len() > 100 {
-            return Err(ApiError::BadRequest("at most 100 groups".into()));
-        }
+        check_groups(groups)?;
     }
     let mut user = None;
     if new_role.is_some() || change.active.is_some() {
@@ -239,17 +234,7 @@ async fn update_user(
         );
     }
     if let Some(groups) = &change.groups {
-        let updated = state.db.set_groups(&name, groups).await?;
-        state
-            .audit(
-                Some(&principal.actor()),
-                "groups_changed",
-                Some(&updated.name),
-                &addr,
-                json!({ "groups": updated.groups() }),
-            )
-            .await;
-        user = Some(updated);
+        user = Some(change_groups(&state, &principal.actor(), &addr, &name, groups).await?);
     }
     let user = user.expect("one change was made");
     let servers = state.db.servers_of(&[user.id]).await?;
@@ -258,6 +243,38 @@ async fn update_user(
         &servers,
         state.addresses(&principal),
     )))
+}
+
+fn check_groups(groups: &[String]) -> ApiResult<()> {
+    if groups.len() > 100 {
+        return Err(ApiError::BadRequest("at most 100 groups".into()));
+    }
+    for group in groups {
+        schema::profiles::check_group(group).map_err(ApiError::BadRequest)?;
+    }
+    Ok(())
+}
+
+/// Sets an account's groups, audited; shared by the API and the dashboard.
+pub(crate) async fn change_groups(
+    state: &AppState,
+    actor: &str,
+    addr: &ClientAddr,
+    name: &schema::UserName,
+    groups: &[String],
+) -> ApiResult<schema::UserRow> {
+    check_groups(groups)?;
+    let updated = state.db.set_groups(name, groups).await?;
+    state
+        .audit(
+            Some(actor),
+            "groups_changed",
+            Some(&updated.name),
+            addr,
+            json!({ "groups": updated.groups() }),
+        )
+        .await;
+    Ok(updated)
 }
 
 /// Promotes, demotes, (de)activates an account, audited; at least one change.

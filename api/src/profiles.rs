@@ -41,7 +41,7 @@ pub fn router() -> OpenApiRouter<AppState> {
 
 /// A profile as operators see it: its definition, where it comes from and its use.
 #[derive(Debug, Serialize, ToSchema)]
-pub(crate) struct ProfileView {
+pub struct ProfileView {
     /// The definition, as `POST` takes it.
     profile: Profile,
     /// `api` (made here or on the dashboard) or `file` (`BERTH_PROFILES`, which
@@ -135,20 +135,30 @@ async fn create(
     JsonBody(body): JsonBody<Value>,
 ) -> ApiResult<(StatusCode, Json<ProfileView>)> {
     principal.require("admin")?;
+    let row = define(&state, &principal.actor(), &addr, body).await?;
+    Ok((StatusCode::CREATED, Json(ProfileView::new(row, 0))))
+}
+
+/// Defines a profile from its JSON, audited; for the API and the dashboard.
+pub(crate) async fn define(
+    state: &AppState,
+    actor: &str,
+    addr: &ClientAddr,
+    body: Value,
+) -> ApiResult<ProfileRow> {
     let profile = parse(body)?;
-    let actor = principal.actor();
-    let row = state.db.create_profile(&profile, &actor).await?;
+    let row = state.db.create_profile(&profile, actor).await?;
     state.profiles.forget();
     state
         .audit(
-            Some(&actor),
+            Some(actor),
             "profile_created",
             Some(&profile.name),
-            &addr,
+            addr,
             json!(profile),
         )
         .await;
-    Ok((StatusCode::CREATED, Json(ProfileView::new(row, 0))))
+    Ok(row)
 }
 
 /// A profile definition from a request body, checked.
@@ -189,7 +199,7 @@ async fn show(
     Ok(Json(ProfileView::new(row, active)))
 }
 
-async fn found(state: &AppState, name: &str) -> ApiResult<ProfileRow> {
+pub(crate) async fn found(state: &AppState, name: &str) -> ApiResult<ProfileRow> {
     state
         .db
         .get_profile(name)
@@ -216,18 +226,38 @@ async fn change(
             "the body must be an object of profile fields".into(),
         ));
     };
+    let row = change_fields(&state, &principal.actor(), &addr, &name, changes).await?;
+    let active = state
+        .db
+        .profile_usage()
+        .await?
+        .get(&name)
+        .copied()
+        .unwrap_or(0);
+    Ok(Json(ProfileView::new(row, active)))
+}
+
+/// Changes the fields `changes` names (`null` clears one), audited; for the API
+/// and the dashboard.
+pub(crate) async fn change_fields(
+    state: &AppState,
+    actor: &str,
+    addr: &ClientAddr,
+    name: &str,
+    changes: serde_json::Map<String, Value>,
+) -> ApiResult<ProfileRow> {
     if changes.is_empty() {
         return Err(ApiError::BadRequest("change at least one field".into()));
     }
     if changes
         .get("name")
-        .is_some_and(|n| n.as_str() != Some(name.as_str()))
+        .is_some_and(|n| n.as_str() != Some(name))
     {
         return Err(ApiError::BadRequest(
             "a profile cannot be renamed: define a new one and delete this one".into(),
         ));
     }
-    let current = found(&state, &name).await?;
+    let current = found(state, name).await?;
     let Value::Object(mut merged) = json!(current.profile) else {
         unreachable!("a profile serialises to an object")
     };
@@ -239,26 +269,18 @@ async fn change(
         }
     }
     let profile = parse(Value::Object(merged))?;
-    let actor = principal.actor();
-    let row = state.db.replace_profile(&profile, &actor).await?;
+    let row = state.db.replace_profile(&profile, actor).await?;
     state.profiles.forget();
     state
         .audit(
-            Some(&actor),
+            Some(actor),
             "profile_changed",
-            Some(&name),
-            &addr,
+            Some(name),
+            addr,
             Value::Object(changes),
         )
         .await;
-    let active = state
-        .db
-        .profile_usage()
-        .await?
-        .get(&name)
-        .copied()
-        .unwrap_or(0);
-    Ok(Json(ProfileView::new(row, active)))
+    Ok(row)
 }
 
 /// Removes a profile; its servers keep running with what they were given.
@@ -272,21 +294,25 @@ async fn delete(
 ) -> ApiResult<StatusCode> {
     principal.require("admin")?;
     let name = profile_name(path)?;
-    if !state.db.delete_profile(&name).await? {
+    remove(&state, &principal.actor(), &addr, &name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Removes a profile, audited; for the API and the dashboard.
+pub(crate) async fn remove(
+    state: &AppState,
+    actor: &str,
+    addr: &ClientAddr,
+    name: &str,
+) -> ApiResult<()> {
+    if !state.db.delete_profile(name).await? {
         return Err(ApiError::NotFound(format!("no profile named {name:?}")));
     }
     state.profiles.forget();
-    let actor = principal.actor();
     state
-        .audit(
-            Some(&actor),
-            "profile_deleted",
-            Some(&name),
-            &addr,
-            json!({}),
-        )
+        .audit(Some(actor), "profile_deleted", Some(name), addr, json!({}))
         .await;
-    Ok(StatusCode::NO_CONTENT)
+    Ok(())
 }
 
 #[derive(Debug, Deserialize, IntoParams)]

@@ -129,6 +129,8 @@ pub struct ServerFilter {
     pub state: Option<String>,
     /// Part of the owner's name.
     pub user: Option<String>,
+    /// The profile it was requested with, exactly.
+    pub profile: Option<String>,
 }
 
 /// How many jobs of a kind are in a state.
@@ -538,20 +540,24 @@ impl Console for Db {
         let pattern = filter.user.as_deref().map(like_pattern);
         let items = each!(self.pool(), p => sqlx::query_as::<_, ServerListing>(select_servers!(
             "where ($1 is null or s.state = $1) and ($2 is null or u.name like $2 escape '\\') \
+             and ($5 is null or s.profile = $5) \
              order by s.updated_at desc, s.id desc limit $4 offset $3"
         ))
         .bind(&filter.state)
         .bind(&pattern)
         .bind(offset)
         .bind(limit)
+        .bind(&filter.profile)
         .fetch_all(p)
         .await)?;
         let total: i64 = each!(self.pool(), p => sqlx::query_scalar(
             "select count(*) from servers s join users u on u.id = s.user_id \
-             where ($1 is null or s.state = $1) and ($2 is null or u.name like $2 escape '\\')",
+             where ($1 is null or s.state = $1) and ($2 is null or u.name like $2 escape '\\') \
+             and ($3 is null or s.profile = $3)",
         )
         .bind(&filter.state)
         .bind(&pattern)
+        .bind(&filter.profile)
         .fetch_one(p)
         .await)?;
         Ok(Page { items, total })

@@ -284,12 +284,9 @@ impl Db {
         }
         if let Some(profile) = &req.profile
             && let Some(most) = profile.max_active
+            && !claim_place(tx, Places::Profile(&profile.name), server.id, most).await?
         {
-            let places = Places::Profile(&profile.name);
-            if !claim_place(tx, places, server.id, most).await? {
-                let active = places_taken(tx, places).await?;
-                return Err(StoreError::profile_full(&profile.name, active, most));
-            }
+            return Err(StoreError::profile_full(&profile.name, most));
         }
         let payload = serde_json::to_value(ServerJob {
             server_id: server.id,

@@ -57,11 +57,13 @@ impl StoreError {
     }
 
     /// A spawn past the platform's limit of active servers.
-    /// A profile's own limit is reached.
-    pub(crate) fn profile_full(profile: &str, active: i64, limit: i32) -> Self {
+    /// A profile's own limit is reached. Its places are all taken or being taken
+    /// (a claim skips places other requests hold uncommitted, which a count would
+    /// not see yet), so the message gives the limit, not a count.
+    pub(crate) fn profile_full(profile: &str, limit: i32) -> Self {
         StoreError::Limit(format!(
-            "profile {profile:?} is full: {active} of its {limit} servers are active; \
-             try again when one stops, or pick another profile"
+            "profile {profile:?} is full: all {limit} of its places are taken; try again \
+             when one of its servers stops, or pick another profile"
         ))
     }
 

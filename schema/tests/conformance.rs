@@ -811,7 +811,8 @@ async fn a_profile_s_limit_holds_under_concurrent_requests_and_its_servers_keep_
             }
             Err(StoreError::Limit(message)) => {
                 assert!(
-                    message.contains("profile \"gpu-small\" is full: 3 of its 3"),
+                    message
+                        .contains("profile \"gpu-small\" is full: all 3 of its places are taken"),
                     "{message}"
                 );
                 full += 1;

@@ -7,6 +7,7 @@
 mod charts;
 mod jobs;
 mod pages;
+mod profiles;
 
 use std::{collections::HashMap, convert::Infallible, time::Duration};
 
@@ -48,6 +49,7 @@ pub fn router() -> Router<AppState> {
         .route("/static/app.css", get(style))
         .merge(jobs::router())
         .merge(pages::router())
+        .merge(profiles::router())
         .layer(axum::middleware::map_response(with_csp))
 }
 
@@ -224,6 +226,7 @@ pub fn layout(
         ("/admin/workers", "Workers"),
         ("/admin/schedules", "Schedules"),
         ("/admin/users", "Users"),
+        ("/admin/profiles", "Profiles"),
         ("/admin/audit", "Audit log"),
     ];
     html! {

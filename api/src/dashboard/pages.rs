@@ -96,6 +96,7 @@ async fn servers(
     let filter = ServerFilter {
         state: query.get("state").filter(|s| !s.is_empty()).cloned(),
         user: query.get("user").filter(|s| !s.is_empty()).cloned(),
+        profile: query.get("profile").filter(|s| !s.is_empty()).cloned(),
     };
     if let Some(s) = &filter.state
         && schema::ServerState::parse(s).is_none()
@@ -131,7 +132,8 @@ async fn servers(
                     @if let Some(internal) = &s.url { br; code { (internal) } }
                 }
                 td { code { (s.container_id.as_deref().map_or("—", |c| &c[..c.len().min(12)])) } }
-                td { (s.image.as_deref().unwrap_or("default")) }
+                td { (s.image.clone().or_else(|| s.profile_definition().and_then(|p| p.image)).as_deref().unwrap_or("default")) }
+                td { @if let Some(p) = &s.profile { a href=(format!("/admin/servers?profile={}", super::encode(p))) { (p) } } @else { span.muted { "—" } } }
                 td { @match (l.mem_limit, l.cpu_limit) { (Some(m), Some(c)) => { (format!("{} MiB, {c} CPU", m / (1 << 20))) }, _ => { "—" } } }
                 td.error { (s.warning.as_deref().or(s.error.as_deref()).unwrap_or("")) }
                 td {
@@ -156,6 +158,7 @@ async fn servers(
                 form.filters method="get" action="/admin/servers" {
                     label { "State" select name="state" { option value="" { "any" } @for st in schema::ServerState::WORDS { option value=(st) selected[value("state") == *st] { (st) } } } }
                     label { "User" input name="user" value=(value("user")) size="14"; }
+                    label { "Profile" input name="profile" value=(value("profile")) size="12"; }
                     button type="submit" { "Filter" }
                 }
                 form.actions method="post" action="/admin/servers/stop-idle" data-confirm="Stop every server idle that long?" {
@@ -163,7 +166,7 @@ async fn servers(
                     button type="submit" { "Stop idle servers" }
                 }
                 table {
-                    thead { tr { th { "Owner" } th { "Server" } th { "State" } th { "Started" } th { "Last activity" } th { "Address" } th { "Container" } th { "Image" } th { "Limits" } th { "Note" } th {} } }
+                    thead { tr { th { "Owner" } th { "Server" } th { "State" } th { "Started" } th { "Last activity" } th { "Address" } th { "Container" } th { "Image" } th { "Profile" } th { "Limits" } th { "Note" } th {} } }
                     tbody data-live { (rows) }
                 }
                 (pager("/admin/servers", &query, page, PER_PAGE, listing.total))
@@ -482,6 +485,11 @@ async fn user_page(
     };
     let seen = state.addresses(&operator.principal);
     let u = &user.name;
+    let offered: Vec<schema::profiles::Profile> = match state.profiles.all(&state.db).await {
+        Ok(all) => all.values().filter(|p| p.allows(&user)).cloned().collect(),
+        Err(e) => return failure(e),
+    };
+    let groups = user.groups().join(", ");
     layout(
         &format!("User {u}"),
         &operator,
@@ -533,7 +541,18 @@ async fn user_page(
             }
             form.filters #start-server method="post" action=(format!("/admin/users/{u}/servers/start")) {
                 label { "Start a server named" input name="server" size="14" placeholder="(default)"; }
+                @if !offered.is_empty() {
+                    label { "with profile" select name="profile" {
+                        option value="" { "(as before, or the default)" }
+                        @for p in &offered { option value=(p.name) { (p.display_name.as_deref().unwrap_or(&p.name)) } }
+                    } }
+                }
                 button type="submit" { "Start" }
+            }
+            form.filters #groups method="post" action=(format!("/admin/users/{u}")) {
+                label { "Groups (for profiles)" input name="groups" value=(groups) size="30" placeholder="lab, course-101"; }
+                input type="hidden" name="set_groups" value="1";
+                button type="submit" { "Save groups" }
             }
             h2 { "Recent jobs" }
             table #user-jobs {
@@ -732,6 +751,30 @@ async fn change_user(
             );
         }
     };
+    if form.get("set_groups").is_some() {
+        let groups: Vec<String> = form
+            .get("groups")
+            .unwrap_or("")
+            .split(',')
+            .map(str::trim)
+            .filter(|g| !g.is_empty())
+            .map(str::to_owned)
+            .collect();
+        let back = format!("/admin/users/{}", super::encode(user.as_str()));
+        return match crate::admin::change_groups(&state, &operator.actor(), &addr, &user, &groups)
+            .await
+        {
+            Ok(u) => operator.back(
+                &back,
+                Ok(format!(
+                    "{} is in groups: {}",
+                    u.name,
+                    u.groups().join(", ")
+                )),
+            ),
+            Err(e) => operator.back(&back, Err(say(e))),
+        };
+    }
     match crate::admin::change_account(&state, &operator.actor(), &addr, &user, role, active).await
     {
         Ok(u) => operator.back(
