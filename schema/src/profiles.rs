@@ -557,6 +557,17 @@ mod tests {
         assert_eq!(p.mem_bytes(), Some(2 << 30));
     }
 
+    /// The README's example file stays a valid profiles file.
+    #[test]
+    fn the_example_profiles_file_is_valid() {
+        let text = include_str!("../../ops/profiles.example.json");
+        let profiles: Vec<Profile> = serde_json::from_str(text).expect("a list of profiles");
+        assert_eq!(profiles.len(), 3);
+        for p in &profiles {
+            p.validate().unwrap_or_else(|e| panic!("{}: {e}", p.name));
+        }
+    }
+
     #[test]
     fn bad_fields_are_named_in_the_refusal() {
         for (json, says) in [
