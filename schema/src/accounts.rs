@@ -299,6 +299,39 @@ fn violates(e: &sqlx::Error, constraint: &str, sqlite: &str) -> bool {
         && (db.constraint() == Some(constraint) || db.message().contains(sqlite)))
 }
 
+/// Inserts an account (in `groups`); a taken name or email is a conflict that
+/// says which.
+pub(crate) async fn insert_account(
+    tx: &mut crate::db::Tx,
+    account: &NewAccount,
+    groups: &[String],
+) -> Result<UserRow, StoreError> {
+    each!(tx.conn(), c => sqlx::query_as::<_, UserRow>(
+        "insert into users (name, email, password_hash, role, groups, created_at) \
+         values ($1, $2, $3, $4, $5, $6) returning *",
+    )
+    .bind(account.name.as_str())
+    .bind(&account.email)
+    .bind(&account.password_hash)
+    .bind(account.role.as_str())
+    .bind(crate::db::json_list(groups))
+    .bind(now())
+    .fetch_one(c)
+    .await)
+    .map_err(|e| {
+        if violates(&e, "users_name_key", "users.name") {
+            StoreError::Conflict(format!("user {:?} already exists", account.name))
+        } else if violates(&e, "users_email_key", "users_email_key") {
+            StoreError::Conflict(format!(
+                "email {:?} is already registered",
+                account.email.clone().unwrap_or_default()
+            ))
+        } else {
+            StoreError::Database(e)
+        }
+    })
+}
+
 /// Users whose name or email contains `$1` (all when it is null).
 macro_rules! user_search {
     () => {
@@ -309,32 +342,8 @@ macro_rules! user_search {
 #[async_trait]
 impl Accounts for Db {
     async fn register(&self, account: &NewAccount) -> Result<UserRow, StoreError> {
-        self.write(async |tx| {
-            each!(tx.conn(), c => sqlx::query_as::<_, UserRow>(
-                "insert into users (name, email, password_hash, role, created_at) \
-                 values ($1, $2, $3, $4, $5) returning *",
-            )
-            .bind(account.name.as_str())
-            .bind(&account.email)
-            .bind(&account.password_hash)
-            .bind(account.role.as_str())
-            .bind(now())
-            .fetch_one(c)
-            .await)
-            .map_err(|e| {
-                if violates(&e, "users_name_key", "users.name") {
-                    StoreError::Conflict(format!("user {:?} already exists", account.name))
-                } else if violates(&e, "users_email_key", "users_email_key") {
-                    StoreError::Conflict(format!(
-                        "email {:?} is already registered",
-                        account.email.clone().unwrap_or_default()
-                    ))
-                } else {
-                    StoreError::Database(e)
-                }
-            })
-        })
-        .await
+        self.write(async |tx| insert_account(tx, account, &[]).await)
+            .await
     }
 
     async fn find_login(&self, login: &str) -> Result<Option<UserRow>, StoreError> {

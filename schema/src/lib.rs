@@ -10,6 +10,7 @@ mod archive;
 mod backend;
 pub mod console;
 pub mod db;
+pub mod identities;
 pub mod jobs;
 pub mod lite;
 pub mod maintenance;
@@ -71,7 +72,8 @@ pub enum MigrateError {
 /// The store's interfaces, for code that calls them on a [`Db`].
 pub mod prelude {
     pub use crate::{
-        accounts::Accounts as _, console::Console as _, maintenance::Maintenance as _,
-        platform::Platform as _, profiles::Profiles as _, routes::Routes as _, store::Store as _,
+        accounts::Accounts as _, console::Console as _, identities::Identities as _,
+        maintenance::Maintenance as _, platform::Platform as _, profiles::Profiles as _,
+        routes::Routes as _, store::Store as _,
     };
 }

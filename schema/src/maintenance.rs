@@ -38,6 +38,8 @@ pub struct Expired {
     pub sso_tokens: u64,
     pub api_tokens: u64,
     pub login_throttle: u64,
+    /// Sign-ins with a provider never finished, and hand-offs never exchanged.
+    pub oidc_flows: u64,
 }
 
 #[async_trait]
@@ -431,12 +433,18 @@ impl Maintenance for Db {
             "delete from login_throttle where window_start < $1",
             day
         )?;
+        let oidc_flows = execute!(
+            tx.conn(),
+            "delete from oidc_flows where expires_at < $1",
+            at
+        )?;
         tx.commit().await?;
         Ok(Expired {
             sessions,
             sso_tokens,
             api_tokens,
             login_throttle,
+            oidc_flows,
         })
     }
 

@@ -6,10 +6,11 @@
 use std::{path::PathBuf, sync::Arc};
 
 use schema::{
-    Accounts, Db, JobKind, JobOutcome, Limits, NewAccount, PgStore, Platform, Role, RouteChange,
-    Routes, Running, ServerName, ServerState, SpawnOutcome, SpawnRequest, SqliteStore, Store,
-    StoreError, UserName,
+    Accounts, Db, JobKind, JobOutcome, Limits, Maintenance, NewAccount, PgStore, Platform, Role,
+    RouteChange, Routes, Running, ServerName, ServerState, SpawnOutcome, SpawnRequest, SqliteStore,
+    Store, StoreError, UserName,
     accounts::ThrottleRule,
+    identities::Identities,
     platform::{LimitChange, SlotAnswer},
 };
 
@@ -936,7 +937,116 @@ async fn the_profiles_file_replaces_its_own_and_same_named_profiles(db: &Db) {
     );
 }
 
+/// A provider's identity is linked by its subject, once on each side; an account
+/// made with it comes with its groups; sign-ins under way are spent once, and
+/// expired ones are neither taken nor kept.
+async fn identities_link_once_each_side_and_sign_ins_are_spent_once(db: &Db) {
+    use schema::identities::{FlowKind, OidcFlow};
+    let account = |name: &str, email: &str| NewAccount {
+        name: user(name),
+        email: Some(email.into()),
+        password_hash: None,
+        role: Role::User,
+    };
+    let groups = vec!["physics".to_owned(), "gpu".to_owned()];
+    let ann = db
+        .register_identity(
+            &account("ann", "ann@example.org"),
+            &groups,
+            "campus",
+            "sub-ann",
+        )
+        .await
+        .unwrap();
+    assert_eq!(ann.groups(), groups);
+    let signed_in = db
+        .identity_login("campus", "sub-ann", Some("ann@new.example.org"))
+        .await
+        .unwrap()
+        .expect("the identity leads to its account");
+    assert_eq!(signed_in.id, ann.id);
+    assert!(
+        db.identity_login("campus", "sub-nobody", None)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // The same subject at another provider is another identity.
+    assert!(
+        db.identity_login("other", "sub-ann", None)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let taken = db
+        .register_identity(
+            &account("ann2", "ann2@example.org"),
+            &[],
+            "campus",
+            "sub-ann",
+        )
+        .await;
+    assert!(
+        matches!(&taken, Err(StoreError::Conflict(m)) if m.contains("linked to another account")),
+        "{taken:?}"
+    );
+    assert!(
+        db.find_login("ann2").await.unwrap().is_none(),
+        "a refused sign-up leaves no account behind"
+    );
+    let bob = db
+        .register(&account("bob", "bob@example.org"))
+        .await
+        .unwrap();
+    let twice = db.link_identity("campus", "sub-bob-2", ann.id, None).await;
+    assert!(
+        matches!(&twice, Err(StoreError::Conflict(m)) if m.contains("unlink it first")),
+        "{twice:?}"
+    );
+    db.link_identity("campus", "sub-bob", bob.id, Some("bob@example.org"))
+        .await
+        .unwrap();
+    let listed = db.identities_of(ann.id).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].email.as_deref(), Some("ann@new.example.org"));
+    assert!(listed[0].last_login_at.is_some());
+    assert!(db.unlink_identity(ann.id, "campus").await.unwrap());
+    assert!(!db.unlink_identity(ann.id, "campus").await.unwrap());
+    assert!(
+        db.identity_login("campus", "sub-ann", None)
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    let flow = |minutes: i64| OidcFlow {
+        kind: FlowKind::Link,
+        provider: "campus".into(),
+        browser_hash: Some("browser".into()),
+        nonce: Some("nonce".into()),
+        verifier: Some("verifier".into()),
+        user_id: Some(bob.id),
+        return_to: Some("/admin".into()),
+        expires_at: chrono::Utc::now() + chrono::TimeDelta::minutes(minutes),
+    };
+    db.begin_flow("live", &flow(10)).await.unwrap();
+    db.begin_flow("stale", &flow(-1)).await.unwrap();
+    let taken = db.take_flow("live").await.unwrap().expect("a live flow");
+    assert_eq!(taken.kind, FlowKind::Link);
+    assert_eq!(taken.user_id, Some(bob.id));
+    assert_eq!(taken.verifier.as_deref(), Some("verifier"));
+    assert!(db.take_flow("live").await.unwrap().is_none(), "spent once");
+    db.begin_flow("stale-2", &flow(-1)).await.unwrap();
+    assert!(db.take_flow("stale").await.unwrap().is_none(), "expired");
+    let expired = db.expire_sessions().await.unwrap();
+    assert_eq!(
+        expired.oidc_flows, 1,
+        "the expired flow nobody took is removed"
+    );
+}
+
 contracts!(
+    identities_link_once_each_side_and_sign_ins_are_spent_once,
     a_profile_s_limit_holds_under_concurrent_requests_and_its_servers_keep_their_definition,
     the_profiles_file_replaces_its_own_and_same_named_profiles,
     routes_follow_their_servers_and_traffic_only_moves_activity_forward,
