@@ -12,6 +12,7 @@ pub mod error;
 pub mod health;
 pub mod jobs;
 pub mod metrics;
+pub mod oidc;
 pub mod openapi;
 pub mod passwords;
 pub mod platform;
