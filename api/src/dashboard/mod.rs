@@ -82,8 +82,14 @@ impl FromRequestParts<AppState> for Operator {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Response> {
         let to_login = || {
-            let next = parts.uri.path_and_query().map_or("/admin", |p| p.as_str());
-            let target = format!("/admin/login?next={}", encode(next));
+            // Nested under /admin, the router sees the path without it: the page
+            // wanted is /admin + that (it was the path alone, so a login landed
+            // on the overview instead).
+            let next = match parts.uri.path_and_query().map_or("/", |p| p.as_str()) {
+                "/" => "/admin".to_owned(),
+                inner => format!("/admin{inner}"),
+            };
+            let target = format!("/admin/login?next={}", encode(&next));
             Redirect::to(&target).into_response()
         };
         let Some(token) = crate::auth::cookie(&parts.headers, COOKIE).map(str::to_owned) else {
