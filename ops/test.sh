@@ -75,6 +75,12 @@ if ! "$venv/bin/jupyter" server --version >/dev/null 2>&1; then
   "$venv/bin/pip" install --quiet --disable-pip-version-check jupyter_server ipykernel
 fi
 export BERTH_TEST_JUPYTER="$venv/bin/jupyter"
+# A real OpenID Connect provider (django-oauth-toolkit, ops/oidc/provider.py) for sign-in tests.
+if ! "$venv/bin/python" -c 'import oauth2_provider' >/dev/null 2>&1; then
+  log "installing django-oauth-toolkit into $venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check django-oauth-toolkit
+fi
+export BERTH_TEST_OIDC_PYTHON="$venv/bin/python"
 
 log "checking the Docker engine"
 docker info --format 'engine {{.ServerVersion}}, {{.Containers}} containers' \

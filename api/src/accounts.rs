@@ -166,7 +166,7 @@ async fn register(
 
 /// An open session: its access token and the account.
 #[derive(Debug, Serialize, ToSchema)]
-struct Session {
+pub(crate) struct Session {
     /// A JWT to send as `Authorization: Bearer <token>`.
     access_token: String,
     /// Always `bearer`.
@@ -187,12 +187,18 @@ async fn login(
     JsonBody(body): JsonBody<Login>,
 ) -> ApiResult<Json<Session>> {
     let (token, user) = log_in(&state, &addr, body).await?;
-    Ok(Json(Session {
-        access_token: token,
-        token_type: "bearer",
-        expires_in: state.config.token_ttl,
-        user: UserView::new(&user, &[], state.public_addresses()),
-    }))
+    Ok(Json(Session::new(&state, token, &user)))
+}
+
+impl Session {
+    pub(crate) fn new(state: &AppState, access_token: String, user: &schema::UserRow) -> Self {
+        Session {
+            access_token,
+            token_type: "bearer",
+            expires_in: state.config.token_ttl,
+            user: UserView::new(user, &[], state.public_addresses()),
+        }
+    }
 }
 
 /// Checks a login (throttled, audited) and opens a session: the access token and
@@ -255,6 +261,18 @@ pub(crate) async fn log_in(
     };
     state.db.clear_failures(&account_key).await?;
     state.db.release_attempt(&addr_key).await?;
+    let (token, _) = open_session(state, addr, &user, json!({})).await?;
+    Ok((token, user))
+}
+
+/// Opens a revocable session for `user`, who proved who they are (`detail`
+/// says how, in the audit log): the access token and its claims.
+pub(crate) async fn open_session(
+    state: &AppState,
+    addr: &ClientAddr,
+    user: &schema::UserRow,
+    detail: Value,
+) -> ApiResult<(String, crate::tokens::Claims)> {
     let (token, claims) = state
         .keys
         .issue(&user.name, user.role.as_str(), state.config.token_ttl)
@@ -269,10 +287,10 @@ pub(crate) async fn log_in(
             "login_succeeded",
             Some(&user.name),
             addr,
-            json!({}),
+            detail,
         )
         .await;
-    Ok((token, user))
+    Ok((token, claims))
 }
 
 /// Revokes the session behind this token on every API process at once.

@@ -99,6 +99,13 @@ pub struct ApiConfig {
     #[arg(long, env = "BERTH_PROFILES")]
     pub profiles_file: Option<std::path::PathBuf>,
 
+    /// OpenID Connect providers users may sign in with: a JSON list, inline
+    /// (`[{"name": …}]`) or in the file this names. Each: `name`, `display_name`,
+    /// `issuer`, `client_id`, `client_secret`, `scopes`, `allow_signup`,
+    /// `allowed_domains`, `groups_claim`, `admin_groups` (see the README).
+    #[arg(long, env = "BERTH_OIDC_PROVIDERS", hide_env_values = true)]
+    pub oidc_providers: Option<String>,
+
     /// Images a spawn request may ask for besides the default (comma-separated).
     #[arg(long, env = "BERTH_ALLOWED_IMAGES", value_delimiter = ',')]
     pub allowed_images: Vec<String>,

@@ -72,6 +72,8 @@ pub struct AppState {
     pub streams: Arc<progress::Streams>,
     /// The server profiles, as this process last read them.
     pub profiles: Arc<profiles::ProfileCache>,
+    /// The OpenID Connect providers users may sign in with.
+    pub oidc: Arc<oidc::Providers>,
 }
 
 impl AppState {
@@ -196,6 +198,7 @@ pub fn api_routes() -> OpenApiRouter<AppState> {
         .merge(profiles::router())
         .merge(activity::router())
         .merge(progress::router())
+        .merge(oidc::router())
         .routes(routes!(openapi::document))
         .routes(routes!(reference::reference))
         .route_layer(axum::middleware::from_fn(metrics::track));
@@ -291,6 +294,8 @@ pub async fn run(
     let address = listener.local_addr()?;
     let origin: Arc<str> = config.public_origin(address).into();
     let config_trusted = config.trusted_proxies.clone();
+    let oidc = oidc::Providers::from_setting(config.oidc_providers.as_deref())
+        .map_err(StartError::Config)?;
     let state = AppState {
         db: store,
         proxy: Arc::new(proxy::Proxy::new(&config, &origin)),
@@ -305,6 +310,7 @@ pub async fn run(
         ),
         streams: Arc::default(),
         profiles: Arc::default(),
+        oidc: Arc::new(oidc),
     };
     let app = match serve {
         Serve::Api => router(state.clone()),

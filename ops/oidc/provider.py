@@ -3,7 +3,8 @@ OIDC on, its users and clients given as JSON, served on 127.0.0.1.
 
     python provider.py --port 8123 --data /tmp/idp --setup setup.json
 
-setup.json: {"users": [{"username", "password", "email", "groups": [...]}],
+setup.json: {"users": [{"username", "password", "email", "groups": [...],
+                        "email_verified": true (the default) or false}],
              "clients": [{"client_id", "client_secret", "redirect_uris": [...]}]}
 
 The issuer is http://127.0.0.1:<port>/o (discovery at
@@ -43,6 +44,10 @@ def main():
 
     with open(args.setup) as f:
         setup = json.load(f)
+    # Users whose address the provider does not vouch for (email_verified: false).
+    os.environ["BERTH_IDP_UNVERIFIED"] = json.dumps(
+        [u["username"] for u in setup.get("users", []) if u.get("email_verified") is False]
+    )
     for u in setup.get("users", []):
         user = User.objects.create_user(u["username"], u.get("email", ""), u["password"])
         for name in u.get("groups", []):

@@ -70,3 +70,25 @@ pub async fn see(browser: &fantoccini::Client, css: &str, what: &str) {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// Clicks the element `css` names.
+pub async fn click(browser: &fantoccini::Client, css: &str) {
+    browser
+        .find(fantoccini::Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("no {css} on the page: {e}"))
+        .click()
+        .await
+        .unwrap();
+}
+
+/// Types `text` into the field `css` names.
+pub async fn fill(browser: &fantoccini::Client, css: &str, text: &str) {
+    browser
+        .find(fantoccini::Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("no {css} on the page: {e}"))
+        .send_keys(text)
+        .await
+        .unwrap();
+}

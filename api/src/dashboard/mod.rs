@@ -363,13 +363,17 @@ pub fn rows_or_page(
     }
 }
 
-async fn login_page(Query(query): Query<HashMap<String, String>>) -> Markup {
+async fn login_page(
+    State(state): State<AppState>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Markup {
     // A failed login is answered with the form and its error; a link's `error`
     // is not shown.
-    login_form(query.get("next").map(String::as_str), None)
+    login_form(&state, query.get("next").map(String::as_str), None)
 }
 
-fn login_form(next: Option<&str>, error: Option<&str>) -> Markup {
+fn login_form(state: &AppState, next: Option<&str>, error: Option<&str>) -> Markup {
+    let next = next.filter(|n| dashboard_path(n)).unwrap_or("/admin");
     html! {
         (DOCTYPE)
         html lang="en" {
@@ -379,10 +383,18 @@ fn login_form(next: Option<&str>, error: Option<&str>) -> Markup {
                     h1 { "Berth operator dashboard" }
                     @if let Some(e) = error { p.error role="alert" { (e) } }
                     form.login method="post" action="/admin/login" {
-                        input type="hidden" name="next" value=(next.unwrap_or("/admin"));
+                        input type="hidden" name="next" value=(next);
                         label { "User name or email" input #username name="username" autocomplete="username" required autofocus; }
                         label { "Password" input #password name="password" type="password" autocomplete="current-password" required; }
                         button #login type="submit" { "Log in" }
+                    }
+                    @for p in state.oidc.all() {
+                        p.sso {
+                            a.button data-provider=(p.config.name)
+                                href=(format!("/api/v1/auth/oidc/{}/start?next={}", p.config.name, encode(next))) {
+                                "Sign in with " (p.config.display())
+                            }
+                        }
                     }
                 }
             }
@@ -395,15 +407,9 @@ async fn login(State(state): State<AppState>, addr: ClientAddr, body: Bytes) -> 
         Ok(form) => form,
         Err(bad) => return bad.into_response(),
     };
-    // Only paths inside the dashboard, of visible ASCII (a control character made
-    // the redirect's header invalid, a 500): never an open redirect.
     let next = form
         .get("next")
-        .filter(|n| {
-            n.starts_with("/admin")
-                && !n.starts_with("/admin/login")
-                && n.chars().all(|c| c.is_ascii_graphic())
-        })
+        .filter(|n| dashboard_path(n))
         .unwrap_or("/admin")
         .to_owned();
     let credentials = Login {
@@ -412,28 +418,41 @@ async fn login(State(state): State<AppState>, addr: ClientAddr, body: Bytes) -> 
     };
     match log_in(&state, &addr, credentials).await {
         Ok((token, _)) => {
-            let secure = if state.config.secure_cookies {
-                "; Secure"
-            } else {
-                ""
-            };
-            let cookie = format!(
-                "{COOKIE}={token}; Path=/admin; HttpOnly; SameSite=Strict; Max-Age={}{secure}",
-                state.config.token_ttl
-            );
             let mut response = Redirect::to(&next).into_response();
-            response.headers_mut().insert(
-                header::SET_COOKIE,
-                HeaderValue::from_str(&cookie).expect("cookie is text"),
-            );
+            response
+                .headers_mut()
+                .insert(header::SET_COOKIE, session_cookie(&state, &token));
             response
         }
         Err(e) => {
             let status = e.status();
             let message = say(e);
-            (status, login_form(Some(&next), Some(&message))).into_response()
+            (status, login_form(&state, Some(&next), Some(&message))).into_response()
         }
     }
+}
+
+/// The dashboard's session cookie holding `token`.
+pub fn session_cookie(state: &AppState, token: &str) -> HeaderValue {
+    let secure = if state.config.secure_cookies {
+        "; Secure"
+    } else {
+        ""
+    };
+    let cookie = format!(
+        "{COOKIE}={token}; Path=/admin; HttpOnly; SameSite=Strict; Max-Age={}{secure}",
+        state.config.token_ttl
+    );
+    HeaderValue::from_str(&cookie).expect("cookie is text")
+}
+
+/// Whether `next` may be where a login sends the browser: a dashboard page
+/// (not the login page) of visible ASCII (a control character made the
+/// redirect's header invalid, a 500): never an open redirect.
+pub fn dashboard_path(next: &str) -> bool {
+    next.starts_with("/admin")
+        && !next.starts_with("/admin/login")
+        && next.chars().all(|c| c.is_ascii_graphic())
 }
 
 async fn logout(State(state): State<AppState>, operator: Operator, addr: ClientAddr) -> Response {

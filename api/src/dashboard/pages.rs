@@ -22,7 +22,11 @@ use super::{
     Form, Operator, badge, layout, page_error, page_of, pager, rows_or_page, say, snapshot,
     time_of, when,
 };
-use crate::{AppState, auth::ClientAddr, error::ApiError};
+use crate::{
+    AppState,
+    auth::{ClientAddr, Principal},
+    error::ApiError,
+};
 
 const PER_PAGE: i64 = 50;
 
@@ -39,6 +43,8 @@ pub fn router() -> Router<AppState> {
         .route("/users/{name}/servers/start", post(start_server))
         .route("/users/{name}/log", get(server_log))
         .route("/users/{name}/delete", post(delete_user))
+        .route("/users/{name}/identities/link", post(link_identity))
+        .route("/users/{name}/identities/unlink", post(unlink_identity))
         .route("/audit", get(audit))
 }
 
@@ -475,10 +481,11 @@ async fn user_page(
         ..Default::default()
     };
     let ids = [user.id];
-    let (servers, jobs, sessions) = match tokio::try_join!(
+    let (servers, jobs, sessions, identities) = match tokio::try_join!(
         state.db.servers_of(&ids),
         state.db.jobs_page(&filter, 0, 20),
         state.db.sessions_of(user.id),
+        state.db.identities_of(user.id),
     ) {
         Ok(all) => all,
         Err(e) => return failure(e),
@@ -490,6 +497,8 @@ async fn user_page(
         Err(e) => return failure(e),
     };
     let groups = user.groups().join(", ");
+    // Only the account's own user links an identity to it: they prove both.
+    let own = matches!(&operator.principal, Principal::User { user: me, .. } if me.id == user.id);
     layout(
         &format!("User {u}"),
         &operator,
@@ -553,6 +562,37 @@ async fn user_page(
                 label { "Groups (for profiles)" input name="groups" value=(groups) size="30" placeholder="lab, course-101"; }
                 input type="hidden" name="set_groups" value="1";
                 button type="submit" { "Save groups" }
+            }
+            @if !identities.is_empty() || (own && state.oidc.all().next().is_some()) {
+                h2 { "Sign-in identities" }
+                table #user-identities {
+                    thead { tr { th { "Provider" } th { "Subject" } th { "Email" } th { "Linked" } th { "Last sign-in" } th {} } }
+                    tbody {
+                        @for i in &identities {
+                            tr data-provider=(i.provider) {
+                                td { (state.oidc.get(&i.provider).map_or(i.provider.as_str(), |p| p.config.display())) }
+                                td { code { (i.subject) } }
+                                td { (i.email.as_deref().unwrap_or("")) }
+                                td { (when(Some(i.created_at))) }
+                                td { (when(i.last_login_at)) }
+                                td.actions {
+                                    form method="post" action=(format!("/admin/users/{u}/identities/unlink")) {
+                                        input type="hidden" name="provider" value=(i.provider);
+                                        button { "Unlink" }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                @if own {
+                    @for p in state.oidc.all().filter(|p| !identities.iter().any(|i| i.provider == p.config.name)) {
+                        form.filters.link method="post" action=(format!("/admin/users/{u}/identities/link")) {
+                            input type="hidden" name="provider" value=(p.config.name);
+                            button type="submit" { "Link " (p.config.display()) }
+                        }
+                    }
+                }
             }
             h2 { "Recent jobs" }
             table #user-jobs {
@@ -710,6 +750,62 @@ async fn delete_user(
             Ok(format!("{name} is being deleted (job {})", body.job_id)),
         ),
         Err(e) => operator.back("/admin/users", Err(say(e))),
+    }
+}
+
+/// Links an identity at a provider to the operator's own account: on to the
+/// provider, bound to this browser.
+async fn link_identity(
+    State(state): State<AppState>,
+    operator: Operator,
+    headers: axum::http::HeaderMap,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Response {
+    let form = match Form::parse(&body) {
+        Ok(f) => f,
+        Err(bad) => return bad.into_response(),
+    };
+    let back = format!("/admin/users/{}", super::encode(&name));
+    let Principal::User { user, .. } = &operator.principal else {
+        return operator.back(&back, Err("only a logged-in user links an identity".into()));
+    };
+    if user.name != name {
+        return operator.back(
+            &back,
+            Err("only the account's own user links an identity to it".into()),
+        );
+    }
+    let provider = form.get("provider").unwrap_or("");
+    match crate::oidc::begin_link(&state, &headers, provider, user).await {
+        Ok(response) => response,
+        Err(e) => operator.back(&back, Err(say(e))),
+    }
+}
+
+async fn unlink_identity(
+    State(state): State<AppState>,
+    operator: Operator,
+    addr: ClientAddr,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Response {
+    let form = match Form::parse(&body) {
+        Ok(f) => f,
+        Err(bad) => return bad.into_response(),
+    };
+    let back = format!("/admin/users/{}", super::encode(&name));
+    let user = match UserName::parse(&name) {
+        Ok(u) => u,
+        Err(e) => return operator.back("/admin/users", Err(e.to_string())),
+    };
+    let provider = form.get("provider").unwrap_or("");
+    match crate::oidc::unlink_identity(&state, &operator.actor(), &addr, &user, provider).await {
+        Ok(()) => operator.back(
+            &back,
+            Ok(format!("{name}'s {provider} identity is unlinked")),
+        ),
+        Err(e) => operator.back(&back, Err(say(e))),
     }
 }
 

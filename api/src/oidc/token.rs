@@ -1,6 +1,5 @@
-//! Sign-in with OpenID Connect providers. So far the checks an ID token must pass
-//! (OpenID Connect Core 1.0, 3.1.3.7) before Berth believes who it names; the
-//! routes that begin and end a sign-in come next (see ARCHITECTURE.md).
+//! The checks an ID token must pass (OpenID Connect Core 1.0, 3.1.3.7) before
+//! Berth believes who it names.
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind, jwk::JwkSet};
 use serde::Deserialize;

@@ -17,7 +17,7 @@
 // A refusal is answered with a response as a success is; boxing it buys nothing.
 #![allow(clippy::result_large_err)]
 
-mod access;
+pub(crate) mod access;
 mod activity;
 pub mod forward;
 mod pages;

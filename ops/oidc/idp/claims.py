@@ -1,3 +1,6 @@
+import json
+import os
+
 from oauth2_provider.oauth2_validators import OAuth2Validator
 
 
@@ -9,7 +12,8 @@ class Claims(OAuth2Validator):
         user = request.user
         return {
             "email": user.email,
-            "email_verified": True,
+            "email_verified": user.username
+            not in json.loads(os.environ.get("BERTH_IDP_UNVERIFIED", "[]")),
             "preferred_username": user.username,
             "groups": sorted(g.name for g in user.groups.all()),
         }
