@@ -264,3 +264,73 @@ impl Providers {
         Ok((metadata, keys))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setting(providers: serde_json::Value) -> Result<Providers, String> {
+        Providers::from_setting(Some(&providers.to_string()))
+    }
+
+    fn provider(name: &str, issuer: &str) -> serde_json::Value {
+        serde_json::json!({ "name": name, "issuer": issuer, "client_id": "berth",
+                            "client_secret": "s3cret-s3cret" })
+    }
+
+    #[test]
+    fn providers_are_checked_when_berth_starts() {
+        let ok = setting(serde_json::json!([
+            provider("corp", "https://id.example.org/realms/lab/"),
+            provider("local", "http://127.0.0.1:8123/o"),
+        ]))
+        .unwrap();
+        let corp = ok.get("corp").unwrap();
+        assert_eq!(corp.config.issuer, "https://id.example.org/realms/lab");
+        assert_eq!(corp.config.scopes, ["openid", "email", "profile"]);
+        assert_eq!(corp.config.display(), "corp");
+        assert!(
+            Providers::from_setting(None)
+                .unwrap()
+                .all()
+                .next()
+                .is_none()
+        );
+
+        for (providers, why) in [
+            (
+                serde_json::json!([provider("corp", "http://id.example.org")]),
+                "https://",
+            ),
+            (
+                serde_json::json!([provider("Corp", "https://id.example.org")]),
+                "a-z, 0-9",
+            ),
+            (
+                serde_json::json!([
+                    provider("corp", "https://a.example.org"),
+                    provider("corp", "https://b.example.org")
+                ]),
+                "listed twice",
+            ),
+            (
+                serde_json::json!([{ "name": "corp", "issuer": "https://id.example.org",
+                                     "client_id": "berth", "client_secret": "" }]),
+                "client_secret",
+            ),
+            (
+                serde_json::json!([{ "name": "corp", "issuer": "https://id.example.org",
+                                     "client_id": "berth", "client_secret": "x",
+                                     "clientsecret": "typo" }]),
+                "unknown field",
+            ),
+        ] {
+            let e = setting(providers).err().expect("refused");
+            assert!(e.contains(why), "{e}");
+        }
+        let e = Providers::from_setting(Some("/nonexistent/providers.json"))
+            .err()
+            .expect("refused");
+        assert!(e.contains("/nonexistent/providers.json"), "{e}");
+    }
+}
