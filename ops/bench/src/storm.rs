@@ -88,16 +88,20 @@ async fn probe(ip: &str, port: u16) -> bool {
     )
 }
 
-/// `docker run` + a readiness loop, `count` servers at `concurrency` at a time.
+/// `docker run` + a readiness loop, `count` servers at `concurrency` at a time,
+/// each with what a Berth container has: its volume, memory (and swap) and CPU
+/// limits, pids limit, no capabilities and no new privileges (Berth's defaults).
+/// The time to the last one ready, and the average time of `docker run` itself.
 async fn baseline(
     args: &Args,
     count: usize,
     concurrency: usize,
     tag: &str,
     network: &str,
-) -> anyhow::Result<Duration> {
+) -> anyhow::Result<(Duration, Duration)> {
     let gate = Arc::new(Semaphore::new(concurrency));
     let started = Instant::now();
+    let runs = Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut tasks = vec![];
     for i in 0..count {
         let gate = gate.clone();
@@ -106,10 +110,13 @@ async fn baseline(
         let label = format!("berth.bench={tag}");
         let network = network.to_owned();
         let tag = tag.to_owned();
+        let runs = runs.clone();
         tasks.push(tokio::spawn(async move {
             let _permit = gate.acquire().await.unwrap();
             let name = format!("bench-{tag}-{i}");
             let env = format!("BERTH_TEST_START_DELAY={delay}");
+            let volume = format!("type=volume,source={name},target=/home/jovyan/work");
+            let run = Instant::now();
             let id = tokio::process::Command::new("docker")
                 .args([
                     "run",
@@ -122,11 +129,26 @@ async fn baseline(
                     &network,
                     "-e",
                     &env,
+                    "--mount",
+                    &volume,
+                    "--memory",
+                    "2g",
+                    "--memory-swap",
+                    "2g",
+                    "--cpus",
+                    "1",
+                    "--pids-limit",
+                    "1024",
+                    "--security-opt",
+                    "no-new-privileges:true",
+                    "--cap-drop",
+                    "ALL",
                     &image,
                 ])
                 .output()
                 .await
                 .unwrap();
+            runs.lock().unwrap().push(run.elapsed());
             let id = String::from_utf8_lossy(&id.stdout).trim().to_owned();
             let fmt = format!("{{{{(index .NetworkSettings.Networks \"{network}\").IPAddress}}}}");
             let ip = tokio::process::Command::new("docker")
@@ -143,7 +165,10 @@ async fn baseline(
     for t in tasks {
         t.await?;
     }
-    Ok(started.elapsed())
+    let elapsed = started.elapsed();
+    let runs = runs.lock().unwrap();
+    let mean = runs.iter().sum::<Duration>() / runs.len().max(1) as u32;
+    Ok((elapsed, mean))
 }
 
 #[tokio::main]
@@ -320,6 +345,49 @@ async fn run(args: &Args, tag: &str, url: &str, network: &str) -> anyhow::Result
     )
     .fetch_one(&pool)
     .await?;
+    // Where a spawn's time in its slot goes, from its progress events: the slot
+    // taken, the volume and container created, the container started, the
+    // server answering, the outcome recorded.
+    let phases: Vec<Option<f64>> = {
+        #[allow(clippy::type_complexity)]
+        let row: (
+            Option<f64>,
+            Option<f64>,
+            Option<f64>,
+            Option<f64>,
+            Option<f64>,
+            Option<f64>,
+            Option<f64>,
+        ) = sqlx::query_as(
+            "with p as (select a.job_id, min(a.started_at) slot, max(a.ended_at) freed, \
+                   min(e.created_at) filter (where e.progress = 20) p20, \
+                   min(e.created_at) filter (where e.progress = 40) p40, \
+                   min(e.created_at) filter (where e.progress = 60) p60, \
+                   min(e.created_at) filter (where e.progress = 70) p70, \
+                   min(e.created_at) filter (where e.ready) ready \
+                 from spawn_attempts a join spawn_events e using (job_id) group by a.job_id) \
+                 select extract(epoch from (select min(started_at) from spawn_attempts) \
+                          - (select min(created_at) from jobs))::float8, \
+                        avg(extract(epoch from p20 - slot))::float8, \
+                        avg(extract(epoch from p40 - p20))::float8, \
+                        avg(extract(epoch from p60 - p40))::float8, \
+                        avg(extract(epoch from p70 - p60))::float8, \
+                        avg(extract(epoch from ready - p70))::float8, \
+                        avg(extract(epoch from freed - ready))::float8 \
+                 from p where ready is not null",
+        )
+        .fetch_one(&pool)
+        .await?;
+        vec![row.0, row.1, row.2, row.3, row.4, row.5, row.6]
+    };
+    // How full the slots were kept, from the first taken to the last freed.
+    let in_flight: Option<f64> = sqlx::query_scalar(
+        "select (sum(extract(epoch from ended_at - started_at)) \
+                / nullif(extract(epoch from max(ended_at) - min(started_at)), 0))::float8 \
+         from spawn_attempts",
+    )
+    .fetch_one(&pool)
+    .await?;
     let after_rss: Vec<u64> = pids.iter().map(|p| rss_kib(*p)).collect();
     let waves = (target as f64 / args.spawn_limit as f64).ceil();
     let physical = waves * args.start_delay as f64;
@@ -348,11 +416,27 @@ async fn run(args: &Args, tag: &str, url: &str, network: &str) -> anyhow::Result
         "spawns per second: {:.2}",
         target as f64 / full.as_secs_f64()
     );
-    println!("peak spawns in flight (from the slot record): {peak}");
+    println!(
+        "peak spawns in flight (from the slot record): {peak}; on average {:.1} from the first slot taken to the last freed",
+        in_flight.unwrap_or_default()
+    );
     println!(
         "a spawn holds its slot {:.0} ms on average; a freed slot is taken again after {:.0} ms",
         hold * 1000.0,
         gap * 1000.0
+    );
+    let ms = |v: Option<f64>| v.map_or("?".to_owned(), |v| format!("{:.0}", v * 1000.0));
+    println!(
+        "the first job's first slot {} ms after the first job was written; in the slot, on \
+         average (ms, from the progress events' times): limit check {} · network + volume {} · \
+         create {} · start + inspect {} · until the server answers {} · outcome recorded {}",
+        ms(phases[0]),
+        ms(phases[1]),
+        ms(phases[2]),
+        ms(phases[3]),
+        ms(phases[4]),
+        ms(phases[5]),
+        ms(phases[6]),
     );
     let total_idle: u64 = idle_rss.iter().sum();
     let total_after: u64 = after_rss.iter().sum();
@@ -371,12 +455,14 @@ async fn run(args: &Args, tag: &str, url: &str, network: &str) -> anyhow::Result
     remove_labelled(&format!("berth.instance={tag}"));
 
     if !args.no_baseline {
-        let elapsed = baseline(args, target as usize, args.spawn_limit, tag, network).await?;
+        let (elapsed, run) =
+            baseline(args, target as usize, args.spawn_limit, tag, network).await?;
         println!(
-            "baseline docker run + readiness loop, {target} servers at concurrency {}: {:.2} s ({:.2} spawns/s); Berth overhead {:+.1} %",
+            "baseline docker run (Berth's container options) + readiness loop, {target} servers at concurrency {}: {:.2} s ({:.2} spawns/s; docker run itself {:.0} ms on average); Berth overhead {:+.1} %",
             args.spawn_limit,
             elapsed.as_secs_f64(),
             target as f64 / elapsed.as_secs_f64(),
+            run.as_secs_f64() * 1000.0,
             (full.as_secs_f64() / elapsed.as_secs_f64() - 1.0) * 100.0
         );
     }
