@@ -51,7 +51,10 @@ struct Args {
 // Shared with the other benchmarks; not every helper is used here.
 #[allow(dead_code)]
 mod measure;
-use measure::{Burst, Processes, create_users, percentile, rss_kib, spawn_burst};
+use measure::{
+    Burst, Processes, cpu_ms, create_users, machine_cpu_ms, percentile, pids_named, rss_kib,
+    spawn_burst,
+};
 
 const TOKEN: &str = "bench-admin-token-0123456789";
 
@@ -100,6 +103,7 @@ async fn baseline(
     network: &str,
 ) -> anyhow::Result<(Duration, Duration)> {
     let gate = Arc::new(Semaphore::new(concurrency));
+    let machine = machine_cpu_ms();
     let started = Instant::now();
     let runs = Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut tasks = vec![];
@@ -166,6 +170,11 @@ async fn baseline(
         t.await?;
     }
     let elapsed = started.elapsed();
+    let now = machine_cpu_ms();
+    println!(
+        "baseline: the machine {:.0} % busy",
+        (now.0 - machine.0) as f64 * 100.0 / (now.1 - machine.1).max(1) as f64
+    );
     let runs = runs.lock().unwrap();
     let mean = runs.iter().sum::<Duration>() / runs.len().max(1) as u32;
     Ok((elapsed, mean))
@@ -293,6 +302,13 @@ async fn run(args: &Args, tag: &str, url: &str, network: &str) -> anyhow::Result
     let idle_rss: Vec<u64> = pids.iter().map(|p| rss_kib(*p)).collect();
 
     let pool = PgPool::connect(url).await?;
+    let engine: Vec<u32> = ["dockerd", "containerd"]
+        .iter()
+        .flat_map(|n| pids_named(n))
+        .collect();
+    let cpu_of = |pids: &[u32]| pids.iter().map(|p| cpu_ms(*p)).sum::<u64>();
+    let cpu_before = (cpu_of(&pids), cpu_of(&engine), machine_cpu_ms());
+    let each_before: Vec<u64> = pids.iter().map(|p| cpu_ms(*p)).collect();
     let first_request = Instant::now();
     let Burst {
         answered_in: answered_all,
@@ -388,6 +404,12 @@ async fn run(args: &Args, tag: &str, url: &str, network: &str) -> anyhow::Result
     )
     .fetch_one(&pool)
     .await?;
+    let cpu_after = (cpu_of(&pids), cpu_of(&engine), machine_cpu_ms());
+    let each: Vec<u64> = pids
+        .iter()
+        .zip(&each_before)
+        .map(|(p, before)| cpu_ms(*p) - before)
+        .collect();
     let after_rss: Vec<u64> = pids.iter().map(|p| rss_kib(*p)).collect();
     let waves = (target as f64 / args.spawn_limit as f64).ceil();
     let physical = waves * args.start_delay as f64;
@@ -437,6 +459,16 @@ async fn run(args: &Args, tag: &str, url: &str, network: &str) -> anyhow::Result
         ms(phases[4]),
         ms(phases[5]),
         ms(phases[6]),
+    );
+    let (busy, all) = (
+        cpu_after.2.0 - cpu_before.2.0,
+        (cpu_after.2.1 - cpu_before.2.1).max(1),
+    );
+    println!(
+        "CPU until the 50th ran: Berth's processes {:.1} s (api, workers: {each:?} ms), dockerd + containerd {:.1} s; the machine {:.0} % busy",
+        (cpu_after.0 - cpu_before.0) as f64 / 1000.0,
+        (cpu_after.1 - cpu_before.1) as f64 / 1000.0,
+        busy as f64 * 100.0 / all as f64,
     );
     let total_idle: u64 = idle_rss.iter().sum();
     let total_after: u64 = after_rss.iter().sum();
