@@ -3,15 +3,18 @@
 //! waiting for a slot.
 
 use std::{
-    sync::Arc,
-    task::{self, Poll},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    task::{self, Poll, Waker},
     time::Duration,
 };
 
 use apalis::prelude::{
-    Attempt, BoxDynError, Data, PollSnapshot, PollStrategy, PollWith, Strategy, WorkerBuilder,
-    WorkerBuilderExt,
+    Attempt, Backend, BoxDynError, Data, WorkerBuilder, WorkerBuilderExt, WorkerContext,
 };
+use apalis_core::backend::{BackendConfig, WireFormatBackend};
 use apalis_postgres::{PostgresStorage, Pubsub};
 use futures::StreamExt;
 use schema::{JobEnvelope, pg_locks::SLOT_FREED_CHANNEL, prelude::*, queue::MAX_DELIVERIES};
@@ -37,23 +40,16 @@ pub(crate) fn consumers(
             let ctx = ctx.clone();
             let config = config.clone();
             move |id: &str| {
-                let queue_config = queue_config(
-                    queue,
-                    config.concurrency,
-                    config.heartbeat,
-                    config.missed_heartbeats,
-                );
-                let strategy = wake_on(
+                let backend = queue_backend(
                     &pool,
                     queue,
+                    config.concurrency,
+                    Duration::from_secs(config.heartbeat.max(1)),
+                    config.missed_heartbeats,
                     Duration::from_millis(config.poll_interval_ms.max(5)),
                 );
-                let storage = PollWith::new(
-                    PostgresStorage::<JobEnvelope>::new(&pool).with_config(queue_config),
-                    strategy,
-                );
                 WorkerBuilder::new(id)
-                    .backend(storage)
+                    .backend(backend)
                     .data(ctx.clone())
                     .concurrency(config.concurrency)
                     .build(handle)
@@ -155,29 +151,25 @@ pub(crate) async fn slot_notifications(ctx: Arc<Context>, pool: PgPool, done: Ca
     }
 }
 
-/// How `berth worker` consumes one apalis-postgres queue: each fetch takes up to as
-/// many tasks as the worker runs at once (apalis's default batch of 10 capped a
-/// worker at about a thousand no-op jobs a second).
 /// When a consumer looks for jobs: NOTIFY wakes it the moment a job is inserted,
 /// and a tick every `every` catches what NOTIFY never announces (jobs handed back,
 /// retried or taken over from a dead worker).
 ///
-/// One strategy that polls both sources until each is pending, rather than
-/// apalis's `Strategy::new().stream(…).interval(…)`: that one stops at the first
-/// source that is ready, and a source that has just answered ready is not waiting
-/// for anything. When a notification had been taken (its job already fetched by
-/// another worker) just after the tick fired, the fetch found nothing and the
-/// consumer slept with no timer and no listener armed until its next heartbeat:
-/// at a steady 500 jobs/s a quarter of the jobs waited ~4 s (`ops/bench queues
-/// --rate 500`).
-pub fn wake_on(pool: &PgPool, queue: &str, every: Duration) -> Strategy {
+/// Both sources are polled until each is pending, rather than apalis's
+/// `Strategy::new().stream(…).interval(…)`: that one stops at the first source that
+/// is ready, and a source that has just answered ready is not waiting for anything.
+/// When a notification had been taken (its job already fetched by another worker)
+/// just after the tick fired, the fetch found nothing and the consumer slept with no
+/// timer and no listener armed until its next heartbeat: at a steady 500 jobs/s a
+/// quarter of the jobs waited ~4 s (`ops/bench queues --rate 500`).
+fn wake_on(pool: &PgPool, queue: &str, every: Duration) -> Wake {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    Strategy::new().apply(Wake {
+    Wake {
         notices: Pubsub::new(pool.clone(), queue.to_owned()),
         tick,
         closed: false,
-    })
+    }
 }
 
 struct Wake {
@@ -187,8 +179,10 @@ struct Wake {
     closed: bool,
 }
 
-impl PollStrategy for Wake {
-    fn poll_drive(&mut self, cx: &mut task::Context<'_>, _: &PollSnapshot) -> Poll<Option<()>> {
+impl Wake {
+    /// Ready when a notice or the tick came since the last call; pending, with both
+    /// armed to wake the caller, otherwise.
+    fn poll(&mut self, cx: &mut task::Context<'_>) -> Poll<()> {
         let mut woken = false;
         // Every notice that has arrived: one fetch serves them all.
         while !self.closed {
@@ -201,24 +195,160 @@ impl PollStrategy for Wake {
         while self.tick.poll_tick(cx).is_ready() {
             woken = true;
         }
-        // Both are pending now, so both will wake this consumer again.
         if woken {
-            Poll::Ready(Some(()))
+            Poll::Ready(())
         } else {
             Poll::Pending
         }
     }
 }
 
-pub fn queue_config(
+/// A queue backend that fetches only when `Wake` says so or its own fetch under
+/// way needs polling.
+///
+/// apalis polls a consumer's jobs inside the consumer's task, and after a fetch
+/// that found nothing its Postgres backend fetches again the next time that task is
+/// woken, whatever woke it; apalis's `PollWith` drives its strategy but does not
+/// hold the fetch back. A spawn probing its server every 100 ms woke it each time,
+/// and a connection going back to the pool woke it with the fetch's own stale
+/// waker: an idle worker made about 140 fetches a second, and a 50-spawn Docker
+/// storm about 480, the database's largest load (`ops/bench/storm`, measured with
+/// `pg_stat_statements`).
+///
+/// The backend is polled with a waker of its own, new at every poll, so a wake-up is
+/// its fetch's progress only when it comes from the latest poll's waker (a future
+/// that answers pending has registered the waker of that poll); older wakers are
+/// stale. After a task it is polled again: its batch may hold more, or the next
+/// fetch may. A notice that arrives while a fetch is under way may find that fetch
+/// blind to its job; the next notice or tick fetches it.
+pub struct Gated<B> {
+    backend: B,
+    wake: Wake,
+    /// The waker the backend was last polled with.
+    latest: Option<Arc<Progress>>,
+    /// The backend's last answer was a task.
+    more: bool,
+}
+
+impl<B> Gated<B> {
+    fn new(backend: B, wake: Wake) -> Self {
+        Self {
+            backend,
+            wake,
+            latest: None,
+            more: true,
+        }
+    }
+}
+
+/// Wakes the consumer and records that it did.
+struct Progress {
+    woke: AtomicBool,
+    consumer: Waker,
+}
+
+impl std::task::Wake for Progress {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woke.store(true, Ordering::Release);
+        self.consumer.wake_by_ref();
+    }
+}
+
+impl<B: Backend> Backend for Gated<B> {
+    type Task = B::Task;
+    type Error = B::Error;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut task::Context<'_>,
+        worker: &WorkerContext,
+    ) -> Poll<Result<(), Self::Error>> {
+        self.backend.poll_ready(cx, worker)
+    }
+
+    fn poll_next(
+        &mut self,
+        cx: &mut task::Context<'_>,
+        worker: &WorkerContext,
+    ) -> Poll<Option<Result<Self::Task, Self::Error>>> {
+        let asked = self.wake.poll(cx).is_ready();
+        let progressed = self
+            .latest
+            .as_ref()
+            .is_some_and(|p| p.woke.load(Ordering::Acquire));
+        if !(asked || progressed || self.more) {
+            return Poll::Pending;
+        }
+        let progress = Arc::new(Progress {
+            woke: AtomicBool::new(false),
+            consumer: cx.waker().clone(),
+        });
+        let waker = Waker::from(progress.clone());
+        self.latest = Some(progress);
+        let answer = self
+            .backend
+            .poll_next(&mut task::Context::from_waker(&waker), worker);
+        self.more = matches!(answer, Poll::Ready(Some(_)));
+        answer
+    }
+
+    fn poll_close(
+        &mut self,
+        cx: &mut task::Context<'_>,
+        worker: &WorkerContext,
+    ) -> Poll<Result<(), Self::Error>> {
+        self.backend.poll_close(cx, worker)
+    }
+}
+
+impl<B: BackendConfig> BackendConfig for Gated<B> {
+    type Args = B::Args;
+    type Id = B::Id;
+    type Kind = B::Kind;
+    type Config = B::Config;
+    type Layer = B::Layer;
+
+    fn config(&self) -> &Self::Config {
+        self.backend.config()
+    }
+
+    fn middleware(&mut self, worker: &mut WorkerContext) -> Self::Layer {
+        self.backend.middleware(worker)
+    }
+}
+
+impl<B: WireFormatBackend> WireFormatBackend for Gated<B> {
+    type Compact = B::Compact;
+    type Codec = B::Codec;
+
+    fn codec(&self) -> &Self::Codec {
+        self.backend.codec()
+    }
+}
+
+/// The backend `berth worker` consumes an apalis-postgres queue from: each fetch
+/// takes up to as many tasks as the worker runs at once (apalis's default batch of
+/// 10 capped a worker at about a thousand no-op jobs a second), and fetches happen
+/// when NOTIFY or a tick every `poll` asks (`Gated`, `wake_on`).
+pub fn queue_backend(
+    pool: &PgPool,
     queue: &str,
     concurrency: usize,
-    heartbeat_secs: u64,
+    heartbeat: Duration,
     missed_heartbeats: usize,
-) -> apalis_postgres::Config {
-    apalis_postgres::Config::default()
+    poll: Duration,
+) -> Gated<PostgresStorage<JobEnvelope>> {
+    let config = apalis_postgres::Config::default()
         .queue(queue)
         .batch_size(concurrency.max(1))
-        .heartbeat_interval(Duration::from_secs(heartbeat_secs.max(1)))
-        .missed_heartbeats(missed_heartbeats.max(1))
+        .heartbeat_interval(heartbeat)
+        .missed_heartbeats(missed_heartbeats.max(1));
+    Gated::new(
+        PostgresStorage::new(pool).with_config(config),
+        wake_on(pool, queue, poll),
+    )
 }

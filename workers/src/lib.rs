@@ -32,7 +32,7 @@ use schema::{
 };
 use tokio_util::sync::CancellationToken;
 
-pub use apalis::{queue_config as apalis_config, wake_on};
+pub use apalis::{Gated, queue_backend};
 pub use config::{DockerConfig, ProcessConfig, PullPolicy, SpawnerKind, WorkerConfig};
 use context::{Context, HandlerError};
 use docker::DockerSpawner;

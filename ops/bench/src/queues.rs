@@ -27,8 +27,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use apalis::prelude::{BoxDynError, Data, PollWith, WorkerBuilder, WorkerBuilderExt};
-use apalis_postgres::PostgresStorage;
+use apalis::prelude::{BoxDynError, Data, WorkerBuilder, WorkerBuilderExt};
 use clap::Parser;
 use schema::{
     JobEnvelope, JobKind, QueueSettings, jobs::SPAWN_QUEUE, nats::NatsSettings, queue::Queue,
@@ -297,17 +296,17 @@ async fn measure(args: &Args, backend: &str, url: &str, tag: &str) -> anyhow::Re
                 None => {
                     let pool = PgPoolOptions::new().max_connections(8).connect(url).await?;
                     workers.push(tokio::spawn(async move {
-                        // The strategy of `berth worker`: NOTIFY plus a 250 ms poll.
-                        let strategy =
-                            workers::wake_on(&pool, SPAWN_QUEUE, Duration::from_millis(250));
-                        let storage = PollWith::new(
-                            PostgresStorage::<JobEnvelope>::new(&pool).with_config(
-                                workers::apalis_config(SPAWN_QUEUE, concurrency, 5, 3),
-                            ),
-                            strategy,
+                        // The backend of `berth worker`: NOTIFY plus a 250 ms poll.
+                        let backend = workers::queue_backend(
+                            &pool,
+                            SPAWN_QUEUE,
+                            concurrency,
+                            Duration::from_secs(5),
+                            3,
+                            Duration::from_millis(250),
                         );
                         let _ = WorkerBuilder::new(format!("bench-{w}"))
-                            .backend(storage)
+                            .backend(backend)
                             .data(record)
                             .concurrency(concurrency)
                             .build(noop)
