@@ -13,7 +13,7 @@ use crate::{
     store::{ServerLock, StoreError},
 };
 
-/// A waiting delivery renews its claim on every try (at least every 500 ms); one
+/// A waiting delivery renews its claim on every try (at least every 2 s); one
 /// not renewed for this long belonged to a delivery that is gone.
 const CLAIM_FRESH: chrono::TimeDelta = chrono::TimeDelta::seconds(5);
 

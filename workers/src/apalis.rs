@@ -131,7 +131,7 @@ pub(crate) async fn slot_notifications(ctx: Arc<Context>, pool: PgPool, done: Ca
             listener.listen(SLOT_FREED_CHANNEL).await?;
             loop {
                 listener.recv().await?;
-                ctx.slot_freed.notify_waiters();
+                ctx.slot_line.freed();
             }
             #[allow(unreachable_code)]
             Ok::<(), sqlx::Error>(())

@@ -34,8 +34,8 @@ pub struct Context {
     /// Fires when the worker shuts down: waiting jobs are handed back.
     pub shutdown: CancellationToken,
     pub in_flight: AtomicI32,
-    /// Woken when any worker frees a spawn slot.
-    pub slot_freed: tokio::sync::Notify,
+    /// This worker's spawns waiting for a slot, told when any worker frees one.
+    pub slot_line: Arc<crate::slot_line::SlotLine>,
     limits_cache: Mutex<Option<(Instant, Limits)>>,
 }
 
@@ -60,7 +60,7 @@ impl Context {
             max_attempts,
             shutdown,
             in_flight: AtomicI32::new(0),
-            slot_freed: tokio::sync::Notify::new(),
+            slot_line: Arc::default(),
             limits_cache: Mutex::new(None),
         }
     }

@@ -17,6 +17,7 @@ pub mod maintenance;
 pub mod os_user;
 pub mod process;
 pub mod reconcile;
+pub mod slot_line;
 pub mod spawn;
 pub mod spawner;
 pub mod stop;
@@ -92,7 +93,7 @@ pub async fn run(
                 async move {
                     loop {
                         tokio::select! {
-                            _ = freed.notified() => ctx.slot_freed.notify_waiters(),
+                            _ = freed.notified() => ctx.slot_line.freed(),
                             _ = done.cancelled() => return,
                         }
                     }

@@ -18,9 +18,6 @@ use crate::{
     spawner::{SpawnError, SpawnSpec, StillWanted},
 };
 
-/// A waiting spawn asks again when a slot is freed anywhere (NOTIFY), or after this.
-const SLOT_POLL: Duration = Duration::from_millis(500);
-
 pub async fn run(ctx: &Context, job: &JobRow) -> Result<(), HandlerError> {
     let server_id = match server_payload(job) {
         Ok(p) => p.server_id,
@@ -30,15 +27,9 @@ pub async fn run(ctx: &Context, job: &JobRow) -> Result<(), HandlerError> {
     // as an attempt, and takes the first slot that frees once no older spawn waits.
     let delivery = uuid::Uuid::new_v4();
     let mut told_waiting = false;
+    // Left (dropped) once it has a slot or gives up: the next waiter asks then.
+    let place = ctx.slot_line.join(job.created_at, job.id);
     let slot = loop {
-        // Armed before asking: a slot freed while this asks (a few queries) still
-        // wakes it. `notify_waiters` wakes only those already waiting, and armed
-        // after the asking a spawn missed such a slot and slept the whole
-        // SLOT_POLL: slots changed hands in 85 ms on average but up to 525 ms, in a
-        // storm of 50 spawns over 10 slots (ops/bench/up).
-        let freed = ctx.slot_freed.notified();
-        tokio::pin!(freed);
-        freed.as_mut().enable();
         // A job already `running` was begun under the server's lock: either its
         // worker still holds that lock (this is a second delivery: come back later
         // rather than take a slot for nothing) or it died (the lock is free: take
@@ -90,11 +81,11 @@ pub async fn run(ctx: &Context, job: &JobRow) -> Result<(), HandlerError> {
             }
         }
         tokio::select! {
-            _ = tokio::time::sleep(SLOT_POLL) => {}
-            _ = &mut freed => {}
+            _ = place.next_turn() => {}
             _ = ctx.shutdown.cancelled() => return Err(HandlerError::HandOff),
         }
     };
+    drop(place);
     tracing::debug!(job = %job.id, slot = slot.slot(), "spawn slot taken");
     let result =
         with_claimed_server(ctx, job, ServerState::PendingSpawn, |c| spawn(ctx, job, c)).await;
