@@ -18,7 +18,7 @@ pub mod names;
 pub mod nats;
 pub mod pg;
 pub mod pg_locks;
-mod pg_notify;
+pub mod pg_notify;
 pub mod platform;
 pub mod profiles;
 pub mod queue;

@@ -68,6 +68,13 @@ impl Notifier {
     }
 }
 
+/// Sends `notices` at once as the store's task does after a commit, for a caller
+/// that enqueues without a store (`ops/bench/queues` enqueues as the API does).
+pub async fn send_now(pool: &PgPool, notices: Vec<(&'static str, String)>) {
+    let routes = vec![];
+    send(pool, std::iter::once(Batch { notices, routes })).await;
+}
+
 async fn send(pool: &PgPool, batches: impl Iterator<Item = Batch>) {
     let mut channels: Vec<&str> = vec![];
     let mut payloads: Vec<String> = vec![];

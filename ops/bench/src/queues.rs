@@ -553,13 +553,10 @@ async fn enqueue(pool: &PgPool, queue: &dyn Queue, record: &Record) -> anyhow::R
         .enqueue(schema::db::Dialect::Pg(&mut *tx), &job, chrono::Utc::now())
         .await?;
     tx.commit().await?;
-    // What the store's notifying task sends for the API after the commit.
-    if let Some((channel, payload)) = queue.notice(&job) {
-        sqlx::query("select pg_notify($1, $2)")
-            .bind(channel)
-            .bind(payload)
-            .execute(pool)
-            .await?;
+    // What the store's notifying task sends for the API after the commit (its
+    // own transaction, which does not wait for the disk).
+    if let Some(notice) = queue.notice(&job) {
+        schema::pg_notify::send_now(pool, vec![notice]).await;
     }
     queue.flush().await;
     let took = began.elapsed();
