@@ -73,6 +73,7 @@ impl SpawnBatcher {
         let (to, mut from) = mpsc::unbounded_channel::<Pending>();
         runtime.spawn(async move {
             let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+            let free = Arc::new(FreePlaces::default());
             let (done, mut finished) = mpsc::unbounded_channel::<()>();
             let mut batch = Vec::with_capacity(MOST);
             loop {
@@ -82,10 +83,10 @@ impl SpawnBatcher {
                 if from.recv_many(&mut batch, MOST).await == 0 {
                     return;
                 }
-                let (db, done) = (db.clone(), done.clone());
+                let (db, done, free) = (db.clone(), done.clone(), free.clone());
                 let requests = std::mem::take(&mut batch);
                 tokio::spawn(async move {
-                    decide(&db, requests).await;
+                    decide(&db, &free, requests).await;
                     drop(slot);
                     let _ = done.send(());
                 });
@@ -119,14 +120,47 @@ impl SpawnBatcher {
     }
 }
 
+/// How many admission places at least were free when a batch last read them,
+/// less what the batches since could have claimed, and when it was read. While
+/// that covers the next batch, the batch is decided by writing without reading
+/// the places first: under a steady load of admitted requests the read is a
+/// round trip per batch that can only say "not full". The figure only ever errs
+/// low (places freed meanwhile are not counted) except when an operator lowers
+/// the limit; either way the writing path decides exactly, and the figure is read
+/// again at least every `FREE_FOR`.
+#[derive(Default)]
+struct FreePlaces(std::sync::Mutex<Option<(i64, std::time::Instant)>>);
+
+const FREE_FOR: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl FreePlaces {
+    /// Takes `n` places from the figure when it holds them: the batch need not read.
+    fn take(&self, n: usize) -> bool {
+        let mut known = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match &mut *known {
+            Some((free, read)) if read.elapsed() < FREE_FOR && *free >= n as i64 => {
+                *free -= n as i64;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// What a read found, before the batch of `n` that read it claims its share.
+    fn read(&self, free: i64, n: usize) {
+        let mut known = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        *known = Some((free - n as i64, std::time::Instant::now()));
+    }
+}
+
 /// Decides one batch and answers each request.
-async fn decide(db: &Db, requests: Vec<Pending>) {
+async fn decide(db: &Db, free: &FreePlaces, requests: Vec<Pending>) {
     let began = std::time::Instant::now();
     let (size, waited) = (
         requests.len(),
         requests.iter().map(|p| p.since.elapsed()).max(),
     );
-    let read = decide_by_path(db, requests).await;
+    let read = decide_by_path(db, free, requests).await;
     tracing::debug!(
         requests = size,
         path = if read { "read" } else { "write" },
@@ -137,8 +171,14 @@ async fn decide(db: &Db, requests: Vec<Pending>) {
 }
 
 /// Decides one batch by reads when the platform is full (true), else by writing.
-async fn decide_by_path(db: &Db, requests: Vec<Pending>) -> bool {
-    match refused_when_full(db, &requests).await {
+async fn decide_by_path(db: &Db, free: &FreePlaces, requests: Vec<Pending>) -> bool {
+    let known_free = free.take(requests.len());
+    let read = if known_free {
+        Ok(None)
+    } else {
+        refused_when_full(db, free, &requests).await
+    };
+    match read {
         Ok(Some(outcomes)) => {
             answer(db, requests, Ok(outcomes)).await;
             return true;
@@ -187,13 +227,17 @@ fn conn(tx: &mut Dialect<PgTx, LiteTx>) -> Conn<'_> {
 }
 
 /// The platform limit, whether every place below it has been made (places are
-/// made from 0 up, all at once, never removed: the last one tells), and whether
-/// one of them is free; one statement over the primary key and the index of free
-/// places, whatever the number of places.
+/// made from 0 up, all at once, never removed: the last one tells), and how many
+/// of them are free, counted up to `FREE_COUNTED`; one statement over the primary
+/// key and the index of free places, whatever the number of places.
 const PLACES: &str = "select l.most, \
        exists (select 1 from admission_tokens where slot = l.most - 1), \
-       exists (select 1 from admission_tokens where server_id is null and slot < l.most) \
+       (select count(*) from (select 1 from admission_tokens \
+          where server_id is null and slot < l.most limit $2) f) \
      from (select coalesce((select active_server_limit from platform_limits), $1) as most) l";
+
+/// Free places counted at most: enough for several batches of `MOST`.
+const FREE_COUNTED: i64 = 1024;
 
 /// When no admission place is free, a batch is answered from reads alone: none
 /// of its requests can start a server, and what each is told (already pending or
@@ -204,15 +248,18 @@ const PLACES: &str = "select l.most, \
 /// a place is free, or can be made: the batch is decided by writing.
 async fn refused_when_full(
     db: &Db,
+    free: &FreePlaces,
     requests: &[Pending],
 ) -> Result<Option<Vec<Result<SpawnOutcome, StoreError>>>, StoreError> {
     let configured = db.configured_limits().active_server_limit as i32;
-    let full = |(_, made, free): (i32, bool, bool)| made && !free;
-    let first: (i32, bool, bool) = each!(db.pool(), p => sqlx::query_as(PLACES)
+    let full = |(_, made, free): (i32, bool, i64)| made && free == 0;
+    let first: (i32, bool, i64) = each!(db.pool(), p => sqlx::query_as(PLACES)
         .bind(configured)
+        .bind(FREE_COUNTED)
         .fetch_one(p)
         .await)?;
     if !full(first) {
+        free.read(first.2, requests.len());
         return Ok(None);
     }
     let names: Vec<&str> = requests
@@ -229,8 +276,9 @@ async fn refused_when_full(
         ),
         Dialect::Lite(p) => Dialect::Lite(p.begin().await?),
     };
-    let places: (i32, bool, bool) = each!(conn(&mut tx), c => sqlx::query_as(PLACES)
+    let places: (i32, bool, i64) = each!(conn(&mut tx), c => sqlx::query_as(PLACES)
         .bind(configured)
+        .bind(FREE_COUNTED)
         .fetch_one(c)
         .await)?;
     let active: i64 = each!(conn(&mut tx), c => sqlx::query_scalar(
@@ -655,20 +703,6 @@ async fn spawn_together(
                 serde_json::to_value(ServerJob { server_id }).expect("payload serialises")
             })
             .collect();
-        sqlx::query(
-            "insert into jobs (id, kind, user_name, user_id, server_name, payload, created_at) \
-             select v.id, 'spawn', v.user_name, v.user_id, v.server_name, v.payload, $6 \
-             from unnest($1::uuid[], $2::text[], $3::bigint[], $4::text[], $5::jsonb[]) \
-               as v(id, user_name, user_id, server_name, payload)",
-        )
-        .bind(&ids)
-        .bind(&user_names)
-        .bind(&user_ids)
-        .bind(&server_names)
-        .bind(&payloads)
-        .bind(at)
-        .execute(&mut *c)
-        .await?;
         let envelopes: Vec<JobEnvelope> = ids
             .iter()
             .map(|&job_id| JobEnvelope {
@@ -680,15 +714,26 @@ async fn spawn_together(
         let Dialect::Pg(c) = tx.conn() else {
             unreachable!()
         };
+        // The jobs, their first progress events and the servers' new state in one
+        // statement (one round trip, not three: a batch's statements run one after
+        // another, so each round trip is time every request of it waits).
         let updated: Vec<ServerRow> = sqlx::query_as(
-            "update servers s set state = 'pending_spawn', spawn_job_id = v.job, \
+            "with v as (select * from unnest($1::bigint[], $2::uuid[], $3::text[], \
+               $5::text[], $6::text[], $7::bigint[], $8::bigint[], $9::text[], \
+               $10::bigint[], $11::text[], $12::jsonb[]) \
+               as v(sid, job, img, profile, spec, idle, age, uname, uid, sname, payload)), \
+             new_jobs as (insert into jobs \
+               (id, kind, user_name, user_id, server_name, payload, created_at) \
+               select job, 'spawn', uname, uid, sname, payload, $4 from v returning id), \
+             events as (insert into spawn_events \
+               (job_id, progress, message, ready, failed, url, created_at) \
+               select id, 0, $13, false, false, null, $4 from new_jobs) \
+             update servers s set state = 'pending_spawn', spawn_job_id = v.job, \
                stop_job_id = null, image = v.img, error = null, url = null, \
                container_id = null, started_at = null, stopped_at = null, \
                requested_at = $4, updated_at = $4, profile = v.profile, \
                profile_spec = v.spec, idle_timeout_secs = v.idle, max_age_secs = v.age \
-             from unnest($1::bigint[], $2::uuid[], $3::text[], $5::text[], $6::text[], \
-               $7::bigint[], $8::bigint[]) as v(sid, job, img, profile, spec, idle, age) \
-             where s.id = v.sid \
+             from v where s.id = v.sid \
              returning s.id, s.user_id, ''::text as user_name, s.name, s.state, s.image, \
                s.spawn_job_id, s.stop_job_id, s.container_id, s.url, s.error, \
                s.requested_at, s.started_at, s.stopped_at, s.last_activity, s.warning, \
@@ -702,20 +747,15 @@ async fn spawn_together(
         .bind(&profile_specs)
         .bind(&idle_timeouts)
         .bind(&max_ages)
+        .bind(&user_names)
+        .bind(&user_ids)
+        .bind(&server_names)
+        .bind(&payloads)
+        .bind(ProgressStep::at(0, REQUESTED).message)
         .fetch_all(&mut *c)
         .await?;
         let mut updated: HashMap<i64, ServerRow> =
             updated.into_iter().map(|row| (row.id, row)).collect();
-        sqlx::query(
-            "insert into spawn_events \
-               (job_id, progress, message, ready, failed, url, created_at) \
-             select v.id, 0, $2, false, false, null, $3 from unnest($1::uuid[]) as v(id)",
-        )
-        .bind(&ids)
-        .bind(ProgressStep::at(0, REQUESTED).message)
-        .bind(at)
-        .execute(&mut *c)
-        .await?;
         for (envelope, &server_id) in envelopes.iter().zip(&server_ids) {
             if let Some((channel, payload)) = db.queue().notice(envelope) {
                 tx.notify_after_commit(channel, payload);
@@ -795,4 +835,27 @@ async fn claim_places(
         crate::servers::provision_admission(tx, limit).await?;
     }
     Ok(admitted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FreePlaces;
+
+    #[test]
+    fn a_count_of_free_places_covers_batches_until_they_could_have_claimed_it() {
+        let free = FreePlaces::default();
+        assert!(!free.take(1), "nothing read yet: the batch reads");
+        // A batch of 3 read 10 free places: 7 are left for the batches after it.
+        free.read(10, 3);
+        assert!(free.take(5));
+        assert!(free.take(2));
+        assert!(
+            !free.take(1),
+            "every counted place could be claimed: read again"
+        );
+        // A read that found none (the platform not yet full, or its places not
+        // yet made) covers nothing.
+        free.read(0, 1);
+        assert!(!free.take(1));
+    }
 }

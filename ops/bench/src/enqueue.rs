@@ -22,7 +22,9 @@ use clap::Parser;
 // Shared with the other benchmarks; not every helper is used here.
 #[allow(dead_code)]
 mod measure;
-use measure::{Processes, free_port, rss_kib, wait_answers, wrk};
+use measure::{
+    Processes, cpu_ms, free_port, machine_cpu_ms, pids_named, rss_kib, wait_answers, wrk,
+};
 
 #[derive(Parser)]
 struct Args {
@@ -103,22 +105,37 @@ async fn run(args: &Args, url: &str, processes: &mut Processes) -> anyhow::Resul
     let users: Vec<String> = (0..args.users).map(|i| format!("u{i}")).collect();
     measure::create_users(&http, &format!("{base}/api/v1"), TOKEN, &users).await?;
 
-    // Each wrk thread names its servers t{thread}n{i}; user i mod N.
-    let script = data.with_extension("lua");
-    std::fs::write(&script, wrk_script(args.users))?;
-    let script = script.to_string_lossy().into_owned();
+    // Each wrk thread names its servers r{run}t{thread}n{i}; user i mod N. The
+    // warm-up is a run of its own, so the measured run's names are all new.
+    let scripts = ["warm-up", "measured"].map(|run| {
+        let script = data.with_extension(format!("{run}.lua"));
+        std::fs::write(&script, wrk_script(args.users, run))
+            .map(|()| script.to_string_lossy().into_owned())
+    });
+    let [warm_up, script] = scripts;
+    let (warm_up, script) = (warm_up?, script?);
     println!(
         "Enqueue: POST /api/v1/users/{{user}}/servers/{{new name}} over {} users, wrk 2 threads × {} connections, {} s after 2 s of warm-up; one api, one worker",
         args.users, args.connections, args.seconds
     );
     let rss_before = rss_kib(api_pid);
-    wrk(&base, &["-s", &script], args.connections, 2)?;
+    wrk(&base, &["-s", &warm_up], args.connections, 2)?;
+    let postgres = || pids_named("postgres").into_iter().map(cpu_ms).sum::<u64>();
+    let (api_cpu, pg_cpu, machine) = (cpu_ms(api_pid), postgres(), machine_cpu_ms());
     let (rate, p50, p99) = wrk(&base, &["-s", &script], args.connections, args.seconds)?;
+    let share = |ms: u64| ms as f64 / (args.seconds as f64 * 1e3);
+    let (api_cpu, pg_cpu) = (share(cpu_ms(api_pid) - api_cpu), share(postgres() - pg_cpu));
+    let (busy, all) = machine_cpu_ms();
+    let machine_busy = (busy - machine.0) as f64 / (all - machine.1) as f64;
     let rss_after = rss_kib(api_pid);
     // What stays once the API has given back what it freed (every 10 s).
     tokio::time::sleep(std::time::Duration::from_secs(11)).await;
     let rss_settled = rss_kib(api_pid);
     println!("  berth api    {rate:>8.0} req/s   p50 {p50:>7.2} ms   p99 {p99:>7.2} ms");
+    println!(
+        "  cpu          api {api_cpu:.2} cores, postgres {pg_cpu:.2} cores; the machine {:.0} % busy",
+        machine_busy * 100.0
+    );
     println!(
         "  api memory   {:.1} MiB before wrk, {:.1} MiB as it ended, {:.1} MiB 11 s later (target: within 10 MiB)",
         rss_before as f64 / 1024.0,
@@ -138,11 +155,12 @@ async fn run(args: &Args, url: &str, processes: &mut Processes) -> anyhow::Resul
         "  ratio        {:.2}× pgbench (target ≥ 5,000 req/s with p99 < 20 ms)",
         rate / tps
     );
+    let _ = std::fs::remove_file(&warm_up);
     let _ = std::fs::remove_file(&script);
     Ok(())
 }
 
-fn wrk_script(users: usize) -> String {
+fn wrk_script(users: usize, run: &str) -> String {
     format!(
         r#"local threads = 0
 function setup(thread)
@@ -155,7 +173,7 @@ function init(args)
 end
 function request()
   i = i + 1
-  local path = "/api/v1/users/u" .. (i % {users}) .. "/servers/t" .. tid .. "n" .. i
+  local path = "/api/v1/users/u" .. (i % {users}) .. "/servers/{run}-t" .. tid .. "n" .. i
   return wrk.format("POST", path, {{["Authorization"] = "Bearer {TOKEN}"}}, nil)
 end
 "#
