@@ -462,71 +462,91 @@ async fn spawn_together(
     // a cycle), so that a user's deletion waits. Under a per-user limit the lock
     // is exclusive: one user's requests take turns, so the count is exact, as
     // alone. Without one, concurrent batches share it, and only requests for the
-    // same server take turns (on the server's row).
+    // same server take turns (on the server's row). In the same statement, the batch's server rows are created on first use
+    // and locked, in (user, name) order, for users that exist and are not being
+    // deleted; `inserted` says which rows are new (removed again if their request
+    // is refused). One statement, not two: a batch's round trips are serial,
+    // and every request of it waits for each. It returns a row per user, with
+    // each of the batch's servers of theirs.
     let names: Vec<&str> = reqs
         .iter()
         .map(|r| r.user.as_str())
         .collect::<HashSet<_>>()
         .into_iter()
         .collect();
+    let (wanted_users, wanted_servers): (Vec<&str>, Vec<&str>) = reqs
+        .iter()
+        .map(|r| (r.user.as_str(), r.server.as_str()))
+        .unzip();
     let exclusive = reqs.iter().any(|r| r.max_servers_per_user.is_some());
-    let users: Vec<(i64, String, UserState, i32)> = sqlx::query_as(if exclusive {
-        "select u.id, u.name, u.state, \
-           coalesce((select active_server_limit from platform_limits), $2) \
-         from users u where u.name = any($1) order by u.id for update of u"
+    type Found = (
+        i64,
+        String,
+        UserState,
+        i32,
+        Option<i64>,
+        Option<String>,
+        Option<ServerState>,
+        Option<bool>,
+    );
+    macro_rules! users_and_servers {
+        ($lock:literal) => {
+            concat!(
+                "with u as (select u.id, u.name, u.state from users u where u.name = any($1) \
+                   order by u.id for ", $lock, " of u), \
+                 wanted as (select u.id as user_id, v.name from u \
+                   join unnest($2::text[], $3::text[]) as v(user_name, name) \
+                     on v.user_name = u.name \
+                   where u.state <> 'deleting' order by u.id, v.name), \
+                 s as (insert into servers \
+                     (user_id, name, state, requested_at, created_at, updated_at) \
+                   select user_id, name, 'stopped', $4, $4, $4 from wanted \
+                   on conflict (user_id, name) do update set updated_at = servers.updated_at \
+                   returning id, user_id, name, state, (xmax = 0) as inserted) \
+                 select u.id, u.name, u.state, \
+                   coalesce((select active_server_limit from platform_limits), $5), \
+                   s.id, s.name, s.state, s.inserted \
+                 from u left join s on s.user_id = u.id"
+            )
+        };
+    }
+    let found: Vec<Found> = sqlx::query_as(if exclusive {
+        users_and_servers!("update")
     } else {
-        "select u.id, u.name, u.state, \
-           coalesce((select active_server_limit from platform_limits), $2) \
-         from users u where u.name = any($1) order by u.id for share of u"
+        users_and_servers!("share")
     })
     .bind(&names)
+    .bind(&wanted_users)
+    .bind(&wanted_servers)
+    .bind(at)
     .bind(db.configured_limits().active_server_limit as i32)
     .fetch_all(&mut *c)
     .await?;
-    let limit = users.first().map_or(0, |u| u.3);
-    let users: HashMap<&str, (i64, UserState)> = users
+    let limit = found.first().map_or(0, |f| f.3);
+    let users: HashMap<&str, (i64, UserState)> = found
         .iter()
-        .map(|(id, name, state, _)| (name.as_str(), (*id, *state)))
+        .map(|(id, name, state, ..)| (name.as_str(), (*id, *state)))
+        .collect();
+    let rows: HashMap<(i64, &str), (i64, ServerState, bool)> = found
+        .iter()
+        .filter_map(|(user_id, _, _, _, id, name, state, inserted)| {
+            Some((
+                (*user_id, name.as_deref()?),
+                ((*id)?, (*state)?, (*inserted)?),
+            ))
+        })
         .collect();
 
     let mut steps: Vec<Option<Step>> = Vec::with_capacity(reqs.len());
-    let mut upserts: Vec<(i64, &str)> = vec![];
     for req in reqs {
         steps.push(match users.get(req.user.as_str()) {
             None => Some(Step::Done(Err(StoreError::no_user(&req.user)))),
             Some((_, UserState::Deleting)) => {
                 Some(Step::Done(Err(StoreError::user_deleting(&req.user))))
             }
-            Some((id, _)) => {
-                upserts.push((*id, req.server.as_str()));
-                None
-            }
+            Some(_) => None,
         });
     }
-
-    // Create the rows on first use and lock them, one statement; `inserted` says
-    // which rows are new (removed again if their request is refused).
-    let mut upserts_sorted = upserts.clone();
-    upserts_sorted.sort_unstable();
-    let (owner_ids, server_names): (Vec<i64>, Vec<&str>) = upserts_sorted.into_iter().unzip();
-    let rows: Vec<(i64, i64, String, ServerState, bool)> = sqlx::query_as(
-        "insert into servers (user_id, name, state, requested_at, created_at, updated_at) \
-         select v.user_id, v.name, 'stopped', $3, $3, $3 \
-         from unnest($1::bigint[], $2::text[]) as v(user_id, name) \
-         on conflict (user_id, name) do update set updated_at = servers.updated_at \
-         returning id, user_id, name, state, (xmax = 0)",
-    )
-    .bind(&owner_ids)
-    .bind(&server_names)
-    .bind(at)
-    .fetch_all(&mut *c)
-    .await?;
-    let rows: HashMap<(i64, &str), (i64, ServerState, bool)> = rows
-        .iter()
-        .map(|(id, user_id, name, state, inserted)| {
-            ((*user_id, name.as_str()), (*id, *state, *inserted))
-        })
-        .collect();
 
     // Servers already pending, running or stopping answer as they are.
     for (req, step) in reqs.iter().zip(steps.iter_mut()) {
