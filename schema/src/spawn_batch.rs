@@ -633,24 +633,28 @@ async fn spawn_together(
         }
     }
 
-    // Admission places, first come first served in the batch's order.
-    let wanting: Vec<i64> = steps
+    // The spawns, first come first served in the batch's order: each claims an
+    // admission place, and those that got one are written (jobs, queue entries,
+    // the servers' new state, progress).
+    let wanting: Vec<(usize, Want)> = steps
         .iter()
-        .filter_map(|s| match s {
-            Some(Step::Wants(want)) => Some(want.server_id),
+        .enumerate()
+        .filter_map(|(i, s)| match s {
+            Some(Step::Wants(want)) => Some((i, *want)),
             _ => None,
         })
         .collect();
-    let admitted = claim_places(&mut tx, &wanting, limit).await?;
+    let spawns = spawn_admitted(&mut tx, db, reqs, &wanting, limit, at).await?;
     let Dialect::Pg(c) = tx.conn() else {
         unreachable!()
     };
+    let mut admitted: HashMap<i64, ServerRow> =
+        spawns.into_iter().map(|row| (row.id, row)).collect();
     let mut active = None;
-    for step in steps.iter_mut() {
-        let Some(Step::Wants(want)) = &*step else {
-            continue;
-        };
-        if admitted.contains(&want.server_id) {
+    for (i, want) in &wanting {
+        if let Some(mut row) = admitted.remove(&want.server_id) {
+            row.user_name = reqs[*i].user.as_str().to_owned();
+            steps[*i] = Some(Step::Done(Ok(SpawnOutcome::Enqueued(row))));
             continue;
         }
         if want.inserted {
@@ -667,7 +671,7 @@ async fn spawn_together(
                 *active.insert(n)
             }
         };
-        *step = Some(Step::Done(Err(StoreError::platform_full(active, limit))));
+        steps[*i] = Some(Step::Done(Err(StoreError::platform_full(active, limit))));
     }
     if !refused_new.is_empty() {
         sqlx::query("delete from servers where id = any($1)")
@@ -675,33 +679,60 @@ async fn spawn_together(
             .execute(&mut *c)
             .await?;
     }
-
-    // The spawns: jobs, queue entries, the servers' new state, progress.
-    let spawns: Vec<(usize, Want, Uuid)> = steps
-        .iter()
-        .enumerate()
-        .filter_map(|(i, s)| match s {
-            Some(Step::Wants(want)) => Some((i, *want, Uuid::now_v7())),
-            _ => None,
+    tx.commit().await?;
+    Ok(steps
+        .into_iter()
+        .map(|step| match step {
+            Some(Step::Done(outcome)) => outcome,
+            _ => unreachable!("every request of the batch is decided"),
         })
-        .collect();
-    if !spawns.is_empty() {
-        let ids: Vec<Uuid> = spawns.iter().map(|(_, _, id)| *id).collect();
-        let user_names: Vec<&str> = spawns
+        .collect())
+}
+
+/// Claims the lowest free admission places below `limit` for the `wanting`
+/// servers, in their order, skipping places other transactions are claiming, and
+/// spawns those that got one: their jobs, first progress events, new state and
+/// queue entries. Creates missing places once when too few were free. The rows of
+/// the servers spawned.
+///
+/// The claim and the writes are one statement (a data-modifying CTE feeds the
+/// claimed servers to the inserts): a batch's round trips are serial, and every
+/// request of it waits for each.
+async fn spawn_admitted(
+    tx: &mut crate::db::Tx,
+    db: &Db,
+    reqs: &[&SpawnRequest],
+    wanting: &[(usize, Want)],
+    limit: i32,
+    at: chrono::DateTime<chrono::Utc>,
+) -> Result<Vec<ServerRow>, StoreError> {
+    let mut spawned: Vec<ServerRow> = Vec::with_capacity(wanting.len());
+    let mut jobs: HashMap<i64, Uuid> = HashMap::new();
+    for provisioned in [false, true] {
+        let rest: Vec<(usize, Want, Uuid)> = wanting
+            .iter()
+            .filter(|(_, w)| !jobs.contains_key(&w.server_id))
+            .map(|&(i, w)| (i, w, Uuid::now_v7()))
+            .collect();
+        if rest.is_empty() {
+            break;
+        }
+        let ids: Vec<Uuid> = rest.iter().map(|(_, _, id)| *id).collect();
+        let user_names: Vec<&str> = rest
             .iter()
             .map(|(i, _, _)| reqs[*i].user.as_str())
             .collect();
-        let user_ids: Vec<i64> = spawns.iter().map(|(_, w, _)| w.user_id).collect();
-        let server_ids: Vec<i64> = spawns.iter().map(|(_, w, _)| w.server_id).collect();
-        let server_names: Vec<&str> = spawns
+        let user_ids: Vec<i64> = rest.iter().map(|(_, w, _)| w.user_id).collect();
+        let server_ids: Vec<i64> = rest.iter().map(|(_, w, _)| w.server_id).collect();
+        let server_names: Vec<&str> = rest
             .iter()
             .map(|(i, _, _)| reqs[*i].server.as_str())
             .collect();
-        let images: Vec<Option<&str>> = spawns
+        let images: Vec<Option<&str>> = rest
             .iter()
             .map(|(i, _, _)| reqs[*i].image.as_deref())
             .collect();
-        let profiles: Vec<Option<&crate::profiles::Profile>> = spawns
+        let profiles: Vec<Option<&crate::profiles::Profile>> = rest
             .iter()
             .map(|(i, _, _)| reqs[*i].profile.as_ref())
             .collect();
@@ -723,37 +754,34 @@ async fn spawn_together(
                 serde_json::to_value(ServerJob { server_id }).expect("payload serialises")
             })
             .collect();
-        let envelopes: Vec<JobEnvelope> = ids
-            .iter()
-            .map(|&job_id| JobEnvelope {
-                job_id,
-                kind: JobKind::Spawn,
-            })
-            .collect();
-        db.queue().enqueue_many(tx.conn(), &envelopes, at).await?;
         let Dialect::Pg(c) = tx.conn() else {
-            unreachable!()
+            unreachable!("batches run on Postgres only")
         };
-        // The jobs, their first progress events and the servers' new state in one
-        // statement (one round trip, not three: a batch's statements run one after
-        // another, so each round trip is time every request of it waits).
-        let updated: Vec<ServerRow> = sqlx::query_as(
+        let rows: Vec<ServerRow> = sqlx::query_as(
             "with v as (select * from unnest($1::bigint[], $2::uuid[], $3::text[], \
                $5::text[], $6::text[], $7::bigint[], $8::bigint[], $9::text[], \
-               $10::bigint[], $11::text[], $12::jsonb[]) \
-               as v(sid, job, img, profile, spec, idle, age, uname, uid, sname, payload)), \
+               $10::bigint[], $11::text[], $12::jsonb[]) with ordinality \
+               as v(sid, job, img, profile, spec, idle, age, uname, uid, sname, payload, n)), \
+             free as (select slot from admission_tokens \
+               where server_id is null and slot < $14 \
+               order by slot limit $15 for update skip locked), \
+             numbered as (select slot, row_number() over (order by slot) as n from free), \
+             claimed as (update admission_tokens a set server_id = v.sid \
+               from numbered join v on v.n = numbered.n \
+               where a.slot = numbered.slot returning a.server_id), \
+             w as (select v.* from v join claimed on claimed.server_id = v.sid), \
              new_jobs as (insert into jobs \
                (id, kind, user_name, user_id, server_name, payload, created_at) \
-               select job, 'spawn', uname, uid, sname, payload, $4 from v returning id), \
+               select job, 'spawn', uname, uid, sname, payload, $4 from w returning id), \
              events as (insert into spawn_events \
                (job_id, progress, message, ready, failed, url, created_at) \
                select id, 0, $13, false, false, null, $4 from new_jobs) \
-             update servers s set state = 'pending_spawn', spawn_job_id = v.job, \
-               stop_job_id = null, image = v.img, error = null, url = null, \
+             update servers s set state = 'pending_spawn', spawn_job_id = w.job, \
+               stop_job_id = null, image = w.img, error = null, url = null, \
                container_id = null, started_at = null, stopped_at = null, \
-               requested_at = $4, updated_at = $4, profile = v.profile, \
-               profile_spec = v.spec, idle_timeout_secs = v.idle, max_age_secs = v.age \
-             from v where s.id = v.sid \
+               requested_at = $4, updated_at = $4, profile = w.profile, \
+               profile_spec = w.spec, idle_timeout_secs = w.idle, max_age_secs = w.age \
+             from w where s.id = w.sid \
              returning s.id, s.user_id, ''::text as user_name, s.name, s.state, s.image, \
                s.spawn_job_id, s.stop_job_id, s.container_id, s.url, s.error, \
                s.requested_at, s.started_at, s.stopped_at, s.last_activity, s.warning, \
@@ -772,76 +800,16 @@ async fn spawn_together(
         .bind(&server_names)
         .bind(&payloads)
         .bind(ProgressStep::at(0, REQUESTED).message)
-        .fetch_all(&mut *c)
-        .await?;
-        let mut updated: HashMap<i64, ServerRow> =
-            updated.into_iter().map(|row| (row.id, row)).collect();
-        for (envelope, &server_id) in envelopes.iter().zip(&server_ids) {
-            if let Some((channel, payload)) = db.queue().notice(envelope) {
-                tx.notify_after_commit(channel, payload);
-            }
-            tx.notify_after_commit(PROGRESS_CHANNEL, envelope.job_id.to_string());
-            tx.route_changed(server_id);
-            telemetry::job_enqueued(JobKind::Spawn);
-        }
-        tx.mark_enqueued();
-        for (i, want, _) in &spawns {
-            let mut row = updated
-                .remove(&want.server_id)
-                .expect("every wanted server was updated");
-            row.user_name = reqs[*i].user.as_str().to_owned();
-            steps[*i] = Some(Step::Done(Ok(SpawnOutcome::Enqueued(row))));
-        }
-    }
-    tx.commit().await?;
-    Ok(steps
-        .into_iter()
-        .map(|step| match step {
-            Some(Step::Done(outcome)) => outcome,
-            _ => unreachable!("every request of the batch is decided"),
-        })
-        .collect())
-}
-
-/// Claims the lowest free admission places below `limit` for `servers`, in their
-/// order, skipping places other transactions are claiming; creates missing places
-/// once when too few were free. The servers that got one.
-async fn claim_places(
-    tx: &mut crate::db::Tx,
-    servers: &[i64],
-    limit: i32,
-) -> Result<HashSet<i64>, StoreError> {
-    let mut admitted = HashSet::new();
-    if servers.is_empty() {
-        return Ok(admitted);
-    }
-    for provisioned in [false, true] {
-        let rest: Vec<i64> = servers
-            .iter()
-            .copied()
-            .filter(|s| !admitted.contains(s))
-            .collect();
-        let Dialect::Pg(c) = tx.conn() else {
-            unreachable!()
-        };
-        let claimed: Vec<i64> = sqlx::query_scalar(
-            "with free as ( \
-               select slot from admission_tokens where server_id is null and slot < $2 \
-               order by slot limit $3 for update skip locked), \
-             numbered as (select slot, row_number() over (order by slot) as n from free), \
-             wanted as (select w.server_id, w.n from unnest($1::bigint[]) \
-               with ordinality as w(server_id, n)) \
-             update admission_tokens a set server_id = wanted.server_id \
-             from numbered join wanted on wanted.n = numbered.n \
-             where a.slot = numbered.slot returning a.server_id",
-        )
-        .bind(&rest)
         .bind(limit)
         .bind(rest.len() as i64)
         .fetch_all(&mut *c)
         .await?;
-        admitted.extend(claimed);
-        if admitted.len() == servers.len() || provisioned {
+        for row in &rows {
+            let job = row.spawn_job_id.expect("a spawned server has its job");
+            jobs.insert(row.id, job);
+        }
+        spawned.extend(rows);
+        if jobs.len() == wanting.len() || provisioned {
             break;
         }
         let places: i64 =
@@ -854,7 +822,34 @@ async fn claim_places(
         }
         crate::servers::provision_admission(tx, limit).await?;
     }
-    Ok(admitted)
+    if spawned.is_empty() {
+        return Ok(spawned);
+    }
+    // Their queue entries, in the batch's order.
+    let envelopes: Vec<(JobEnvelope, i64)> = wanting
+        .iter()
+        .filter_map(|(_, w)| {
+            jobs.get(&w.server_id).map(|&job_id| {
+                let envelope = JobEnvelope {
+                    job_id,
+                    kind: JobKind::Spawn,
+                };
+                (envelope, w.server_id)
+            })
+        })
+        .collect();
+    let only: Vec<JobEnvelope> = envelopes.iter().map(|(e, _)| *e).collect();
+    db.queue().enqueue_many(tx.conn(), &only, at).await?;
+    for (envelope, server_id) in &envelopes {
+        if let Some((channel, payload)) = db.queue().notice(envelope) {
+            tx.notify_after_commit(channel, payload);
+        }
+        tx.notify_after_commit(PROGRESS_CHANNEL, envelope.job_id.to_string());
+        tx.route_changed(*server_id);
+        telemetry::job_enqueued(JobKind::Spawn);
+    }
+    tx.mark_enqueued();
+    Ok(spawned)
 }
 
 #[cfg(test)]
