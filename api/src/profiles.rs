@@ -370,9 +370,14 @@ async fn mine(
 /// The profiles as this process last read them. A spawn request consults them
 /// without a query: read again after `FRESH`, and at once after a change made
 /// through this process. Another API process sees a change within `FRESH`.
+/// One request reads them at a time; those that find them stale meanwhile wait
+/// for its read (in a storm after an idle spell, every request found them stale
+/// at once and each read them, 200 queries queueing for the pool before the
+/// first spawn was decided).
 #[derive(Default)]
 pub struct ProfileCache {
     read: RwLock<Option<(Instant, ProfileMap)>>,
+    reading: tokio::sync::Mutex<()>,
 }
 
 type ProfileMap = Arc<BTreeMap<String, Profile>>;
@@ -380,6 +385,13 @@ type ProfileMap = Arc<BTreeMap<String, Profile>>;
 const FRESH: Duration = Duration::from_secs(1);
 
 impl ProfileCache {
+    fn fresh(&self) -> Option<ProfileMap> {
+        match &*self.read.read().expect("profile cache lock") {
+            Some((at, profiles)) if at.elapsed() < FRESH => Some(profiles.clone()),
+            _ => None,
+        }
+    }
+
     pub(crate) fn forget(&self) {
         *self.read.write().expect("profile cache lock") = None;
     }
@@ -388,10 +400,12 @@ impl ProfileCache {
         &self,
         db: &schema::Db,
     ) -> Result<Arc<BTreeMap<String, Profile>>, schema::StoreError> {
-        if let Some((at, profiles)) = &*self.read.read().expect("profile cache lock")
-            && at.elapsed() < FRESH
-        {
-            return Ok(profiles.clone());
+        if let Some(profiles) = self.fresh() {
+            return Ok(profiles);
+        }
+        let _reading = self.reading.lock().await;
+        if let Some(profiles) = self.fresh() {
+            return Ok(profiles);
         }
         let profiles: Arc<BTreeMap<String, Profile>> = Arc::new(
             db.list_profiles()
