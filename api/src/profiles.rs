@@ -376,8 +376,16 @@ async fn mine(
 /// first spawn was decided).
 #[derive(Default)]
 pub struct ProfileCache {
-    read: RwLock<Option<(Instant, ProfileMap)>>,
+    read: RwLock<Read>,
     reading: tokio::sync::Mutex<()>,
+}
+
+#[derive(Default)]
+struct Read {
+    profiles: Option<(Instant, ProfileMap)>,
+    /// Changes made through this process so far: a read that began before one
+    /// may hold the profiles as they were, and is not kept.
+    changes: u64,
 }
 
 type ProfileMap = Arc<BTreeMap<String, Profile>>;
@@ -385,28 +393,34 @@ type ProfileMap = Arc<BTreeMap<String, Profile>>;
 const FRESH: Duration = Duration::from_secs(1);
 
 impl ProfileCache {
-    fn fresh(&self) -> Option<ProfileMap> {
-        match &*self.read.read().expect("profile cache lock") {
+    fn fresh(&self) -> (Option<ProfileMap>, u64) {
+        let read = self.read.read().expect("profile cache lock");
+        let profiles = match &read.profiles {
             Some((at, profiles)) if at.elapsed() < FRESH => Some(profiles.clone()),
             _ => None,
-        }
+        };
+        (profiles, read.changes)
     }
 
+    /// After a change made through this process has committed.
     pub(crate) fn forget(&self) {
-        *self.read.write().expect("profile cache lock") = None;
+        let mut read = self.read.write().expect("profile cache lock");
+        read.profiles = None;
+        read.changes += 1;
     }
 
     pub(crate) async fn all(
         &self,
         db: &schema::Db,
     ) -> Result<Arc<BTreeMap<String, Profile>>, schema::StoreError> {
-        if let Some(profiles) = self.fresh() {
+        if let (Some(profiles), _) = self.fresh() {
             return Ok(profiles);
         }
         let _reading = self.reading.lock().await;
-        if let Some(profiles) = self.fresh() {
-            return Ok(profiles);
-        }
+        let changes = match self.fresh() {
+            (Some(profiles), _) => return Ok(profiles),
+            (None, changes) => changes,
+        };
         let profiles: Arc<BTreeMap<String, Profile>> = Arc::new(
             db.list_profiles()
                 .await?
@@ -414,7 +428,10 @@ impl ProfileCache {
                 .map(|row| (row.profile.name.clone(), row.profile))
                 .collect(),
         );
-        *self.read.write().expect("profile cache lock") = Some((Instant::now(), profiles.clone()));
+        let mut read = self.read.write().expect("profile cache lock");
+        if read.changes == changes {
+            read.profiles = Some((Instant::now(), profiles.clone()));
+        }
         Ok(profiles)
     }
 }
