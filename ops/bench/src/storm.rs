@@ -52,8 +52,8 @@ struct Args {
 #[allow(dead_code)]
 mod measure;
 use measure::{
-    Burst, Processes, cpu_ms, create_users, machine_cpu_ms, percentile, pids_named, rss_kib,
-    spawn_burst,
+    Burst, Processes, cpu_ms, create_users, machine_cpu_ms, percentile, pids_named, pss_kib,
+    rss_kib, spawn_burst,
 };
 
 const TOKEN: &str = "bench-admin-token-0123456789";
@@ -277,6 +277,11 @@ async fn run(args: &Args, tag: &str, url: &str, network: &str) -> anyhow::Result
         envs(&mut worker);
         processes.0.push(worker.spawn()?);
     }
+    // The scheduler, as a deployment runs it (idle culling, expiry, archiving).
+    let mut scheduler = Command::new(&args.berth);
+    scheduler.arg("scheduler");
+    envs(&mut scheduler);
+    processes.0.push(scheduler.spawn()?);
     let api_base = format!("http://127.0.0.1:{port}/api/v1");
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(args.users)
@@ -300,6 +305,7 @@ async fn run(args: &Args, tag: &str, url: &str, network: &str) -> anyhow::Result
     tokio::time::sleep(Duration::from_secs(2)).await;
     let pids: Vec<u32> = processes.0.iter().map(Child::id).collect();
     let idle_rss: Vec<u64> = pids.iter().map(|p| rss_kib(*p)).collect();
+    let idle_pss: u64 = pids.iter().map(|p| pss_kib(*p)).sum();
 
     let pool = PgPool::connect(url).await?;
     let engine: Vec<u32> = ["dockerd", "containerd"]
@@ -411,6 +417,13 @@ async fn run(args: &Args, tag: &str, url: &str, network: &str) -> anyhow::Result
         .map(|(p, before)| cpu_ms(*p) - before)
         .collect();
     let after_rss: Vec<u64> = pids.iter().map(|p| rss_kib(*p)).collect();
+    let after_pss: u64 = pids.iter().map(|p| pss_kib(*p)).sum();
+    // The clients leave: their connections close (and each process has given
+    // back what it freed: it trims its allocator every 10 s).
+    drop(client);
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let left_rss: u64 = pids.iter().map(|p| rss_kib(*p)).sum();
+    let left_pss: u64 = pids.iter().map(|p| pss_kib(*p)).sum();
     let waves = (target as f64 / args.spawn_limit as f64).ceil();
     let physical = waves * args.start_delay as f64;
 
@@ -464,24 +477,38 @@ async fn run(args: &Args, tag: &str, url: &str, network: &str) -> anyhow::Result
         cpu_after.2.0 - cpu_before.2.0,
         (cpu_after.2.1 - cpu_before.2.1).max(1),
     );
+    // pids: the api, the workers, the scheduler.
+    let workers = 1..=args.workers;
+    let scheduler = args.workers + 1;
     println!(
-        "CPU until the 50th ran: Berth's processes {:.1} s (api, workers: {each:?} ms), dockerd + containerd {:.1} s; the machine {:.0} % busy",
+        "CPU until the 50th ran: Berth's processes {:.1} s (api {} ms, workers {:?} ms, scheduler {} ms), dockerd + containerd {:.1} s; the machine {:.0} % busy",
         (cpu_after.0 - cpu_before.0) as f64 / 1000.0,
+        each[0],
+        &each[workers.clone()],
+        each[scheduler],
         (cpu_after.1 - cpu_before.1) as f64 / 1000.0,
         busy as f64 * 100.0 / all as f64,
     );
-    let total_idle: u64 = idle_rss.iter().sum();
-    let total_after: u64 = after_rss.iter().sum();
+    let mib = |kib: u64| kib as f64 / 1024.0;
     println!(
-        "RSS idle: api {} KiB, workers {:?} KiB (api + 1 worker {:.1} MiB); after the storm: api {} KiB, workers {:?} KiB (api + 1 worker {:.1} MiB); all processes {:.1} / {:.1} MiB",
+        "RSS idle: api {} KiB, workers {:?} KiB, scheduler {} KiB; after the storm: api {} KiB, workers {:?} KiB, scheduler {} KiB",
         idle_rss[0],
-        &idle_rss[1..],
-        (idle_rss[0] + idle_rss.get(1).copied().unwrap_or(0)) as f64 / 1024.0,
+        &idle_rss[workers.clone()],
+        idle_rss[scheduler],
         after_rss[0],
-        &after_rss[1..],
-        (after_rss[0] + after_rss.get(1).copied().unwrap_or(0)) as f64 / 1024.0,
-        total_idle as f64 / 1024.0,
-        total_after as f64 / 1024.0,
+        &after_rss[workers],
+        after_rss[scheduler],
+    );
+    println!(
+        "memory together (the sum of RSS / of PSS, which counts the pages they share, the binary's among them, once): api + {} workers + scheduler idle {:.1} / {:.1} MiB; after the storm {:.1} / {:.1} MiB with the {} clients' connections open, {:.1} / {:.1} MiB 11 s after they closed (target: api + worker + scheduler < 45 MiB)",
+        args.workers,
+        mib(idle_rss.iter().sum()),
+        mib(idle_pss),
+        mib(after_rss.iter().sum()),
+        mib(after_pss),
+        args.users,
+        mib(left_rss),
+        mib(left_pss),
     );
     drop(processes);
     remove_labelled(&format!("berth.instance={tag}"));
